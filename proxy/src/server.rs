@@ -18,7 +18,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::Options;
 use crate::config::Snapshot;
-use crate::stats::Store;
 use crate::upstream::ClusterManager;
 
 /// Server-wide stats (`server.*`).
@@ -181,7 +180,7 @@ impl ServerHandle {
 /// Start serving `snapshot` on the current tokio runtime (the main runtime) plus
 /// `options.concurrency` worker threads.
 pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle, StartError> {
-    let stats = Store::new();
+    let stats = snapshot.stats.clone();
     let server = stats.plain("server");
     let server_stats = ServerStats {
         live: server.gauge("live"),

@@ -15,6 +15,7 @@ use weir_xds_api::pb::envoy::config::core::v3 as core;
 use weir_xds_api::pb::google::protobuf::Duration as PbDuration;
 
 use crate::listener::ListenerConfig;
+use crate::stats::Store;
 use crate::upstream::ClusterConfig;
 
 /// One problem in a config, at a field path.
@@ -192,6 +193,8 @@ pub struct Snapshot {
     pub clusters: Vec<Arc<ClusterConfig>>,
     /// The bootstrap as loaded, for `/config_dump`.
     pub bootstrap: Bootstrap,
+    /// The stats store every handle in this snapshot was registered in.
+    pub stats: Arc<Store>,
 }
 
 /// Bootstrap fields weir understands; anything else set is rejected.
@@ -209,7 +212,7 @@ pub fn parse_bootstrap(text: &str) -> Result<Bootstrap, ConfigErrors> {
 }
 
 /// Translate and validate a bootstrap into a snapshot, reporting every error.
-pub fn translate(bootstrap: Bootstrap) -> Result<Snapshot, ConfigErrors> {
+pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, ConfigErrors> {
     let mut errs = Errors::default();
     errs.reject_unsupported(&bootstrap, BOOTSTRAP_FIELDS, "");
     let node = bootstrap
@@ -288,6 +291,9 @@ pub struct TranslateCtx<'a> {
     /// Names of the statically known clusters; a route naming another one is an error
     /// (Envoy's `validate_clusters` default for static route configs).
     pub clusters: &'a std::collections::HashSet<&'a str>,
+    /// Where stats handles (`http.<prefix>.*`, `listener.<addr>.*`, `tcp.<prefix>.*`) are
+    /// registered; translation resolves them once so the hot path only touches atomics.
+    pub stats: &'a Arc<Store>,
 }
 
 /// Load the bootstrap named by the CLI (`-c` and/or `--config-yaml`), apply node overrides,
@@ -326,7 +332,7 @@ pub fn load(opts: &crate::cli::Options) -> Result<Snapshot, ConfigErrors> {
     if let Some(c) = &opts.service_cluster {
         node.cluster = c.clone();
     }
-    translate(bootstrap)
+    translate(bootstrap, &Store::new())
 }
 
 /// Envoy's `--config-yaml` merge: objects merge recursively, lists append, scalars replace.
@@ -361,7 +367,7 @@ mod tests {
     #[test]
     fn unsupported_bootstrap_field_is_named() {
         let b = parse_bootstrap("stats_flush_interval: 5s\n").expect("parses");
-        let e = translate(b).expect_err("rejected");
+        let e = translate(b, &Store::new()).expect_err("rejected");
         assert_eq!(e.0[0].path, "stats_flush_interval");
     }
 

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -52,6 +53,37 @@ pub enum UpstreamError {
     Reset(String),
 }
 
+/// Health flag bits of [`Host::health`] (Envoy's `/clusters` health_flags).
+pub mod health_flags {
+    /// `/failed_active_hc`.
+    pub const FAILED_ACTIVE_HC: u32 = 1;
+    /// `/failed_outlier_check`.
+    pub const FAILED_OUTLIER_CHECK: u32 = 2;
+    /// `/failed_eds_health`.
+    pub const FAILED_EDS_HEALTH: u32 = 4;
+}
+
+/// Per-host counters shown by `/clusters` (plain atomics; no registry entry per host).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    /// `cx_total`.
+    pub cx_total: AtomicU64,
+    /// `cx_active`.
+    pub cx_active: AtomicU64,
+    /// `cx_connect_fail`.
+    pub cx_connect_fail: AtomicU64,
+    /// `rq_total` (recorded by the router).
+    pub rq_total: AtomicU64,
+    /// `rq_active` (recorded by the router).
+    pub rq_active: AtomicU64,
+    /// `rq_success`: non-5xx responses (recorded by the router).
+    pub rq_success: AtomicU64,
+    /// `rq_error`: 5xx and resets (recorded by the router).
+    pub rq_error: AtomicU64,
+    /// `rq_timeout` (recorded by the router).
+    pub rq_timeout: AtomicU64,
+}
+
 /// One upstream host.
 #[derive(Debug)]
 pub struct Host {
@@ -61,6 +93,12 @@ pub struct Host {
     pub hostname: Option<String>,
     /// `load_balancing_weight` (>= 1).
     pub weight: u32,
+    /// Priority level of its `LocalityLbEndpoints`.
+    pub priority: u32,
+    /// [`health_flags`] bits; 0 = healthy.
+    pub health: AtomicU32,
+    /// Counters.
+    pub stats: HostStats,
 }
 
 /// Per-cluster stats (Envoy names). The router records the `upstream_rq_*` ones; the pool the
@@ -137,6 +175,11 @@ impl Cluster {
     /// Stats.
     pub fn stats(&self) -> &ClusterStats {
         &self.stats
+    }
+
+    /// The current host set (all priorities, in config order).
+    pub fn hosts(&self) -> Arc<Vec<Arc<Host>>> {
+        Arc::new(Vec::new())
     }
 
     /// Pick a host with the cluster's load balancer (per-worker state, no shared lock).
