@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::Options;
 use crate::config::Snapshot;
+use crate::stats::Store;
 use crate::upstream::ClusterManager;
 
 /// Server-wide stats (`server.*`).

@@ -255,6 +255,7 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
             clusters.iter().map(|c| c.name.as_str()).collect();
         let ctx = TranslateCtx {
             clusters: &cluster_names,
+            stats,
         };
         for (i, l) in sr.listeners.iter().enumerate() {
             if let Some(l) = crate::listener::translate_listener(
@@ -282,6 +283,7 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
         listeners,
         clusters,
         bootstrap,
+        stats: stats.clone(),
     })
 }
 
