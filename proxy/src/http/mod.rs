@@ -1,22 +1,453 @@
 //! The HTTP connection manager: serves one downstream connection with hyper (HTTP/1.1 and
-//! HTTP/2), applies limits and header sanitation, runs the HTTP filters and the router.
+//! HTTP/2, auto-detected or fixed by `codec_type`), applies limits and header sanitation,
+//! runs the HTTP filters and the router ([`router`]), and renders local replies.
+//!
+//! Per request: validate framing -> normalize path -> sanitize headers (hop-by-hop, XFF,
+//! request id) -> filters -> route -> forward (or direct response / redirect) -> response
+//! headers (server, service time, mutations) -> body streamed through [`body::Timed`].
 
+pub mod body;
+pub mod local_reply;
+mod router;
+pub mod sanitize;
+
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST, LOCATION, SERVER};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use weir_filters::{FilterAction, FilterContext, LocalReply};
 
-use crate::config::hcm::HcmConfig;
+use crate::config::hcm::{Codec, HcmConfig, ServerHeader};
 use crate::listener::ConnInfo;
+use crate::route::{HeaderContext, RouteAction, RouteRequest};
 use crate::server::ServerState;
+use crate::stats::class_index;
+use crate::upstream::UpstreamBody;
+use body::{OnDone, Timed};
+use sanitize::Reject;
+
+/// Per-connection state shared by the connection task and its request futures.
+#[derive(Debug)]
+struct Conn {
+    cfg: Arc<HcmConfig>,
+    info: ConnInfo,
+    state: Arc<ServerState>,
+    start: Instant,
+    /// Requests whose response body has not finished yet.
+    active: AtomicUsize,
+    /// Milliseconds since `start` of the last request end (idle timer).
+    last_activity_ms: AtomicU64,
+    /// Requests seen (max_requests_per_connection).
+    requests: AtomicU32,
+    /// Asks the connection task to close gracefully.
+    close: Notify,
+    /// Whether the protocol counter for this connection was recorded.
+    proto_counted: AtomicBool,
+}
+
+impl Conn {
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Decrements `downstream_cx_active` when the connection ends.
+struct CxGuard(Arc<HcmConfig>);
+
+impl Drop for CxGuard {
+    fn drop(&mut self) {
+        self.0.stats.downstream_cx_active.decrement(1.0);
+        self.0.stats.downstream_cx_destroy.increment(1);
+    }
+}
 
 /// Serve one downstream connection until it closes, the drain completes or `hard_stop`.
 pub async fn serve_connection<I>(
     io: I,
     cfg: Arc<HcmConfig>,
-    conn: ConnInfo,
+    info: ConnInfo,
     state: Arc<ServerState>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _ = (io, cfg, conn, state);
+    cfg.stats.downstream_cx_total.increment(1);
+    cfg.stats.downstream_cx_active.increment(1.0);
+    let _guard = CxGuard(cfg.clone());
+    let conn = Arc::new(Conn {
+        cfg: cfg.clone(),
+        info,
+        state: state.clone(),
+        start: Instant::now(),
+        active: AtomicUsize::new(0),
+        last_activity_ms: AtomicU64::new(0),
+        requests: AtomicU32::new(0),
+        close: Notify::new(),
+        proto_counted: AtomicBool::new(false),
+    });
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let c = svc_conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, c).await) }
+    });
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.request_headers_timeout)
+        .max_headers(cfg.max_headers_count)
+        .max_buf_size(
+            cfg.max_request_headers_bytes
+                .max(8192)
+                .max(info.buffer_limit as usize),
+        )
+        .keep_alive(true)
+        .half_close(false);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.http2.max_concurrent_streams)
+        .initial_stream_window_size(cfg.http2.initial_stream_window_size)
+        .initial_connection_window_size(cfg.http2.initial_connection_window_size)
+        .max_header_list_size(cfg.max_request_headers_bytes as u32)
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(100))
+        .max_send_buf_size(info.buffer_limit.clamp(16 * 1024, 1 << 20) as usize);
+    let builder = match cfg.codec {
+        Codec::Auto => builder,
+        Codec::Http1 => builder.http1_only(),
+        Codec::Http2 => builder.http2_only(),
+    };
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(served);
+
+    let mut closing = false;
+    let idle = cfg.idle_timeout;
+    let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(idle_sleep);
+    loop {
+        tokio::select! {
+            res = served.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(peer = %info.peer, error = %e, "downstream connection error");
+                    if e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse() || h.is_parse_too_large()) {
+                        cfg.stats.downstream_cx_protocol_error.increment(1);
+                    }
+                }
+                break;
+            }
+            _ = state.draining.cancelled(), if !closing => {
+                closing = true;
+                cfg.stats.downstream_cx_drain_close.increment(1);
+                served.as_mut().graceful_shutdown();
+            }
+            _ = conn.close.notified(), if !closing => {
+                closing = true;
+                served.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle_sleep, if idle.is_some() && !closing => {
+                let Some(idle) = idle else { continue };
+                let last = Duration::from_millis(conn.last_activity_ms.load(Ordering::Relaxed));
+                let since = conn.start.elapsed().saturating_sub(last);
+                if conn.active.load(Ordering::SeqCst) == 0 && since >= idle {
+                    tracing::debug!(peer = %info.peer, "connection idle timeout");
+                    cfg.stats.downstream_cx_idle_timeout.increment(1);
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                } else {
+                    idle_sleep.as_mut().reset(Instant::now() + idle.saturating_sub(since).max(Duration::from_millis(10)));
+                }
+            }
+            _ = state.hard_stop.cancelled() => break,
+        }
+    }
+}
+
+/// Ends a downstream request: gauges, time histogram, connection idle bookkeeping.
+struct DownstreamDone {
+    conn: Arc<Conn>,
+    start: Instant,
+}
+
+impl OnDone for DownstreamDone {
+    fn done(&mut self, complete: bool) {
+        let s = &self.conn.cfg.stats;
+        s.downstream_rq_active.decrement(1.0);
+        s.downstream_rq_time
+            .record(self.start.elapsed().as_secs_f64() * 1000.0);
+        if !complete {
+            s.downstream_rq_rx_reset.increment(0);
+        }
+        self.conn.active.fetch_sub(1, Ordering::SeqCst);
+        self.conn.touch();
+    }
+}
+
+/// What a request handler needs beyond the request.
+pub(crate) struct Stream<'a> {
+    conn: &'a Arc<Conn>,
+    is_grpc: bool,
+    h2: bool,
+    start: Instant,
+    hctx: HeaderContext,
+    /// Close the HTTP/1 connection after this response.
+    close: bool,
+}
+
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBody> {
+    let start = Instant::now();
+    let cfg = conn.cfg.clone();
+    let s = &cfg.stats;
+    conn.active.fetch_add(1, Ordering::SeqCst);
+    s.downstream_rq_total.increment(1);
+    s.downstream_rq_active.increment(1.0);
+    let h2 = req.version() == Version::HTTP_2;
+    if h2 {
+        s.downstream_rq_http2_total.increment(1)
+    } else {
+        s.downstream_rq_http1_total.increment(1)
+    }
+    if !conn.proto_counted.swap(true, Ordering::Relaxed) {
+        if h2 {
+            s.downstream_cx_http2_total.increment(1)
+        } else {
+            s.downstream_cx_http1_total.increment(1)
+        }
+    }
+    let done = DownstreamDone {
+        conn: conn.clone(),
+        start,
+    };
+    let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut close = false;
+    if cfg.max_requests_per_connection.is_some_and(|max| n >= max) {
+        close = !h2;
+        conn.close.notify_one();
+    }
+    let is_grpc = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut st = Stream {
+        conn: &conn,
+        is_grpc,
+        h2,
+        start,
+        hctx: HeaderContext {
+            downstream_remote: conn.info.peer,
+            downstream_local: conn.info.local,
+            protocol: if h2 {
+                "HTTP/2"
+            } else if req.version() == Version::HTTP_10 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            },
+        },
+        close,
+    };
+    let (mut parts, body) = req.into_parts();
+    let resp = match process(&mut parts, body, &mut st).await {
+        Ok(r) => r,
+        Err(reply) => {
+            let close = st.close || (!h2 && reply.status == StatusCode::BAD_REQUEST);
+            local_reply::render(reply, st.is_grpc, close)
+        }
+    };
+    finish(resp, &st, done)
+}
+
+/// Response headers common to every response, status stats, body wrapping.
+fn finish(
+    mut resp: Response<UpstreamBody>,
+    st: &Stream<'_>,
+    done: DownstreamDone,
+) -> Response<UpstreamBody> {
+    let cfg = &st.conn.cfg;
+    cfg.stats.downstream_rq_xx[class_index(resp.status().as_u16())].increment(1);
+    match cfg.server_header {
+        ServerHeader::Overwrite => {
+            resp.headers_mut().insert(SERVER, cfg.server_name.clone());
+        }
+        ServerHeader::AppendIfAbsent => {
+            if !resp.headers().contains_key(SERVER) {
+                resp.headers_mut().insert(SERVER, cfg.server_name.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
+    }
+    if st.close && !st.h2 {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let (parts, body) = resp.into_parts();
+    let body = Timed::new(body, done).idle(cfg.stream_idle_timeout);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+async fn process(
+    req: &mut http::request::Parts,
+    body: Incoming,
+    st: &mut Stream<'_>,
+) -> Result<Response<UpstreamBody>, LocalReply> {
+    let cfg = st.conn.cfg.clone();
+    let bad = |m: &'static str| LocalReply::new(StatusCode::BAD_REQUEST, format!("{m}\n"), "DPE");
+    let checked = sanitize::check_framing(req.version, &req.method, &req.headers)
+        .and_then(|_| sanitize::check_headers(&cfg, &mut req.headers));
+    match checked {
+        Ok(()) => {}
+        Err(Reject::BadRequest(m)) => {
+            st.close = true;
+            return Err(bad(m));
+        }
+        Err(Reject::TooManyHeaders) => {
+            st.close = true;
+            return Err(LocalReply::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "",
+                "DPE",
+            ));
+        }
+        Err(Reject::Redirect(_)) => {}
+    }
+    let pq = req
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let path = match sanitize::normalize(&cfg, &req.method, &pq) {
+        Ok(p) => p,
+        Err(Reject::Redirect(to)) => {
+            let mut r = Response::new(local_reply::full(Bytes::new()));
+            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+            if let Ok(v) = HeaderValue::from_str(&to) {
+                r.headers_mut().insert(LOCATION, v);
+            }
+            return Ok(r);
+        }
+        Err(Reject::BadRequest(m)) => {
+            st.close = true;
+            return Err(bad(m));
+        }
+        Err(Reject::TooManyHeaders) => return Err(bad("too many headers")),
+    };
+
+    // Authority: absolute-form URI (and :authority on h2) wins over Host.
+    let mut authority = match req.uri.authority() {
+        Some(a) => a.as_str().to_string(),
+        None => req
+            .headers
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+    };
+    if cfg.strip_matching_host_port
+        && let Some((h, p)) = authority.rsplit_once(':')
+        && p.parse::<u16>().ok() == Some(st.conn.info.local.port())
+    {
+        authority = h.to_string();
+    }
+
+    let ws = router::is_websocket_upgrade(req);
+    if ws && !cfg.websocket {
+        cfg.stats.downstream_rq_ws_on_non_ws_route.increment(1);
+        return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
+    }
+    sanitize::strip_hop_by_hop(&mut req.headers, ws);
+    let fwd = sanitize::forwarded_headers(&cfg, &mut req.headers, st.conn.info.peer, "http");
+    st.hctx.downstream_remote =
+        std::net::SocketAddr::new(fwd.remote, st.hctx.downstream_remote.port());
+
+    // HTTP filters (the router is implicit and last).
+    if !cfg.http_filters.is_empty() {
+        let mut fctx = FilterContext {
+            downstream_remote: st.conn.info.peer,
+            downstream_local: st.conn.info.local,
+            is_grpc: st.is_grpc,
+        };
+        for f in &cfg.http_filters {
+            if let FilterAction::Respond(r) = f.on_request(req, &mut fctx) {
+                return Err(r);
+            }
+        }
+    }
+
+    let request_id = req.headers.get("x-request-id").cloned();
+    let rreq = RouteRequest {
+        authority: &authority,
+        path: &path,
+        method: &req.method,
+        headers: &req.headers,
+        scheme: "http",
+    };
+    let Some(m) = cfg.routes.route(&rreq) else {
+        cfg.stats.no_route.increment(1);
+        return Err(LocalReply::new(StatusCode::NOT_FOUND, "", "NR"));
+    };
+    let mut resp = match m.action() {
+        RouteAction::Direct(d) => {
+            cfg.stats.rq_direct_response.increment(1);
+            let body = d.body.clone().unwrap_or_default();
+            let len = body.len();
+            let mut r = Response::new(local_reply::full(body));
+            *r.status_mut() = d.status;
+            if len > 0 {
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+            r
+        }
+        RouteAction::Redirect(_) => {
+            cfg.stats.rq_redirect.increment(1);
+            let (status, location) = m
+                .redirect(&rreq)
+                .unwrap_or((StatusCode::MOVED_PERMANENTLY, path.clone()));
+            let mut r = Response::new(local_reply::full(Bytes::new()));
+            *r.status_mut() = status;
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    r.headers_mut().insert(LOCATION, v);
+                }
+                Err(_) => return Err(bad("invalid redirect location")),
+            }
+            r
+        }
+        RouteAction::Forward(f) => {
+            router::forward(req, body, st, &m, f, &authority, &path, ws).await?
+        }
+    };
+    m.apply_response_headers(resp.headers_mut(), &st.hctx);
+    if cfg.always_set_request_id_in_response
+        && let Some(id) = request_id
+    {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    if !cfg.http_filters.is_empty() {
+        let fctx = FilterContext {
+            downstream_remote: st.conn.info.peer,
+            downstream_local: st.conn.info.local,
+            is_grpc: st.is_grpc,
+        };
+        let (mut parts, body) = resp.into_parts();
+        for f in cfg.http_filters.iter().rev() {
+            f.on_response(&mut parts, &fctx);
+        }
+        resp = Response::from_parts(parts, body);
+    }
+    Ok(resp)
 }

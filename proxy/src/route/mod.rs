@@ -56,6 +56,17 @@ impl RouteTable {
     }
 }
 
+/// Values for header command operators.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderContext {
+    /// Downstream remote address.
+    pub downstream_remote: std::net::SocketAddr,
+    /// Downstream local address.
+    pub downstream_local: std::net::SocketAddr,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'static str,
+}
+
 /// A selected route.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteMatch<'a> {
@@ -66,14 +77,43 @@ pub struct RouteMatch<'a> {
 }
 
 impl RouteMatch<'_> {
+    /// The action.
+    pub fn action(&self) -> &RouteAction {
+        self.action
+    }
+
+    /// Route name.
+    pub fn route_name(&self) -> &str {
+        ""
+    }
+
+    /// Virtual host name.
+    pub fn vhost_name(&self) -> &str {
+        ""
+    }
+
     /// Apply `request_headers_to_add/_remove` of route, virtual host and table (Envoy order).
-    pub fn apply_request_headers(&self, headers: &mut HeaderMap) {
-        let _ = headers;
+    pub fn apply_request_headers(&self, headers: &mut HeaderMap, ctx: &HeaderContext) {
+        let _ = (headers, ctx);
     }
 
     /// Apply `response_headers_to_add/_remove` of route, virtual host and table.
-    pub fn apply_response_headers(&self, headers: &mut HeaderMap) {
-        let _ = headers;
+    pub fn apply_response_headers(&self, headers: &mut HeaderMap, ctx: &HeaderContext) {
+        let _ = (headers, ctx);
+    }
+
+    /// Rewritten path-and-query, if the route rewrites.
+    pub fn rewrite_path(&self, path_and_query: &str) -> Option<String> {
+        let _ = path_and_query;
+        None
+    }
+
+    /// For redirect actions: status and Location.
+    pub fn redirect(&self, req: &RouteRequest<'_>) -> Option<(StatusCode, String)> {
+        match self.action {
+            RouteAction::Redirect(r) => Some(r.response(req)),
+            _ => None,
+        }
     }
 }
 
@@ -106,12 +146,6 @@ impl ForwardAction {
         random: u64,
     ) -> Option<Cow<'a, str>> {
         let _ = (headers, random);
-        None
-    }
-
-    /// The rewritten path-and-query (`prefix_rewrite` / `regex_rewrite`), if any.
-    pub fn rewrite_path(&self, path: &str) -> Option<String> {
-        let _ = path;
         None
     }
 

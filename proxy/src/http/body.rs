@@ -1,0 +1,251 @@
+//! Body wrappers for streams in flight: they carry per-stream timers (route timeout, stream
+//! idle timeout) and the guards that close out a stream's stats when its body ends or is
+//! dropped. Frames pass through untouched (zero copy).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::upstream::BoxError;
+
+/// A stream error raised by a timer.
+#[derive(Debug, thiserror::Error)]
+pub enum TimerError {
+    /// The route timeout elapsed mid-response.
+    #[error("upstream request timeout")]
+    RouteTimeout,
+    /// No frame for `stream_idle_timeout`.
+    #[error("stream idle timeout")]
+    Idle,
+    /// `request_timeout` elapsed before the request body was complete.
+    #[error("request timeout")]
+    RequestTimeout,
+}
+
+/// Something to run when a body ends (successfully or not) or is dropped.
+pub trait OnDone: Send + 'static {
+    /// `complete` is true when the body reached its end without error.
+    fn done(&mut self, complete: bool);
+}
+
+impl OnDone for () {
+    fn done(&mut self, _complete: bool) {}
+}
+
+impl<A: OnDone, B: OnDone> OnDone for (A, B) {
+    fn done(&mut self, complete: bool) {
+        self.0.done(complete);
+        self.1.done(complete);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a body with an optional deadline, an optional idle timeout and an [`OnDone`].
+    pub struct Timed<B, D: OnDone> {
+        #[pin]
+        inner: B,
+        deadline: Option<(Pin<Box<Sleep>>, TimerError)>,
+        idle: Option<(Duration, Pin<Box<Sleep>>)>,
+        fired: Option<Arc<AtomicBool>>,
+        done: Option<D>,
+    }
+
+    impl<B, D: OnDone> PinnedDrop for Timed<B, D> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(mut d) = this.project().done.take() {
+                d.done(false);
+            }
+        }
+    }
+}
+
+impl<B, D: OnDone> Timed<B, D> {
+    /// Wrap `inner`.
+    pub fn new(inner: B, done: D) -> Self {
+        Self {
+            inner,
+            deadline: None,
+            idle: None,
+            fired: None,
+            done: Some(done),
+        }
+    }
+
+    /// Fail the body with `err` at `at`.
+    pub fn deadline(mut self, at: Option<Instant>, err: TimerError) -> Self {
+        self.deadline = at.map(|at| (Box::pin(tokio::time::sleep_until(at)), err));
+        self
+    }
+
+    /// Fail the body when no frame arrives for `d`.
+    pub fn idle(mut self, d: Option<Duration>) -> Self {
+        self.idle = d.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        self
+    }
+
+    /// Set `flag` when a timer fires (lets the router tell a timeout from a reset).
+    pub fn flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.fired = Some(flag);
+        self
+    }
+}
+
+impl<B, D> Body for Timed<B, D>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    D: OnDone,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some((d, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(Instant::now() + *d);
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut d) = this.done.take() {
+                    d.done(false);
+                }
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            Poll::Ready(None) => {
+                if let Some(mut d) = this.done.take() {
+                    d.done(true);
+                }
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        let fire = |err: TimerError, this_done: &mut Option<D>| {
+            if let Some(f) = this.fired.as_ref() {
+                f.store(true, Ordering::SeqCst);
+            }
+            if let Some(mut d) = this_done.take() {
+                d.done(false);
+            }
+            Poll::Ready(Some(Err(Box::new(err) as BoxError)))
+        };
+        if let Some((sleep, err)) = this.deadline.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            let err = std::mem::replace(err, TimerError::RouteTimeout);
+            *this.deadline = None;
+            return fire(err, this.done);
+        }
+        if let Some((_, sleep)) = this.idle.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            *this.idle = None;
+            return fire(TimerError::Idle, this.done);
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Poll helper used by tests.
+#[cfg(test)]
+async fn collect<B: Body<Data = Bytes> + Unpin>(mut b: B) -> Result<Vec<u8>, B::Error> {
+    use http_body_util::BodyExt;
+    let mut out = Vec::new();
+    while let Some(f) = b.frame().await {
+        if let Ok(d) = f?.into_data() {
+            out.extend_from_slice(&d);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Count(Arc<AtomicUsize>, Arc<AtomicBool>);
+    impl OnDone for Count {
+        fn done(&mut self, complete: bool) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.store(complete, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn done_runs_once_on_completion() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let ok = Arc::new(AtomicBool::new(false));
+        let b = Timed::new(
+            http_body_util::Full::new(Bytes::from_static(b"hi")),
+            Count(n.clone(), ok.clone()),
+        );
+        assert_eq!(collect(b).await.expect("body"), b"hi");
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert!(ok.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn done_runs_on_drop() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let ok = Arc::new(AtomicBool::new(true));
+        drop(Timed::new(
+            http_body_util::Empty::<Bytes>::new(),
+            Count(n.clone(), ok.clone()),
+        ));
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+        assert!(!ok.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_fires() {
+        let (_tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let flag = Arc::new(AtomicBool::new(false));
+        let b = Timed::new(body, ())
+            .idle(Some(Duration::from_secs(5)))
+            .flag(flag.clone());
+        let err = collect(b).await.expect_err("idle");
+        assert!(err.to_string().contains("idle"));
+        assert!(flag.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_fires() {
+        let (_tx, rx) =
+            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(1);
+        let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+        let b = Timed::new(body, ()).deadline(
+            Some(Instant::now() + Duration::from_secs(1)),
+            TimerError::RouteTimeout,
+        );
+        let err = collect(b).await.expect_err("deadline");
+        assert!(err.to_string().contains("timeout"));
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Unpin {
+        Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+    }
+}
