@@ -1,1 +1,11 @@
+//! weir's integration tests: real listeners on 127.0.0.1:0, real hyper/h2/tonic clients and
+//! backends, assertions on what a client sees. One binary for the crate (see README).
 
+mod harness;
+
+mod admin;
+mod hardening;
+mod lifecycle;
+mod protocols;
+mod routing;
+mod tcp;
