@@ -1,0 +1,318 @@
+//! `/clusters` and `/listeners`, in Envoy's text form and as Envoy's `envoy.admin.v3.Clusters`
+//! / `envoy.admin.v3.Listeners` JSON (`?format=json`).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{Response, StatusCode};
+use serde_json::{Value, json as j};
+use weir_xds_api::pb::envoy::admin::v3::{
+    ClusterStatus, Clusters, HostHealthStatus, HostStatus, ListenerStatus, Listeners, SimpleMetric,
+    simple_metric,
+};
+use weir_xds_api::pb::envoy::config::core::v3::{
+    Address, HealthStatus, SocketAddress, address, socket_address::PortSpecifier,
+};
+
+use super::{Body, Query, TEXT, fill, json, text};
+use crate::server::ServerState;
+use crate::upstream::{Host, health_flags};
+
+/// `GET /clusters`.
+pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
+    let all: Vec<(String, Arc<Vec<Arc<Host>>>)> = state
+        .clusters
+        .all()
+        .iter()
+        .map(|c| (c.name().to_string(), c.hosts()))
+        .collect();
+    if q.wants_json() {
+        let statuses = all
+            .iter()
+            .map(|(name, hosts)| cluster_status(name, hosts))
+            .collect();
+        let mut v = weir_xds_api::to_json(&Clusters {
+            cluster_statuses: statuses,
+        });
+        fill_host_defaults(&mut v);
+        fill(&mut v, "cluster_statuses", j!([]));
+        return json(StatusCode::OK, &v);
+    }
+    let mut out = String::new();
+    for (name, hosts) in &all {
+        write_cluster_text(&mut out, name, hosts);
+    }
+    text(StatusCode::OK, TEXT, out)
+}
+
+/// The per-host counters, in Envoy's (alphabetical) order, and whether each is a gauge.
+fn host_stats(h: &Host) -> [(&'static str, u64, bool); 8] {
+    let s = &h.stats;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    [
+        ("cx_active", g(&s.cx_active), true),
+        ("cx_connect_fail", g(&s.cx_connect_fail), false),
+        ("cx_total", g(&s.cx_total), false),
+        ("rq_active", g(&s.rq_active), true),
+        ("rq_error", g(&s.rq_error), false),
+        ("rq_success", g(&s.rq_success), false),
+        ("rq_timeout", g(&s.rq_timeout), false),
+        ("rq_total", g(&s.rq_total), false),
+    ]
+}
+
+/// Envoy's `health_flags` text: `healthy`, or the failure flags concatenated
+/// (`/failed_active_hc/failed_outlier_check`).
+fn health_flags_text(bits: u32) -> String {
+    if bits == 0 {
+        return "healthy".into();
+    }
+    let mut s = String::new();
+    for (bit, name) in [
+        (health_flags::FAILED_ACTIVE_HC, "/failed_active_hc"),
+        (health_flags::FAILED_OUTLIER_CHECK, "/failed_outlier_check"),
+        (health_flags::FAILED_EDS_HEALTH, "/failed_eds_health"),
+    ] {
+        if bits & bit != 0 {
+            s.push_str(name);
+        }
+    }
+    s
+}
+
+/// One cluster in Envoy's `/clusters` text form.
+fn write_cluster_text(out: &mut String, name: &str, hosts: &[Arc<Host>]) {
+    // `fmt::Write` for `String` never fails.
+    let _ = writeln!(out, "{name}::observability_name::{name}");
+    let _ = writeln!(out, "{name}::added_via_api::false");
+    for h in hosts {
+        let p = format!("{name}::{}", h.address);
+        for (stat, value, _) in host_stats(h) {
+            let _ = writeln!(out, "{p}::{stat}::{value}");
+        }
+        let health = h.health.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{p}::hostname::{}",
+            h.hostname.as_deref().unwrap_or("")
+        );
+        let _ = writeln!(out, "{p}::health_flags::{}", health_flags_text(health));
+        let _ = writeln!(out, "{p}::weight::{}", h.weight);
+        let _ = writeln!(out, "{p}::region::");
+        let _ = writeln!(out, "{p}::zone::");
+        let _ = writeln!(out, "{p}::sub_zone::");
+        let _ = writeln!(out, "{p}::canary::false");
+        let _ = writeln!(out, "{p}::priority::{}", h.priority);
+        let _ = writeln!(out, "{p}::success_rate::-1");
+        let _ = writeln!(out, "{p}::local_origin_success_rate::-1");
+    }
+}
+
+fn socket_address(a: SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: a.ip().to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(a.port()))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// One cluster as Envoy's `ClusterStatus`.
+fn cluster_status(name: &str, hosts: &[Arc<Host>]) -> ClusterStatus {
+    ClusterStatus {
+        name: name.to_string(),
+        observability_name: name.to_string(),
+        host_statuses: hosts
+            .iter()
+            .map(|h| {
+                let bits = h.health.load(Ordering::Relaxed);
+                let eds = if bits & health_flags::FAILED_EDS_HEALTH != 0 {
+                    HealthStatus::Unhealthy
+                } else {
+                    HealthStatus::Healthy
+                };
+                HostStatus {
+                    address: Some(socket_address(h.address)),
+                    stats: host_stats(h)
+                        .into_iter()
+                        .map(|(stat, value, gauge)| SimpleMetric {
+                            r#type: if gauge {
+                                simple_metric::Type::Gauge
+                            } else {
+                                simple_metric::Type::Counter
+                            } as i32,
+                            value,
+                            name: stat.to_string(),
+                        })
+                        .collect(),
+                    health_status: Some(HostHealthStatus {
+                        failed_active_health_check: bits & health_flags::FAILED_ACTIVE_HC != 0,
+                        failed_outlier_check: bits & health_flags::FAILED_OUTLIER_CHECK != 0,
+                        eds_health_status: eds as i32,
+                        ..Default::default()
+                    }),
+                    weight: h.weight,
+                    hostname: h.hostname.clone().unwrap_or_default(),
+                    priority: h.priority,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// proto3 JSON drops zero values; print the per-host fields clients read even when zero
+/// (`"value": "0"`, `"priority": 0`, `"failed_active_health_check": false`).
+fn fill_host_defaults(v: &mut Value) {
+    let Some(clusters) = v.get_mut("cluster_statuses").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for c in clusters {
+        let Some(hosts) = c.get_mut("host_statuses").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for h in hosts {
+            fill(h, "weight", j!(0));
+            fill(h, "priority", j!(0));
+            fill(h, "hostname", j!(""));
+            if let Some(stats) = h.get_mut("stats").and_then(Value::as_array_mut) {
+                for s in stats {
+                    // uint64 is a string in proto3 JSON.
+                    fill(s, "value", j!("0"));
+                }
+            }
+            if let Some(hs) = h.get_mut("health_status") {
+                fill(hs, "failed_active_health_check", j!(false));
+                fill(hs, "failed_outlier_check", j!(false));
+            }
+        }
+    }
+}
+
+/// `GET /listeners`: `name::ip:port` lines, or Envoy's `Listeners` JSON.
+pub(super) fn listeners(state: &ServerState, q: &Query) -> Response<Body> {
+    let bound = state.listeners.get().map(Vec::as_slice).unwrap_or_default();
+    if q.wants_json() {
+        let msg = Listeners {
+            listener_statuses: bound
+                .iter()
+                .map(|l| ListenerStatus {
+                    name: l.name.clone(),
+                    local_address: Some(socket_address(l.address)),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut v = weir_xds_api::to_json(&msg);
+        fill(&mut v, "listener_statuses", j!([]));
+        return json(StatusCode::OK, &v);
+    }
+    let mut out = String::new();
+    for l in bound {
+        let _ = writeln!(out, "{}::{}", l.name, l.address);
+    }
+    text(StatusCode::OK, TEXT, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::upstream::HostStats;
+
+    fn host(addr: &str, health: u32, priority: u32) -> Arc<Host> {
+        let h = Host {
+            address: addr.parse().expect("addr"),
+            hostname: Some("backend.local".into()),
+            weight: 3,
+            priority,
+            health: AtomicU32::new(health),
+            stats: HostStats::default(),
+        };
+        h.stats.cx_total.store(7, Ordering::Relaxed);
+        h.stats.rq_success.store(5, Ordering::Relaxed);
+        Arc::new(h)
+    }
+
+    #[test]
+    fn text_form_matches_envoy() {
+        let hosts = vec![
+            host("127.0.0.1:8080", 0, 0),
+            host(
+                "[::1]:9090",
+                health_flags::FAILED_ACTIVE_HC | health_flags::FAILED_EDS_HEALTH,
+                1,
+            ),
+        ];
+        let mut out = String::new();
+        write_cluster_text(&mut out, "backend", &hosts);
+        let lines: Vec<&str> = out.lines().collect();
+        for want in [
+            "backend::observability_name::backend",
+            "backend::127.0.0.1:8080::cx_active::0",
+            "backend::127.0.0.1:8080::cx_connect_fail::0",
+            "backend::127.0.0.1:8080::cx_total::7",
+            "backend::127.0.0.1:8080::rq_active::0",
+            "backend::127.0.0.1:8080::rq_error::0",
+            "backend::127.0.0.1:8080::rq_success::5",
+            "backend::127.0.0.1:8080::rq_timeout::0",
+            "backend::127.0.0.1:8080::rq_total::0",
+            "backend::127.0.0.1:8080::hostname::backend.local",
+            "backend::127.0.0.1:8080::health_flags::healthy",
+            "backend::127.0.0.1:8080::weight::3",
+            "backend::127.0.0.1:8080::region::",
+            "backend::127.0.0.1:8080::zone::",
+            "backend::127.0.0.1:8080::sub_zone::",
+            "backend::127.0.0.1:8080::canary::false",
+            "backend::127.0.0.1:8080::priority::0",
+            "backend::127.0.0.1:8080::success_rate::-1",
+            "backend::127.0.0.1:8080::local_origin_success_rate::-1",
+            "backend::[::1]:9090::health_flags::/failed_active_hc/failed_eds_health",
+            "backend::[::1]:9090::priority::1",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn json_form_matches_envoy() {
+        let hosts = vec![
+            host("127.0.0.1:8080", 0, 0),
+            host("127.0.0.2:8080", health_flags::FAILED_OUTLIER_CHECK, 2),
+        ];
+        let mut v = weir_xds_api::to_json(&Clusters {
+            cluster_statuses: vec![cluster_status("backend", &hosts)],
+        });
+        fill_host_defaults(&mut v);
+        let c = &v["cluster_statuses"][0];
+        assert_eq!(c["name"], "backend");
+        let h = &c["host_statuses"][0];
+        assert_eq!(
+            h["address"],
+            j!({"socket_address": {"address": "127.0.0.1", "port_value": 8080}})
+        );
+        let stats = h["stats"].as_array().expect("stats");
+        let get = |n: &str| {
+            stats
+                .iter()
+                .find(|s| s["name"] == n)
+                .map(|s| s["value"].clone())
+        };
+        assert_eq!(get("cx_total"), Some(j!("7")));
+        assert_eq!(get("rq_total"), Some(j!("0")));
+        assert_eq!(h["health_status"]["eds_health_status"], "HEALTHY");
+        assert_eq!(h["health_status"]["failed_active_health_check"], false);
+        assert_eq!(h["health_status"]["failed_outlier_check"], false);
+        assert_eq!(h["weight"], 3);
+        assert_eq!(h["priority"], 0);
+        assert_eq!(h["hostname"], "backend.local");
+        let h2 = &c["host_statuses"][1];
+        assert_eq!(h2["health_status"]["failed_outlier_check"], true);
+        assert_eq!(h2["priority"], 2);
+    }
+}
