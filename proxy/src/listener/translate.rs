@@ -498,3 +498,382 @@ fn chain_match(m: &FilterChainMatch, path: &str, errs: &mut Errors) -> ChainMatc
         source_ports,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Store;
+    use std::collections::HashSet;
+
+    fn run(yaml: &str) -> (Option<ListenerConfig>, Vec<(String, String)>) {
+        let l: Listener = weir_xds_api::from_yaml(yaml).expect("parses");
+        let clusters: HashSet<&str> = ["backend", "b2"].into_iter().collect();
+        let stats = Store::new();
+        let ctx = TranslateCtx {
+            clusters: &clusters,
+            stats: &stats,
+        };
+        let mut errs = Errors::default();
+        let out = translate_listener(&l, "l", &ctx, &mut errs);
+        let e = errs.0.into_iter().map(|e| (e.path, e.message)).collect();
+        (out, e)
+    }
+
+    fn ok(yaml: &str) -> ListenerConfig {
+        let (out, errs) = run(yaml);
+        assert!(errs.is_empty(), "{errs:?}");
+        out.expect("translated")
+    }
+
+    fn err_paths(yaml: &str) -> Vec<String> {
+        let (out, errs) = run(yaml);
+        assert!(out.is_none());
+        errs.into_iter().map(|e| e.0).collect()
+    }
+
+    const TCP: &str = r#"
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: backend
+"#;
+
+    fn listener(chains: &str) -> String {
+        format!(
+            "name: l1\naddress: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}\n{chains}"
+        )
+    }
+
+    fn tcp_chain(matcher: &str) -> String {
+        format!("- filter_chain_match: {matcher}\n  filters:{TCP}")
+    }
+
+    #[test]
+    fn tcp_proxy_listener() {
+        let l = ok(&listener(&format!("filter_chains:\n{}", tcp_chain("{}"))));
+        assert_eq!(l.name, "l1");
+        assert_eq!(l.address, "127.0.0.1:0".parse().expect("addr"));
+        assert_eq!(l.per_connection_buffer_limit_bytes, DEFAULT_BUFFER_LIMIT);
+        assert_eq!(l.backlog, DEFAULT_BACKLOG);
+        assert_eq!(l.filter_chains.len(), 1);
+        let NetworkFilter::TcpProxy(t) = &l.filter_chains[0].filter else {
+            panic!("tcp_proxy expected");
+        };
+        assert_eq!(t.stat_prefix, "t");
+        assert_eq!(t.clusters, vec![("backend".to_string(), 1)]);
+        assert_eq!(t.idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(t.max_connect_attempts, 1);
+    }
+
+    #[test]
+    fn listener_options() {
+        let l = ok(&format!(
+            "{}per_connection_buffer_limit_bytes: 32768\ntcp_backlog_size: 64\n\
+             listener_filters:\n- name: envoy.filters.listener.tls_inspector\n  typed_config:\n    \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector\n\
+             - name: envoy.filters.listener.tls_inspector\n\
+             default_filter_chain:\n  filters:{TCP}",
+            listener("")
+        ));
+        assert_eq!(l.per_connection_buffer_limit_bytes, 32768);
+        assert_eq!(l.backlog, 64);
+        assert_eq!(l.listener_filters, vec![ListenerFilter::TlsInspector; 2]);
+        assert!(l.filter_chains.is_empty());
+        assert!(l.default_filter_chain.is_some());
+    }
+
+    #[test]
+    fn tcp_proxy_options_and_weighted_clusters() {
+        let y = listener(
+            r#"filter_chains:
+- filters:
+  - name: anything
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: w
+      idle_timeout: 0s
+      max_connect_attempts: 3
+      max_downstream_connection_duration: 10s
+      weighted_clusters:
+        clusters: [{name: backend, weight: 1}, {name: b2, weight: 4}]
+"#,
+        );
+        let l = ok(&y);
+        let NetworkFilter::TcpProxy(t) = &l.filter_chains[0].filter else {
+            panic!("tcp_proxy expected");
+        };
+        assert_eq!(t.idle_timeout, None);
+        assert_eq!(t.max_connect_attempts, 3);
+        assert_eq!(
+            t.max_downstream_connection_duration,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(t.clusters.len(), 2);
+    }
+
+    #[test]
+    fn tcp_proxy_errors_have_paths() {
+        let y = listener(
+            r#"filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      cluster: nope
+      downstream_idle_timeout: 5s
+- filter_chain_match: {destination_port: 1}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: x
+      weighted_clusters:
+        clusters: [{name: backend, weight: 0}, {name: gone, weight: 1}]
+- filter_chain_match: {destination_port: 2}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: x
+"#,
+        );
+        let p = "l.filter_chains";
+        let t = "filters[0].typed_config";
+        assert_eq!(
+            err_paths(&y),
+            vec![
+                format!("{p}[0].{t}.downstream_idle_timeout"),
+                format!("{p}[0].{t}.stat_prefix"),
+                format!("{p}[0].{t}.cluster"),
+                format!("{p}[1].{t}.weighted_clusters.clusters[0].weight"),
+                format!("{p}[1].{t}.weighted_clusters.clusters[1].name"),
+                format!("{p}[2].{t}.cluster"),
+            ]
+        );
+    }
+
+    #[test]
+    fn listener_level_errors() {
+        let y = format!(
+            "address: {{socket_address: {{address: nope, port_value: 1}}}}\nstat_prefix: s\n\
+             enable_reuse_port: false\nfilter_chains:\n{}",
+            tcp_chain("{}")
+        );
+        assert_eq!(
+            err_paths(&y),
+            vec![
+                "l.stat_prefix",
+                "l.name",
+                "l.enable_reuse_port",
+                "l.address.socket_address.address"
+            ]
+        );
+        assert_eq!(
+            err_paths("name: x\naddress: {socket_address: {address: 127.0.0.1, port_value: 1}}\n"),
+            vec!["l.filter_chains"]
+        );
+        assert_eq!(err_paths("name: x\n"), vec!["l.address", "l.filter_chains"]);
+    }
+
+    #[test]
+    fn listener_filter_errors() {
+        let y = format!(
+            "{}listener_filters:\n- name: envoy.filters.listener.original_dst\n\
+             - name: x\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector\n\
+             filter_chains:\n{}",
+            listener(""),
+            tcp_chain("{}")
+        );
+        assert_eq!(
+            err_paths(&y),
+            vec![
+                "l.listener_filters[0].name",
+                "l.listener_filters[1].typed_config"
+            ]
+        );
+    }
+
+    #[test]
+    fn network_filter_errors() {
+        let y = listener(
+            r#"filter_chains:
+- filters: []
+- filter_chain_match: {destination_port: 1}
+  filters:
+  - name: envoy.filters.network.rbac
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC
+      stat_prefix: r
+- filter_chain_match: {destination_port: 2}
+  transport_socket: {name: envoy.transport_sockets.tls}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+- filter_chain_match: {destination_port: 3}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: x
+      cluster: backend
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: x
+      cluster: backend
+"#,
+        );
+        assert_eq!(
+            err_paths(&y),
+            vec![
+                "l.filter_chains[0].filters",
+                "l.filter_chains[1].filters[0].typed_config",
+                "l.filter_chains[2].transport_socket",
+                "l.filter_chains[2].filters[0].typed_config",
+                "l.filter_chains[3].filters[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn type_url_wins_over_name() {
+        // Named like tcp_proxy, configured as HCM: it is an HCM.
+        let y = listener(
+            r#"filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: h
+"#,
+        );
+        let l = ok(&y);
+        assert!(matches!(l.filter_chains[0].filter, NetworkFilter::Http(_)));
+    }
+
+    #[test]
+    fn filter_chain_match_translation() {
+        let y = listener(&format!(
+            "filter_chains:\n{}",
+            tcp_chain(
+                r#"
+    destination_port: 443
+    prefix_ranges: [{address_prefix: 10.1.2.3, prefix_len: 8}, {address_prefix: "::1", prefix_len: 128}]
+    server_names: [Example.COM, "*.example.com"]
+    transport_protocol: tls
+    application_protocols: [h2]
+    direct_source_prefix_ranges: [{address_prefix: 192.168.0.0, prefix_len: 16}]
+    source_type: EXTERNAL
+    source_prefix_ranges: [{address_prefix: 0.0.0.0}]
+    source_ports: [1, 2]"#
+            )
+        ));
+        let l = ok(&y);
+        let m = &l.filter_chains[0].filter_chain_match;
+        assert_eq!(m.destination_port, Some(443));
+        assert_eq!(
+            m.prefix_ranges
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>(),
+            vec!["10.0.0.0/8", "::1/128"]
+        );
+        assert_eq!(m.server_names, vec!["example.com", "*.example.com"]);
+        assert_eq!(m.transport_protocol, "tls");
+        assert_eq!(m.source_type, SourceType::External);
+        assert_eq!(m.source_prefix_ranges[0].to_string(), "0.0.0.0/0");
+        assert_eq!(m.source_ports, vec![1, 2]);
+    }
+
+    #[test]
+    fn filter_chain_match_errors() {
+        let y = listener(&format!(
+            "filter_chains:\n{}",
+            tcp_chain(
+                r#"
+    destination_port: 70000
+    prefix_ranges: [{address_prefix: 10.0.0.0, prefix_len: 33}, {address_prefix: bad}]
+    server_names: ["www.*.com", "", "*"]
+    transport_protocol: quic
+    application_protocols: [""]
+    source_ports: [0]
+    address_suffix: x"#
+            )
+        ));
+        let p = "l.filter_chains[0].filter_chain_match";
+        assert_eq!(
+            err_paths(&y),
+            [
+                "address_suffix",
+                "destination_port",
+                "server_names[0]",
+                "server_names[1]",
+                "server_names[2]",
+                "transport_protocol",
+                "application_protocols[0]",
+                "source_ports[0]",
+                "prefix_ranges[0].prefix_len",
+                "prefix_ranges[1].address_prefix",
+            ]
+            .map(|f| format!("{p}.{f}"))
+        );
+    }
+
+    #[test]
+    fn duplicate_and_overlapping_chains() {
+        let y = listener(&format!(
+            "filter_chains:\n{}{}",
+            tcp_chain("{server_names: [a.com, b.com]}"),
+            tcp_chain("{server_names: [b.com, a.com]}")
+        ));
+        let (_, errs) = run(&y);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].0, "l.filter_chains[1].filter_chain_match");
+        assert!(
+            errs[0]
+                .1
+                .contains("multiple filter chains with the same matching rules"),
+            "{}",
+            errs[0].1
+        );
+        assert!(errs[0].1.contains("l.filter_chains[0]"), "{}", errs[0].1);
+
+        let y = listener(&format!(
+            "filter_chains:\n{}{}",
+            tcp_chain("{server_names: [a.com, b.com]}"),
+            tcp_chain("{server_names: [b.com]}")
+        ));
+        let (_, errs) = run(&y);
+        assert_eq!(errs[0].0, "l.filter_chains[1].filter_chain_match");
+        assert!(errs[0].1.contains("overlapping"), "{}", errs[0].1);
+
+        // Two chains without any match are duplicates too.
+        let y = listener(&format!(
+            "filter_chains:\n{}{}",
+            tcp_chain("{}"),
+            tcp_chain("{}")
+        ));
+        assert_eq!(err_paths(&y), vec!["l.filter_chains[1].filter_chain_match"]);
+    }
+
+    #[test]
+    fn selection_uses_default_chain() {
+        let y = format!(
+            "{}default_filter_chain:\n  name: dflt\n  filters:{TCP}",
+            listener(&format!(
+                "filter_chains:\n{}",
+                tcp_chain("{destination_port: 8443}")
+            ))
+        );
+        let l = ok(&y);
+        let input = |port: u16| super::super::ChainInput {
+            dst: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            src: "127.0.0.1:5555".parse().expect("src"),
+            server_name: None,
+            transport_protocol: "raw_buffer",
+            alpn: &[],
+        };
+        assert_eq!(l.select(&input(8443)).map(|c| c.name.as_str()), Some(""));
+        assert_eq!(l.select(&input(80)).map(|c| c.name.as_str()), Some("dflt"));
+    }
+}
