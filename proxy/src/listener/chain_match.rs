@@ -89,7 +89,7 @@ impl Cidr {
     }
 
     /// Prefix length.
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 }
