@@ -65,7 +65,7 @@ pub fn bind_all(
         let err = |e: io::Error| (l.name.clone(), e);
         let mut addr = l.address;
         for w in out.workers.iter_mut().flatten() {
-            let sock = bind_one(addr, l.backlog).map_err(err)?;
+            let sock = bind_one(addr, l.backlog, l.ipv4_compat).map_err(err)?;
             if addr.port() == 0 {
                 addr = sock.local_addr().map_err(err)?;
             }
@@ -79,14 +79,19 @@ pub fn bind_all(
     Ok(out)
 }
 
-/// A nonblocking listening socket with SO_REUSEADDR + SO_REUSEPORT (and IPV6_V6ONLY for v6).
-pub(crate) fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+/// A nonblocking listening socket with SO_REUSEADDR + SO_REUSEPORT (and IPV6_V6ONLY for v6
+/// unless `ipv4_compat`).
+pub(crate) fn bind_one(
+    addr: SocketAddr,
+    backlog: u32,
+    ipv4_compat: bool,
+) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
     sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
+        sock.set_only_v6(!ipv4_compat)?;
     }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
@@ -99,13 +104,18 @@ mod tests {
     use super::*;
     use crate::listener::{ChainMatcher, DEFAULT_BACKLOG, DEFAULT_BUFFER_LIMIT, ListenerStats};
 
-    pub(crate) fn cfg(name: &str, addr: &str) -> Arc<ListenerConfig> {
+    fn cfg(name: &str, addr: &str) -> Arc<ListenerConfig> {
+        cfg_v(name, addr, false)
+    }
+
+    fn cfg_v(name: &str, addr: &str, ipv4_compat: bool) -> Arc<ListenerConfig> {
         Arc::new(ListenerConfig {
             name: name.into(),
             address: addr.parse().expect("addr"),
             filter_chains: Vec::new(),
             default_filter_chain: None,
             per_connection_buffer_limit_bytes: DEFAULT_BUFFER_LIMIT,
+            ipv4_compat,
             backlog: DEFAULT_BACKLOG,
             listener_filters: Vec::new(),
             listener_filters_timeout: std::time::Duration::from_secs(15),
@@ -153,6 +163,23 @@ mod tests {
                 eprintln!("skipping: no IPv6 loopback ({e})");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn ipv4_compat_is_dual_stack() {
+        let Ok(b) = bind_all(&[cfg_v("ds", "[::]:0", true)], 1) else {
+            eprintln!("skipping: no IPv6");
+            return;
+        };
+        let port = b.addresses()[0].address.port();
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("IPv4 reaches the dual-stack socket");
+        // Without ipv4_compat the v6 socket is V6ONLY: IPv4 on that port is someone else's.
+        let v6only = bind_all(&[cfg("v6only", "[::]:0")], 1).expect("binds");
+        let port = v6only.addresses()[0].address.port();
+        let v4 = std::net::TcpListener::bind(("127.0.0.1", port));
+        assert!(v4.is_ok(), "IPv4 port still free next to a V6ONLY socket");
     }
 
     #[test]

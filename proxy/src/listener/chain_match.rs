@@ -385,16 +385,16 @@ fn select_server_name<'a>(names: &'a ServerNames, sni: Option<&str>) -> Option<&
         if !names.wildcard.is_empty() {
             // Longest suffix first: `a.b.example.com` tries `.b.example.com`, then `.example.com`.
             // Like Envoy, the search for a dot starts at index 1 and a trailing dot is no suffix.
-            let mut from = 1;
-            while let Some(off) = sni.get(from..).and_then(|s| s.find('.')) {
-                let pos = from + off;
-                if pos + 1 >= sni.len() {
-                    break;
-                }
+            // `.` is ASCII, so every position found is a char boundary.
+            let dots = sni
+                .bytes()
+                .enumerate()
+                .skip(1)
+                .filter(|&(pos, b)| b == b'.' && pos + 1 < sni.len());
+            for (pos, _) in dots {
                 if let Some(t) = names.wildcard.get(&sni[pos..]) {
                     return Some(t);
                 }
-                from = pos + 1;
             }
         }
     }
@@ -546,6 +546,8 @@ mod tests {
         assert_eq!(sel(Some("other.org")), Some(3));
         assert_eq!(sel(Some("example.com.")), Some(3));
         assert_eq!(sel(Some("")), Some(3));
+        assert_eq!(sel(Some("é.example.com")), Some(1));
+        assert_eq!(sel(Some(".example.com")), Some(3));
         assert_eq!(sel(None), Some(3));
     }
 

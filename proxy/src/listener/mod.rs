@@ -54,6 +54,9 @@ pub struct ListenerConfig {
     pub default_filter_chain: Option<FilterChain>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub per_connection_buffer_limit_bytes: u32,
+    /// `address.socket_address.ipv4_compat`: an IPv6 socket also accepts IPv4 (dual stack);
+    /// otherwise IPv6 sockets are IPV6_V6ONLY.
+    pub ipv4_compat: bool,
     /// `tcp_backlog_size` (default 1024).
     pub backlog: u32,
     /// Listener filters, in order (only the TLS inspector is known; it does not run yet).

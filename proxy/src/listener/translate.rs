@@ -90,6 +90,12 @@ pub fn translate_listener(
         }
     }
     let address = socket_address(l.address.as_ref(), &join(path, "address"), errs);
+    let ipv4_compat = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(weir_xds_api::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) => {
+            sa.ipv4_compat
+        }
+        _ => false,
+    };
     let per_connection_buffer_limit_bytes = l
         .per_connection_buffer_limit_bytes
         .map(|v| v.value)
@@ -169,6 +175,7 @@ pub fn translate_listener(
         filter_chains,
         default_filter_chain,
         per_connection_buffer_limit_bytes,
+        ipv4_compat,
         backlog,
         listener_filters,
         listener_filters_timeout,

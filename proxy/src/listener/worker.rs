@@ -79,7 +79,10 @@ fn dispatch(
     local: &TaskTracker,
 ) {
     let _ = stream.set_nodelay(true);
-    let local_addr = stream.local_addr().unwrap_or(cfg.address);
+    // Dual-stack (`ipv4_compat`) sockets see IPv4 peers as `::ffff:a.b.c.d`; report IPv4 as
+    // Envoy does.
+    let peer = unmap(peer);
+    let local_addr = unmap(stream.local_addr().unwrap_or(cfg.address));
     let input = ChainInput {
         dst: local_addr,
         src: peer,
@@ -108,6 +111,16 @@ fn dispatch(
         }
     };
     state.connections.spawn(local.track_future(conn));
+}
+
+fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
 }
 
 /// Counts a connection in and out of the listener's gauges (also when its task is dropped).
