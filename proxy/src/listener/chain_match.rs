@@ -683,8 +683,8 @@ mod tests {
 
     #[test]
     fn earlier_level_decides_before_later_ones() {
-        // Chain 0 is more specific on server name (a higher level) than chain 1 is on
-        // destination IP (lower level wins only among equals): port > ip > sni.
+        // Destination IP is evaluated before server name: a matching /32 decides even though
+        // the other chain names the exact server.
         let m = build(&[
             ChainMatch {
                 server_names: vec!["a.com".into()],
@@ -699,7 +699,6 @@ mod tests {
             server_name: Some("a.com"),
             ..input(DST, SRC)
         };
-        // Destination IP is evaluated first: the /32 branch wins.
         assert_eq!(m.select(&sel), Some(1));
         let other = ChainInput {
             server_name: Some("a.com"),

@@ -195,17 +195,17 @@ async fn copy_upstream_closes_first() {
 async fn idle_timeout(engine: Engine) {
     let echo = echo_server().await;
     let o = ProxyOptions {
-        idle_timeout: Some(Duration::from_millis(300)),
+        idle_timeout: Some(Duration::from_millis(1000)),
         ..opts(engine)
     };
     let (mut client, task) =
         through_proxy(echo, o, ByteCounters::noop(), CancellationToken::new()).await;
     // Activity keeps it open past the timeout...
-    for _ in 0..4 {
+    for _ in 0..6 {
         client.write_all(b"x").await.expect("write");
         let mut b = [0u8; 1];
         client.read_exact(&mut b).await.expect("echo");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // ...then silence ends it, and the client sees the close.
     let started = Instant::now();
