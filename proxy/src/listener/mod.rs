@@ -1,15 +1,45 @@
 //! Listeners: translation of Envoy `Listener`s, filter-chain matching, binding one
 //! SO_REUSEPORT socket per worker, accept loops, and the `tcp_proxy` network filter.
 //!
+//! # Layout
+//! - [`translate`](translate_listener): `Listener` proto -> [`ListenerConfig`] (with stats
+//!   handles resolved and the chain matcher compiled).
+//! - [`chain_match`]: Envoy's filter-chain selection as a compiled tree.
+//! - `bind`: one SO_REUSEPORT socket per listener and worker ([`bind_all`]).
+//! - `worker`: accept loops and connection dispatch ([`run_worker`]).
+//! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
+//!   Linux, buffered copy elsewhere or as fallback).
+//!
 //! OWNER: listener helper. Interface used by `server`.
+
+pub mod chain_match;
+pub mod tcp_proxy;
+
+mod bind;
+#[cfg(target_os = "linux")]
+mod splice;
+mod translate;
+mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use weir_xds_api::pb::envoy::config::listener::v3::Listener;
+use metrics::{Counter, Gauge, Histogram};
+
+pub use bind::{BoundListeners, WorkerListeners, bind_all};
+pub use chain_match::{ChainInput, ChainMatch, ChainMatcher};
+pub use translate::translate_listener;
+pub use worker::run_worker;
 
 use crate::config::hcm::HcmConfig;
-use crate::config::{Errors, TranslateCtx};
+use crate::stats::Scope;
+use tcp_proxy::TcpProxyConfig;
+
+/// Default `per_connection_buffer_limit_bytes` (Envoy's 1 MiB).
+pub const DEFAULT_BUFFER_LIMIT: u32 = 1024 * 1024;
+/// Default listen backlog (`tcp_backlog_size`).
+pub const DEFAULT_BACKLOG: u32 = 1024;
 
 /// A translated listener.
 #[derive(Debug)]
@@ -24,6 +54,40 @@ pub struct ListenerConfig {
     pub default_filter_chain: Option<FilterChain>,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB).
     pub per_connection_buffer_limit_bytes: u32,
+    /// `address.socket_address.ipv4_compat`: an IPv6 socket also accepts IPv4 (dual stack);
+    /// otherwise IPv6 sockets are IPV6_V6ONLY.
+    pub ipv4_compat: bool,
+    /// `tcp_backlog_size` (default 1024).
+    pub backlog: u32,
+    /// Listener filters, in order (only the TLS inspector is known; it does not run yet).
+    pub listener_filters: Vec<ListenerFilter>,
+    /// `listener_filters_timeout` (default 15 s), for when listener filters run.
+    pub listener_filters_timeout: Duration,
+    /// `continue_on_listener_filters_timeout`.
+    pub continue_on_listener_filters_timeout: bool,
+    /// The compiled matcher over `filter_chains`.
+    pub matcher: ChainMatcher,
+    /// `listener.<address>.*` stats.
+    pub stats: ListenerStats,
+}
+
+impl ListenerConfig {
+    /// The filter chain for a connection: Envoy's matching over `filter_chains`, else the
+    /// `default_filter_chain`, else `None` (close the connection, count
+    /// `no_filter_chain_match`).
+    pub fn select(&self, input: &ChainInput<'_>) -> Option<&FilterChain> {
+        match self.matcher.select(input) {
+            Some(i) => self.filter_chains.get(i),
+            None => self.default_filter_chain.as_ref(),
+        }
+    }
+}
+
+/// Known listener filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerFilter {
+    /// `envoy.filters.listener.tls_inspector` (recorded; SNI/ALPN detection comes with TLS).
+    TlsInspector,
 }
 
 /// One filter chain.
@@ -31,6 +95,8 @@ pub struct ListenerConfig {
 pub struct FilterChain {
     /// `name`.
     pub name: String,
+    /// `filter_chain_match`, validated.
+    pub filter_chain_match: ChainMatch,
     /// The terminal network filter.
     pub filter: NetworkFilter,
 }
@@ -40,17 +106,47 @@ pub struct FilterChain {
 pub enum NetworkFilter {
     /// `envoy.filters.network.http_connection_manager`.
     Http(Arc<HcmConfig>),
+    /// `envoy.filters.network.tcp_proxy`.
+    TcpProxy(Arc<TcpProxyConfig>),
 }
 
-/// Translate one listener.
-pub fn translate_listener(
-    l: &Listener,
-    path: &str,
-    ctx: &TranslateCtx<'_>,
-    errs: &mut Errors,
-) -> Option<ListenerConfig> {
-    let _ = (l, path, ctx, errs);
-    None
+/// `listener.<ip>_<port>.*` (Envoy names).
+#[derive(Debug, Clone)]
+pub struct ListenerStats {
+    /// `downstream_cx_total`.
+    pub downstream_cx_total: Counter,
+    /// `downstream_cx_active`.
+    pub downstream_cx_active: Gauge,
+    /// `downstream_cx_destroy`.
+    pub downstream_cx_destroy: Counter,
+    /// `no_filter_chain_match`.
+    pub no_filter_chain_match: Counter,
+    /// `downstream_cx_length_ms`.
+    pub downstream_cx_length_ms: Histogram,
+}
+
+impl ListenerStats {
+    /// Register under `listener.<address>.`.
+    pub fn new(scope: &Scope) -> Self {
+        Self {
+            downstream_cx_total: scope.counter("downstream_cx_total"),
+            downstream_cx_active: scope.gauge("downstream_cx_active"),
+            downstream_cx_destroy: scope.counter("downstream_cx_destroy"),
+            no_filter_chain_match: scope.counter("no_filter_chain_match"),
+            downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
+        }
+    }
+
+    /// Handles that record nothing (tests).
+    pub fn noop() -> Self {
+        Self {
+            downstream_cx_total: Counter::noop(),
+            downstream_cx_active: Gauge::noop(),
+            downstream_cx_destroy: Counter::noop(),
+            no_filter_chain_match: Counter::noop(),
+            downstream_cx_length_ms: Histogram::noop(),
+        }
+    }
 }
 
 /// Information about an accepted downstream connection.
@@ -62,43 +158,4 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `per_connection_buffer_limit_bytes` of the listener.
     pub buffer_limit: u32,
-}
-
-/// Listening sockets for every listener and worker.
-#[derive(Debug, Default)]
-pub struct BoundListeners {
-    addresses: Vec<crate::server::BoundListener>,
-}
-
-impl BoundListeners {
-    /// The bound address of each listener.
-    pub fn addresses(&self) -> Vec<crate::server::BoundListener> {
-        self.addresses.clone()
-    }
-
-    /// Take worker `i`'s sockets.
-    pub fn take_worker(&mut self, i: usize) -> WorkerListeners {
-        let _ = i;
-        WorkerListeners {}
-    }
-}
-
-/// One worker's sockets.
-#[derive(Debug)]
-pub struct WorkerListeners {}
-
-/// Bind every listener once per worker (SO_REUSEPORT). The error names the listener.
-pub fn bind_all(
-    listeners: &[Arc<ListenerConfig>],
-    workers: usize,
-) -> Result<BoundListeners, (String, std::io::Error)> {
-    let _ = (listeners, workers);
-    Ok(BoundListeners::default())
-}
-
-/// Run a worker's accept loops until draining starts, then wait for its connections
-/// (or `hard_stop`).
-pub async fn run_worker(w: WorkerListeners, state: Arc<crate::server::ServerState>) {
-    let _ = w;
-    state.hard_stop.cancelled().await;
 }

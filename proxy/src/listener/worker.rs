@@ -1,0 +1,300 @@
+//! A worker's accept loops: accept, pick the filter chain, hand the connection to its
+//! terminal filter on this worker's runtime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Gauge;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::{ChainInput, ConnInfo, ListenerConfig, ListenerStats, NetworkFilter, WorkerListeners};
+use crate::server::ServerState;
+
+/// Back-off after an accept error that is not about one connection (EMFILE, ENOBUFS, ...).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Run a worker's accept loops until draining starts, then wait for its connections
+/// (or `hard_stop`). Call it inside the worker's runtime.
+pub async fn run_worker(w: WorkerListeners, state: Arc<ServerState>) {
+    let local = TaskTracker::new();
+    let mut loops = Vec::with_capacity(w.listeners.len());
+    for (cfg, sock) in w.listeners {
+        match TcpListener::from_std(sock) {
+            Ok(l) => loops.push(accept_loop(l, cfg, state.clone(), local.clone())),
+            Err(e) => {
+                tracing::error!(listener = %cfg.name, error = %e, "cannot register listening socket")
+            }
+        }
+    }
+    futures::future::join_all(loops).await;
+    local.close();
+    tokio::select! {
+        _ = local.wait() => {}
+        _ = state.hard_stop.cancelled() => {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: Arc<ListenerConfig>,
+    state: Arc<ServerState>,
+    local: TaskTracker,
+) {
+    loop {
+        let r = tokio::select! {
+            biased;
+            _ = state.draining.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match r {
+            Ok((stream, peer)) => dispatch(stream, peer, &cfg, &state, &local),
+            // About one connection that went away before we took it: next.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                tracing::warn!(listener = %cfg.name, error = %e, "accept failed; retrying");
+                tokio::select! {
+                    _ = state.draining.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    // Dropping the socket here makes new connects to this worker's socket fail.
+    drop(listener);
+}
+
+fn dispatch(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    cfg: &Arc<ListenerConfig>,
+    state: &Arc<ServerState>,
+    local: &TaskTracker,
+) {
+    let _ = stream.set_nodelay(true);
+    // Dual-stack (`ipv4_compat`) sockets see IPv4 peers as `::ffff:a.b.c.d`; report IPv4 as
+    // Envoy does.
+    let peer = unmap(peer);
+    let local_addr = unmap(stream.local_addr().unwrap_or(cfg.address));
+    let input = ChainInput {
+        dst: local_addr,
+        src: peer,
+        server_name: None,
+        transport_protocol: "raw_buffer",
+        alpn: &[],
+    };
+    let Some(chain) = cfg.select(&input) else {
+        cfg.stats.no_filter_chain_match.increment(1);
+        tracing::debug!(listener = %cfg.name, %peer, "no filter chain matched; closing");
+        return;
+    };
+    let filter = chain.filter.clone();
+    let guard = ConnGuard::new(&cfg.stats, &state.server_stats.total_connections);
+    let info = ConnInfo {
+        peer,
+        local: local_addr,
+        buffer_limit: cfg.per_connection_buffer_limit_bytes,
+    };
+    let st = state.clone();
+    let conn = async move {
+        let _guard = guard;
+        match filter {
+            NetworkFilter::Http(h) => crate::http::serve_connection(stream, h, info, st).await,
+            NetworkFilter::TcpProxy(t) => super::tcp_proxy::serve(stream, t, info, st).await,
+        }
+    };
+    state.connections.spawn(local.track_future(conn));
+}
+
+fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// Counts a connection in and out of the listener's gauges (also when its task is dropped).
+struct ConnGuard {
+    stats: ListenerStats,
+    total: Gauge,
+    start: Instant,
+}
+
+impl ConnGuard {
+    fn new(stats: &ListenerStats, total: &Gauge) -> Self {
+        stats.downstream_cx_total.increment(1);
+        stats.downstream_cx_active.increment(1.0);
+        total.increment(1.0);
+        Self {
+            stats: stats.clone(),
+            total: total.clone(),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.stats.downstream_cx_active.decrement(1.0);
+        self.stats.downstream_cx_destroy.increment(1);
+        self.total.decrement(1.0);
+        self.stats
+            .downstream_cx_length_ms
+            .record(self.start.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicBool;
+
+    use clap::Parser;
+    use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::{Errors, TranslateCtx};
+    use crate::server::ServerStats;
+    use crate::stats::Store;
+
+    fn state(store: &Arc<Store>) -> Arc<ServerState> {
+        let snapshot = crate::config::translate(Default::default(), store).expect("empty config");
+        let server = store.plain("server");
+        let backend = Arc::new(crate::upstream::ClusterConfig {
+            name: "backend".into(),
+        });
+        Arc::new(ServerState {
+            options: crate::cli::Options::parse_from(["weir"]),
+            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
+            stats: store.clone(),
+            server_stats: ServerStats {
+                live: server.gauge("live"),
+                state: server.gauge("state"),
+                concurrency: server.gauge("concurrency"),
+                uptime: server.gauge("uptime"),
+                total_connections: server.gauge("total_connections"),
+            },
+            clusters: crate::upstream::ClusterManager::new(&[backend], store),
+            listeners: OnceLock::new(),
+            admin_address: OnceLock::new(),
+            started: std::time::SystemTime::now(),
+            concurrency: 1,
+            healthy: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            draining: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
+    fn listener(store: &Arc<Store>, yaml: &str) -> Arc<ListenerConfig> {
+        let l = weir_xds_api::from_yaml(yaml).expect("yaml");
+        let clusters = ["backend"].into_iter().collect();
+        let ctx = TranslateCtx {
+            clusters: &clusters,
+            stats: store,
+        };
+        let mut errs = Errors::default();
+        let l = crate::listener::translate_listener(&l, "l", &ctx, &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        Arc::new(l.expect("listener"))
+    }
+
+    const YAML: &str = r#"
+name: w
+address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+filter_chains:
+- filter_chain_match: {source_ports: [1]}
+  filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: t
+      cluster: backend
+"#;
+
+    fn stats(store: &Store) -> HashMap<String, String> {
+        store.render_text().into_iter().collect()
+    }
+
+    async fn closed_by_proxy(addr: std::net::SocketAddr) {
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+            .await
+            .expect("closed by the proxy");
+        assert!(r.is_err() || buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn accepts_dispatches_counts_and_drains() {
+        let store = Store::new();
+        let st = state(&store);
+        let no_match = listener(&store, YAML);
+        let with_default = listener(
+            &store,
+            &YAML.replace("name: w", "name: d").replace(
+                "filter_chains:\n- filter_chain_match: {source_ports: [1]}\n",
+                "default_filter_chain:\n",
+            ),
+        );
+        let mut b = crate::listener::bind_all(&[no_match, with_default], 1).expect("bind");
+        let addrs = b.addresses();
+        let worker = tokio::spawn(run_worker(b.take_worker(0), st.clone()));
+
+        // No chain matches (source port is not 1), no default chain: closed and counted.
+        closed_by_proxy(addrs[0].address).await;
+        // Default chain -> tcp_proxy -> cluster without healthy hosts: closed.
+        closed_by_proxy(addrs[1].address).await;
+
+        st.drain_listeners();
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .expect("worker returns after draining")
+            .expect("worker");
+        // The listening sockets are gone.
+        assert!(
+            tokio::net::TcpStream::connect(addrs[0].address)
+                .await
+                .is_err()
+        );
+
+        let s = stats(&store);
+        let l0 = "listener.127.0.0.1_0.";
+        assert_eq!(s[&format!("{l0}no_filter_chain_match")], "1");
+        // Both listeners share the configured address (port 0) in their stat names.
+        assert_eq!(s[&format!("{l0}downstream_cx_total")], "1");
+        assert_eq!(s[&format!("{l0}downstream_cx_destroy")], "1");
+        assert_eq!(s[&format!("{l0}downstream_cx_active")], "0");
+        assert_eq!(s["server.total_connections"], "0");
+        assert_eq!(s["tcp.t.downstream_cx_total"], "1");
+        assert_eq!(s["cluster.backend.upstream_cx_none_healthy"], "1");
+    }
+
+    #[tokio::test]
+    async fn worker_without_listeners_returns_on_drain() {
+        let store = Store::new();
+        let st = state(&store);
+        let mut b = crate::listener::bind_all(&[], 1).expect("bind");
+        let worker = tokio::spawn(run_worker(b.take_worker(0), st.clone()));
+        st.drain_listeners();
+        st.hard_stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .expect("returns")
+            .expect("worker");
+    }
+}
