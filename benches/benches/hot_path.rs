@@ -1,1 +1,137 @@
-fn main() {}
+//! Micro-benchmarks of the per-request decisions: route matching over 1,000 routes,
+//! filter-chain selection, and load-balancer picks. Run: `cargo bench -p weir-benches`.
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, Method};
+use weir_proxy::config::{Errors, TranslateCtx};
+use weir_proxy::listener::chain_match::ChainInput;
+use weir_proxy::route::{RouteRequest, RouteTable};
+use weir_proxy::stats::Store;
+use weir_xds_api::pb::envoy::config::listener::v3::Listener;
+use weir_xds_api::pb::envoy::config::route::v3::RouteConfiguration;
+
+fn route_table(n: usize) -> RouteTable {
+    let mut y = String::from("name: bench\nvirtual_hosts:\n");
+    for v in 0..10 {
+        y.push_str(&format!("- name: vh{v}\n  domains: [\"svc{v}.example.com\", \"*.svc{v}.example.com\"]\n  routes:\n"));
+        for r in 0..n / 10 {
+            match r % 4 {
+                0 => y.push_str(&format!("  - match: {{prefix: /api/v{r}/}}\n    route: {{cluster: c}}\n")),
+                1 => y.push_str(&format!("  - match: {{path: /exact/{r}}}\n    route: {{cluster: c}}\n")),
+                2 => y.push_str(&format!(
+                    "  - match: {{prefix: /h{r}, headers: [{{name: x-user, string_match: {{exact: u{r}}}}}]}}\n    route: {{cluster: c}}\n"
+                )),
+                _ => y.push_str(&format!("  - match: {{safe_regex: {{regex: \"/re/{r}/[0-9]+\"}}}}\n    route: {{cluster: c}}\n")),
+            }
+        }
+        y.push_str("  - match: {prefix: /}\n    route: {cluster: c}\n");
+    }
+    let rc: RouteConfiguration = weir_xds_api::from_yaml(&y).expect("route yaml");
+    let clusters: HashSet<&str> = ["c"].into_iter().collect();
+    let stats = Store::new();
+    let ctx = TranslateCtx {
+        clusters: &clusters,
+        stats: &stats,
+    };
+    let mut errs = Errors::default();
+    let t = RouteTable::translate(&rc, "", &ctx, &mut errs);
+    assert!(errs.is_empty(), "{:?}", errs.0);
+    t
+}
+
+fn bench_routes(c: &mut Criterion) {
+    let table = route_table(1000);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-user", "u98".parse().expect("v"));
+    let method = Method::GET;
+    let mut g = c.benchmark_group("route_match_1k");
+    for (name, auth, path) in [
+        ("first_route", "svc0.example.com", "/api/v0/items"),
+        ("late_vhost_late_route", "svc9.example.com", "/exact/97"),
+        (
+            "wildcard_domain_fallthrough",
+            "a.svc5.example.com",
+            "/nothing/matches/here",
+        ),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let req = RouteRequest {
+                    authority: auth,
+                    path,
+                    method: &method,
+                    headers: &headers,
+                    scheme: "http",
+                };
+                black_box(table.route(black_box(&req)).is_some())
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_chains(c: &mut Criterion) {
+    let mut y = String::from(
+        "name: l\naddress: {socket_address: {address: 0.0.0.0, port_value: 443}}\nfilter_chains:\n",
+    );
+    for i in 0..50 {
+        y.push_str(&format!(
+            "- filter_chain_match: {{server_names: [\"h{i}.example.com\"], transport_protocol: tls}}\n  filters:\n  - name: t\n    typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: c}}\n"
+        ));
+    }
+    y.push_str("- filter_chain_match: {source_prefix_ranges: [{address_prefix: 10.0.0.0, prefix_len: 8}]}\n  filters:\n  - name: t\n    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: t, cluster: c}\n");
+    let l: Listener = weir_xds_api::from_yaml(&y).expect("listener yaml");
+    let clusters: HashSet<&str> = ["c"].into_iter().collect();
+    let stats = Store::new();
+    let ctx = TranslateCtx {
+        clusters: &clusters,
+        stats: &stats,
+    };
+    let mut errs = Errors::default();
+    let cfg = weir_proxy::listener::translate_listener(&l, "l", &ctx, &mut errs).expect("listener");
+    assert!(errs.is_empty(), "{:?}", errs.0);
+    let dst = "10.1.1.1:443".parse().expect("addr");
+    let src = "10.2.3.4:5555".parse().expect("addr");
+    c.bench_function("filter_chain_select_51_sni", |b| {
+        b.iter(|| {
+            let input = ChainInput {
+                dst,
+                src,
+                server_name: Some("h42.example.com"),
+                transport_protocol: "tls",
+                alpn: &["h2"],
+            };
+            black_box(cfg.select(black_box(&input)).is_some())
+        })
+    });
+}
+
+fn bench_lb(c: &mut Criterion) {
+    let mut y = String::from(
+        "name: c\ntype: STATIC\nconnect_timeout: 1s\nload_assignment:\n  cluster_name: c\n  endpoints:\n  - lb_endpoints:\n",
+    );
+    for i in 0..20 {
+        y.push_str(&format!(
+            "    - endpoint: {{address: {{socket_address: {{address: 127.0.0.{}, port_value: 80}}}}}}\n      load_balancing_weight: {}\n",
+            i + 1,
+            1 + i % 5
+        ));
+    }
+    let pc = weir_xds_api::from_yaml(&y).expect("cluster yaml");
+    let mut errs = Errors::default();
+    let cfg = weir_proxy::upstream::translate_cluster(&pc, "c", &mut errs).expect("cluster");
+    assert!(errs.is_empty(), "{:?}", errs.0);
+    let store = Store::new();
+    let cm = weir_proxy::upstream::ClusterManager::new(&[Arc::new(cfg)], &store);
+    let cluster = cm.get("c").expect("cluster");
+    c.bench_function("lb_pick_round_robin_20_weighted", |b| {
+        b.iter(|| black_box(cluster.choose_host().is_some()))
+    });
+}
+
+criterion_group!(benches, bench_routes, bench_chains, bench_lb);
+criterion_main!(benches);
