@@ -48,13 +48,11 @@ async fn local_reply_codes() {
     let slow = Backend::start("slow").await;
     let rude = rude_backend().await;
     let dead = dead_port().await;
-    let vhosts = format!(
-        "            - name: all\n              domains: [\"*\"]\n              routes:\n\
-         \x20             - match: {{prefix: /slow}}\n                route: {{cluster: slow, timeout: 0.2s}}\n\
-         \x20             - match: {{prefix: /rude}}\n                route: {{cluster: rude}}\n\
-         \x20             - match: {{prefix: /dead}}\n                route: {{cluster: dead}}\n\
-         \x20             - match: {{prefix: /nohost}}\n                route: {{cluster: nohost}}\n"
-    );
+    let vhosts = "            - name: all\n              domains: [\"*\"]\n              routes:\n\
+         \x20             - match: {prefix: /slow}\n                route: {cluster: slow, timeout: 0.2s}\n\
+         \x20             - match: {prefix: /rude}\n                route: {cluster: rude}\n\
+         \x20             - match: {prefix: /dead}\n                route: {cluster: dead}\n\
+         \x20             - match: {prefix: /nohost}\n                route: {cluster: nohost}\n";
     let nohost = "  - name: nohost\n    connect_timeout: 1s\n    type: STRICT_DNS\n    load_assignment:\n      cluster_name: nohost\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {address: {socket_address: {address: does-not-exist.invalid, port_value: 80}}}\n";
     let clusters = format!(
         "{}{}{}{nohost}",
@@ -62,7 +60,7 @@ async fn local_reply_codes() {
         cluster("rude", &[rude]),
         cluster("dead", &[dead])
     );
-    let p = Proxy::start(&http_bootstrap(&vhosts, &clusters, "")).await;
+    let p = Proxy::start(&http_bootstrap(vhosts, &clusters, "")).await;
     let addr = p.addr("http");
 
     let (s, h, body) = get(addr, "x", "/slow/5000").await;
