@@ -145,14 +145,13 @@ pub(crate) async fn run(cluster: Weak<Cluster>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::{DiscoveryType, Http2Settings, LbPolicy, UpstreamProtocol};
+    use crate::upstream::{DiscoveryType, LbPolicy, UpstreamProtocol};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
     }
 
     fn cfg(endpoints: Vec<EndpointAddress>) -> ClusterConfig {
-        let _ = Http2Settings::default();
         ClusterConfig {
             name: "dns".into(),
             discovery: DiscoveryType::StrictDns,

@@ -853,3 +853,442 @@ impl Cluster {
         Ok(H2Conn { sender, state })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use hyper::service::service_fn;
+    use hyper_util::server::conn::auto;
+
+    use super::*;
+    use crate::stats::Store;
+    use crate::upstream::{
+        ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointAddress, EndpointConfig, LbPolicy,
+        UpstreamProtocol,
+    };
+
+    struct TestServer {
+        addr: std::net::SocketAddr,
+        accepts: Arc<AtomicUsize>,
+        max_inflight: Arc<AtomicUsize>,
+    }
+
+    /// A hyper server (HTTP/1.1 and HTTP/2 prior knowledge) counting accepted connections.
+    /// `/big`: 4 MiB body; `/slow`: 50 ms delay; `/early`: answers without reading the request
+    /// body; anything else echoes `version authority host-header`.
+    async fn server() -> TestServer {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let inflight = Arc::new(AtomicUsize::new(0));
+        let max_inflight = Arc::new(AtomicUsize::new(0));
+        let (a, inf, max) = (accepts.clone(), inflight, max_inflight.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (inf, max) = (inf.clone(), max.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (inf, max) = (inf.clone(), max.clone());
+                        async move {
+                            let n = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                            max.fetch_max(n, Ordering::SeqCst);
+                            let body = match req.uri().path() {
+                                "/big" => Bytes::from(vec![b'x'; 4 << 20]),
+                                "/slow" => {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    Bytes::from_static(b"slow")
+                                }
+                                "/early" => Bytes::from_static(b"early"),
+                                _ => Bytes::from(format!(
+                                    "{:?} {} {}",
+                                    req.version(),
+                                    req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+                                    req.headers()
+                                        .get(header::HOST)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("-"),
+                                )),
+                            };
+                            inf.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        TestServer {
+            addr,
+            accepts,
+            max_inflight,
+        }
+    }
+
+    fn cluster(addr: std::net::SocketAddr, protocol: UpstreamProtocol) -> (Cluster, Arc<Store>) {
+        let store = Store::new();
+        let cfg = ClusterConfig {
+            name: "c".into(),
+            discovery: DiscoveryType::Static,
+            endpoints: vec![EndpointConfig {
+                address: EndpointAddress::Ip(addr),
+                hostname: None,
+                weight: 1,
+                priority: 0,
+                locality: None,
+                health: 0,
+            }],
+            connect_timeout: Duration::from_secs(2),
+            lb_policy: LbPolicy::RoundRobin,
+            per_connection_buffer_limit_bytes: 1 << 20,
+            dns_refresh_rate: Duration::from_secs(5),
+            dns_lookup_family: DnsLookupFamily::Auto,
+            protocol,
+            idle_timeout: Some(Duration::from_secs(3600)),
+        };
+        (Cluster::new(Arc::new(cfg), &store), store)
+    }
+
+    fn empty() -> UpstreamBody {
+        Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+    }
+
+    fn get(path: &str) -> Request<UpstreamBody> {
+        Request::builder()
+            .uri(path)
+            .header(header::HOST, "svc.local")
+            .body(empty())
+            .expect("request")
+    }
+
+    fn stat(store: &Store, name: &str) -> f64 {
+        store
+            .render_text()
+            .into_iter()
+            .find(|(k, _)| k == &format!("cluster.c.{name}"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn body_text(resp: Response<UpstreamResponseBody>) -> String {
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    #[tokio::test]
+    async fn h1_keep_alive_reuses_one_connection() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        for _ in 0..3 {
+            let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+            assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
+        }
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 1);
+        assert_eq!(stat(&store, "upstream_cx_total"), 1.0);
+        assert_eq!(stat(&store, "upstream_cx_http1_total"), 1.0);
+        assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
+        assert!(stat(&store, "upstream_cx_rx_bytes_total") > 0.0);
+        assert!(stat(&store, "upstream_cx_tx_bytes_total") > 0.0);
+        assert_eq!(host.stats.cx_total.load(Ordering::Relaxed), 1);
+        assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn h1_absolute_uri_becomes_origin_form() {
+        let srv = server().await;
+        let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        let req = Request::builder()
+            .uri("http://abs.example/x")
+            .body(empty())
+            .expect("request");
+        let resp = c.send_http(&host, req, false).await.expect("sent");
+        assert_eq!(body_text(resp).await, "HTTP/1.1 - abs.example");
+    }
+
+    #[tokio::test]
+    async fn h1_connection_not_reused_after_early_drop() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        let resp = c.send_http(&host, get("/big"), false).await.expect("sent");
+        drop(resp);
+        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
+        // The abandoned connection is closed: only the second one stays active.
+        eventually("abandoned connection closed", || {
+            stat(&store, "upstream_cx_active") == 1.0
+        })
+        .await;
+        assert_eq!(stat(&store, "upstream_cx_destroy"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn h1_connection_not_reused_when_request_body_unfinished() {
+        let srv = server().await;
+        let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        // A request body that never ends; the server answers without reading it.
+        let body = StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, BoxError>>())
+            .boxed_unsync();
+        let req = Request::builder()
+            .method("POST")
+            .uri("/early")
+            .header(header::HOST, "svc.local")
+            .body(body)
+            .expect("request");
+        let resp = c.send_http(&host, req, false).await.expect("sent");
+        assert_eq!(body_text(resp).await, "early");
+        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn h2_multiplexes_streams_on_one_connection() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
+        let host = c.choose_host().expect("host");
+        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        // Authority from the Host header; no `host` header on the wire.
+        assert_eq!(body_text(resp).await, "HTTP/2.0 svc.local -");
+        let all = futures::future::join_all((0..10).map(|_| async {
+            let resp = c.send_http(&host, get("/slow"), false).await.expect("sent");
+            body_text(resp).await
+        }))
+        .await;
+        assert!(all.iter().all(|b| b == "slow"));
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 1);
+        assert!(
+            srv.max_inflight.load(Ordering::SeqCst) > 1,
+            "streams overlapped"
+        );
+        assert_eq!(stat(&store, "upstream_cx_http2_total"), 1.0);
+        assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn h2_max_concurrent_streams_opens_another_connection() {
+        let srv = server().await;
+        let s = Http2Settings {
+            max_concurrent_streams: 1,
+            ..Http2Settings::default()
+        };
+        let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http2(s));
+        let host = c.choose_host().expect("host");
+        let (a, b) = futures::join!(
+            c.send_http(&host, get("/slow"), false),
+            c.send_http(&host, get("/slow"), false)
+        );
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(body_text(a).await, "slow");
+        assert_eq!(body_text(b).await, "slow");
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
+        // Both streams are done: the next request reuses a connection.
+        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        body_text(r).await;
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn use_downstream_protocol_follows_downstream() {
+        let srv = server().await;
+        let (c, _store) = cluster(
+            srv.addr,
+            UpstreamProtocol::UseDownstream(Http2Settings::default()),
+        );
+        let host = c.choose_host().expect("host");
+        let r = c.send_http(&host, get("/x"), true).await.expect("sent");
+        assert_eq!(body_text(r).await, "HTTP/2.0 svc.local -");
+        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        assert_eq!(body_text(r).await, "HTTP/1.1 - svc.local");
+    }
+
+    #[tokio::test]
+    async fn connect_refused_is_connect_failure() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        let (c, store) = cluster(addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        let e = c
+            .send_http(&host, get("/x"), false)
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
+        let e = c.connect_tcp(&host).await.expect_err("refused");
+        assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
+        assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
+        assert_eq!(stat(&store, "upstream_cx_total"), 2.0);
+        assert_eq!(stat(&store, "upstream_cx_active"), 0.0);
+        assert_eq!(host.stats.cx_connect_fail.load(Ordering::Relaxed), 2);
+        assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_timeout_with_a_connector_that_never_answers() {
+        let store = Store::new();
+        let stats = ClusterStats::new(&store.cluster("c"));
+        let host = Host::new(([127, 0, 0, 1], 1).into(), None, 1, 0, 0);
+        let never = std::future::pending::<io::Result<()>>();
+        let e = timed_connect(never, Duration::from_secs(5), &stats, &host)
+            .await
+            .expect_err("times out");
+        assert!(matches!(e, UpstreamError::ConnectTimeout), "{e:?}");
+        assert_eq!(stat(&store, "upstream_cx_connect_timeout"), 1.0);
+        assert_eq!(stat(&store, "upstream_cx_connect_fail"), 1.0);
+        assert_eq!(host.stats.cx_connect_fail.load(Ordering::Relaxed), 1);
+        // A connector that answers in time is not affected.
+        let ok = async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            Ok(7)
+        };
+        assert_eq!(
+            timed_connect(ok, Duration::from_secs(5), &stats, &host)
+                .await
+                .expect("in time"),
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_and_gauges_return_to_zero() {
+        let srv = server().await;
+        let store = Store::new();
+        let (c, _) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let mut cfg = (*c.config).clone();
+        cfg.idle_timeout = Some(Duration::from_millis(100));
+        let c = Cluster::new(Arc::new(cfg.clone()), &store);
+        let host = c.choose_host().expect("host");
+        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        body_text(r).await;
+        assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
+        eventually("idle h1 connection closed", || {
+            stat(&store, "upstream_cx_active") == 0.0
+        })
+        .await;
+        assert_eq!(stat(&store, "upstream_cx_idle_timeout"), 1.0);
+        assert_eq!(stat(&store, "upstream_cx_destroy"), 1.0);
+        assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 0);
+        // The next request opens a new connection.
+        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        body_text(r).await;
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
+
+        // Same for HTTP/2.
+        cfg.name = "c2".into();
+        cfg.protocol = UpstreamProtocol::Http2(Http2Settings::default());
+        let c2 = Cluster::new(Arc::new(cfg), &store);
+        let r = c2.send_http(&host, get("/x"), false).await.expect("sent");
+        body_text(r).await;
+        let active = || {
+            store
+                .render_text()
+                .into_iter()
+                .find(|(k, _)| k == "cluster.c2.upstream_cx_active")
+                .map(|(_, v)| v)
+        };
+        assert_eq!(active().as_deref(), Some("1"));
+        eventually("idle h2 connection closed", || {
+            active().as_deref() == Some("0")
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn connect_tcp_guard_tracks_active() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        let conn = c.connect_tcp(&host).await.expect("connects");
+        assert!(conn.stream.nodelay().expect("nodelay"));
+        assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
+        conn.guard.add_tx(10);
+        drop(conn);
+        assert_eq!(stat(&store, "upstream_cx_active"), 0.0);
+        assert_eq!(stat(&store, "upstream_cx_tx_bytes_total"), 10.0);
+        assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn server_closing_returns_gauge_to_zero() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
+        let host = c.choose_host().expect("host");
+        let mut req = get("/x");
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let r = c.send_http(&host, req, false).await.expect("sent");
+        body_text(r).await;
+        eventually("closed connection counted", || {
+            stat(&store, "upstream_cx_active") == 0.0
+        })
+        .await;
+    }
+
+    #[test]
+    fn h2_framing() {
+        let host = Host::new(([10, 0, 0, 1], 80).into(), None, 1, 0, 0);
+        let mut req = Request::builder()
+            .uri("/p?q=1")
+            .header(header::HOST, "a.example:8080")
+            .header(header::CONNECTION, "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header(header::TE, "gzip")
+            .header("x-keep", "1")
+            .body(empty())
+            .expect("request");
+        prepare_h2(&mut req, &host).expect("ok");
+        assert_eq!(req.uri().to_string(), "http://a.example:8080/p?q=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        let names: Vec<_> = req.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+        // No Host header: the host's address is the authority.
+        let mut req = Request::builder()
+            .uri("/")
+            .header(header::TE, "trailers")
+            .body(empty())
+            .expect("request");
+        prepare_h2(&mut req, &host).expect("ok");
+        assert_eq!(req.uri().to_string(), "http://10.0.0.1:80/");
+        assert!(req.headers().contains_key(header::TE));
+    }
+
+    #[test]
+    fn h1_framing() {
+        let host = Host::new(([10, 0, 0, 1], 80).into(), Some("svc".into()), 1, 0, 0);
+        let mut req = Request::builder()
+            .uri("/p")
+            .version(Version::HTTP_2)
+            .body(empty())
+            .expect("request");
+        prepare_h1(&mut req, &host).expect("ok");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.headers()[header::HOST], "svc:80");
+        let mut req = Request::builder()
+            .uri("http://abs:1/z?y")
+            .header(header::HOST, "keep")
+            .body(empty())
+            .expect("request");
+        prepare_h1(&mut req, &host).expect("ok");
+        assert_eq!(req.uri().to_string(), "/z?y");
+        assert_eq!(req.headers()[header::HOST], "keep");
+    }
+}
