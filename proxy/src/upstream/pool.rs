@@ -33,6 +33,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared, TryFutureExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -44,7 +45,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxError, Cluster, ClusterStats, Host, Http2Settings, UpstreamBody, UpstreamError};
+use super::{
+    BoxError, Cluster, ClusterConfig, ClusterStats, Host, Http2Settings, UpstreamBody,
+    UpstreamError,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Connection accounting
@@ -477,6 +481,42 @@ struct HostPool {
     /// Most recently used last.
     idle_h1: Vec<IdleH1>,
     h2: Vec<H2Conn>,
+    /// HTTP/2 connects in progress; requests join one while it has stream capacity left, so
+    /// a burst opens one connection rather than one per request.
+    pending_h2: Vec<PendingH2>,
+}
+
+/// A shared HTTP/2 connect (its error is shared too, hence the `Arc`).
+type H2Connect = Shared<BoxFuture<'static, Result<H2Conn, Arc<UpstreamError>>>>;
+
+struct PendingH2 {
+    connect: H2Connect,
+    /// Requests that joined it (bounded by `max_concurrent_streams`).
+    claimed: usize,
+}
+
+impl std::fmt::Debug for PendingH2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingH2")
+            .field("claimed", &self.claimed)
+            .finish()
+    }
+}
+
+impl HostPool {
+    /// Move finished connects to `h2`, forget failed ones and closed connections.
+    fn settle(&mut self) {
+        let Self { h2, pending_h2, .. } = self;
+        pending_h2.retain(|p| match p.connect.peek() {
+            Some(Ok(c)) => {
+                h2.push(c.clone());
+                false
+            }
+            Some(Err(_)) => false,
+            None => true,
+        });
+        h2.retain(|c| !c.state.closed() && !c.sender.is_closed());
+    }
 }
 
 #[derive(Debug, Default)]
@@ -494,6 +534,7 @@ impl Pools {
             owner,
             idle_h1: Vec::new(),
             h2: Vec::new(),
+            pending_h2: Vec::new(),
         })
     }
 }
@@ -515,14 +556,63 @@ fn take_idle_h1(key: PoolKey) -> Option<IdleH1> {
     })
 }
 
-fn usable_h2(key: PoolKey, max_streams: u32) -> Option<H2Conn> {
+/// How a request gets an HTTP/2 connection.
+enum H2Pick {
+    /// An established connection with stream capacity.
+    Ready(H2Conn),
+    /// A connect in progress (joined or just started).
+    Wait(H2Connect),
+}
+
+fn pick_h2(
+    key: PoolKey,
+    owner: PoolOwner,
+    max_streams: u32,
+    start: impl FnOnce() -> H2Connect,
+) -> H2Pick {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
-        let pool = p.0.get_mut(&key)?;
-        pool.h2
-            .retain(|c| !c.state.closed() && !c.sender.is_closed());
-        pool.h2.iter().find(|c| c.usable(max_streams)).cloned()
+        let pool = p.entry(key, owner);
+        pool.settle();
+        if let Some(c) = pool.h2.iter().find(|c| c.usable(max_streams)) {
+            return H2Pick::Ready(c.clone());
+        }
+        if let Some(pending) = pool
+            .pending_h2
+            .iter_mut()
+            .find(|c| c.claimed < max_streams as usize)
+        {
+            pending.claimed += 1;
+            return H2Pick::Wait(pending.connect.clone());
+        }
+        let connect = start();
+        pool.pending_h2.push(PendingH2 {
+            connect: connect.clone(),
+            claimed: 1,
+        });
+        H2Pick::Wait(connect)
     })
+}
+
+fn settle_h2(key: PoolKey) {
+    POOLS.with(|p| {
+        if let Some(pool) = p.borrow_mut().0.get_mut(&key) {
+            pool.settle();
+        }
+    });
+}
+
+/// A copy of a shared connect error for each request that waited on it.
+fn clone_err(e: &UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::NoHealthyUpstream => UpstreamError::NoHealthyUpstream,
+        UpstreamError::ConnectTimeout => UpstreamError::ConnectTimeout,
+        UpstreamError::ConnectFailure(io) => {
+            UpstreamError::ConnectFailure(io::Error::new(io.kind(), io.to_string()))
+        }
+        UpstreamError::Reset(s) => UpstreamError::Reset(s.clone()),
+        UpstreamError::Protocol(s) => UpstreamError::Protocol(s.clone()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,6 +715,53 @@ fn is_upgrade(status: http::StatusCode, method: &http::Method) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Cluster methods
 
+/// Open a TCP connection with the cluster's timeout and accounting.
+async fn open(
+    stats: &Arc<ClusterStats>,
+    config: &ClusterConfig,
+    host: &Arc<Host>,
+) -> Result<(TcpStream, CxGuard), UpstreamError> {
+    let guard = CxGuard::new(stats.clone(), host.clone());
+    let stream = timed_connect(
+        TcpStream::connect(host.address),
+        config.connect_timeout,
+        stats,
+        host,
+    )
+    .await?;
+    // Latency matters more than segment count for proxied requests.
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY failed on upstream connection");
+    }
+    Ok((stream, guard))
+}
+
+/// Connect and handshake one HTTP/2 connection, spawning its driver.
+async fn open_h2(
+    stats: Arc<ClusterStats>,
+    config: Arc<ClusterConfig>,
+    host: Arc<Host>,
+    settings: Http2Settings,
+) -> Result<H2Conn, UpstreamError> {
+    let (stream, guard) = open(&stats, &config, &host).await?;
+    stats.upstream_cx_http2_total.increment(1);
+    let io = TokioIo::new(CountingIo {
+        inner: stream,
+        guard,
+    });
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(settings.initial_stream_window_size)
+        .initial_connection_window_size(settings.initial_connection_window_size)
+        .max_send_buf_size(config.per_connection_buffer_limit_bytes as usize)
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    let state = ConnState::new();
+    tokio::spawn(drive(conn, state.clone(), config.idle_timeout, stats));
+    Ok(H2Conn { sender, state })
+}
+
 impl Cluster {
     fn pool_key(&self, host: &Arc<Host>) -> (PoolKey, PoolOwner) {
         (
@@ -636,29 +773,12 @@ impl Cluster {
         )
     }
 
-    /// Open a TCP connection with the cluster's timeout and accounting.
-    async fn open(&self, host: &Arc<Host>) -> Result<(TcpStream, CxGuard), UpstreamError> {
-        let guard = CxGuard::new(self.stats.clone(), host.clone());
-        let stream = timed_connect(
-            TcpStream::connect(host.address),
-            self.config.connect_timeout,
-            &self.stats,
-            host,
-        )
-        .await?;
-        // Latency matters more than segment count for proxied requests.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "TCP_NODELAY failed on upstream connection");
-        }
-        Ok((stream, guard))
-    }
-
     /// See [`Cluster::connect_tcp`](super::Cluster::connect_tcp).
     pub(crate) async fn connect_tcp_impl(
         &self,
         host: &Arc<Host>,
     ) -> Result<TcpConnection, UpstreamError> {
-        let (stream, guard) = self.open(host).await?;
+        let (stream, guard) = open(&self.stats, &self.config, host).await?;
         Ok(TcpConnection { stream, guard })
     }
 
@@ -720,7 +840,7 @@ impl Cluster {
             }
         }
 
-        let (stream, guard) = self.open(host).await?;
+        let (stream, guard) = open(&self.stats, &self.config, host).await?;
         self.stats.upstream_cx_http1_total.increment(1);
         let io = TokioIo::new(CountingIo {
             inner: stream,
@@ -782,20 +902,35 @@ impl Cluster {
         let (body, _) = TrackedBody::new(body);
         let mut req = Request::from_parts(parts, body);
 
-        if let Some(conn) = usable_h2(key, settings.max_concurrent_streams) {
+        // A connection that refuses the request unsent (it just closed) gets one more try.
+        for _ in 0..2 {
+            let pick = pick_h2(key, owner.clone(), settings.max_concurrent_streams, || {
+                open_h2(
+                    self.stats.clone(),
+                    self.config.clone(),
+                    host.clone(),
+                    settings,
+                )
+                .map_err(Arc::new)
+                .boxed()
+                .shared()
+            });
+            let conn = match pick {
+                H2Pick::Ready(c) => c,
+                H2Pick::Wait(connect) => {
+                    let r = connect.await;
+                    settle_h2(key);
+                    r.map_err(|e| clone_err(&e))?
+                }
+            };
             match self.h2_try(conn, req).await {
                 Ok(r) => return r,
                 Err(r) => req = r,
             }
         }
-        let conn = self.open_h2(host, settings).await?;
-        POOLS.with(|p| p.borrow_mut().entry(key, owner).h2.push(conn.clone()));
-        match self.h2_try(conn, req).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::Reset(
-                "new HTTP/2 connection closed before the request was sent".into(),
-            )),
-        }
+        Err(UpstreamError::Reset(
+            "HTTP/2 connection closed before the request was sent".into(),
+        ))
     }
 
     /// Send on `conn`; `Err(req)` when the connection refused it unsent.
@@ -822,35 +957,6 @@ impl Cluster {
                 }
             }
         }
-    }
-
-    async fn open_h2(
-        &self,
-        host: &Arc<Host>,
-        settings: Http2Settings,
-    ) -> Result<H2Conn, UpstreamError> {
-        let (stream, guard) = self.open(host).await?;
-        self.stats.upstream_cx_http2_total.increment(1);
-        let io = TokioIo::new(CountingIo {
-            inner: stream,
-            guard,
-        });
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(settings.initial_stream_window_size)
-            .initial_connection_window_size(settings.initial_connection_window_size)
-            .max_send_buf_size(self.config.per_connection_buffer_limit_bytes as usize)
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-        let state = ConnState::new();
-        tokio::spawn(drive(
-            conn,
-            state.clone(),
-            self.config.idle_timeout,
-            self.stats.clone(),
-        ));
-        Ok(H2Conn { sender, state })
     }
 }
 
@@ -1081,6 +1187,42 @@ mod tests {
         );
         assert_eq!(stat(&store, "upstream_cx_http2_total"), 1.0);
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn h2_burst_before_any_connection_opens_one() {
+        let srv = server().await;
+        let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
+        let host = c.choose_host().expect("host");
+        let all = futures::future::join_all((0..8).map(|_| async {
+            let resp = c.send_http(&host, get("/slow"), false).await.expect("sent");
+            body_text(resp).await
+        }))
+        .await;
+        assert!(all.iter().all(|b| b == "slow"));
+        assert_eq!(srv.accepts.load(Ordering::SeqCst), 1);
+        assert_eq!(stat(&store, "upstream_cx_total"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn h2_connect_failure_is_shared_by_waiters() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        let (c, store) = cluster(addr, UpstreamProtocol::Http2(Http2Settings::default()));
+        let host = c.choose_host().expect("host");
+        let (a, b) = futures::join!(
+            c.send_http(&host, get("/x"), false),
+            c.send_http(&host, get("/x"), false)
+        );
+        assert!(matches!(a, Err(UpstreamError::ConnectFailure(_))), "{a:?}");
+        assert!(matches!(b, Err(UpstreamError::ConnectFailure(_))), "{b:?}");
+        assert_eq!(stat(&store, "upstream_cx_connect_fail"), 1.0);
+        // The failed connect is forgotten: the next request tries again.
+        let e = c.send_http(&host, get("/x"), false).await;
+        assert!(matches!(e, Err(UpstreamError::ConnectFailure(_))), "{e:?}");
+        assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
+        assert_eq!(stat(&store, "upstream_cx_active"), 0.0);
     }
 
     #[tokio::test]
