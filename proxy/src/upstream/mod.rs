@@ -432,6 +432,8 @@ impl Cluster {
 #[derive(Debug)]
 pub struct ClusterManager {
     clusters: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<Cluster>>>,
+    /// `start` runs once; a second call would double the DNS loops.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterManager {
@@ -443,12 +445,16 @@ impl ClusterManager {
             .collect();
         Arc::new(Self {
             clusters: arc_swap::ArcSwap::from_pointee(map),
+            started: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Start background work on the main runtime: one DNS refresh loop per STRICT_DNS
     /// cluster (it ends when the cluster is dropped).
     pub fn start(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
         for c in self.clusters.load().values() {
             let needs_dns = c
                 .config

@@ -211,6 +211,8 @@ struct ConnState {
     /// Cancelled to close the connection now (broken or not reusable), and by the driver when
     /// the connection ended.
     close: CancellationToken,
+    /// Wakes the driver when the connection turns idle, so the idle timer starts then.
+    idle: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -220,6 +222,7 @@ impl ConnState {
             epoch: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
             close: CancellationToken::new(),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -230,7 +233,9 @@ impl ConnState {
     fn release(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.idle_since_ms.store(ms, Ordering::Release);
-        self.busy.fetch_sub(1, Ordering::AcqRel);
+        if self.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_one();
+        }
     }
 
     fn closed(&self) -> bool {
@@ -263,6 +268,8 @@ where
                 break;
             }
             () = state.close.cancelled() => break,
+            // Went idle: recompute the deadline from now.
+            () = state.idle.notified() => {}
             () = sleep_until(deadline) => {
                 if state.busy.load(Ordering::Acquire) == 0
                     && idle.is_some_and(|d| state.idle_deadline(d) <= Instant::now())
@@ -753,7 +760,8 @@ async fn open_h2(
         .timer(TokioTimer::new())
         .initial_stream_window_size(settings.initial_stream_window_size)
         .initial_connection_window_size(settings.initial_connection_window_size)
-        .max_send_buf_size(config.per_connection_buffer_limit_bytes as usize)
+        // hyper stalls with a tiny send buffer; 16 KiB is one default-sized frame.
+        .max_send_buf_size((config.per_connection_buffer_limit_bytes as usize).max(16 * 1024))
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
@@ -847,6 +855,7 @@ impl Cluster {
             guard,
         });
         let (mut sender, conn) = http1::Builder::new()
+            // hyper's minimum read buffer is 8 KiB.
             .max_buf_size((self.config.per_connection_buffer_limit_bytes as usize).max(8192))
             .handshake(io)
             .await
