@@ -136,6 +136,7 @@ pub(crate) async fn run(cluster: Weak<Cluster>) {
     loop {
         let Some(c) = cluster.upgrade() else { return };
         refresh(&c).await;
+        c.warmed.cancel();
         let rate = c.config.dns_refresh_rate;
         drop(c);
         tokio::time::sleep(rate).await;
@@ -272,11 +273,9 @@ mod tests {
         let cluster = cm.get("dns").expect("cluster");
         assert!(cluster.hosts().is_empty());
         cm.start(&tokio::runtime::Handle::current());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while cluster.hosts().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "never resolved");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), cm.initialized())
+            .await
+            .expect("first resolution attempted");
         let hosts = cluster.hosts();
         assert_eq!(hosts[0].address, addr("127.0.0.1:8081"));
         assert_eq!(hosts[0].hostname.as_deref(), Some("localhost"));

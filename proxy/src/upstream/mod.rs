@@ -169,6 +169,17 @@ pub struct LocalityConfig {
 
 pub use translate::translate_cluster;
 
+impl ClusterConfig {
+    /// A STRICT_DNS cluster with at least one hostname to resolve.
+    pub fn needs_dns(&self) -> bool {
+        self.discovery == DiscoveryType::StrictDns
+            && self
+                .endpoints
+                .iter()
+                .any(|e| matches!(e.address, EndpointAddress::Dns { .. }))
+    }
+}
+
 /// Why an upstream attempt failed (mapped to Envoy response flags by the router).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -349,6 +360,9 @@ pub struct Cluster {
     uid: u64,
     /// Per-thread state keyed by `uid` holds a `Weak` of this to notice the cluster is gone.
     alive: Arc<()>,
+    /// Cancelled once the first DNS resolution was attempted (at once for clusters that need
+    /// none): Envoy's cluster warming.
+    warmed: tokio_util::sync::CancellationToken,
 }
 
 impl Cluster {
@@ -357,12 +371,17 @@ impl Cluster {
     pub fn new(config: Arc<ClusterConfig>, store: &Arc<Store>) -> Self {
         let stats = Arc::new(ClusterStats::new(&store.cluster(&config.name)));
         let host_set = arc_swap::ArcSwap::from_pointee(dns::initial_set(&config));
+        let warmed = tokio_util::sync::CancellationToken::new();
+        if !config.needs_dns() {
+            warmed.cancel();
+        }
         Self {
             config,
             stats,
             host_set,
             uid: NEXT_CLUSTER_UID.fetch_add(1, Ordering::Relaxed),
             alive: Arc::new(()),
+            warmed,
         }
     }
 
@@ -456,14 +475,19 @@ impl ClusterManager {
             return;
         }
         for c in self.clusters.load().values() {
-            let needs_dns = c
-                .config
-                .endpoints
-                .iter()
-                .any(|e| matches!(e.address, EndpointAddress::Dns { .. }));
-            if c.config.discovery == DiscoveryType::StrictDns && needs_dns {
+            if c.config.needs_dns() {
                 rt.spawn(dns::run(Arc::downgrade(c)));
             }
+        }
+    }
+
+    /// Resolves once every cluster is warm: its first DNS resolution was attempted (whether or
+    /// not it succeeded). Listeners can wait on this so the first requests do not find a
+    /// STRICT_DNS cluster empty. Call after [`ClusterManager::start`].
+    pub async fn initialized(&self) {
+        let clusters = self.clusters.load_full();
+        for c in clusters.values() {
+            c.warmed.cancelled().await;
         }
     }
 
