@@ -2,17 +2,30 @@
 //! per-worker upstream connection pools (HTTP/1.1, HTTP/2) and TCP connects.
 //!
 //! OWNER: upstream helper. Interface used by `http::router` and `listener::tcp_proxy`.
+//!
+//! # Layout
+//! - [`translate`]: `envoy.config.cluster.v3.Cluster` -> [`ClusterConfig`] (field paths in errors).
+//! - `lb`: immutable host sets (swapped with arc-swap) and smooth weighted round robin with
+//!   per-worker state.
+//! - `dns`: STRICT_DNS resolution loops on the main runtime.
+//! - `pool`: per-worker HTTP/1.1 and HTTP/2 connection pools, TCP connects, connection stats.
+
+mod dns;
+mod lb;
+mod pool;
+pub mod translate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use metrics::{Counter, Gauge, Histogram};
-use weir_xds_api::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 
-use crate::config::Errors;
+pub use pool::{CxGuard, TcpConnection, UpstreamResponseBody};
+
 use crate::stats::{Scope, Store};
 
 /// Boxed error for bodies.
@@ -21,18 +34,150 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Translated cluster config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
     /// `name`.
     pub name: String,
+    /// `type`.
+    pub discovery: DiscoveryType,
+    /// `load_assignment` endpoints, flattened in config order (priority and locality copied
+    /// from their `LocalityLbEndpoints`).
+    pub endpoints: Vec<EndpointConfig>,
+    /// `connect_timeout` (default 5 s).
+    pub connect_timeout: Duration,
+    /// `lb_policy`.
+    pub lb_policy: LbPolicy,
+    /// `per_connection_buffer_limit_bytes` (default 1 MiB): bounds hyper's HTTP/1 read buffer
+    /// and HTTP/2 send buffer per upstream connection.
+    pub per_connection_buffer_limit_bytes: u32,
+    /// `dns_refresh_rate` (default 5 s), STRICT_DNS only.
+    pub dns_refresh_rate: Duration,
+    /// `dns_lookup_family`.
+    pub dns_lookup_family: DnsLookupFamily,
+    /// Upstream HTTP protocol.
+    pub protocol: UpstreamProtocol,
+    /// Idle upstream connections are closed after this (default 1 h; `None` = never).
+    pub idle_timeout: Option<Duration>,
 }
 
-/// Translate and validate one `Cluster`.
-pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option<ClusterConfig> {
-    let _ = (path, errs);
-    Some(ClusterConfig {
-        name: c.name.clone(),
-    })
+/// `Cluster.type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryType {
+    /// `STATIC`: endpoint addresses are IPs.
+    Static,
+    /// `STRICT_DNS`: every address of every endpoint hostname is a host, re-resolved every
+    /// `dns_refresh_rate`.
+    StrictDns,
+}
+
+/// `Cluster.lb_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// Smooth weighted round robin.
+    RoundRobin,
+}
+
+/// `Cluster.dns_lookup_family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// IPv6 addresses if there are any, else IPv4 (Envoy's AUTO).
+    Auto,
+    /// IPv4 only.
+    V4Only,
+    /// IPv6 only.
+    V6Only,
+    /// IPv4 addresses if there are any, else IPv6.
+    V4Preferred,
+    /// Both families.
+    All,
+}
+
+/// The protocol spoken to the cluster's hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default).
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    Http2(Http2Settings),
+    /// `use_downstream_protocol_config`: HTTP/2 when the downstream request was HTTP/2.
+    UseDownstream(Http2Settings),
+}
+
+/// Supported `Http2ProtocolOptions` for upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Settings {
+    /// Streams per upstream connection before the pool opens another (Envoy default 2^31-1).
+    pub max_concurrent_streams: u32,
+    /// Stream flow-control window (default 64 KiB: bounds what an upstream can make us buffer).
+    pub initial_stream_window_size: u32,
+    /// Connection flow-control window (default 1 MiB).
+    pub initial_connection_window_size: u32,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 2_147_483_647,
+            initial_stream_window_size: 64 * 1024,
+            initial_connection_window_size: 1024 * 1024,
+        }
+    }
+}
+
+/// One `LbEndpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Where it is.
+    pub address: EndpointAddress,
+    /// `endpoint.hostname`, or the DNS name for STRICT_DNS.
+    pub hostname: Option<String>,
+    /// `load_balancing_weight` (>= 1, default 1).
+    pub weight: u32,
+    /// `priority` of its `LocalityLbEndpoints` (0 is the highest).
+    pub priority: u32,
+    /// `locality` of its `LocalityLbEndpoints`.
+    pub locality: Option<LocalityConfig>,
+    /// Initial [`health_flags`] (`health_status` UNHEALTHY/DRAINING/TIMEOUT ->
+    /// `FAILED_EDS_HEALTH`).
+    pub health: u32,
+}
+
+/// An endpoint address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointAddress {
+    /// A literal IP and port.
+    Ip(SocketAddr),
+    /// A DNS name and port (STRICT_DNS).
+    Dns {
+        /// Name to resolve.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// `core.Locality`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalityConfig {
+    /// `region`.
+    pub region: String,
+    /// `zone`.
+    pub zone: String,
+    /// `sub_zone`.
+    pub sub_zone: String,
+}
+
+pub use translate::translate_cluster;
+
+impl ClusterConfig {
+    /// A STRICT_DNS cluster with at least one hostname to resolve.
+    pub fn needs_dns(&self) -> bool {
+        self.discovery == DiscoveryType::StrictDns
+            && self
+                .endpoints
+                .iter()
+                .any(|e| matches!(e.address, EndpointAddress::Dns { .. }))
+    }
 }
 
 /// Why an upstream attempt failed (mapped to Envoy response flags by the router).
@@ -51,6 +196,10 @@ pub enum UpstreamError {
     /// The connection was reset or closed before response headers (`UC`/`UR`).
     #[error("upstream reset before response headers: {0}")]
     Reset(String),
+    /// The HTTP handshake with the upstream failed, or the request cannot be expressed in the
+    /// upstream protocol (`UF`/`UC`).
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
 }
 
 /// Health flag bits of [`Host::health`] (Envoy's `/clusters` health_flags).
@@ -101,6 +250,31 @@ pub struct Host {
     pub stats: HostStats,
 }
 
+impl Host {
+    /// A host with zeroed stats and the given [`health_flags`].
+    pub fn new(
+        address: SocketAddr,
+        hostname: Option<String>,
+        weight: u32,
+        priority: u32,
+        health: u32,
+    ) -> Self {
+        Self {
+            address,
+            hostname,
+            weight,
+            priority,
+            health: AtomicU32::new(health),
+            stats: HostStats::default(),
+        }
+    }
+
+    /// No [`health_flags`] bit set.
+    pub fn is_healthy(&self) -> bool {
+        self.health.load(Ordering::Relaxed) == 0
+    }
+}
+
 /// Per-cluster stats (Envoy names). The router records the `upstream_rq_*` ones; the pool the
 /// `upstream_cx_*` ones.
 #[derive(Debug, Clone)]
@@ -131,6 +305,18 @@ pub struct ClusterStats {
     pub upstream_cx_connect_fail: Counter,
     /// `upstream_cx_connect_timeout`.
     pub upstream_cx_connect_timeout: Counter,
+    /// `upstream_cx_http1_total`.
+    pub upstream_cx_http1_total: Counter,
+    /// `upstream_cx_http2_total`.
+    pub upstream_cx_http2_total: Counter,
+    /// `upstream_cx_destroy`: connections closed (including failed connects).
+    pub upstream_cx_destroy: Counter,
+    /// `upstream_cx_idle_timeout`.
+    pub upstream_cx_idle_timeout: Counter,
+    /// `upstream_cx_rx_bytes_total`.
+    pub upstream_cx_rx_bytes_total: Counter,
+    /// `upstream_cx_tx_bytes_total`.
+    pub upstream_cx_tx_bytes_total: Counter,
 }
 
 impl ClusterStats {
@@ -150,18 +336,55 @@ impl ClusterStats {
             upstream_cx_active: scope.gauge("upstream_cx_active"),
             upstream_cx_connect_fail: scope.counter("upstream_cx_connect_fail"),
             upstream_cx_connect_timeout: scope.counter("upstream_cx_connect_timeout"),
+            upstream_cx_http1_total: scope.counter("upstream_cx_http1_total"),
+            upstream_cx_http2_total: scope.counter("upstream_cx_http2_total"),
+            upstream_cx_destroy: scope.counter("upstream_cx_destroy"),
+            upstream_cx_idle_timeout: scope.counter("upstream_cx_idle_timeout"),
+            upstream_cx_rx_bytes_total: scope.counter("upstream_cx_rx_bytes_total"),
+            upstream_cx_tx_bytes_total: scope.counter("upstream_cx_tx_bytes_total"),
         }
     }
 }
+
+/// Source of [`Cluster`] identities (keys of the per-worker LB and pool state).
+static NEXT_CLUSTER_UID: AtomicU64 = AtomicU64::new(1);
 
 /// A running cluster.
 #[derive(Debug)]
 pub struct Cluster {
     config: Arc<ClusterConfig>,
-    stats: ClusterStats,
+    stats: Arc<ClusterStats>,
+    /// Current hosts; replaced whole by DNS refreshes.
+    host_set: arc_swap::ArcSwap<lb::HostSet>,
+    /// Unique identity, never reused (a new config for the same name is a new cluster).
+    uid: u64,
+    /// Per-thread state keyed by `uid` holds a `Weak` of this to notice the cluster is gone.
+    alive: Arc<()>,
+    /// Cancelled once the first DNS resolution was attempted (at once for clusters that need
+    /// none): Envoy's cluster warming.
+    warmed: tokio_util::sync::CancellationToken,
 }
 
 impl Cluster {
+    /// A cluster with its initial hosts (IP endpoints; DNS endpoints resolve in
+    /// [`ClusterManager::start`]).
+    pub fn new(config: Arc<ClusterConfig>, store: &Arc<Store>) -> Self {
+        let stats = Arc::new(ClusterStats::new(&store.cluster(&config.name)));
+        let host_set = arc_swap::ArcSwap::from_pointee(dns::initial_set(&config));
+        let warmed = tokio_util::sync::CancellationToken::new();
+        if !config.needs_dns() {
+            warmed.cancel();
+        }
+        Self {
+            config,
+            stats,
+            host_set,
+            uid: NEXT_CLUSTER_UID.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
+            warmed,
+        }
+    }
+
     /// Name.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -179,34 +402,48 @@ impl Cluster {
 
     /// The current host set (all priorities, in config order).
     pub fn hosts(&self) -> Arc<Vec<Arc<Host>>> {
-        Arc::new(Vec::new())
+        self.host_set.load().hosts.clone()
     }
 
-    /// Pick a host with the cluster's load balancer (per-worker state, no shared lock).
+    /// Pick a host with smooth weighted round robin over the healthy hosts of the first
+    /// priority level that has one (per-worker state, no shared lock). `None` (and
+    /// `upstream_cx_none_healthy` counted) when no host is healthy.
     pub fn choose_host(&self) -> Option<Arc<Host>> {
-        None
+        let set = self.host_set.load();
+        let h = lb::choose(&set, self.uid, &self.alive);
+        if h.is_none() {
+            self.stats.upstream_cx_none_healthy.increment(1);
+        }
+        h
     }
 
-    /// Send a request to `host` on this worker's pool. The request URI is origin-form or
-    /// absolute; the pool sets the upstream framing (h1 or h2 per cluster protocol options and
-    /// `downstream_h2` for `use_downstream_protocol_config`).
+    /// Send a request to `host` on this worker's pool.
+    ///
+    /// The request URI is origin-form (plus a `Host` header) or absolute. HTTP/1.1 is sent in
+    /// origin-form with `Host`; HTTP/2 in absolute-form `http://{Host}{path}` with the `host`
+    /// header dropped (it becomes `:authority`) and connection-specific headers removed. The
+    /// protocol follows the cluster's protocol options, and `downstream_h2` for
+    /// `use_downstream_protocol_config`.
+    ///
+    /// The returned body must be read to its end for an HTTP/1.1 connection to be reused; see
+    /// [`UpstreamResponseBody`]. Errors: [`UpstreamError::ConnectFailure`] /
+    /// [`UpstreamError::ConnectTimeout`] when no connection could be made,
+    /// [`UpstreamError::Reset`] when it failed before response headers,
+    /// [`UpstreamError::Protocol`] when the handshake failed or the request is not expressible.
     pub async fn send_http(
         &self,
         host: &Arc<Host>,
         req: http::Request<UpstreamBody>,
         downstream_h2: bool,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
-        let _ = (host, req, downstream_h2);
-        Err(UpstreamError::NoHealthyUpstream)
+    ) -> Result<http::Response<UpstreamResponseBody>, UpstreamError> {
+        self.send_http_impl(host, req, downstream_h2).await
     }
 
-    /// Open a TCP connection to `host` (connect_timeout applied, cx stats counted).
-    pub async fn connect_tcp(
-        &self,
-        host: &Arc<Host>,
-    ) -> Result<tokio::net::TcpStream, UpstreamError> {
-        let _ = host;
-        Err(UpstreamError::NoHealthyUpstream)
+    /// Open a TCP connection to `host` (connect_timeout applied, TCP_NODELAY set, cx stats
+    /// counted). Keep the returned [`TcpConnection::guard`] until the stream is closed: it holds
+    /// the connection's place in `upstream_cx_active`.
+    pub async fn connect_tcp(&self, host: &Arc<Host>) -> Result<TcpConnection, UpstreamError> {
+        self.connect_tcp_impl(host).await
     }
 }
 
@@ -214,6 +451,8 @@ impl Cluster {
 #[derive(Debug)]
 pub struct ClusterManager {
     clusters: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<Cluster>>>,
+    /// `start` runs once; a second call would double the DNS loops.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterManager {
@@ -221,25 +460,35 @@ impl ClusterManager {
     pub fn new(configs: &[Arc<ClusterConfig>], stats: &Arc<Store>) -> Arc<Self> {
         let map = configs
             .iter()
-            .map(|c| {
-                let stats = ClusterStats::new(&stats.cluster(&c.name));
-                (
-                    c.name.clone(),
-                    Arc::new(Cluster {
-                        config: c.clone(),
-                        stats,
-                    }),
-                )
-            })
+            .map(|c| (c.name.clone(), Arc::new(Cluster::new(c.clone(), stats))))
             .collect();
         Arc::new(Self {
             clusters: arc_swap::ArcSwap::from_pointee(map),
+            started: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Start background work (DNS refresh) on the main runtime.
+    /// Start background work on the main runtime: one DNS refresh loop per STRICT_DNS
+    /// cluster (it ends when the cluster is dropped).
     pub fn start(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
-        let _ = rt;
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for c in self.clusters.load().values() {
+            if c.config.needs_dns() {
+                rt.spawn(dns::run(Arc::downgrade(c)));
+            }
+        }
+    }
+
+    /// Resolves once every cluster is warm: its first DNS resolution was attempted (whether or
+    /// not it succeeded). Listeners can wait on this so the first requests do not find a
+    /// STRICT_DNS cluster empty. Call after [`ClusterManager::start`].
+    pub async fn initialized(&self) {
+        let clusters = self.clusters.load_full();
+        for c in clusters.values() {
+            c.warmed.cancelled().await;
+        }
     }
 
     /// Look up a cluster by name.
