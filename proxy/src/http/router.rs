@@ -276,10 +276,11 @@ async fn websocket_upgrade(
         ));
     };
     let connect = async {
-        let stream = cluster
+        let tcp = cluster
             .connect_tcp(host)
             .await
             .map_err(|_| fail("connection failure"))?;
+        let (stream, cx_guard) = (tcp.stream, tcp.guard);
         let (mut sender, conn) = hyper::client::conn::http1::handshake::<
             _,
             http_body_util::Empty<Bytes>,
@@ -293,10 +294,11 @@ async fn websocket_upgrade(
         *up.method_mut() = req.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;
-        sender
+        let resp = sender
             .send_request(up)
             .await
-            .map_err(|_| fail("connection termination"))
+            .map_err(|_| fail("connection termination"))?;
+        Ok::<_, LocalReply>((resp, cx_guard))
     };
     let resp = match deadline {
         Some(d) => tokio::time::timeout_at(d, connect).await.map_err(|_| {
@@ -308,6 +310,7 @@ async fn websocket_upgrade(
         })??,
         None => connect.await?,
     };
+    let (resp, cx_guard) = resp;
     charge(cluster, host, resp.status().as_u16());
     let (mut parts, body) = resp.into_parts();
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -315,7 +318,8 @@ async fn websocket_upgrade(
             return Err(fail("protocol error"));
         };
         tokio::spawn(async move {
-            let _done = done;
+            // Both guards live as long as the upgraded tunnel.
+            let (_done, _cx) = (done, cx_guard);
             let (Ok(down), Ok(up)) = (down_upgrade.await, up_upgrade.await) else {
                 return;
             };

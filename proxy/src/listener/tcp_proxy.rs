@@ -162,6 +162,8 @@ pub async fn serve(
     let Some(upstream) = upstream else {
         return;
     };
+    // The guard keeps the cluster's upstream_cx_active right until the copy ends.
+    let (upstream, _cx_guard) = (upstream.stream, upstream.guard);
     let _ = upstream.set_nodelay(true);
     let opts = ProxyOptions {
         engine: Engine::default(),

@@ -172,9 +172,14 @@ mod tests {
     fn state(store: &Arc<Store>) -> Arc<ServerState> {
         let snapshot = crate::config::translate(Default::default(), store).expect("empty config");
         let server = store.plain("server");
-        let backend = Arc::new(crate::upstream::ClusterConfig {
-            name: "backend".into(),
-        });
+        let pc = weir_xds_api::from_yaml(
+            "name: backend\ntype: STATIC\nload_assignment: {cluster_name: backend}\n",
+        )
+        .expect("cluster yaml");
+        let mut errs = Errors::default();
+        let backend = Arc::new(
+            crate::upstream::translate_cluster(&pc, "backend", &mut errs).expect("cluster"),
+        );
         Arc::new(ServerState {
             options: crate::cli::Options::parse_from(["weir"]),
             snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
