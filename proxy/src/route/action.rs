@@ -543,7 +543,13 @@ impl RedirectAction {
         let rpath = match &ra.path_rewrite_specifier {
             None => RedirectPath::Keep,
             Some(P::PathRedirect(p)) => {
-                if http::uri::PathAndQuery::try_from(p.as_str()).is_err() || p.contains('#') {
+                // Envoy prepends '/' to a relative path_redirect; validate what will be sent.
+                let full = if p.starts_with('/') {
+                    p.clone()
+                } else {
+                    format!("/{p}")
+                };
+                if http::uri::PathAndQuery::try_from(full.as_str()).is_err() || p.contains('#') {
                     errs.add(
                         join(path, "path_redirect"),
                         format!("{p:?} is not a valid path"),
