@@ -284,16 +284,16 @@ impl ForwardAction {
                     );
                     ok = false;
                 }
-                if let Some(tw) = &wc.total_weight {
-                    if u64::from(tw.value) != total {
-                        errs.add(
-                            join(&wp, "total_weight"),
-                            format!(
-                                "total_weight {} does not equal the sum of the weights {total}",
-                                tw.value
-                            ),
-                        );
-                    }
+                if let Some(tw) = &wc.total_weight
+                    && u64::from(tw.value) != total
+                {
+                    errs.add(
+                        join(&wp, "total_weight"),
+                        format!(
+                            "total_weight {} does not equal the sum of the weights {total}",
+                            tw.value
+                        ),
+                    );
                 }
                 ok.then_some(ClusterSpec::Weighted { clusters, total })
             }
@@ -453,10 +453,11 @@ impl RedirectAction {
         if !path.starts_with('/') {
             path = Cow::Owned(format!("/{path}"));
         }
-        if self.strip_query && !path_has_own_query {
-            if let Some(q) = path.find('?') {
-                path = Cow::Owned(path[..q].to_string());
-            }
+        if self.strip_query
+            && !path_has_own_query
+            && let Some(q) = path.find('?')
+        {
+            path = Cow::Owned(path[..q].to_string());
         }
         match self.port {
             Some(p) => format!("{scheme}://{host}:{p}{path}"),

@@ -202,45 +202,71 @@ impl HeaderMutations {
         if self.add.is_empty() {
             return;
         }
-        // Existence before this level's additions; only computed when some entry needs it.
-        let existed: Vec<bool> = if self.conditional {
-            self.add
-                .iter()
-                .map(|a| headers.contains_key(&a.name))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let existed_at = |i: usize| existed.get(i).copied().unwrap_or(false);
-        let mut appends: Vec<(usize, HeaderValue)> = Vec::new();
-        for (i, a) in self.add.iter().enumerate() {
-            let Some(v) = a.value.render(ctx) else {
-                continue;
-            };
-            if v.is_empty() && !a.keep_empty {
-                continue;
-            }
-            match a.action {
-                AppendAction::AppendIfExistsOrAdd => appends.push((i, v)),
-                AppendAction::AddIfAbsent => {
-                    if !existed_at(i) {
-                        appends.push((i, v));
-                    }
+        let existed = Existed::snapshot(self, headers);
+        // Overwrites first, then appends: each entry is rendered once, in its own pass.
+        for overwrites in [true, false] {
+            for (i, a) in self.add.iter().enumerate() {
+                let wanted = match a.action {
+                    AppendAction::OverwriteIfExistsOrAdd => overwrites,
+                    AppendAction::OverwriteIfExists => overwrites && existed.get(i),
+                    AppendAction::AppendIfExistsOrAdd => !overwrites,
+                    AppendAction::AddIfAbsent => !overwrites && !existed.get(i),
+                };
+                if !wanted {
+                    continue;
                 }
-                AppendAction::OverwriteIfExistsOrAdd => {
+                let Some(v) = a.value.render(ctx) else {
+                    continue;
+                };
+                if v.is_empty() && !a.keep_empty {
+                    continue;
+                }
+                if overwrites {
                     headers.insert(a.name.clone(), v);
-                }
-                AppendAction::OverwriteIfExists => {
-                    if existed_at(i) {
-                        headers.insert(a.name.clone(), v);
-                    }
+                } else {
+                    headers.append(a.name.clone(), v);
                 }
             }
         }
-        for (i, v) in appends {
-            if let Some(a) = self.add.get(i) {
-                headers.append(a.name.clone(), v);
+    }
+}
+
+/// Which entries' headers existed before a level's additions (only for levels that have
+/// `ADD_IF_ABSENT` / `OVERWRITE_IF_EXISTS` entries); no allocation up to 64 entries.
+enum Existed {
+    None,
+    Bits(u64),
+    Many(Vec<bool>),
+}
+
+impl Existed {
+    fn snapshot(m: &HeaderMutations, headers: &HeaderMap) -> Existed {
+        if !m.conditional {
+            return Existed::None;
+        }
+        if m.add.len() <= 64 {
+            let mut bits = 0u64;
+            for (i, a) in m.add.iter().enumerate() {
+                if headers.contains_key(&a.name) {
+                    bits |= 1 << i;
+                }
             }
+            Existed::Bits(bits)
+        } else {
+            Existed::Many(
+                m.add
+                    .iter()
+                    .map(|a| headers.contains_key(&a.name))
+                    .collect(),
+            )
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Existed::None => false,
+            Existed::Bits(b) => i < 64 && b & (1 << i) != 0,
+            Existed::Many(v) => v.get(i).copied().unwrap_or(false),
         }
     }
 }
@@ -271,15 +297,12 @@ fn translate_option(
             None
         }
         Ok(segs) => {
-            let mut ok = true;
-            for s in &segs {
-                if let Segment::Literal(l) = s {
-                    if HeaderValue::from_str(l).is_err() {
-                        errs.add(&vp, format!("{:?} is not a valid header value", hv.value));
-                        ok = false;
-                        break;
-                    }
-                }
+            let ok = segs.iter().all(|s| match s {
+                Segment::Literal(l) => HeaderValue::from_str(l).is_ok(),
+                _ => true,
+            });
+            if !ok {
+                errs.add(&vp, format!("{:?} is not a valid header value", hv.value));
             }
             match segs.as_slice() {
                 _ if !ok => None,

@@ -181,17 +181,17 @@ impl RouteTable {
             return Some(i);
         }
         for (len, m) in &self.suffixes {
-            if *len < host.len() {
-                if let Some(&i) = host.get(host.len() - len..).and_then(|s| m.get(s)) {
-                    return Some(i);
-                }
+            if *len < host.len()
+                && let Some(&i) = host.get(host.len() - len..).and_then(|s| m.get(s))
+            {
+                return Some(i);
             }
         }
         for (len, m) in &self.prefixes {
-            if *len < host.len() {
-                if let Some(&i) = host.get(..*len).and_then(|s| m.get(s)) {
-                    return Some(i);
-                }
+            if *len < host.len()
+                && let Some(&i) = host.get(..*len).and_then(|s| m.get(s))
+            {
+                return Some(i);
             }
         }
         None

@@ -800,7 +800,7 @@ fn timeouts_and_host_rewrite() {
         )
     );
     assert_eq!(get("/auto"), (Some(DEFAULT_TIMEOUT), None, None, true));
-    assert_eq!(get("/noauto").3, false);
+    assert!(!get("/noauto").3);
 }
 
 #[test]
