@@ -243,16 +243,22 @@ pub(super) struct HeaderMatch {
 }
 
 impl HeaderMatch {
-    /// Envoy's `HeaderUtility::matchHeaders`, including its handling of missing headers:
-    /// a missing header only matches `present_match: false` (or `present_match: true` with
-    /// `invert_match`), unless `treat_missing_header_as_empty` is set.
+    /// Envoy's header matching, including its handling of missing headers: a missing header
+    /// never matches a value matcher, inverted or not, unless `treat_missing_header_as_empty`
+    /// is set (then it is matched as `""`); presence is `(present == present_match) != invert`.
     pub(super) fn matches(&self, req: &RouteRequest<'_>) -> bool {
+        if let HeaderMatchKind::Present(p) = self.kind {
+            // Presence ignores `treat_missing_header_as_empty` (Envoy's HeaderDataPresentMatch).
+            let present = match &self.key {
+                HeaderKey::Header(h) => req.headers.contains_key(h),
+                _ => true,
+            };
+            return (present == p) != self.invert;
+        }
         let value = match self.key.value(req) {
             Some(v) => v,
             None if self.missing_as_empty => Cow::Borrowed(""),
-            None => {
-                return matches!(self.kind, HeaderMatchKind::Present(p) if p == self.invert);
-            }
+            None => return false,
         };
         let m = match &self.kind {
             HeaderMatchKind::Present(p) => *p,

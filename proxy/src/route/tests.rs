@@ -442,6 +442,9 @@ fn header_presence_invert_and_missing() {
   - name: missing-empty
     match: {path: /me, headers: [{name: x-h, string_match: {exact: ""}, treat_missing_header_as_empty: true}]}
     route: {cluster: a}
+  - name: missing-empty-present
+    match: {path: /mep, headers: [{name: x-h, present_match: true, treat_missing_header_as_empty: true}]}
+    route: {cluster: a}
 "#,
     ));
     let with = |p: &str| hit(&t, &req("x", p).header("x-h", "v"));
@@ -460,6 +463,9 @@ fn header_presence_invert_and_missing() {
     assert_eq!(without("/inv"), None);
     assert_eq!(without("/me").as_deref(), Some("vh/missing-empty"));
     assert_eq!(with("/me"), None);
+    // Presence is about the header itself, even with treat_missing_header_as_empty.
+    assert_eq!(without("/mep"), None);
+    assert_eq!(with("/mep").as_deref(), Some("vh/missing-empty-present"));
 }
 
 #[test]
