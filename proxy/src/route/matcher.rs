@@ -16,7 +16,7 @@ use crate::config::{Errors, join};
 /// instructions by default; the regex crate counts bytes, and 1 MiB leaves room for ordinary
 /// route regexes while a hostile one (`(a{1000}){1000}`) fails translation instead of eating
 /// memory.
-pub(super) const REGEX_SIZE_LIMIT: usize = 1 << 20;
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Lazy DFA cache limit per regex (per thread that uses it).
 const REGEX_DFA_LIMIT: usize = 2 << 20;
 

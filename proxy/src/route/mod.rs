@@ -46,6 +46,28 @@
 //! - **Redirects** build `Location` as Envoy's `Http::Utility::newUri`, with the request
 //!   scheme taken from [`RouteRequest::scheme`] (the connection manager's view, not a
 //!   client-supplied `x-forwarded-proto`).
+//!
+//! # Supported config (anything else set is an error naming its field path)
+//! - `RouteConfiguration`: `name`, `virtual_hosts`, `{request,response}_headers_to_{add,remove}`,
+//!   `validate_clusters` (default true: unknown `cluster` / weighted `name` is an error;
+//!   `cluster_header` is not checked), `max_direct_response_body_size_bytes` (default 4096),
+//!   `most_specific_header_mutations_wins`, `ignore_port_in_host_matching`, `metadata`.
+//! - `VirtualHost`: `name` (unique), `domains` (unique across virtual hosts), `routes`, header
+//!   mutations, `metadata`. `require_tls` other than `NONE` is rejected.
+//! - `Route`: `name`, `match`, `route` / `redirect` / `direct_response`, header mutations,
+//!   `metadata`; a non-empty `typed_per_filter_config` is rejected.
+//! - `RouteMatch`: `prefix`, `path`, `safe_regex`, `path_separated_prefix`, `case_sensitive`,
+//!   `headers` (`string_match`, `present_match`, the deprecated `exact_match` /
+//!   `prefix_match` / `suffix_match` / `contains_match` / `safe_regex_match`,
+//!   `invert_match`, `treat_missing_header_as_empty`), `query_parameters`, `grpc`.
+//! - `RouteAction`: `cluster`, `cluster_header`, `weighted_clusters` (`name` or
+//!   `cluster_header`, `weight`; `total_weight` must equal the sum), `timeout` (default 15 s,
+//!   `0s` disables), `idle_timeout`, `prefix_rewrite`, `regex_rewrite`,
+//!   `host_rewrite_literal`, `auto_host_rewrite`.
+//! - `RedirectAction`: every field except `path_rewrite`. `DirectResponseAction`: `status`
+//!   (100..=599), `body` (`inline_string`, `inline_bytes`, `filename` read at translation).
+//! - Regexes compile with a program size limit ([`REGEX_SIZE_LIMIT`] bytes), so a hostile
+//!   pattern fails translation instead of using unbounded memory.
 
 mod action;
 mod header;
@@ -58,6 +80,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use http::{HeaderMap, Method, StatusCode};
+
+pub use matcher::REGEX_SIZE_LIMIT;
 
 pub use action::{
     DEFAULT_MAX_DIRECT_RESPONSE_BODY, DEFAULT_TIMEOUT, DirectResponse, ForwardAction,
