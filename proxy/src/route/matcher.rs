@@ -1,0 +1,561 @@
+//! Compiled request matchers: path, headers, query parameters, string matchers and regexes,
+//! with their translation from Envoy's `RouteMatch`, `HeaderMatcher`,
+//! `QueryParameterMatcher`, `StringMatcher` and `RegexMatcher`.
+
+use std::borrow::Cow;
+
+use http::HeaderName;
+use regex::{Regex, RegexBuilder};
+use weir_xds_api::pb::envoy::config::route::v3 as rpb;
+use weir_xds_api::pb::envoy::r#type::matcher::v3 as mpb;
+
+use super::RouteRequest;
+use crate::config::{Errors, join};
+
+/// Compiled program size limit for every configured regex. RE2 in Envoy caps programs at 100
+/// instructions by default; the regex crate counts bytes, and 1 MiB leaves room for ordinary
+/// route regexes while a hostile one (`(a{1000}){1000}`) fails translation instead of eating
+/// memory.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Lazy DFA cache limit per regex (per thread that uses it).
+const REGEX_DFA_LIMIT: usize = 2 << 20;
+
+fn build_regex(pattern: &str) -> Result<Regex, String> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_DFA_LIMIT)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// Compile a configured `RegexMatcher` for RE2 `FullMatch` semantics (the whole input must
+/// match), as Envoy uses for `safe_regex` path and string matching.
+pub(super) fn full_regex(rm: &mpb::RegexMatcher, path: &str, errs: &mut Errors) -> Option<Regex> {
+    errs.reject_unsupported(rm, &["regex", "google_re2"], path);
+    if rm.regex.is_empty() {
+        errs.add(join(path, "regex"), "regex must not be empty");
+        return None;
+    }
+    // Compile alone first: wrapping an unbalanced pattern like `a)|(b` could otherwise turn
+    // it into a valid regex with another meaning.
+    if let Err(e) = build_regex(&rm.regex) {
+        errs.add(join(path, "regex"), format!("invalid regex: {e}"));
+        return None;
+    }
+    match build_regex(&format!(r"\A(?:{})\z", rm.regex)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            errs.add(join(path, "regex"), format!("invalid regex: {e}"));
+            None
+        }
+    }
+}
+
+/// Compile a configured `RegexMatcher` for searching (rewrites replace every match).
+pub(super) fn search_regex(rm: &mpb::RegexMatcher, path: &str, errs: &mut Errors) -> Option<Regex> {
+    errs.reject_unsupported(rm, &["regex", "google_re2"], path);
+    if rm.regex.is_empty() {
+        errs.add(join(path, "regex"), "regex must not be empty");
+        return None;
+    }
+    match build_regex(&rm.regex) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            errs.add(join(path, "regex"), format!("invalid regex: {e}"));
+            None
+        }
+    }
+}
+
+/// ASCII case-insensitive `starts_with`.
+pub(super) fn starts_with_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+fn contains_ignore_case(s: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    s.as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// Envoy's `StringMatcher`.
+#[derive(Debug)]
+pub(super) enum StringMatch {
+    Exact(Box<str>, bool),
+    Prefix(Box<str>, bool),
+    Suffix(Box<str>, bool),
+    Contains(Box<str>, bool),
+    Regex(Regex),
+}
+
+impl StringMatch {
+    pub(super) fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(p, false) => v == &**p,
+            StringMatch::Exact(p, true) => v.eq_ignore_ascii_case(p),
+            StringMatch::Prefix(p, false) => v.starts_with(&**p),
+            StringMatch::Prefix(p, true) => starts_with_ignore_case(v, p),
+            StringMatch::Suffix(p, false) => v.ends_with(&**p),
+            StringMatch::Suffix(p, true) => ends_with_ignore_case(v, p),
+            StringMatch::Contains(p, false) => v.contains(&**p),
+            StringMatch::Contains(p, true) => contains_ignore_case(v, p),
+            StringMatch::Regex(r) => r.is_match(v),
+        }
+    }
+
+    pub(super) fn translate(
+        sm: &mpb::StringMatcher,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<StringMatch> {
+        use mpb::string_matcher::MatchPattern as P;
+        errs.reject_unsupported(
+            sm,
+            &[
+                "exact",
+                "prefix",
+                "suffix",
+                "contains",
+                "safe_regex",
+                "ignore_case",
+            ],
+            path,
+        );
+        let ic = sm.ignore_case;
+        let non_empty = |s: &str, field: &str, errs: &mut Errors| {
+            if s.is_empty() {
+                errs.add(join(path, field), "must not be empty");
+                false
+            } else {
+                true
+            }
+        };
+        match &sm.match_pattern {
+            Some(P::Exact(s)) => Some(StringMatch::Exact(s.as_str().into(), ic)),
+            Some(P::Prefix(s)) => {
+                non_empty(s, "prefix", errs).then(|| StringMatch::Prefix(s.as_str().into(), ic))
+            }
+            Some(P::Suffix(s)) => {
+                non_empty(s, "suffix", errs).then(|| StringMatch::Suffix(s.as_str().into(), ic))
+            }
+            Some(P::Contains(s)) => {
+                non_empty(s, "contains", errs).then(|| StringMatch::Contains(s.as_str().into(), ic))
+            }
+            Some(P::SafeRegex(r)) => {
+                if ic {
+                    errs.add(
+                        join(path, "ignore_case"),
+                        "ignore_case has no effect for safe_regex; use (?i) in the regex",
+                    );
+                }
+                full_regex(r, &join(path, "safe_regex"), errs).map(StringMatch::Regex)
+            }
+            // `custom` is reported by reject_unsupported above.
+            Some(P::Custom(_)) => None,
+            None => {
+                errs.add(
+                    path,
+                    "one of exact, prefix, suffix, contains or safe_regex is required",
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Where a header matcher reads its value. Pseudo-headers come from the request line.
+#[derive(Debug)]
+pub(super) enum HeaderKey {
+    Authority,
+    Path,
+    Method,
+    Scheme,
+    Header(HeaderName),
+}
+
+impl HeaderKey {
+    /// Parse a configured header name (`:authority`, `:path`, `:method`, `:scheme` or a
+    /// regular header name; lowercased as Envoy does).
+    pub(super) fn parse(name: &str, path: &str, errs: &mut Errors) -> Option<HeaderKey> {
+        let lower = name.to_ascii_lowercase();
+        match lower.as_str() {
+            ":authority" => Some(HeaderKey::Authority),
+            ":path" => Some(HeaderKey::Path),
+            ":method" => Some(HeaderKey::Method),
+            ":scheme" => Some(HeaderKey::Scheme),
+            _ => match HeaderName::from_bytes(lower.as_bytes()) {
+                Ok(h) => Some(HeaderKey::Header(h)),
+                Err(_) => {
+                    errs.add(path, format!("{name:?} is not a valid header name"));
+                    None
+                }
+            },
+        }
+    }
+
+    /// The value Envoy would see: several values of one header are joined with `,`.
+    pub(super) fn value<'r>(&self, req: &RouteRequest<'r>) -> Option<Cow<'r, str>> {
+        match self {
+            HeaderKey::Authority => Some(Cow::Borrowed(req.authority)),
+            HeaderKey::Path => Some(Cow::Borrowed(req.path)),
+            HeaderKey::Method => Some(Cow::Borrowed(req.method.as_str())),
+            HeaderKey::Scheme => Some(Cow::Borrowed(req.scheme)),
+            HeaderKey::Header(h) => {
+                let mut all = req.headers.get_all(h).iter();
+                let first = all.next()?;
+                let mut out = String::from_utf8_lossy(first.as_bytes());
+                for v in all {
+                    let o = out.to_mut();
+                    o.push(',');
+                    o.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum HeaderMatchKind {
+    /// `present_match` (and a matcher with no specifier, which Envoy treats as present).
+    Present(bool),
+    /// Deprecated `exact_match`: an empty value matches any value.
+    ExactOrAny(Box<str>),
+    /// `string_match` and the deprecated prefix/suffix/contains/safe_regex matches.
+    String(StringMatch),
+}
+
+/// Envoy's `HeaderMatcher`.
+#[derive(Debug)]
+pub(super) struct HeaderMatch {
+    key: HeaderKey,
+    kind: HeaderMatchKind,
+    invert: bool,
+    missing_as_empty: bool,
+}
+
+impl HeaderMatch {
+    /// Envoy's header matching, including its handling of missing headers: a missing header
+    /// never matches a value matcher, inverted or not, unless `treat_missing_header_as_empty`
+    /// is set (then it is matched as `""`); presence is `(present == present_match) != invert`.
+    pub(super) fn matches(&self, req: &RouteRequest<'_>) -> bool {
+        if let HeaderMatchKind::Present(p) = self.kind {
+            // Presence ignores `treat_missing_header_as_empty` (Envoy's HeaderDataPresentMatch).
+            let present = match &self.key {
+                HeaderKey::Header(h) => req.headers.contains_key(h),
+                _ => true,
+            };
+            return (present == p) != self.invert;
+        }
+        let value = match self.key.value(req) {
+            Some(v) => v,
+            None if self.missing_as_empty => Cow::Borrowed(""),
+            None => return false,
+        };
+        let m = match &self.kind {
+            HeaderMatchKind::Present(p) => *p,
+            HeaderMatchKind::ExactOrAny(e) => e.is_empty() || *value == **e,
+            HeaderMatchKind::String(s) => s.matches(&value),
+        };
+        m != self.invert
+    }
+
+    #[allow(deprecated)] // the deprecated `*_match` fields are still accepted, as Envoy does
+    pub(super) fn translate(
+        hm: &rpb::HeaderMatcher,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<HeaderMatch> {
+        use rpb::header_matcher::HeaderMatchSpecifier as S;
+        errs.reject_unsupported(
+            hm,
+            &[
+                "name",
+                "invert_match",
+                "treat_missing_header_as_empty",
+                "exact_match",
+                "safe_regex_match",
+                "present_match",
+                "prefix_match",
+                "suffix_match",
+                "contains_match",
+                "string_match",
+            ],
+            path,
+        );
+        if hm.name.is_empty() {
+            errs.add(join(path, "name"), "header name is required");
+            return None;
+        }
+        let key = HeaderKey::parse(&hm.name, &join(path, "name"), errs);
+        let non_empty = |s: &str, field: &str, errs: &mut Errors| {
+            if s.is_empty() {
+                errs.add(join(path, field), "must not be empty");
+                None
+            } else {
+                Some(s.into())
+            }
+        };
+        let kind = match &hm.header_match_specifier {
+            None => Some(HeaderMatchKind::Present(true)),
+            Some(S::PresentMatch(p)) => Some(HeaderMatchKind::Present(*p)),
+            Some(S::ExactMatch(e)) => Some(HeaderMatchKind::ExactOrAny(e.as_str().into())),
+            Some(S::PrefixMatch(p)) => non_empty(p, "prefix_match", errs)
+                .map(|p| HeaderMatchKind::String(StringMatch::Prefix(p, false))),
+            Some(S::SuffixMatch(p)) => non_empty(p, "suffix_match", errs)
+                .map(|p| HeaderMatchKind::String(StringMatch::Suffix(p, false))),
+            Some(S::ContainsMatch(p)) => non_empty(p, "contains_match", errs)
+                .map(|p| HeaderMatchKind::String(StringMatch::Contains(p, false))),
+            Some(S::SafeRegexMatch(r)) => full_regex(r, &join(path, "safe_regex_match"), errs)
+                .map(|r| HeaderMatchKind::String(StringMatch::Regex(r))),
+            Some(S::StringMatch(sm)) => {
+                StringMatch::translate(sm, &join(path, "string_match"), errs)
+                    .map(HeaderMatchKind::String)
+            }
+            // `range_match` is reported by reject_unsupported above.
+            Some(S::RangeMatch(_)) => None,
+        };
+        Some(HeaderMatch {
+            key: key?,
+            kind: kind?,
+            invert: hm.invert_match,
+            missing_as_empty: hm.treat_missing_header_as_empty,
+        })
+    }
+}
+
+/// Envoy's `QueryParameterMatcher`: the first value of the named parameter must exist and,
+/// with `string_match`, match. As in Envoy, `present_match` (true or false) and no specifier
+/// both mean "present".
+#[derive(Debug)]
+pub(super) struct QueryMatch {
+    name: Box<str>,
+    matcher: Option<StringMatch>,
+}
+
+impl QueryMatch {
+    pub(super) fn matches(&self, query: &str) -> bool {
+        match first_query_value(query, &self.name) {
+            None => false,
+            Some(v) => self.matcher.as_ref().is_none_or(|m| m.matches(&v)),
+        }
+    }
+
+    pub(super) fn translate(
+        qm: &rpb::QueryParameterMatcher,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<QueryMatch> {
+        use rpb::query_parameter_matcher::QueryParameterMatchSpecifier as S;
+        errs.reject_unsupported(qm, &["name", "string_match", "present_match"], path);
+        if qm.name.is_empty() {
+            errs.add(join(path, "name"), "query parameter name is required");
+            return None;
+        }
+        let matcher = match &qm.query_parameter_match_specifier {
+            Some(S::StringMatch(sm)) => Some(StringMatch::translate(
+                sm,
+                &join(path, "string_match"),
+                errs,
+            )?),
+            Some(S::PresentMatch(_)) | None => None,
+        };
+        Some(QueryMatch {
+            name: qm.name.as_str().into(),
+            matcher,
+        })
+    }
+}
+
+/// Percent-decode a query component (`+` is a space, as in form encoding).
+fn decode_query(s: &str) -> Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return Cow::Borrowed(s);
+    }
+    let plus = s.replace('+', " ");
+    Cow::Owned(
+        percent_encoding::percent_decode_str(&plus)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// The first value of `name` in a raw query string (without the `?`), decoded.
+pub(super) fn first_query_value<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
+    for pair in query.split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode_query(k) == name {
+            return Some(decode_query(v));
+        }
+    }
+    None
+}
+
+/// Split a request target into path and query, dropping any fragment (Envoy's
+/// `removeQueryAndFragment`).
+pub(super) fn split_path(path_and_query: &str) -> (&str, &str) {
+    let end = path_and_query
+        .find(['?', '#'])
+        .unwrap_or(path_and_query.len());
+    let path = &path_and_query[..end];
+    let rest = &path_and_query[end..];
+    let query = match rest.strip_prefix('?') {
+        Some(q) => q.split('#').next().unwrap_or(""),
+        None => "",
+    };
+    (path, query)
+}
+
+/// The path specifier of a route.
+#[derive(Debug)]
+pub(super) enum PathMatch {
+    Prefix(Box<str>),
+    Exact(Box<str>),
+    Regex(Regex),
+    SeparatedPrefix(Box<str>),
+}
+
+/// A compiled `RouteMatch`.
+#[derive(Debug)]
+pub(super) struct RouteMatcher {
+    pub(super) path: PathMatch,
+    pub(super) case_sensitive: bool,
+    headers: Vec<HeaderMatch>,
+    query: Vec<QueryMatch>,
+    grpc: bool,
+}
+
+/// Envoy's `Grpc::Common::hasGrpcContentType`: `application/grpc`, optionally followed by
+/// `+suffix` or `;params` (so `application/grpc-web` is not gRPC).
+fn is_grpc(req: &RouteRequest<'_>) -> bool {
+    let Some(ct) = req.headers.get(http::header::CONTENT_TYPE) else {
+        return false;
+    };
+    let ct = ct.as_bytes();
+    const G: &[u8] = b"application/grpc";
+    ct.starts_with(G) && matches!(ct.get(G.len()), None | Some(b'+') | Some(b';'))
+}
+
+impl RouteMatcher {
+    fn path_matches(&self, path: &str) -> bool {
+        let cs = self.case_sensitive;
+        match &self.path {
+            PathMatch::Prefix(p) if cs => path.starts_with(&**p),
+            PathMatch::Prefix(p) => starts_with_ignore_case(path, p),
+            PathMatch::Exact(p) if cs => path == &**p,
+            PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::SeparatedPrefix(p) => {
+                let head = if cs {
+                    path.starts_with(&**p)
+                } else {
+                    starts_with_ignore_case(path, p)
+                };
+                head && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
+            }
+        }
+    }
+
+    pub(super) fn matches(&self, req: &RouteRequest<'_>) -> bool {
+        let (path, query) = split_path(req.path);
+        self.path_matches(path)
+            && (!self.grpc || is_grpc(req))
+            && self.headers.iter().all(|h| h.matches(req))
+            && self.query.iter().all(|q| q.matches(query))
+    }
+
+    /// How many bytes at the start of `path_and_query` the path specifier matched (what
+    /// `prefix_rewrite` replaces): the configured prefix or path, or the whole path for a
+    /// regex. `None` when the path does not match at all.
+    pub(super) fn matched_len(&self, path_and_query: &str) -> Option<usize> {
+        let (path, _) = split_path(path_and_query);
+        if !self.path_matches(path) {
+            return None;
+        }
+        Some(match &self.path {
+            PathMatch::Prefix(p) | PathMatch::Exact(p) | PathMatch::SeparatedPrefix(p) => p.len(),
+            PathMatch::Regex(_) => path.len(),
+        })
+    }
+
+    pub(super) fn translate(
+        m: &rpb::RouteMatch,
+        path: &str,
+        errs: &mut Errors,
+    ) -> Option<RouteMatcher> {
+        use rpb::route_match::PathSpecifier as P;
+        errs.reject_unsupported(
+            m,
+            &[
+                "prefix",
+                "path",
+                "safe_regex",
+                "path_separated_prefix",
+                "case_sensitive",
+                "headers",
+                "query_parameters",
+                "grpc",
+            ],
+            path,
+        );
+        let pm = match &m.path_specifier {
+            Some(P::Prefix(p)) => Some(PathMatch::Prefix(p.as_str().into())),
+            Some(P::Path(p)) => Some(PathMatch::Exact(p.as_str().into())),
+            Some(P::SafeRegex(r)) => {
+                full_regex(r, &join(path, "safe_regex"), errs).map(PathMatch::Regex)
+            }
+            Some(P::PathSeparatedPrefix(p)) => {
+                if p.is_empty() || p.ends_with('/') || p.contains(['?', '#']) {
+                    errs.add(
+                        join(path, "path_separated_prefix"),
+                        "must be non-empty, must not end with '/' and must not contain '?' or '#'",
+                    );
+                    None
+                } else {
+                    Some(PathMatch::SeparatedPrefix(p.as_str().into()))
+                }
+            }
+            // connect_matcher / path_match_policy are reported by reject_unsupported.
+            Some(_) => None,
+            None => {
+                errs.add(
+                    path,
+                    "one of prefix, path, safe_regex or path_separated_prefix is required",
+                );
+                None
+            }
+        };
+        let headers: Vec<_> = m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HeaderMatch::translate(h, &join(path, &format!("headers[{i}]")), errs))
+            .collect();
+        let query: Vec<_> = m
+            .query_parameters
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                QueryMatch::translate(q, &join(path, &format!("query_parameters[{i}]")), errs)
+            })
+            .collect();
+        Some(RouteMatcher {
+            path: pm?,
+            case_sensitive: m.case_sensitive.as_ref().is_none_or(|b| b.value),
+            headers: headers.into_iter().collect::<Option<_>>()?,
+            query: query.into_iter().collect::<Option<_>>()?,
+            grpc: m.grpc.is_some(),
+        })
+    }
+}

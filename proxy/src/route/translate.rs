@@ -1,0 +1,282 @@
+//! `RouteConfiguration` -> [`RouteTable`]: validation with field paths, domain indexing.
+
+use std::collections::HashMap;
+
+use weir_xds_api::pb::envoy::config::route::v3 as rpb;
+
+use super::action::{
+    DEFAULT_MAX_DIRECT_RESPONSE_BODY, DirectResponse, ForwardAction, RedirectAction,
+};
+use super::header::HeaderMutations;
+use super::matcher::RouteMatcher;
+use super::{Route, RouteAction, RouteTable, VirtualHost, WildcardBucket};
+use crate::config::{Errors, TranslateCtx, join};
+
+/// Per-table settings routes need while translating.
+struct TableCtx<'c, 'a> {
+    ctx: &'c TranslateCtx<'a>,
+    validate_clusters: bool,
+    max_body: u32,
+}
+
+/// How a configured domain is indexed.
+enum Domain {
+    Any,
+    Exact(String),
+    Suffix(String),
+    Prefix(String),
+}
+
+fn classify(d: &str) -> Domain {
+    let d = d.to_ascii_lowercase();
+    if d == "*" {
+        Domain::Any
+    } else if let Some(s) = d.strip_prefix('*') {
+        Domain::Suffix(s.to_string())
+    } else if let Some(p) = d.strip_suffix('*') {
+        Domain::Prefix(p.to_string())
+    } else {
+        Domain::Exact(d)
+    }
+}
+
+fn insert_wildcard(buckets: &mut Vec<WildcardBucket>, key: String, vhost: usize) -> Option<usize> {
+    let len = key.len();
+    let pos = match buckets.iter().position(|(l, _)| *l <= len) {
+        Some(p) if buckets[p].0 == len => p,
+        Some(p) => {
+            buckets.insert(p, (len, HashMap::new()));
+            p
+        }
+        None => {
+            buckets.push((len, HashMap::new()));
+            buckets.len() - 1
+        }
+    };
+    let m = &mut buckets[pos].1;
+    match m.get(key.as_str()) {
+        Some(&prev) => Some(prev),
+        None => {
+            m.insert(key.into(), vhost);
+            None
+        }
+    }
+}
+
+pub(super) fn route_table(
+    rc: &rpb::RouteConfiguration,
+    path: &str,
+    ctx: &TranslateCtx<'_>,
+    errs: &mut Errors,
+) -> RouteTable {
+    errs.reject_unsupported(
+        rc,
+        &[
+            "name",
+            "virtual_hosts",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "validate_clusters",
+            "max_direct_response_body_size_bytes",
+            "most_specific_header_mutations_wins",
+            "ignore_port_in_host_matching",
+            "metadata",
+        ],
+        path,
+    );
+    let tctx = TableCtx {
+        ctx,
+        validate_clusters: rc.validate_clusters.as_ref().is_none_or(|b| b.value),
+        max_body: rc
+            .max_direct_response_body_size_bytes
+            .as_ref()
+            .map_or(DEFAULT_MAX_DIRECT_RESPONSE_BODY, |v| v.value),
+    };
+    let mut table = RouteTable {
+        name: rc.name.clone(),
+        ignore_port: rc.ignore_port_in_host_matching,
+        most_specific_wins: rc.most_specific_header_mutations_wins,
+        request_headers: HeaderMutations::translate(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            path,
+            "request",
+            errs,
+        ),
+        response_headers: HeaderMutations::translate(
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+            path,
+            "response",
+            errs,
+        ),
+        ..RouteTable::default()
+    };
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+        let vp = join(path, &format!("virtual_hosts[{i}]"));
+        if vh.name.is_empty() {
+            errs.add(join(&vp, "name"), "virtual host name is required");
+        } else if let Some(prev) = names.insert(&vh.name, i) {
+            errs.add(
+                join(&vp, "name"),
+                format!(
+                    "duplicate virtual host name {:?} (also virtual_hosts[{prev}])",
+                    vh.name
+                ),
+            );
+        }
+        let idx = table.vhosts.len();
+        if vh.domains.is_empty() {
+            errs.add(join(&vp, "domains"), "at least one domain is required");
+        }
+        for (j, d) in vh.domains.iter().enumerate() {
+            let dp = join(&vp, &format!("domains[{j}]"));
+            if d.is_empty() || http::HeaderValue::from_str(d).is_err() {
+                errs.add(dp, format!("{d:?} is not a valid domain"));
+                continue;
+            }
+            let prev = match classify(d) {
+                Domain::Any => table.default.replace(idx),
+                Domain::Exact(e) => table.exact.insert(e.into(), idx),
+                Domain::Suffix(s) => insert_wildcard(&mut table.suffixes, s, idx),
+                Domain::Prefix(p) => insert_wildcard(&mut table.prefixes, p, idx),
+            };
+            if let Some(prev) = prev {
+                let other = rc.virtual_hosts.get(prev).map_or("", |v| v.name.as_str());
+                errs.add(
+                    dp,
+                    format!(
+                        "duplicate domain {d:?}: also in virtual host {other:?}; domains must be \
+                         unique across virtual hosts"
+                    ),
+                );
+            }
+        }
+        table.vhosts.push(virtual_host(vh, &vp, &tctx, errs));
+    }
+    table
+}
+
+fn virtual_host(
+    vh: &rpb::VirtualHost,
+    path: &str,
+    tctx: &TableCtx<'_, '_>,
+    errs: &mut Errors,
+) -> VirtualHost {
+    errs.reject_unsupported(
+        vh,
+        &[
+            "name",
+            "domains",
+            "routes",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "metadata",
+        ],
+        path,
+    );
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| route(r, &join(path, &format!("routes[{i}]")), tctx, errs))
+        .collect();
+    VirtualHost {
+        name: vh.name.clone(),
+        routes,
+        request_headers: HeaderMutations::translate(
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            path,
+            "request",
+            errs,
+        ),
+        response_headers: HeaderMutations::translate(
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            path,
+            "response",
+            errs,
+        ),
+    }
+}
+
+fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors) -> Option<Route> {
+    use rpb::route::Action as A;
+    // `typed_per_filter_config` is left out on purpose: no per-route filter config yet.
+    errs.reject_unsupported(
+        r,
+        &[
+            "name",
+            "match",
+            "route",
+            "redirect",
+            "direct_response",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "metadata",
+        ],
+        path,
+    );
+    let matcher = match &r.r#match {
+        Some(m) => RouteMatcher::translate(m, &join(path, "match"), errs),
+        None => {
+            errs.add(join(path, "match"), "match is required");
+            None
+        }
+    };
+    let action = match &r.action {
+        Some(A::Route(ra)) => ForwardAction::translate(
+            ra,
+            &join(path, "route"),
+            tctx.validate_clusters,
+            tctx.ctx,
+            errs,
+        )
+        .map(RouteAction::Forward),
+        Some(A::Redirect(ra)) => {
+            RedirectAction::translate(ra, &join(path, "redirect"), errs).map(RouteAction::Redirect)
+        }
+        Some(A::DirectResponse(dr)) => {
+            DirectResponse::translate(dr, &join(path, "direct_response"), tctx.max_body, errs)
+                .map(RouteAction::Direct)
+        }
+        // filter_action / non_forwarding_action are reported by reject_unsupported.
+        Some(_) => None,
+        None => {
+            errs.add(
+                path,
+                "one of route, redirect or direct_response is required",
+            );
+            None
+        }
+    };
+    let request_headers = HeaderMutations::translate(
+        &r.request_headers_to_add,
+        &r.request_headers_to_remove,
+        path,
+        "request",
+        errs,
+    );
+    let response_headers = HeaderMutations::translate(
+        &r.response_headers_to_add,
+        &r.response_headers_to_remove,
+        path,
+        "response",
+        errs,
+    );
+    Some(Route {
+        name: r.name.clone(),
+        matcher: matcher?,
+        action: action?,
+        request_headers,
+        response_headers,
+    })
+}
