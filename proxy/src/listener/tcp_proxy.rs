@@ -136,8 +136,8 @@ pub async fn serve(
     };
     let mut upstream = None;
     for attempt in 1..=cfg.max_connect_attempts {
+        // choose_host counts upstream_cx_none_healthy itself.
         let Some(host) = cluster.choose_host() else {
-            cluster.stats().upstream_cx_none_healthy.increment(1);
             tracing::debug!(cluster = cluster.name(), "tcp_proxy: no healthy upstream");
             return;
         };

@@ -752,6 +752,8 @@ mod tests {
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
       stat_prefix: h
+      route_config: {name: r}
+      http_filters: [{name: envoy.filters.http.router}]
 "#,
         );
         let l = ok(&y);
