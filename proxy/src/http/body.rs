@@ -53,6 +53,7 @@ pin_project_lite::pin_project! {
         deadline: Option<(Pin<Box<Sleep>>, TimerError)>,
         idle: Option<(Duration, Pin<Box<Sleep>>)>,
         fired: Option<Arc<AtomicBool>>,
+        errored: Option<Arc<AtomicBool>>,
         done: Option<D>,
     }
 
@@ -73,6 +74,7 @@ impl<B, D: OnDone> Timed<B, D> {
             deadline: None,
             idle: None,
             fired: None,
+            errored: None,
             done: Some(done),
         }
     }
@@ -86,6 +88,12 @@ impl<B, D: OnDone> Timed<B, D> {
     /// Fail the body when no frame arrives for `d`.
     pub fn idle(mut self, d: Option<Duration>) -> Self {
         self.idle = d.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        self
+    }
+
+    /// Set `flag` when the inner body fails (e.g. a malformed chunked request body).
+    pub fn error_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.errored = Some(flag);
         self
     }
 
@@ -118,6 +126,9 @@ where
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = this.errored.as_ref() {
+                    f.store(true, Ordering::SeqCst);
+                }
                 if let Some(mut d) = this.done.take() {
                     d.done(false);
                 }

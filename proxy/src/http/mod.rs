@@ -107,11 +107,8 @@ pub async fn serve_connection<I>(
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.request_headers_timeout)
         .max_headers(cfg.max_headers_count)
-        .max_buf_size(
-            cfg.max_request_headers_bytes
-                .max(8192)
-                .max(info.buffer_limit as usize),
-        )
+        // hyper's read buffer bounds the request head: past it hyper answers 431.
+        .max_buf_size(cfg.max_request_headers_bytes.max(8192))
         .keep_alive(true)
         .half_close(false);
     builder

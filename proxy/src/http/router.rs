@@ -169,6 +169,7 @@ pub(super) async fn forward(
     }
 
     let req_timed_out = Arc::new(AtomicBool::new(false));
+    let down_failed = Arc::new(AtomicBool::new(false));
     let up_body = Timed::new(body, ())
         .idle(cfg.stream_idle_timeout)
         .deadline(
@@ -176,6 +177,7 @@ pub(super) async fn forward(
             TimerError::RequestTimeout,
         )
         .flag(req_timed_out.clone())
+        .error_flag(down_failed.clone())
         .boxed_unsync();
     let mut up = Request::new(up_body);
     *up.method_mut() = req.method.clone();
@@ -205,6 +207,16 @@ pub(super) async fn forward(
         Ok(r) => r,
         Err(e) => {
             drop(done);
+            if down_failed.load(Ordering::SeqCst) {
+                // The downstream body was malformed (bad chunk framing): a protocol error of
+                // the client's, answered 400 and the connection closed.
+                cfg.stats.downstream_cx_protocol_error.increment(1);
+                return Err(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed request body\n",
+                    "DPE",
+                ));
+            }
             if req_timed_out.load(Ordering::SeqCst) {
                 cfg.stats.downstream_rq_timeout.increment(1);
                 return Err(LocalReply::new(

@@ -75,6 +75,15 @@ pub fn check_headers(cfg: &HcmConfig, headers: &mut HeaderMap) -> Result<(), Rej
     if headers.len() > cfg.max_headers_count {
         return Err(Reject::TooManyHeaders);
     }
+    // The decoded size (HPACK repeats and split cookies count in full), as Envoy measures it.
+    // hyper's HTTP/1 read buffer bound is only approximate, so this is the authoritative check.
+    let size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if size > cfg.max_request_headers_bytes {
+        return Err(Reject::TooManyHeaders);
+    }
     if cfg.headers_with_underscores != UnderscoresAction::Allow {
         let bad: Vec<HeaderName> = headers
             .keys()
@@ -171,6 +180,8 @@ fn unescape_slashes(p: &str) -> String {
 /// uppercase the remaining escapes, turn `\` into `/`, remove dot segments.
 pub fn normalize_rfc3986(path: &str) -> Result<String, Reject> {
     let b = path.as_bytes();
+    // Works on bytes: only ASCII is ever decoded, and non-ASCII bytes are percent-encoded, so
+    // the result is ASCII (and normalizing it again changes nothing).
     let mut dec = String::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -192,7 +203,11 @@ pub fn normalize_rfc3986(path: &str) -> Result<String, Reject> {
         if c < 0x21 || c == 0x7f {
             return Err(Reject::BadRequest("invalid character in path"));
         }
-        dec.push(if c == b'\\' { '/' } else { c as char });
+        if c >= 0x80 {
+            dec.push_str(&format!("%{c:02X}"));
+        } else {
+            dec.push(if c == b'\\' { '/' } else { c as char });
+        }
         i += 1;
     }
     // remove_dot_segments (RFC 3986 5.2.4) over '/'-separated segments.
@@ -470,6 +485,8 @@ mod tests {
         assert_eq!(n("/a%2fb"), "/a%2Fb");
         assert_eq!(n("/a\\b"), "/a/b");
         assert_eq!(n("/"), "/");
+        assert_eq!(n("/é"), "/%C3%A9");
+        assert_eq!(n(&n("/é")), "/%C3%A9");
         assert!(normalize_rfc3986("/%zz").is_err());
         assert!(normalize_rfc3986("/%4").is_err());
     }

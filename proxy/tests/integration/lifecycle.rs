@@ -79,7 +79,10 @@ fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, Soc
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let (mut listener, mut admin) = (None, None);
-    while listener.is_none() || admin.is_none() {
+    for _ in 0..200 {
+        if listener.is_some() && admin.is_some() {
+            break;
+        }
         let line = lines.next().expect("log line").expect("utf8");
         let addr = line
             .split("address=")
