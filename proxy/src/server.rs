@@ -36,6 +36,20 @@ pub struct ServerStats {
     pub total_connections: Gauge,
 }
 
+impl ServerStats {
+    /// Register under `server.`.
+    pub fn new(store: &Arc<Store>) -> Self {
+        let server = store.plain("server");
+        Self {
+            live: server.gauge("live"),
+            state: server.gauge("state"),
+            concurrency: server.gauge("concurrency"),
+            uptime: server.gauge("uptime"),
+            total_connections: server.gauge("total_connections"),
+        }
+    }
+}
+
 /// A listener as bound.
 #[derive(Debug, Clone)]
 pub struct BoundListener {
@@ -82,6 +96,37 @@ pub struct ServerState {
 }
 
 impl ServerState {
+    /// State for a server about to start (not ready, not draining) serving `snapshot`, with
+    /// stats in the snapshot's store.
+    pub fn new(
+        options: Options,
+        snapshot: Snapshot,
+        clusters: Arc<ClusterManager>,
+        concurrency: usize,
+    ) -> Arc<Self> {
+        let stats = snapshot.stats.clone();
+        let server_stats = ServerStats::new(&stats);
+        server_stats.state.set(3.0);
+        server_stats.concurrency.set(concurrency as f64);
+        Arc::new(ServerState {
+            options,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            stats,
+            server_stats,
+            clusters,
+            listeners: OnceLock::new(),
+            admin_address: OnceLock::new(),
+            started: SystemTime::now(),
+            concurrency,
+            healthy: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+            draining: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
     /// Start draining listeners (idempotent).
     pub fn drain_listeners(&self) {
         if !self.draining.is_cancelled() {
@@ -181,43 +226,16 @@ impl ServerHandle {
 /// Start serving `snapshot` on the current tokio runtime (the main runtime) plus
 /// `options.concurrency` worker threads.
 pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle, StartError> {
-    let stats = snapshot.stats.clone();
-    let server = stats.plain("server");
-    let server_stats = ServerStats {
-        live: server.gauge("live"),
-        state: server.gauge("state"),
-        concurrency: server.gauge("concurrency"),
-        uptime: server.gauge("uptime"),
-        total_connections: server.gauge("total_connections"),
-    };
     let concurrency = options.concurrency.filter(|n| *n > 0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    server_stats.state.set(3.0);
-    server_stats.concurrency.set(concurrency as f64);
-    let clusters = ClusterManager::new(&snapshot.clusters, &stats);
+    let clusters = ClusterManager::new(&snapshot.clusters, &snapshot.stats);
     clusters.start(&tokio::runtime::Handle::current());
     let admin_address = snapshot.admin_address;
     let listeners_cfg = snapshot.listeners.clone();
-    let state = Arc::new(ServerState {
-        options,
-        snapshot: ArcSwap::from_pointee(snapshot),
-        stats,
-        server_stats,
-        clusters,
-        listeners: OnceLock::new(),
-        admin_address: OnceLock::new(),
-        started: SystemTime::now(),
-        concurrency,
-        healthy: AtomicBool::new(true),
-        ready: AtomicBool::new(false),
-        draining: CancellationToken::new(),
-        shutdown: CancellationToken::new(),
-        hard_stop: CancellationToken::new(),
-        connections: TaskTracker::new(),
-    });
+    let state = ServerState::new(options, snapshot, clusters, concurrency);
 
     if let Some(addr) = admin_address {
         let l = tokio::net::TcpListener::bind(addr)
@@ -235,6 +253,8 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
         tokio::spawn(crate::admin::serve(l, state.clone()));
     }
 
+    // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
+    state.clusters.initialized().await;
     let mut bound = crate::listener::bind_all(&listeners_cfg, concurrency)
         .map_err(|(what, source)| StartError::Bind { what, source })?;
     let _ = state.listeners.set(bound.addresses());

@@ -1,21 +1,17 @@
 //! Admin endpoints over a real socket, with a real hyper client.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::cli::Options;
-use crate::server::{BoundListener, ServerState, ServerStats};
+use crate::server::{BoundListener, ServerState};
 use crate::stats::Store;
 use crate::upstream::ClusterManager;
 
@@ -62,15 +58,6 @@ fn for_tests() -> Arc<ServerState> {
     let stats = Store::new();
     let bootstrap = crate::config::parse_bootstrap(BOOTSTRAP).expect("bootstrap parses");
     let snapshot = crate::config::translate(bootstrap, &stats).expect("bootstrap translates");
-    let server = stats.plain("server");
-    let server_stats = ServerStats {
-        live: server.gauge("live"),
-        state: server.gauge("state"),
-        concurrency: server.gauge("concurrency"),
-        uptime: server.gauge("uptime"),
-        total_connections: server.gauge("total_connections"),
-    };
-    server_stats.state.set(2.0);
     let clusters = ClusterManager::new(&snapshot.clusters, &stats);
     let options = Options {
         service_node: Some("node-1".into()),
@@ -78,23 +65,9 @@ fn for_tests() -> Arc<ServerState> {
         drain_time_s: 5,
         ..Options::default()
     };
-    Arc::new(ServerState {
-        options,
-        snapshot: ArcSwap::from_pointee(snapshot),
-        stats,
-        server_stats,
-        clusters,
-        listeners: OnceLock::new(),
-        admin_address: OnceLock::new(),
-        started: SystemTime::now(),
-        concurrency: 2,
-        healthy: AtomicBool::new(true),
-        ready: AtomicBool::new(false),
-        draining: CancellationToken::new(),
-        shutdown: CancellationToken::new(),
-        hard_stop: CancellationToken::new(),
-        connections: TaskTracker::new(),
-    })
+    let state = ServerState::new(options, snapshot, clusters, 2);
+    state.server_stats.state.set(2.0);
+    state
 }
 
 /// An admin server on 127.0.0.1:0 and a client for it.

@@ -118,54 +118,69 @@ pub fn duration_or(
     d.map(|d| duration(d, path, errs)).unwrap_or(default)
 }
 
-/// An Envoy `Address` that must be a socket address (IPv4/IPv6 + port).
+/// The host string and port of an Envoy `SocketAddress` (TCP; named ports unsupported), with
+/// the path of the `socket_address` field for further errors. `min_port` is 0 where binding
+/// to any port is allowed (listeners) and 1 for upstream endpoints.
+pub fn socket_address_parts<'a>(
+    addr: Option<&'a core::Address>,
+    path: &str,
+    min_port: u32,
+    errs: &mut Errors,
+) -> Option<(&'a str, u16, String)> {
+    let Some(addr) = addr else {
+        errs.add(path, "address is required");
+        return None;
+    };
+    let Some(core::address::Address::SocketAddress(sa)) = &addr.address else {
+        errs.add(path, "only socket_address is supported");
+        return None;
+    };
+    let p = join(path, "socket_address");
+    errs.reject_unsupported(
+        sa,
+        &["address", "port_value", "protocol", "ipv4_compat"],
+        &p,
+    );
+    if sa.protocol != core::socket_address::Protocol::Tcp as i32 {
+        errs.add(join(&p, "protocol"), "only TCP is supported");
+    }
+    match sa.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(v))
+            if (min_port..=65535).contains(&v) =>
+        {
+            Some((sa.address.as_str(), v as u16, p))
+        }
+        Some(core::socket_address::PortSpecifier::PortValue(_)) => {
+            errs.add(
+                join(&p, "port_value"),
+                format!("port must be in {min_port}..=65535"),
+            );
+            None
+        }
+        _ => {
+            errs.add(
+                join(&p, "port_value"),
+                "port_value is required (named ports are not supported)",
+            );
+            None
+        }
+    }
+}
+
+/// An Envoy `Address` that must be an IP socket address (IPv4/IPv6 + port).
 pub fn socket_address(
     addr: Option<&core::Address>,
     path: &str,
     errs: &mut Errors,
 ) -> Option<SocketAddr> {
-    let Some(addr) = addr else {
-        errs.add(path, "address is required");
-        return None;
-    };
-    match &addr.address {
-        Some(core::address::Address::SocketAddress(sa)) => {
-            let p = join(path, "socket_address");
-            errs.reject_unsupported(
-                sa,
-                &["address", "port_value", "protocol", "ipv4_compat"],
-                &p,
+    let (host, port, p) = socket_address_parts(addr, path, 0, errs)?;
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Some(SocketAddr::new(ip, port)),
+        Err(_) => {
+            errs.add(
+                join(&p, "address"),
+                format!("{host:?} is not an IP address"),
             );
-            if sa.protocol != core::socket_address::Protocol::Tcp as i32 {
-                errs.add(join(&p, "protocol"), "only TCP is supported");
-            }
-            let port = match sa.port_specifier {
-                Some(core::socket_address::PortSpecifier::PortValue(v)) if v <= 65535 => v as u16,
-                Some(core::socket_address::PortSpecifier::PortValue(_)) => {
-                    errs.add(join(&p, "port_value"), "port must be <= 65535");
-                    return None;
-                }
-                _ => {
-                    errs.add(
-                        join(&p, "port_value"),
-                        "port_value is required (named ports are not supported)",
-                    );
-                    return None;
-                }
-            };
-            match sa.address.parse::<std::net::IpAddr>() {
-                Ok(ip) => Some(SocketAddr::new(ip, port)),
-                Err(_) => {
-                    errs.add(
-                        join(&p, "address"),
-                        format!("{:?} is not an IP address", sa.address),
-                    );
-                    None
-                }
-            }
-        }
-        _ => {
-            errs.add(path, "only socket_address is supported");
             None
         }
     }

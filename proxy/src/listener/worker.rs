@@ -157,21 +157,16 @@ impl Drop for ConnGuard {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::sync::OnceLock;
-    use std::sync::atomic::AtomicBool;
 
     use clap::Parser;
     use tokio::io::AsyncReadExt;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::config::{Errors, TranslateCtx};
-    use crate::server::ServerStats;
     use crate::stats::Store;
 
     fn state(store: &Arc<Store>) -> Arc<ServerState> {
         let snapshot = crate::config::translate(Default::default(), store).expect("empty config");
-        let server = store.plain("server");
         let pc = weir_xds_api::from_yaml(
             "name: backend\ntype: STATIC\nload_assignment: {cluster_name: backend}\n",
         )
@@ -180,29 +175,13 @@ mod tests {
         let backend = Arc::new(
             crate::upstream::translate_cluster(&pc, "backend", &mut errs).expect("cluster"),
         );
-        Arc::new(ServerState {
-            options: crate::cli::Options::parse_from(["weir"]),
-            snapshot: arc_swap::ArcSwap::from_pointee(snapshot),
-            stats: store.clone(),
-            server_stats: ServerStats {
-                live: server.gauge("live"),
-                state: server.gauge("state"),
-                concurrency: server.gauge("concurrency"),
-                uptime: server.gauge("uptime"),
-                total_connections: server.gauge("total_connections"),
-            },
-            clusters: crate::upstream::ClusterManager::new(&[backend], store),
-            listeners: OnceLock::new(),
-            admin_address: OnceLock::new(),
-            started: std::time::SystemTime::now(),
-            concurrency: 1,
-            healthy: AtomicBool::new(true),
-            ready: AtomicBool::new(false),
-            draining: CancellationToken::new(),
-            shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-            connections: TaskTracker::new(),
-        })
+        let clusters = crate::upstream::ClusterManager::new(&[backend], store);
+        ServerState::new(
+            crate::cli::Options::parse_from(["weir"]),
+            snapshot,
+            clusters,
+            1,
+        )
     }
 
     fn listener(store: &Arc<Store>, yaml: &str) -> Arc<ListenerConfig> {

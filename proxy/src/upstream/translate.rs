@@ -294,51 +294,19 @@ fn dns_address(
     path: &str,
     errs: &mut Errors,
 ) -> Option<EndpointAddress> {
-    let Some(addr) = addr else {
-        errs.add(path, "address is required");
-        return None;
-    };
-    let Some(core::address::Address::SocketAddress(sa)) = &addr.address else {
-        errs.add(path, "only socket_address is supported");
-        return None;
-    };
-    let p = join(path, "socket_address");
-    errs.reject_unsupported(
-        sa,
-        &["address", "port_value", "protocol", "ipv4_compat"],
-        &p,
-    );
-    if sa.protocol != core::socket_address::Protocol::Tcp as i32 {
-        errs.add(join(&p, "protocol"), "only TCP is supported");
-    }
-    let port = match sa.port_specifier {
-        Some(core::socket_address::PortSpecifier::PortValue(v)) if (1..=65535).contains(&v) => {
-            v as u16
-        }
-        Some(core::socket_address::PortSpecifier::PortValue(_)) => {
-            errs.add(join(&p, "port_value"), "port must be in 1..=65535");
-            return None;
-        }
-        _ => {
-            errs.add(
-                join(&p, "port_value"),
-                "port_value is required for STRICT_DNS endpoints",
-            );
-            return None;
-        }
-    };
-    if let Ok(ip) = sa.address.parse::<IpAddr>() {
+    let (host, port, p) = crate::config::socket_address_parts(addr, path, 1, errs)?;
+    if let Ok(ip) = host.parse::<IpAddr>() {
         return Some(EndpointAddress::Ip(SocketAddr::new(ip, port)));
     }
-    if !valid_hostname(&sa.address) {
+    if !valid_hostname(host) {
         errs.add(
             join(&p, "address"),
-            format!("{:?} is not a valid DNS name", sa.address),
+            format!("{host:?} is not a valid DNS name"),
         );
         return None;
     }
     Some(EndpointAddress::Dns {
-        host: sa.address.clone(),
+        host: host.to_string(),
         port,
     })
 }
