@@ -173,3 +173,39 @@ async fn quitquitquit_exits_zero() {
         .expect("join");
     assert!(exit.success());
 }
+
+#[test]
+fn every_example_config_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        n += 1;
+        let out = Command::new(BIN)
+            .args(["--mode", "validate", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(n >= 3, "found {n} examples");
+    let bench = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/weir-bench.yaml");
+    let out = Command::new(BIN)
+        .args(["--mode", "validate", "-c"])
+        .arg(&bench)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
