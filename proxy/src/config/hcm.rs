@@ -112,8 +112,10 @@ pub struct HcmStats {
     pub downstream_rq_timeout: Counter,
     /// `downstream_rq_idle_timeout` (stream idle timeout fired).
     pub downstream_rq_idle_timeout: Counter,
-    /// `downstream_rq_rx_reset`.
+    /// `downstream_rq_rx_reset`: the client went away before the response ended.
     pub downstream_rq_rx_reset: Counter,
+    /// `downstream_rq_tx_reset`: weir reset the stream (upstream failed mid-response, timer).
+    pub downstream_rq_tx_reset: Counter,
     /// `downstream_rq_too_large` (headers over the limit).
     pub downstream_rq_too_large: Counter,
     /// `downstream_rq_ws_on_non_ws_route`.
@@ -149,6 +151,7 @@ impl HcmStats {
             downstream_rq_timeout: s.counter("downstream_rq_timeout"),
             downstream_rq_idle_timeout: s.counter("downstream_rq_idle_timeout"),
             downstream_rq_rx_reset: s.counter("downstream_rq_rx_reset"),
+            downstream_rq_tx_reset: s.counter("downstream_rq_tx_reset"),
             downstream_rq_too_large: s.counter("downstream_rq_too_large"),
             downstream_rq_ws_on_non_ws_route: s.counter("downstream_rq_ws_on_non_ws_route"),
             no_route: s.counter("no_route"),

@@ -28,21 +28,25 @@ pub enum TimerError {
     RequestTimeout,
 }
 
+/// How a body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Reached its end without error.
+    Complete,
+    /// The inner body (or a timer) failed: the stream is reset by weir.
+    Error,
+    /// Dropped before its end: the consumer (e.g. the downstream client) went away.
+    Dropped,
+}
+
 /// Something to run when a body ends (successfully or not) or is dropped.
 pub trait OnDone: Send + 'static {
-    /// `complete` is true when the body reached its end without error.
-    fn done(&mut self, complete: bool);
+    /// Called exactly once.
+    fn done(&mut self, outcome: Outcome);
 }
 
 impl OnDone for () {
-    fn done(&mut self, _complete: bool) {}
-}
-
-impl<A: OnDone, B: OnDone> OnDone for (A, B) {
-    fn done(&mut self, complete: bool) {
-        self.0.done(complete);
-        self.1.done(complete);
-    }
+    fn done(&mut self, _outcome: Outcome) {}
 }
 
 pin_project_lite::pin_project! {
@@ -60,7 +64,7 @@ pin_project_lite::pin_project! {
     impl<B, D: OnDone> PinnedDrop for Timed<B, D> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(mut d) = this.project().done.take() {
-                d.done(false);
+                d.done(Outcome::Dropped);
             }
         }
     }
@@ -130,13 +134,13 @@ where
                     f.store(true, Ordering::SeqCst);
                 }
                 if let Some(mut d) = this.done.take() {
-                    d.done(false);
+                    d.done(Outcome::Error);
                 }
                 return Poll::Ready(Some(Err(e.into())));
             }
             Poll::Ready(None) => {
                 if let Some(mut d) = this.done.take() {
-                    d.done(true);
+                    d.done(Outcome::Complete);
                 }
                 return Poll::Ready(None);
             }
@@ -147,7 +151,7 @@ where
                 f.store(true, Ordering::SeqCst);
             }
             if let Some(mut d) = this_done.take() {
-                d.done(false);
+                d.done(Outcome::Error);
             }
             Poll::Ready(Some(Err(Box::new(err) as BoxError)))
         };
@@ -196,9 +200,9 @@ mod tests {
 
     struct Count(Arc<AtomicUsize>, Arc<AtomicBool>);
     impl OnDone for Count {
-        fn done(&mut self, complete: bool) {
+        fn done(&mut self, outcome: Outcome) {
             self.0.fetch_add(1, Ordering::SeqCst);
-            self.1.store(complete, Ordering::SeqCst);
+            self.1.store(outcome == Outcome::Complete, Ordering::SeqCst);
         }
     }
 

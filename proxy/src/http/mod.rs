@@ -33,7 +33,7 @@ use crate::route::{HeaderContext, RouteAction, RouteRequest};
 use crate::server::ServerState;
 use crate::stats::class_index;
 use crate::upstream::UpstreamBody;
-use body::{OnDone, Timed};
+use body::{OnDone, Outcome, Timed};
 use sanitize::Reject;
 
 /// Per-connection state shared by the connection task and its request futures.
@@ -178,13 +178,15 @@ struct DownstreamDone {
 }
 
 impl OnDone for DownstreamDone {
-    fn done(&mut self, complete: bool) {
+    fn done(&mut self, outcome: Outcome) {
         let s = &self.conn.cfg.stats;
         s.downstream_rq_active.decrement(1.0);
         s.downstream_rq_time
             .record(self.start.elapsed().as_secs_f64() * 1000.0);
-        if !complete {
-            s.downstream_rq_rx_reset.increment(0);
+        match outcome {
+            Outcome::Dropped => s.downstream_rq_rx_reset.increment(1),
+            Outcome::Error => s.downstream_rq_tx_reset.increment(1),
+            Outcome::Complete => {}
         }
         self.conn.active.fetch_sub(1, Ordering::SeqCst);
         self.conn.touch();

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use weir_filters::LocalReply;
 
 use super::Stream;
-use super::body::{OnDone, Timed, TimerError};
+use super::body::{OnDone, Outcome, Timed, TimerError};
 use super::local_reply;
 use crate::route::{ForwardAction, RouteMatch};
 use crate::stats::class_index;
@@ -51,16 +51,20 @@ struct UpstreamDone {
 }
 
 impl OnDone for UpstreamDone {
-    fn done(&mut self, complete: bool) {
+    fn done(&mut self, outcome: Outcome) {
         let s = self.cluster.stats();
         s.upstream_rq_active.decrement(1.0);
         self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
-        if complete {
+        if outcome == Outcome::Complete {
             s.upstream_rq_completed.increment(1);
             s.upstream_rq_time
                 .record(self.start.elapsed().as_secs_f64() * 1000.0);
+        } else if outcome == Outcome::Error {
+            // The upstream response failed mid-body (reset, timeout).
+            s.upstream_rq_rx_reset.increment(1);
         } else {
-            s.upstream_rq_rx_reset.increment(0);
+            // The downstream went away: weir resets the upstream request.
+            s.upstream_rq_tx_reset.increment(1);
         }
     }
 }

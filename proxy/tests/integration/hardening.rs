@@ -332,3 +332,66 @@ async fn path_normalization_feeds_routing_and_upstream() {
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failure_mid_body_is_visible_downstream() {
+    let b = Backend::start("b").await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("b", "15s"),
+        &cluster("b", &[b.port()]),
+        "",
+    ))
+    .await;
+    // HTTP/1.1: headers arrive, then the connection is cut before the promised length.
+    let s = tokio::net::TcpStream::connect(p.addr("http"))
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::get("/abort")
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("headers");
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(
+        body.is_err(),
+        "incomplete body must be an error, not a clean end"
+    );
+    // HTTP/2: the stream is reset.
+    let mut h2 = h2_client(p.addr("http")).await;
+    let resp = h2
+        .send_request(
+            Request::get("http://x/abort")
+                .body(Full::default())
+                .expect("req"),
+        )
+        .await
+        .expect("headers");
+    assert!(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .is_err()
+    );
+    eventually("tx resets counted", || {
+        p.stat("http.ingress.downstream_rq_tx_reset") == 2
+    })
+    .await;
+    eventually("upstream rx resets counted", || {
+        p.stat("cluster.b.upstream_rq_rx_reset") == 2
+    })
+    .await;
+    eventually("gauges at baseline", || {
+        p.stat("http.ingress.downstream_rq_active") == 0
+            && p.stat("cluster.b.upstream_rq_active") == 0
+    })
+    .await;
+    p.stop().await;
+}

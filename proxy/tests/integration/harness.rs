@@ -132,7 +132,7 @@ impl Backend {
     }
 }
 
-type BBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type BBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 async fn backend_handle(req: Request<Incoming>, name: &str, hits: &AtomicUsize) -> Response<BBody> {
     hits.fetch_add(1, Ordering::SeqCst);
@@ -157,7 +157,11 @@ async fn backend_handle(req: Request<Incoming>, name: &str, hits: &AtomicUsize) 
         "version": format!("{:?}", req.version()),
         "headers": headers,
     });
-    let full = |b: Bytes| Full::new(b).boxed();
+    let full = |b: Bytes| {
+        Full::new(b)
+            .map_err(|never: Infallible| match never {})
+            .boxed()
+    };
     if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(Bytes::from(info.to_string())));
         *r.status_mut() = code
@@ -189,11 +193,33 @@ async fn backend_handle(req: Request<Incoming>, name: &str, hits: &AtomicUsize) 
             .insert("x-backend", name.parse().expect("name"));
         return r;
     }
+    if path == "/abort" {
+        // Promise 100 bytes, send 10, then fail: the connection is cut mid-body.
+        let body =
+            http_body_util::StreamBody::new(futures::stream::unfold(0u8, |step| async move {
+                match step {
+                    0 => Some((
+                        Ok(hyper::body::Frame::data(Bytes::from_static(b"0123456789"))),
+                        1,
+                    )),
+                    1 => {
+                        // Let the headers and first bytes reach the client before failing.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Some((Err(std::io::Error::other("backend gave up")), 2))
+                    }
+                    _ => None,
+                }
+            }));
+        let mut r = Response::new(BodyExt::boxed(body));
+        r.headers_mut()
+            .insert("content-length", "100".parse().expect("v"));
+        return r;
+    }
     if path == "/trailers" {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-trailer", "yes".parse().expect("v"));
         let frames = vec![
-            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"data"))),
+            Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from_static(b"data"))),
             Ok(hyper::body::Frame::trailers(trailers)),
         ];
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
