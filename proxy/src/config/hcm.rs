@@ -219,6 +219,9 @@ pub struct HcmConfig {
     pub escaped_slashes: EscapedSlashes,
     /// `upgrade_configs` with `upgrade_type: websocket` enabled.
     pub websocket: bool,
+    /// `upgrade_configs` with `upgrade_type: CONNECT` enabled: CONNECT requests are routed
+    /// (only `connect_matcher` routes match them). Without it CONNECT gets 400.
+    pub connect: bool,
     /// `strip_matching_host_port`.
     pub strip_matching_host_port: bool,
     /// Stats.
@@ -458,16 +461,20 @@ pub fn translate_hcm(
         };
 
     let mut websocket = false;
+    let mut connect = false;
     for (i, u) in h.upgrade_configs.iter().enumerate() {
         let p = format!("{path}.upgrade_configs[{i}]");
         errs.reject_unsupported(u, &["upgrade_type", "enabled"], &p);
+        let enabled = u.enabled.map(|b| b.value).unwrap_or(true);
         if u.upgrade_type.eq_ignore_ascii_case("websocket") {
-            websocket = u.enabled.map(|b| b.value).unwrap_or(true);
+            websocket = enabled;
+        } else if u.upgrade_type.eq_ignore_ascii_case("CONNECT") {
+            connect = enabled;
         } else {
             errs.add(
                 join(&p, "upgrade_type"),
                 format!(
-                    "upgrade type {:?} is not supported (only websocket)",
+                    "upgrade type {:?} is not supported (only websocket and CONNECT)",
                     u.upgrade_type
                 ),
             );
@@ -501,6 +508,7 @@ pub fn translate_hcm(
         merge_slashes: h.merge_slashes,
         escaped_slashes,
         websocket,
+        connect,
         strip_matching_host_port: h.strip_matching_host_port,
         stats: HcmStats::new(&ctx.stats.http(&h.stat_prefix)),
     })
@@ -642,6 +650,12 @@ mod tests {
         assert_eq!(h.request_timeout, Some(Duration::from_secs(2)));
         assert!(h.normalize_path && h.merge_slashes && h.websocket);
         assert_eq!(h.escaped_slashes, EscapedSlashes::Reject);
+        assert!(!h.connect);
+        let h = hcm(&format!(
+            "{BASE}upgrade_configs: [{{upgrade_type: CONNECT}}, {{upgrade_type: websocket, enabled: false}}]\n"
+        ))
+        .expect("valid");
+        assert!(h.connect && !h.websocket);
     }
 
     #[test]
@@ -654,7 +668,7 @@ mod tests {
         assert!(paths.contains(&"hcm.access_log"), "{e:?}");
         assert!(paths.contains(&"hcm.http_filters"), "{e:?}");
         let e = hcm(&format!(
-            "{BASE}upgrade_configs: [{{upgrade_type: CONNECT}}]\nmax_request_headers_kb: 9000\n"
+            "{BASE}upgrade_configs: [{{upgrade_type: h2c}}]\nmax_request_headers_kb: 9000\n"
         ))
         .expect_err("invalid");
         let paths: Vec<_> = e.iter().map(|(p, _)| p.as_str()).collect();

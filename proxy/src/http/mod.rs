@@ -320,27 +320,37 @@ async fn process(
         }
         Err(Reject::Redirect(_)) => {}
     }
-    let pq = req
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    let path = match sanitize::normalize(&cfg, &req.method, &pq) {
-        Ok(p) => p,
-        Err(Reject::Redirect(to)) => {
-            let mut r = Response::new(local_reply::full(Bytes::new()));
-            *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-            if let Ok(v) = HeaderValue::from_str(&to) {
-                r.headers_mut().insert(LOCATION, v);
+    // CONNECT (authority-form target) only where the connection manager allows it.
+    let connect = req.method == http::Method::CONNECT;
+    if connect && (!cfg.connect || req.uri.authority().is_none()) {
+        st.close = true;
+        return Err(bad(if cfg.connect {
+            "CONNECT without authority"
+        } else {
+            "CONNECT is not configured"
+        }));
+    }
+    let path = if connect {
+        // No path to normalize; only `connect_matcher` routes match CONNECT.
+        String::new()
+    } else {
+        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        match sanitize::normalize(&cfg, &req.method, pq) {
+            Ok(p) => p,
+            Err(Reject::Redirect(to)) => {
+                let mut r = Response::new(local_reply::full(Bytes::new()));
+                *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                if let Ok(v) = HeaderValue::from_str(&to) {
+                    r.headers_mut().insert(LOCATION, v);
+                }
+                return Ok(r);
             }
-            return Ok(r);
+            Err(Reject::BadRequest(m)) => {
+                st.close = true;
+                return Err(bad(m));
+            }
+            Err(Reject::TooManyHeaders) => return Err(bad("too many headers")),
         }
-        Err(Reject::BadRequest(m)) => {
-            st.close = true;
-            return Err(bad(m));
-        }
-        Err(Reject::TooManyHeaders) => return Err(bad("too many headers")),
     };
 
     // Authority: absolute-form URI (and :authority on h2) wins over Host.
@@ -360,7 +370,7 @@ async fn process(
         authority = h.to_string();
     }
 
-    let ws = router::is_websocket_upgrade(req);
+    let ws = !connect && router::is_websocket_upgrade(req);
     if ws && !cfg.websocket {
         cfg.stats.downstream_rq_ws_on_non_ws_route.increment(1);
         return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
@@ -426,6 +436,7 @@ async fn process(
             }
             r
         }
+        RouteAction::Forward(f) if connect => router::connect(req, st, f).await?,
         RouteAction::Forward(f) => {
             router::forward(req, body, st, &m, f, &authority, &path, ws).await?
         }

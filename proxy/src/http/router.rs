@@ -1,6 +1,6 @@
 //! The router (`envoy.filters.http.router`): cluster selection, host selection, upstream
-//! request construction, the route timeout, upstream failure -> local reply mapping, and
-//! WebSocket upgrades.
+//! request construction, the route timeout, upstream failure -> local reply mapping,
+//! WebSocket upgrades and CONNECT termination (TCP tunnels).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +69,14 @@ impl OnDone for UpstreamDone {
     }
 }
 
+impl UpstreamDone {
+    /// The request never reached the upstream (connect failed): only undo the gauges.
+    fn abort(self) {
+        self.cluster.stats().upstream_rq_active.decrement(1.0);
+        self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a response code for the cluster and host (Envoy's `chargeUpstreamCode`).
 fn charge(cluster: &Cluster, host: &Host, status: u16) {
     cluster.stats().upstream_rq_xx[class_index(status)].increment(1);
@@ -77,6 +85,33 @@ fn charge(cluster: &Cluster, host: &Host, status: u16) {
     } else {
         host.stats.rq_success.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The route's cluster (fixed, weighted or from a header) and a host of it.
+// LocalReply is the error of every handler in this module (the async ones escape the lint).
+#[allow(clippy::result_large_err)]
+fn pick_host(
+    headers: &http::HeaderMap,
+    st: &Stream<'_>,
+    f: &ForwardAction,
+) -> Result<(Arc<Cluster>, Arc<Host>), LocalReply> {
+    let cfg = &st.conn.cfg;
+    let Some(name) = f.select_cluster(headers, rand::random::<u64>()) else {
+        cfg.stats.no_cluster.increment(1);
+        return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
+    };
+    let Some(cluster) = st.conn.state.clusters.get(&name) else {
+        cfg.stats.no_cluster.increment(1);
+        return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
+    };
+    let Some(host) = cluster.choose_host() else {
+        return Err(LocalReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream",
+            "UH",
+        ));
+    };
+    Ok((cluster, host))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -91,22 +126,7 @@ pub(super) async fn forward(
     websocket: bool,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let cfg = st.conn.cfg.clone();
-    let state = st.conn.state.clone();
-    let Some(name) = f.select_cluster(&req.headers, rand::random::<u64>()) else {
-        cfg.stats.no_cluster.increment(1);
-        return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
-    };
-    let Some(cluster) = state.clusters.get(&name) else {
-        cfg.stats.no_cluster.increment(1);
-        return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
-    };
-    let Some(host) = cluster.choose_host() else {
-        return Err(LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-            "UH",
-        ));
-    };
+    let (cluster, host) = pick_host(&req.headers, st, f)?;
 
     // Request head for the upstream.
     let mut headers = std::mem::take(&mut req.headers);
@@ -350,4 +370,73 @@ async fn websocket_upgrade(
         .map_err(|e| -> BoxError { e })
         .boxed_unsync();
     Ok(Response::from_parts(parts, body))
+}
+
+/// Terminate a CONNECT request (route `upgrade_configs: [{upgrade_type: CONNECT,
+/// connect_config: {}}]`): open TCP to a host of the route's cluster, answer `200`, then splice
+/// the upgraded downstream connection with the TCP stream until either side closes.
+pub(super) async fn connect(
+    req: &mut http::request::Parts,
+    st: &Stream<'_>,
+    f: &ForwardAction,
+) -> Result<Response<UpstreamBody>, LocalReply> {
+    if !f.connect_terminate() {
+        // Translation refuses connect_matcher routes without it; CONNECT matches no other.
+        return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
+    }
+    let (cluster, host) = pick_host(&req.headers, st, f)?;
+    let Some(down_upgrade) = req.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(LocalReply::new(
+            StatusCode::BAD_REQUEST,
+            "upgrade unavailable\n",
+            "DPE",
+        ));
+    };
+    let cs = cluster.stats();
+    cs.upstream_rq_total.increment(1);
+    cs.upstream_rq_active.increment(1.0);
+    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+    let mut done = UpstreamDone {
+        cluster: cluster.clone(),
+        host: host.clone(),
+        start: Instant::now(),
+    };
+    let tcp = match cluster.connect_tcp(&host).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "CONNECT tunnel connect failed");
+            charge(&cluster, &host, 503);
+            done.abort();
+            return Err(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                upstream_failure("connection failure"),
+                "UF",
+            ));
+        }
+    };
+    charge(&cluster, &host, 200);
+    let hard_stop = st.conn.state.hard_stop.clone();
+    tokio::spawn(async move {
+        // The connection guard lives as long as the tunnel.
+        let (mut up, _cx) = (tcp.stream, tcp.guard);
+        let outcome = match down_upgrade.await {
+            Ok(down) => {
+                let mut down = TokioIo::new(down);
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
+                        Ok(_) => Outcome::Complete,
+                        Err(_) => Outcome::Error,
+                    },
+                    _ = hard_stop.cancelled() => Outcome::Error,
+                }
+            }
+            // The client went away before the upgrade completed.
+            Err(_) => Outcome::Dropped,
+        };
+        done.done(outcome);
+    });
+    let mut resp = Response::new(local_reply::full(Bytes::new()));
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
 }

@@ -23,7 +23,13 @@ pub enum Reject {
 }
 
 /// HTTP/1 framing checks (hyper parsed the message; these close the ambiguities it tolerates).
-pub fn check_framing(version: Version, method: &Method, headers: &HeaderMap) -> Result<(), Reject> {
+/// CONNECT is not refused here: the connection manager decides it (`upgrade_configs`); the
+/// method parameter is kept for callers (fuzz target) and future method-specific checks.
+pub fn check_framing(
+    version: Version,
+    _method: &Method,
+    headers: &HeaderMap,
+) -> Result<(), Reject> {
     if version >= Version::HTTP_2 {
         return Ok(());
     }
@@ -63,9 +69,6 @@ pub fn check_framing(version: Version, method: &Method, headers: &HeaderMap) -> 
     }
     if hosts == 0 && version == Version::HTTP_11 {
         return Err(Reject::BadRequest("missing host"));
-    }
-    if method == Method::CONNECT {
-        return Err(Reject::BadRequest("CONNECT is not configured"));
     }
     Ok(())
 }

@@ -152,6 +152,9 @@ pub struct ForwardAction {
     pub(super) rewrite: Option<PathRewrite>,
     host_rewrite_literal: Option<Box<str>>,
     auto_host_rewrite: bool,
+    /// `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]` (enabled): weir
+    /// terminates CONNECT and tunnels the payload over TCP to a host of the cluster.
+    connect_terminate: bool,
 }
 
 impl ForwardAction {
@@ -191,6 +194,12 @@ impl ForwardAction {
         self.auto_host_rewrite
     }
 
+    /// Whether CONNECT requests on this route are terminated here (TCP tunnel to the
+    /// cluster), from `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]`.
+    pub fn connect_terminate(&self) -> bool {
+        self.connect_terminate
+    }
+
     #[allow(deprecated)] // `total_weight` is deprecated; still checked when set
     pub(super) fn translate(
         ra: &rpb::RouteAction,
@@ -212,9 +221,11 @@ impl ForwardAction {
                 "regex_rewrite",
                 "host_rewrite_literal",
                 "auto_host_rewrite",
+                "upgrade_configs",
             ],
             path,
         );
+        let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
         let check_cluster = |name: &str, p: &str, errs: &mut Errors| -> Option<Box<str>> {
             if name.is_empty() {
                 errs.add(p, "cluster name must not be empty");
@@ -344,8 +355,54 @@ impl ForwardAction {
             rewrite: rewrite.ok()?,
             host_rewrite_literal,
             auto_host_rewrite,
+            connect_terminate,
         })
     }
+}
+
+/// `RouteAction.upgrade_configs`: only `CONNECT` with `connect_config` (terminate CONNECT, TCP
+/// to the cluster). Plain CONNECT forwarding (no `connect_config`) and per-route WebSocket
+/// settings are rejected. Returns whether CONNECT is terminated on this route.
+fn connect_upgrade(
+    ucs: &[rpb::route_action::UpgradeConfig],
+    path: &str,
+    errs: &mut Errors,
+) -> bool {
+    let mut terminate = false;
+    let mut seen = false;
+    for (i, u) in ucs.iter().enumerate() {
+        let p = join(path, &format!("upgrade_configs[{i}]"));
+        errs.reject_unsupported(u, &["upgrade_type", "enabled", "connect_config"], &p);
+        if !u.upgrade_type.eq_ignore_ascii_case("CONNECT") {
+            errs.add(
+                join(&p, "upgrade_type"),
+                format!(
+                    "route upgrade type {:?} is not supported (only CONNECT with connect_config; \
+                     WebSocket is enabled on the connection manager)",
+                    u.upgrade_type
+                ),
+            );
+            continue;
+        }
+        if std::mem::replace(&mut seen, true) {
+            errs.add(join(&p, "upgrade_type"), "duplicate CONNECT upgrade config");
+            continue;
+        }
+        let enabled = u.enabled.as_ref().is_none_or(|b| b.value);
+        match &u.connect_config {
+            Some(cc) => {
+                errs.reject_unsupported(cc, &[], &join(&p, "connect_config"));
+                terminate = enabled;
+            }
+            None if enabled => errs.add(
+                join(&p, "connect_config"),
+                "forwarding CONNECT to an upstream proxy is not supported; set connect_config: {} \
+                 to terminate CONNECT here and tunnel to the cluster over TCP",
+            ),
+            None => {}
+        }
+    }
+    terminate
 }
 
 /// Translate `prefix_rewrite` + `regex_rewrite` (mutually exclusive). `Err` when invalid.

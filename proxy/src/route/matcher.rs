@@ -424,6 +424,8 @@ pub(super) enum PathMatch {
     Exact(Box<str>),
     Regex(Regex),
     SeparatedPrefix(Box<str>),
+    /// `connect_matcher`: any CONNECT request (and nothing else).
+    Connect,
 }
 
 /// A compiled `RouteMatch`.
@@ -464,12 +466,24 @@ impl RouteMatcher {
                 };
                 head && matches!(path.as_bytes().get(p.len()), None | Some(b'/'))
             }
+            // CONNECT has no path; `matches` decides by method.
+            PathMatch::Connect => false,
         }
     }
 
+    /// Whether this is a `connect_matcher` route.
+    pub(super) fn is_connect(&self) -> bool {
+        matches!(self.path, PathMatch::Connect)
+    }
+
     pub(super) fn matches(&self, req: &RouteRequest<'_>) -> bool {
+        // CONNECT requests match only `connect_matcher` routes, and those match nothing else.
+        let connect = req.method == http::Method::CONNECT;
+        if connect != self.is_connect() {
+            return false;
+        }
         let (path, query) = split_path(req.path);
-        self.path_matches(path)
+        (connect || self.path_matches(path))
             && (!self.grpc || is_grpc(req))
             && self.headers.iter().all(|h| h.matches(req))
             && self.query.iter().all(|q| q.matches(query))
@@ -486,6 +500,7 @@ impl RouteMatcher {
         Some(match &self.path {
             PathMatch::Prefix(p) | PathMatch::Exact(p) | PathMatch::SeparatedPrefix(p) => p.len(),
             PathMatch::Regex(_) => path.len(),
+            PathMatch::Connect => return None,
         })
     }
 
@@ -506,6 +521,7 @@ impl RouteMatcher {
                 "headers",
                 "query_parameters",
                 "grpc",
+                "connect_matcher",
             ],
             path,
         );
@@ -526,12 +542,17 @@ impl RouteMatcher {
                     Some(PathMatch::SeparatedPrefix(p.as_str().into()))
                 }
             }
-            // connect_matcher / path_match_policy are reported by reject_unsupported.
+            Some(P::ConnectMatcher(cm)) => {
+                errs.reject_unsupported(cm, &[], &join(path, "connect_matcher"));
+                Some(PathMatch::Connect)
+            }
+            // path_match_policy is reported by reject_unsupported.
             Some(_) => None,
             None => {
                 errs.add(
                     path,
-                    "one of prefix, path, safe_regex or path_separated_prefix is required",
+                    "one of prefix, path, safe_regex, path_separated_prefix or connect_matcher is \
+                     required",
                 );
                 None
             }

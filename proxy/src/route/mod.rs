@@ -20,7 +20,8 @@
 //! RouteMatch::rewrite_path(path_and_query) -> Option<String>
 //! RouteMatch::redirect(&RouteRequest) -> Option<(StatusCode, String)>
 //! ForwardAction::select_cluster(&HeaderMap, random) -> Option<Cow<str>>
-//! ForwardAction::{timeout, idle_timeout, host_rewrite_literal(), auto_host_rewrite()}
+//! ForwardAction::{timeout, idle_timeout, host_rewrite_literal(), auto_host_rewrite(),
+//!                 connect_terminate()}
 //! DirectResponse { status, body }
 //! ```
 //!
@@ -35,6 +36,9 @@
 //!   `query_parameters` and `grpc` all match wins. Paths are matched without query string
 //!   and fragment; `case_sensitive` (default true) applies to `prefix`, `path` and
 //!   `path_separated_prefix`, never to `safe_regex` (full-string match).
+//! - **CONNECT**: CONNECT requests match only `connect_matcher` routes, and those match only
+//!   CONNECT requests (path specifiers never apply to CONNECT); `headers` still apply and the
+//!   virtual host is chosen by the CONNECT authority (`host:port`).
 //! - **Header matchers** see the request pseudo-headers `:authority`, `:path` (with query),
 //!   `:method` and `:scheme`; several values of one header are joined with `,`.
 //! - **Query parameters** are `&`-separated, percent-decoded (`+` is a space); the first
@@ -56,14 +60,17 @@
 //!   mutations, `metadata`. `require_tls` other than `NONE` is rejected.
 //! - `Route`: `name`, `match`, `route` / `redirect` / `direct_response`, header mutations,
 //!   `metadata`; a non-empty `typed_per_filter_config` is rejected.
-//! - `RouteMatch`: `prefix`, `path`, `safe_regex`, `path_separated_prefix`, `case_sensitive`,
-//!   `headers` (`string_match`, `present_match`, the deprecated `exact_match` /
+//! - `RouteMatch`: `prefix`, `path`, `safe_regex`, `path_separated_prefix`, `connect_matcher`,
+//!   `case_sensitive`, `headers` (`string_match`, `present_match`, the deprecated `exact_match` /
 //!   `prefix_match` / `suffix_match` / `contains_match` / `safe_regex_match`,
 //!   `invert_match`, `treat_missing_header_as_empty`), `query_parameters`, `grpc`.
 //! - `RouteAction`: `cluster`, `cluster_header`, `weighted_clusters` (`name` or
 //!   `cluster_header`, `weight`; `total_weight` must equal the sum), `timeout` (default 15 s,
 //!   `0s` disables), `idle_timeout`, `prefix_rewrite`, `regex_rewrite`,
-//!   `host_rewrite_literal`, `auto_host_rewrite`.
+//!   `host_rewrite_literal`, `auto_host_rewrite`, `upgrade_configs` (only `upgrade_type:
+//!   CONNECT` with an empty `connect_config`: weir terminates CONNECT; a `connect_matcher`
+//!   route that forwards must set it, since forwarding CONNECT to an upstream proxy is not
+//!   supported).
 //! - `RedirectAction`: every field except `path_rewrite`. `DirectResponseAction`: `status`
 //!   (100..=599), `body` (`inline_string`, `inline_bytes`, `filename` read at translation).
 //! - Regexes compile with a program size limit ([`REGEX_SIZE_LIMIT`] bytes), so a hostile

@@ -1389,10 +1389,6 @@ fn unsupported_route_fields_are_named() {
             "rc.virtual_hosts[0].routes[0].match.cookies",
         ),
         (
-            "{match: {connect_matcher: {}}, route: {cluster: a}}",
-            "rc.virtual_hosts[0].routes[0].match.connect_matcher",
-        ),
-        (
             "{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: 5xx}}}",
             "rc.virtual_hosts[0].routes[0].route.retry_policy",
         ),
@@ -1580,4 +1576,116 @@ fn error_messages_are_useful() {
         CLUSTERS,
     );
     assert!(e[0].1.contains("not supported"), "{e:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// CONNECT: connect_matcher and route upgrade_configs
+
+const TERMINATE: &str = "upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]";
+
+#[test]
+fn connect_matcher_matches_only_connect() {
+    let t = table(&one_vhost(&format!(
+        "  - {{name: tunnel, match: {{connect_matcher: {{}}}}, route: {{cluster: a, {TERMINATE}}}}}\n  \
+         - {{name: web, match: {{prefix: /}}, route: {{cluster: b}}}}\n"
+    )));
+    let c = req("echo.internal:443", "").method(Method::CONNECT);
+    assert_eq!(hit(&t, &c).as_deref(), Some("vh/tunnel"));
+    let m = t.route(&c.rr()).expect("match");
+    assert!(forward(&m).connect_terminate());
+    assert_eq!(m.rewrite_path(""), None);
+    // Other methods never match connect_matcher, whatever the path.
+    for r in [req("h", "/"), req("h", "/x").method(Method::POST)] {
+        assert_eq!(hit(&t, &r).as_deref(), Some("vh/web"), "{:?}", r.method);
+    }
+    let get = req("h", "/");
+    assert!(!forward(&t.route(&get.rr()).expect("match")).connect_terminate());
+    // CONNECT never matches path matchers (prefix "" or "/" included).
+    let t = table(&one_vhost(
+        "  - {name: p, match: {prefix: ''}, route: {cluster: b}}\n  \
+         - {name: s, match: {safe_regex: {regex: '.*'}}, route: {cluster: b}}\n",
+    ));
+    assert_eq!(hit(&t, &c), None);
+    assert_eq!(
+        hit(&t, &req("echo.internal:443", "/").method(Method::CONNECT)),
+        None
+    );
+}
+
+#[test]
+fn connect_uses_authority_for_domains_and_headers_still_apply() {
+    let t = table(&format!(
+        "virtual_hosts:\n\
+         - name: proxy\n  domains: ['echo.internal:443']\n  routes:\n  \
+         - {{name: t, match: {{connect_matcher: {{}}, headers: [{{name: x-tunnel, present_match: true}}]}}, route: {{cluster: a, {TERMINATE}}}}}\n\
+         - name: other\n  domains: ['*']\n  routes:\n  \
+         - {{name: deny, match: {{connect_matcher: {{}}}}, direct_response: {{status: 403}}}}\n"
+    ));
+    let c = req("echo.internal:443", "")
+        .method(Method::CONNECT)
+        .header("x-tunnel", "1");
+    assert_eq!(hit(&t, &c).as_deref(), Some("proxy/t"));
+    let no_header = req("echo.internal:443", "").method(Method::CONNECT);
+    assert_eq!(hit(&t, &no_header), None);
+    let elsewhere = req("other.internal:443", "").method(Method::CONNECT);
+    assert_eq!(hit(&t, &elsewhere).as_deref(), Some("other/deny"));
+}
+
+#[test]
+fn connect_upgrade_config_translation() {
+    let ok = |routes: &str| {
+        let e = error_paths(&one_vhost(routes));
+        assert!(e.is_empty(), "{routes}: {e:?}");
+    };
+    // CONNECT enabled on a path route: valid (such a route never sees CONNECT).
+    ok(&format!(
+        "  - {{match: {{prefix: /}}, route: {{cluster: a, {TERMINATE}}}}}\n"
+    ));
+    ok(
+        "  - {match: {prefix: /}, route: {cluster: a, upgrade_configs: [{upgrade_type: connect, enabled: false}]}}\n",
+    );
+    // A connect_matcher route may answer locally.
+    ok("  - {match: {connect_matcher: {}}, direct_response: {status: 403}}\n");
+    ok("  - {match: {connect_matcher: {}}, redirect: {host_redirect: x}}\n");
+
+    let r = "rc.virtual_hosts[0].routes[0]";
+    let cases: &[(&str, String)] = &[
+        // Forwarding CONNECT to an upstream proxy is not supported.
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a}}",
+            format!("{r}.route.upgrade_configs"),
+        ),
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT}]}}",
+            format!("{r}.route.upgrade_configs[0].connect_config"),
+        ),
+        (
+            "{match: {prefix: /}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT}]}}",
+            format!("{r}.route.upgrade_configs[0].connect_config"),
+        ),
+        // Disabled on a connect_matcher route: nothing would handle the CONNECT.
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT, enabled: false, connect_config: {}}]}}",
+            format!("{r}.route.upgrade_configs"),
+        ),
+        (
+            "{match: {prefix: /}, route: {cluster: a, upgrade_configs: [{upgrade_type: websocket}]}}",
+            format!("{r}.route.upgrade_configs[0].upgrade_type"),
+        ),
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {allow_post: true}}]}}",
+            format!("{r}.route.upgrade_configs[0].connect_config.allow_post"),
+        ),
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {proxy_protocol_config: {version: V2}}}]}}",
+            format!("{r}.route.upgrade_configs[0].connect_config.proxy_protocol_config"),
+        ),
+        (
+            "{match: {connect_matcher: {}}, route: {cluster: a, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}, {upgrade_type: CONNECT, connect_config: {}}]}}",
+            format!("{r}.route.upgrade_configs[1].upgrade_type"),
+        ),
+    ];
+    for (route, path) in cases {
+        assert_error(&one_vhost(&format!("  - {route}\n")), path);
+    }
 }

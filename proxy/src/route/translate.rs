@@ -258,6 +258,18 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             None
         }
     };
+    // A CONNECT route that forwards must terminate CONNECT: weir does not forward CONNECT
+    // to an upstream proxy.
+    if let (Some(m), Some(RouteAction::Forward(f))) = (&matcher, &action)
+        && m.is_connect()
+        && !f.connect_terminate()
+    {
+        errs.add(
+            join(path, "route.upgrade_configs"),
+            "a connect_matcher route must set upgrade_configs: [{upgrade_type: CONNECT, \
+             connect_config: {}}] (forwarding CONNECT to an upstream proxy is not supported)",
+        );
+    }
     let request_headers = HeaderMutations::translate(
         &r.request_headers_to_add,
         &r.request_headers_to_remove,

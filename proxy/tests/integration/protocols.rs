@@ -1,5 +1,5 @@
 //! Protocols end to end: HTTP/1.1 <-> HTTP/2 both ways, gRPC unary and bidi streaming with
-//! trailers, WebSocket upgrade, large streamed bodies.
+//! trailers, WebSocket upgrade, CONNECT tunnels, large streamed bodies.
 
 use std::pin::Pin;
 
@@ -280,5 +280,121 @@ async fn websocket_refused_when_not_configured() {
         .expect_err("refused");
     assert!(err.to_string().contains("403"), "{err}");
     assert_eq!(p.stat("http.ingress.downstream_rq_ws_on_non_ws_route"), 1);
+    p.stop().await;
+}
+
+const CONNECT_TO: &str = "            - name: tunnel\n              domains: [\"echo.internal:443\"]\n              routes:\n              - match: {connect_matcher: {}}\n                route: {cluster: up, upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]}\n";
+
+/// Read until the end of a response head.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("head in time")
+            .expect("read");
+        assert_eq!(n, 1, "eof in head: {}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnel_to_tcp_echo() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = tcp_echo().await;
+    let extra = "          upgrade_configs: [{upgrade_type: CONNECT}]\n";
+    let p = Proxy::start(&http_bootstrap(
+        CONNECT_TO,
+        &cluster("up", &[echo.port()]),
+        extra,
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("http"))
+        .await
+        .expect("connect");
+    s.write_all(b"CONNECT echo.internal:443 HTTP/1.1\r\nHost: echo.internal:443\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // RFC 9110 9.3.6: no framing headers on a 2xx answer to CONNECT.
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("transfer-encoding") && !lower.contains("content-length"),
+        "{head}"
+    );
+    // Bytes through the tunnel come back from the echo server byte for byte.
+    let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let send = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&send).await.expect("tunnel write");
+        w
+    });
+    let mut back = vec![0u8; payload.len()];
+    tokio::time::timeout(std::time::Duration::from_secs(5), r.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read back");
+    assert!(back == payload, "echoed bytes differ");
+    assert_eq!(p.stat("cluster.up.upstream_rq_total"), 1);
+    assert_eq!(p.stat("cluster.up.upstream_cx_total"), 1);
+    assert_eq!(p.stat("cluster.up.upstream_rq_active"), 1);
+    // The client closes: the tunnel ends and the gauges return to zero.
+    drop((r, writer.await.expect("writer")));
+    eventually("tunnel closed", || {
+        p.stat("cluster.up.upstream_rq_active") == 0 && p.stat("cluster.up.upstream_cx_active") == 0
+    })
+    .await;
+    assert_eq!(p.stat("cluster.up.upstream_rq_completed"), 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_is_503_uf() {
+    // Nothing listens on the cluster's port.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let extra = "          upgrade_configs: [{upgrade_type: CONNECT}]\n";
+    let p = Proxy::start(&http_bootstrap(CONNECT_TO, &cluster("up", &[port]), extra)).await;
+    let out = raw(
+        p.addr("http"),
+        b"CONNECT echo.internal:443 HTTP/1.1\r\nHost: echo.internal:443\r\n\r\n",
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("connection failure"), "{out}");
+    assert_eq!(p.stat("cluster.up.upstream_rq_total"), 1);
+    assert_eq!(p.stat("cluster.up.upstream_rq_active"), 0);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_refused_when_not_configured() {
+    let echo = tcp_echo().await;
+    let p = Proxy::start(&http_bootstrap(
+        CONNECT_TO,
+        &cluster("up", &[echo.port()]),
+        "",
+    ))
+    .await;
+    let out = raw(
+        p.addr("http"),
+        b"CONNECT echo.internal:443 HTTP/1.1\r\nHost: echo.internal:443\r\n\r\n",
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("CONNECT is not configured"), "{out}");
+    assert_eq!(p.stat("cluster.up.upstream_rq_total"), 0);
+    // A non-CONNECT request never matches the connect_matcher route.
+    let (status, _, _) = get(p.addr("http"), "echo.internal:443", "/").await;
+    assert_eq!(status, 404);
     p.stop().await;
 }
