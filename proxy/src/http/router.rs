@@ -44,17 +44,48 @@ pub(super) fn is_websocket_upgrade(req: &http::request::Parts) -> bool {
 }
 
 /// Ends an upstream request: cluster/host gauges and the request time histogram.
+/// The `rq_active` gauges are released exactly once: by `done`, or on drop (a request that
+/// failed before its response, or a tunnel that ended).
 struct UpstreamDone {
     cluster: Arc<Cluster>,
     host: Arc<Host>,
     start: Instant,
+    open: bool,
+}
+
+impl UpstreamDone {
+    fn new(cluster: Arc<Cluster>, host: Arc<Host>, start: Instant) -> Self {
+        Self {
+            cluster,
+            host,
+            start,
+            open: true,
+        }
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.open, false) {
+            self.cluster.stats().upstream_rq_active.decrement(1.0);
+            self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The request never reached the upstream (connect failed): only undo the gauges.
+    fn abort(self) {
+        drop(self);
+    }
+}
+
+impl Drop for UpstreamDone {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl OnDone for UpstreamDone {
     fn done(&mut self, outcome: Outcome) {
+        self.release();
         let s = self.cluster.stats();
-        s.upstream_rq_active.decrement(1.0);
-        self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
         if outcome == Outcome::Complete {
             s.upstream_rq_completed.increment(1);
             s.upstream_rq_time
@@ -66,14 +97,6 @@ impl OnDone for UpstreamDone {
             // The downstream went away: weir resets the upstream request.
             s.upstream_rq_tx_reset.increment(1);
         }
-    }
-}
-
-impl UpstreamDone {
-    /// The request never reached the upstream (connect failed): only undo the gauges.
-    fn abort(self) {
-        self.cluster.stats().upstream_rq_active.decrement(1.0);
-        self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -181,11 +204,7 @@ pub(super) async fn forward(
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
     let t0 = Instant::now();
-    let done = UpstreamDone {
-        cluster: cluster.clone(),
-        host: host.clone(),
-        start: t0,
-    };
+    let done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
     let deadline = f.timeout.map(|t| st.start + t);
 
     if websocket {
@@ -397,11 +416,7 @@ pub(super) async fn connect(
     cs.upstream_rq_active.increment(1.0);
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    let mut done = UpstreamDone {
-        cluster: cluster.clone(),
-        host: host.clone(),
-        start: Instant::now(),
-    };
+    let mut done = UpstreamDone::new(cluster.clone(), host.clone(), Instant::now());
     let tcp = match cluster.connect_tcp(&host).await {
         Ok(t) => t,
         Err(e) => {

@@ -92,6 +92,13 @@ async fn local_reply_codes() {
     assert_eq!(s.as_u16(), 404);
     assert_eq!(p.stat("http.ingress.downstream_rq_5xx"), 4);
     assert_eq!(p.stat("http.ingress.downstream_rq_4xx"), 1);
+    // Failed attempts release their gauges too.
+    for c in ["slow", "rude", "dead"] {
+        eventually("rq_active back to 0", || {
+            p.stat(&format!("cluster.{c}.upstream_rq_active")) == 0
+        })
+        .await;
+    }
     p.stop().await;
 }
 
