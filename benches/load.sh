@@ -15,6 +15,8 @@ if [ -n "$need" ]; then
   apt-get update -qq && apt-get install -y -qq nginx-light haproxy wrk nghttp2-client iperf3 bc >/dev/null
 fi
 cargo build --release -q -p weir-proxy --bin weir
+# HAProxy (maxconn 8000) and the 5000 idle connections need more descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 OUT=$(mktemp -d)
 pids=()
 cleanup() {
@@ -27,7 +29,8 @@ trap cleanup EXIT
 nginx -c "$SHARED/backend-nginx.conf"
 nginx -c "$SHARED/nginx-h1.conf"
 nginx -c "$SHARED/nginx-h2.conf"
-haproxy -D -f "$SHARED/haproxy.cfg" -p /tmp/bench-haproxy.pid
+# -n caps maxconn below what the descriptor hard limit (often 20000) allows.
+haproxy -D -n 7000 -f "$SHARED/haproxy.cfg" -p /tmp/bench-haproxy.pid
 iperf3 -s -p 18301 >/dev/null 2>&1 & pids+=($!)
 ./target/release/weir -c benches/weir-bench.yaml --concurrency 1 --log-level warn & WEIR=$!; pids+=($WEIR)
 sleep 1
