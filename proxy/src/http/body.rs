@@ -54,8 +54,14 @@ pin_project_lite::pin_project! {
     pub struct Timed<B, D: OnDone> {
         #[pin]
         inner: B,
-        deadline: Option<(Pin<Box<Sleep>>, TimerError)>,
-        idle: Option<(Duration, Pin<Box<Sleep>>)>,
+        // Timers are armed lazily, only when the inner body is pending: a response that is
+        // ready at once (the common small response) never touches the timer wheel.
+        deadline: Option<(Instant, TimerError)>,
+        deadline_sleep: Option<Pin<Box<Sleep>>>,
+        idle: Option<Duration>,
+        idle_sleep: Option<Pin<Box<Sleep>>>,
+        // A frame arrived since the idle timer was armed: re-arm it before waiting again.
+        active: bool,
         fired: Option<Arc<AtomicBool>>,
         errored: Option<Arc<AtomicBool>>,
         done: Option<D>,
@@ -76,7 +82,10 @@ impl<B, D: OnDone> Timed<B, D> {
         Self {
             inner,
             deadline: None,
+            deadline_sleep: None,
             idle: None,
+            idle_sleep: None,
+            active: false,
             fired: None,
             errored: None,
             done: Some(done),
@@ -85,13 +94,13 @@ impl<B, D: OnDone> Timed<B, D> {
 
     /// Fail the body with `err` at `at`.
     pub fn deadline(mut self, at: Option<Instant>, err: TimerError) -> Self {
-        self.deadline = at.map(|at| (Box::pin(tokio::time::sleep_until(at)), err));
+        self.deadline = at.map(|at| (at, err));
         self
     }
 
     /// Fail the body when no frame arrives for `d`.
     pub fn idle(mut self, d: Option<Duration>) -> Self {
-        self.idle = d.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        self.idle = d;
         self
     }
 
@@ -124,9 +133,7 @@ where
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some((d, sleep)) = this.idle.as_mut() {
-                    sleep.as_mut().reset(Instant::now() + *d);
-                }
+                *this.active = true;
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
@@ -155,18 +162,39 @@ where
             }
             Poll::Ready(Some(Err(Box::new(err) as BoxError)))
         };
-        if let Some((sleep, err)) = this.deadline.as_mut()
-            && sleep.as_mut().poll(cx).is_ready()
-        {
-            let err = std::mem::replace(err, TimerError::RouteTimeout);
-            *this.deadline = None;
-            return fire(err, this.done);
+        if let Some((at, _)) = this.deadline.as_ref() {
+            let at = *at;
+            let sleep = this
+                .deadline_sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if sleep.as_mut().poll(cx).is_ready() {
+                let err = this
+                    .deadline
+                    .take()
+                    .map(|(_, e)| e)
+                    .unwrap_or(TimerError::RouteTimeout);
+                *this.deadline_sleep = None;
+                return fire(err, this.done);
+            }
         }
-        if let Some((_, sleep)) = this.idle.as_mut()
-            && sleep.as_mut().poll(cx).is_ready()
-        {
-            *this.idle = None;
-            return fire(TimerError::Idle, this.done);
+        if let Some(d) = *this.idle {
+            let sleep = match this.idle_sleep.as_mut() {
+                Some(s) => {
+                    if std::mem::take(this.active) {
+                        s.as_mut().reset(Instant::now() + d);
+                    }
+                    s
+                }
+                None => {
+                    *this.active = false;
+                    this.idle_sleep.insert(Box::pin(tokio::time::sleep(d)))
+                }
+            };
+            if sleep.as_mut().poll(cx).is_ready() {
+                *this.idle = None;
+                *this.idle_sleep = None;
+                return fire(TimerError::Idle, this.done);
+            }
         }
         Poll::Pending
     }

@@ -66,8 +66,18 @@ fn validate_mode_good_and_bad() {
     );
 }
 
+/// Kills the child if a test fails before it exits, so no weir process outlives the test.
+struct Weir(std::process::Child);
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Start the binary; return it with its listener and admin addresses (parsed from its log).
-fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, SocketAddr) {
+fn spawn_weir(config: &std::path::Path) -> (Weir, SocketAddr, SocketAddr) {
     let mut child = Command::new(BIN)
         .args(["--concurrency", "1", "--drain-time-s", "5", "-c"])
         .arg(config)
@@ -97,17 +107,20 @@ fn spawn_weir(config: &std::path::Path) -> (std::process::Child, SocketAddr, Soc
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    (child, listener.expect("listener"), admin.expect("admin"))
+    (
+        Weir(child),
+        listener.expect("listener"),
+        admin.expect("admin"),
+    )
 }
 
-fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+fn wait_exit(child: &mut Weir) -> std::process::ExitStatus {
     for _ in 0..200 {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = child.0.try_wait().expect("wait") {
             return s;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
     panic!("weir did not exit");
 }
 
@@ -126,7 +139,7 @@ async fn sigterm_drains_in_flight_request_then_exits_zero() {
     let slow = tokio::spawn(async move { get(addr, "x", "/slow/1500").await });
     // Let the slow request reach the backend, then SIGTERM.
     eventually("request in flight", || b.hits() == 1).await;
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
