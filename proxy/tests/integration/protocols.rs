@@ -398,3 +398,51 @@ async fn connect_refused_when_not_configured() {
     assert_eq!(status, 404);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_through_the_proxy() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("weir.test", tonic_health::ServingStatus::Serving)
+        .await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let g = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream_listener(l))
+            .await;
+    });
+    let p = Proxy::start(&http_bootstrap(ALL_TO, &h2_cluster("up", g.port()), "")).await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("channel");
+    let mut client = HealthClient::new(ch);
+    for _ in 0..3 {
+        let r = client
+            .check(HealthCheckRequest {
+                service: "weir.test".into(),
+            })
+            .await
+            .expect("unary call")
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32);
+    }
+    let err = client
+        .check(HealthCheckRequest {
+            service: "unknown".into(),
+        })
+        .await
+        .expect_err("not found status in trailers");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(p.stat("cluster.up.upstream_rq_total"), 4);
+    p.stop().await;
+}
