@@ -6,8 +6,6 @@ use http_body_util::Full;
 
 use crate::harness::*;
 
-const VH: &str = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: b}\n";
-
 async fn admin_get(p: &Proxy, path: &str) -> (u16, String) {
     let (s, _, body) = get(p.admin(), "admin", path).await;
     (s.as_u16(), String::from_utf8_lossy(&body).into_owned())
@@ -16,7 +14,12 @@ async fn admin_get(p: &Proxy, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_after_known_requests() {
     let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(VH, &cluster("b", &[b.port()]), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("b", "15s"),
+        &cluster("b", &[b.port()]),
+        "",
+    ))
+    .await;
     for _ in 0..3 {
         let (s, _, _) = get(p.addr("http"), "x", "/").await;
         assert_eq!(s.as_u16(), 200);
@@ -73,7 +76,12 @@ async fn stats_after_known_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
     let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(VH, &cluster("b", &[b.port()]), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("b", "15s"),
+        &cluster("b", &[b.port()]),
+        "",
+    ))
+    .await;
     assert_eq!(admin_get(&p, "/ready").await, (200, "LIVE\n".to_string()));
     let (_, listeners) = admin_get(&p, "/listeners").await;
     assert!(

@@ -9,12 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
-fn all_to(cluster: &str, timeout: &str) -> String {
-    format!(
-        "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {{prefix: /}}\n                route: {{cluster: {cluster}, timeout: {timeout}}}\n"
-    )
-}
-
 /// A backend that reads a request head and closes without answering.
 async fn rude_backend() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")

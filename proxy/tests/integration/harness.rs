@@ -334,6 +334,13 @@ pub fn json(body: &Bytes) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("json body ({e}): {}", String::from_utf8_lossy(body)))
 }
 
+/// One catch-all virtual host routing everything to `cluster` with a route `timeout`.
+pub fn all_to(cluster: &str, timeout: &str) -> String {
+    format!(
+        "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {{prefix: /}}\n                route: {{cluster: {cluster}, timeout: {timeout}}}\n"
+    )
+}
+
 /// A static cluster YAML snippet.
 pub fn cluster(name: &str, ports: &[u16]) -> String {
     let eps: String = ports

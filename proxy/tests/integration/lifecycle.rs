@@ -21,11 +21,7 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 fn validate_mode_good_and_bad() {
     let good = write_config(
         "good",
-        &http_bootstrap(
-            "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: b}\n",
-            &cluster("b", &[1]),
-            "",
-        ),
+        &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[1]), ""),
     );
     let out = Command::new(BIN)
         .args(["--mode", "validate", "-c"])
@@ -42,7 +38,7 @@ fn validate_mode_good_and_bad() {
     let bad = write_config(
         "bad",
         &http_bootstrap(
-            "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: missing}\n",
+            &all_to("missing", "15s"),
             &cluster("b", &[1]),
             "          access_log: [{name: x}]\n",
         ),
@@ -129,11 +125,7 @@ async fn sigterm_drains_in_flight_request_then_exits_zero() {
     let b = Backend::start("b").await;
     let cfg = write_config(
         "drain",
-        &http_bootstrap(
-            "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: b}\n",
-            &cluster("b", &[b.port()]),
-            "",
-        ),
+        &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[b.port()]), ""),
     );
     let (mut child, addr, _admin) = spawn_weir(&cfg);
     let slow = tokio::spawn(async move { get(addr, "x", "/slow/1500").await });
@@ -168,11 +160,7 @@ async fn quitquitquit_exits_zero() {
     let b = Backend::start("b").await;
     let cfg = write_config(
         "quit",
-        &http_bootstrap(
-            "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: b}\n",
-            &cluster("b", &[b.port()]),
-            "",
-        ),
+        &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[b.port()]), ""),
     );
     let (mut child, _addr, admin) = spawn_weir(&cfg);
     let req = http::Request::post("/quitquitquit")

@@ -24,12 +24,15 @@ fn h2_cluster(name: &str, port: u16) -> String {
     )
 }
 
-const ALL_TO: &str = "            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: up, timeout: 0s}\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_downstream_to_h1_upstream_and_back() {
     let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &cluster("up", &[b.port()]), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &cluster("up", &[b.port()]),
+        "",
+    ))
+    .await;
     let mut h2 = h2_client(p.addr("http")).await;
     let req = Request::post("http://svc.local/echo")
         .body(Full::new(Bytes::from_static(b"ping over h2")))
@@ -57,7 +60,12 @@ async fn h2_downstream_to_h1_upstream_and_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h1_downstream_to_h2_upstream_with_trailers() {
     let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &h2_cluster("up", b.port()), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &h2_cluster("up", b.port()),
+        "",
+    ))
+    .await;
     let (s, _, body) = get(p.addr("http"), "svc.local", "/").await;
     assert_eq!(s.as_u16(), 200);
     let j = json(&body);
@@ -93,7 +101,12 @@ async fn h1_downstream_to_h2_upstream_with_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways() {
     let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &cluster("up", &[b.port()]), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &cluster("up", &[b.port()]),
+        "",
+    ))
+    .await;
     let data: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
     let req = Request::post("/echo")
         .header("host", "x")
@@ -180,7 +193,12 @@ fn tokio_stream_listener(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_bidi_streaming_and_status_trailers() {
     let g = grpc_server().await;
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &h2_cluster("up", g.port()), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &h2_cluster("up", g.port()),
+        "",
+    ))
+    .await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
         .expect("uri")
         .connect()
@@ -228,7 +246,12 @@ async fn grpc_local_reply_is_a_grpc_status() {
         .expect("bind");
     let port = dead.local_addr().expect("addr").port();
     drop(dead);
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &h2_cluster("up", port), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &h2_cluster("up", port),
+        "",
+    ))
+    .await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
         .expect("uri")
         .connect()
@@ -253,7 +276,12 @@ async fn grpc_local_reply_is_a_grpc_status() {
 async fn websocket_upgrade_echo() {
     let ws = ws_echo().await;
     let extra = "          upgrade_configs: [{upgrade_type: websocket}]\n";
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &cluster("up", &[ws.port()]), extra)).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &cluster("up", &[ws.port()]),
+        extra,
+    ))
+    .await;
     let (mut sock, resp) =
         tokio_tungstenite::connect_async(format!("ws://{}/chat", p.addr("http")))
             .await
@@ -274,7 +302,12 @@ async fn websocket_upgrade_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_refused_when_not_configured() {
     let ws = ws_echo().await;
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &cluster("up", &[ws.port()]), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &cluster("up", &[ws.port()]),
+        "",
+    ))
+    .await;
     let err = tokio_tungstenite::connect_async(format!("ws://{}/chat", p.addr("http")))
         .await
         .expect_err("refused");
@@ -419,7 +452,12 @@ async fn grpc_unary_through_the_proxy() {
             .serve_with_incoming(tokio_stream_listener(l))
             .await;
     });
-    let p = Proxy::start(&http_bootstrap(ALL_TO, &h2_cluster("up", g.port()), "")).await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("up", "0s"),
+        &h2_cluster("up", g.port()),
+        "",
+    ))
+    .await;
     let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
         .expect("uri")
         .connect()
