@@ -7,6 +7,7 @@
 //! headers (server, service time, mutations) -> body streamed through [`body::Timed`].
 
 pub mod body;
+pub mod h1_observer;
 pub mod local_reply;
 mod router;
 pub mod sanitize;
@@ -34,6 +35,7 @@ use crate::server::ServerState;
 use crate::stats::class_index;
 use crate::upstream::UpstreamBody;
 use body::{OnDone, Outcome, Timed};
+use h1_observer::{Observer, Verdict, Verdicts};
 use sanitize::Reject;
 
 /// Per-connection state shared by the connection task and its request futures.
@@ -53,6 +55,8 @@ struct Conn {
     close: Notify,
     /// Whether the protocol counter for this connection was recorded.
     proto_counted: AtomicBool,
+    /// Per-request framing verdicts from the HTTP/1 observer, in request order.
+    framing: Arc<Verdicts>,
 }
 
 impl Conn {
@@ -84,6 +88,7 @@ pub async fn serve_connection<I>(
     cfg.stats.downstream_cx_total.increment(1);
     cfg.stats.downstream_cx_active.increment(1.0);
     let _guard = CxGuard(cfg.clone());
+    let framing = Arc::new(Verdicts::default());
     let conn = Arc::new(Conn {
         cfg: cfg.clone(),
         info,
@@ -94,6 +99,7 @@ pub async fn serve_connection<I>(
         requests: AtomicU32::new(0),
         close: Notify::new(),
         proto_counted: AtomicBool::new(false),
+        framing: framing.clone(),
     });
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -126,6 +132,16 @@ pub async fn serve_connection<I>(
         Codec::Http1 => builder.http1_only(),
         Codec::Http2 => builder.http2_only(),
     };
+    // hyper drops Content-Length when Transfer-Encoding is present; the observer sees the
+    // raw request heads (it stops itself on the HTTP/2 preface with the auto codec).
+    let max_buf = cfg.max_request_headers_bytes.max(8192);
+    let io = Observer::new(
+        io,
+        framing,
+        max_buf + 4096,
+        cfg.max_headers_count,
+        cfg.codec != Codec::Http2,
+    );
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(served);
 
@@ -256,8 +272,13 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
         },
         close,
     };
+    let framing = if h2 {
+        Verdict::Clean
+    } else {
+        conn.framing.pop()
+    };
     let (mut parts, body) = req.into_parts();
-    let resp = match process(&mut parts, body, &mut st).await {
+    let resp = match process(&mut parts, body, &mut st, framing).await {
         Ok(r) => r,
         Err(reply) => {
             let close = st.close || (!h2 && reply.status == StatusCode::BAD_REQUEST);
@@ -299,9 +320,25 @@ async fn process(
     req: &mut http::request::Parts,
     body: Incoming,
     st: &mut Stream<'_>,
+    framing: Verdict,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let cfg = st.conn.cfg.clone();
     let bad = |m: &'static str| LocalReply::new(StatusCode::BAD_REQUEST, format!("{m}\n"), "DPE");
+    // hyper hides Content-Length when Transfer-Encoding is present; the observer saw it.
+    // A request it did not observe (only after an Upgrade/CONNECT that was not switched, or
+    // framing it could not follow) cannot prove the absence of Content-Length.
+    let smuggle = match framing {
+        Verdict::ClAndTe => Some("content-length with transfer-encoding"),
+        Verdict::Unobserved if req.headers.contains_key(http::header::TRANSFER_ENCODING) => {
+            Some("unobserved transfer-encoding")
+        }
+        Verdict::Clean | Verdict::Unobserved => None,
+    };
+    if let Some(m) = smuggle {
+        cfg.stats.downstream_cx_protocol_error.increment(1);
+        st.close = true;
+        return Err(bad(m));
+    }
     let checked = sanitize::check_framing(req.version, &req.method, &req.headers)
         .and_then(|_| sanitize::check_headers(&cfg, &mut req.headers));
     match checked {
