@@ -13,13 +13,7 @@ async fn admin_get(p: &Proxy, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_after_known_requests() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("").await;
     for _ in 0..3 {
         let (s, _, _) = get(p.addr("http"), "x", "/").await;
         assert_eq!(s.as_u16(), 200);
@@ -75,13 +69,7 @@ async fn stats_after_known_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, _b) = proxy_to_backend("").await;
     assert_eq!(admin_get(&p, "/ready").await, (200, "LIVE\n".to_string()));
     let (_, listeners) = admin_get(&p, "/listeners").await;
     assert!(

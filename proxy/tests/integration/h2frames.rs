@@ -55,20 +55,9 @@ async fn server_ends_connection(s: &mut tokio::net::TcpStream, wait: Duration) -
     }
 }
 
-async fn h2_proxy() -> (Proxy, Backend) {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
-    (p, b)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_flood_ends_the_connection() {
-    let (p, b) = h2_proxy().await;
+    let (p, b) = proxy_to_backend("").await;
     let mut s = tokio::net::TcpStream::connect(p.addr("http"))
         .await
         .expect("connect");
@@ -98,7 +87,7 @@ async fn rapid_reset_flood_ends_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_flood_ends_the_connection() {
-    let (p, b) = h2_proxy().await;
+    let (p, b) = proxy_to_backend("").await;
     let mut s = tokio::net::TcpStream::connect(p.addr("http"))
         .await
         .expect("connect");
@@ -142,7 +131,7 @@ async fn continuation_flood_ends_the_connection() {
 /// reason they test and not for a malformed header block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_built_request_is_answered() {
-    let (p, b) = h2_proxy().await;
+    let (p, b) = proxy_to_backend("").await;
     let mut s = tokio::net::TcpStream::connect(p.addr("http"))
         .await
         .expect("connect");

@@ -98,13 +98,7 @@ async fn local_reply_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_limits() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("").await;
     let addr = p.addr("http");
     let big = "a".repeat(61 * 1024);
     let resp = raw(
@@ -163,13 +157,7 @@ async fn header_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_shapes_get_400_and_close() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("").await;
     let addr = p.addr("http");
     let shapes: &[&str] = &[
         "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
@@ -248,13 +236,7 @@ async fn smuggling_shapes_get_400_and_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_stay_separate() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("").await;
     let two = "GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let resp = raw(p.addr("http"), two.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(resp.matches("HTTP/1.1 200").count(), 2, "{resp}");
@@ -267,14 +249,7 @@ async fn pipelined_requests_stay_separate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_is_armed() {
-    let b = Backend::start("b").await;
-    let extra = "          request_headers_timeout: 0.3s\n";
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        extra,
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("          request_headers_timeout: 0.3s\n").await;
     let mut s = tokio::net::TcpStream::connect(p.addr("http"))
         .await
         .expect("connect");
@@ -290,14 +265,7 @@ async fn header_read_timeout_is_armed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscores_rejected_when_configured() {
-    let b = Backend::start("b").await;
-    let extra = "          common_http_protocol_options: {headers_with_underscores_action: REJECT_REQUEST}\n";
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        extra,
-    ))
-    .await;
+    let (p, b) = proxy_to_backend("          common_http_protocol_options: {headers_with_underscores_action: REJECT_REQUEST}\n").await;
     let req = Request::get("/")
         .header("host", "x")
         .header("x_under", "1")
@@ -342,13 +310,7 @@ async fn path_normalization_feeds_routing_and_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failure_mid_body_is_visible_downstream() {
-    let b = Backend::start("b").await;
-    let p = Proxy::start(&http_bootstrap(
-        &all_to("b", "15s"),
-        &cluster("b", &[b.port()]),
-        "",
-    ))
-    .await;
+    let (p, _b) = proxy_to_backend("").await;
     // HTTP/1.1: headers arrive, then the connection is cut before the promised length.
     let s = tokio::net::TcpStream::connect(p.addr("http"))
         .await

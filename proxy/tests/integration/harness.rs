@@ -341,6 +341,19 @@ pub fn all_to(cluster: &str, timeout: &str) -> String {
     )
 }
 
+/// A backend `b` and a proxy (listener `http`) routing everything to it; `hcm_extra` is
+/// spliced into the connection manager config (see [`http_bootstrap`]).
+pub async fn proxy_to_backend(hcm_extra: &str) -> (Proxy, Backend) {
+    let b = Backend::start("b").await;
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("b", "15s"),
+        &cluster("b", &[b.port()]),
+        hcm_extra,
+    ))
+    .await;
+    (p, b)
+}
+
 /// A static cluster YAML snippet.
 pub fn cluster(name: &str, ports: &[u16]) -> String {
     let eps: String = ports

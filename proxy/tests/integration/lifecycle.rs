@@ -17,17 +17,22 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// `weir --mode validate -c PATH`.
+fn validate(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["--mode", "validate", "-c"])
+        .arg(path)
+        .output()
+        .expect("run")
+}
+
 #[test]
 fn validate_mode_good_and_bad() {
     let good = write_config(
         "good",
         &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[1]), ""),
     );
-    let out = Command::new(BIN)
-        .args(["--mode", "validate", "-c"])
-        .arg(&good)
-        .output()
-        .expect("run");
+    let out = validate(&good);
     assert!(
         out.status.success(),
         "{}",
@@ -43,11 +48,7 @@ fn validate_mode_good_and_bad() {
             "          access_log: [{name: x}]\n",
         ),
     );
-    let out = Command::new(BIN)
-        .args(["--mode", "validate", "-c"])
-        .arg(&bad)
-        .output()
-        .expect("run");
+    let out = validate(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -185,11 +186,7 @@ fn every_example_config_validates() {
             continue;
         }
         n += 1;
-        let out = Command::new(BIN)
-            .args(["--mode", "validate", "-c"])
-            .arg(&path)
-            .output()
-            .expect("run");
+        let out = validate(&path);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -199,11 +196,7 @@ fn every_example_config_validates() {
     }
     assert!(n >= 3, "found {n} examples");
     let bench = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/weir-bench.yaml");
-    let out = Command::new(BIN)
-        .args(["--mode", "validate", "-c"])
-        .arg(&bench)
-        .output()
-        .expect("run");
+    let out = validate(&bench);
     assert!(
         out.status.success(),
         "{}",

@@ -167,6 +167,15 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
+/// A gRPC (h2c) channel to weir's listener.
+async fn grpc_channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("channel")
+}
+
 async fn grpc_server() -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -199,11 +208,7 @@ async fn grpc_bidi_streaming_and_status_trailers() {
         "",
     ))
     .await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("channel");
+    let ch = grpc_channel(p.addr("http")).await;
     let mut client = AggregatedDiscoveryServiceClient::new(ch);
     let (mut tx, rx) = futures::channel::mpsc::channel::<DiscoveryRequest>(4);
     let mut responses = client
@@ -252,11 +257,7 @@ async fn grpc_local_reply_is_a_grpc_status() {
         "",
     ))
     .await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("channel");
+    let ch = grpc_channel(p.addr("http")).await;
     let mut client = AggregatedDiscoveryServiceClient::new(ch);
     let (_tx, rx) = futures::channel::mpsc::channel::<DiscoveryRequest>(1);
     let err = client
@@ -458,11 +459,7 @@ async fn grpc_unary_through_the_proxy() {
         "",
     ))
     .await;
-    let ch = tonic::transport::Channel::from_shared(format!("http://{}", p.addr("http")))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("channel");
+    let ch = grpc_channel(p.addr("http")).await;
     let mut client = HealthClient::new(ch);
     for _ in 0..3 {
         let r = client
