@@ -129,7 +129,7 @@ fn bench_lb(c: &mut Criterion) {
     let cm = weir_proxy::upstream::ClusterManager::new(&[Arc::new(cfg)], &store);
     let cluster = cm.get("c").expect("cluster");
     c.bench_function("lb_pick_round_robin_20_weighted", |b| {
-        b.iter(|| black_box(cluster.choose_host().is_some()))
+        b.iter(|| black_box(cluster.choose_host(&Default::default()).is_some()))
     });
 }
 

@@ -127,7 +127,7 @@ fn pick_host(
         cfg.stats.no_cluster.increment(1);
         return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
     };
-    let Some(host) = cluster.choose_host() else {
+    let Some(host) = cluster.choose_host(&Default::default()) else {
         return Err(LocalReply::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream",

@@ -137,7 +137,7 @@ pub async fn serve(
     let mut upstream = None;
     for attempt in 1..=cfg.max_connect_attempts {
         // choose_host counts upstream_cx_none_healthy itself.
-        let Some(host) = cluster.choose_host() else {
+        let Some(host) = cluster.choose_host(&Default::default()) else {
             tracing::debug!(cluster = cluster.name(), "tcp_proxy: no healthy upstream");
             return;
         };

@@ -282,7 +282,7 @@ mod tests {
         // A later refresh with the same answer keeps the same host objects.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(Arc::ptr_eq(&cluster.hosts()[0], &hosts[0]));
-        assert!(cluster.choose_host().is_some());
+        assert!(cluster.choose_host(&Default::default()).is_some());
     }
 
     #[tokio::test]

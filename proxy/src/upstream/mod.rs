@@ -275,6 +275,38 @@ impl Host {
     }
 }
 
+/// What the router knows when it asks a cluster for a host.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LbContext<'a> {
+    /// The request's hash from the route's `hash_policy` (RING_HASH, MAGLEV); `None` when the
+    /// route has none or no policy produced a value (the LB then picks at random).
+    pub hash: Option<u64>,
+    /// Hosts earlier attempts of this request used (`retry_host_predicate: previous_hosts`):
+    /// the LB re-picks up to `max_reselects` times to avoid them.
+    pub avoid: &'a [Arc<Host>],
+    /// `host_selection_retry_max_attempts` (0 when no predicate is configured).
+    pub max_reselects: u32,
+}
+
+/// The outcome of one request to a host, reported by the router for outlier detection.
+///
+/// `Status` is an external-origin result (the host answered); the others are local-origin
+/// (Envoy's `LOCAL_ORIGIN_*`): with `split_external_local_origin_errors` they count towards
+/// `consecutive_local_origin_failure`, without it they count as gateway errors (5xx).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostResult {
+    /// The host answered with this HTTP status (gRPC: the HTTP status of the response).
+    Status(u16),
+    /// A connection to the host could not be opened (refused, timed out connecting).
+    ConnectFailed,
+    /// The host accepted the connection and answered (local-origin success).
+    ConnectSucceeded,
+    /// No response headers before the (per-try) timeout.
+    Timeout,
+    /// The connection or stream was reset before response headers.
+    Reset,
+}
+
 /// Per-cluster stats (Envoy names). The router records the `upstream_rq_*` ones; the pool the
 /// `upstream_cx_*` ones.
 #[derive(Debug, Clone)]
@@ -408,13 +440,25 @@ impl Cluster {
     /// Pick a host with smooth weighted round robin over the healthy hosts of the first
     /// priority level that has one (per-worker state, no shared lock). `None` (and
     /// `upstream_cx_none_healthy` counted) when no host is healthy.
-    pub fn choose_host(&self) -> Option<Arc<Host>> {
+    pub fn choose_host(&self, ctx: &LbContext<'_>) -> Option<Arc<Host>> {
+        let _ = ctx;
         let set = self.host_set.load();
         let h = lb::choose(&set, self.uid, &self.alive);
         if h.is_none() {
             self.stats.upstream_cx_none_healthy.increment(1);
         }
         h
+    }
+
+    /// Record the outcome of a request to `host` (outlier detection).
+    pub fn report(&self, host: &Arc<Host>, result: HostResult) {
+        let _ = (host, result);
+    }
+
+    /// The host answered with `x-envoy-immediate-health-check-fail`: mark it failed by active
+    /// health checking at once (a no-op without `health_checks`).
+    pub fn immediate_health_check_fail(&self, host: &Arc<Host>) {
+        let _ = host;
     }
 
     /// Send a request to `host` on this worker's pool.

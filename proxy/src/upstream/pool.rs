@@ -1108,7 +1108,7 @@ mod tests {
     async fn h1_keep_alive_reuses_one_connection() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         for _ in 0..3 {
             let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
             assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
@@ -1127,7 +1127,7 @@ mod tests {
     async fn h1_absolute_uri_becomes_origin_form() {
         let srv = server().await;
         let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let req = Request::builder()
             .uri("http://abs.example/x")
             .body(empty())
@@ -1140,7 +1140,7 @@ mod tests {
     async fn h1_connection_not_reused_after_early_drop() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let resp = c.send_http(&host, get("/big"), false).await.expect("sent");
         drop(resp);
         let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
@@ -1158,7 +1158,7 @@ mod tests {
     async fn h1_connection_not_reused_when_request_body_unfinished() {
         let srv = server().await;
         let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         // A request body that never ends; the server answers without reading it.
         let body = StreamBody::new(futures::stream::pending::<Result<Frame<Bytes>, BoxError>>())
             .boxed_unsync();
@@ -1179,7 +1179,7 @@ mod tests {
     async fn h2_multiplexes_streams_on_one_connection() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
         // Authority from the Host header; no `host` header on the wire.
         assert_eq!(body_text(resp).await, "HTTP/2.0 svc.local -");
@@ -1202,7 +1202,7 @@ mod tests {
     async fn h2_burst_before_any_connection_opens_one() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let all = futures::future::join_all((0..8).map(|_| async {
             let resp = c.send_http(&host, get("/slow"), false).await.expect("sent");
             body_text(resp).await
@@ -1219,7 +1219,7 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         drop(l);
         let (c, store) = cluster(addr, UpstreamProtocol::Http2(Http2Settings::default()));
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let (a, b) = futures::join!(
             c.send_http(&host, get("/x"), false),
             c.send_http(&host, get("/x"), false)
@@ -1242,7 +1242,7 @@ mod tests {
             ..Http2Settings::default()
         };
         let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http2(s));
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let (a, b) = futures::join!(
             c.send_http(&host, get("/slow"), false),
             c.send_http(&host, get("/slow"), false)
@@ -1264,7 +1264,7 @@ mod tests {
             srv.addr,
             UpstreamProtocol::UseDownstream(Http2Settings::default()),
         );
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let r = c.send_http(&host, get("/x"), true).await.expect("sent");
         assert_eq!(body_text(r).await, "HTTP/2.0 svc.local -");
         let r = c.send_http(&host, get("/x"), false).await.expect("sent");
@@ -1277,7 +1277,7 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         drop(l);
         let (c, store) = cluster(addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let e = c
             .send_http(&host, get("/x"), false)
             .await
@@ -1326,7 +1326,7 @@ mod tests {
         let mut cfg = (*c.config).clone();
         cfg.idle_timeout = Some(Duration::from_millis(100));
         let c = Cluster::new(Arc::new(cfg.clone()), &store);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let r = c.send_http(&host, get("/x"), false).await.expect("sent");
         body_text(r).await;
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
@@ -1366,7 +1366,7 @@ mod tests {
     async fn connect_tcp_guard_tracks_active() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let conn = c.connect_tcp(&host).await.expect("connects");
         assert!(conn.stream.nodelay().expect("nodelay"));
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
@@ -1381,7 +1381,7 @@ mod tests {
     async fn server_closing_returns_gauge_to_zero() {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
-        let host = c.choose_host().expect("host");
+        let host = c.choose_host(&Default::default()).expect("host");
         let mut req = get("/x");
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
