@@ -309,8 +309,12 @@ impl Scope {
     fn key(&self, stat: &str, extra: &[(&'static str, String)], dotted: String) -> Key {
         let mut labels = self.labels.clone();
         labels.extend(extra.iter().cloned());
-        self.store
-            .register(format!("{}{}", self.prom, stat), labels, dotted)
+        // Nested Envoy stats (`circuit_breakers.default.rq_open`) become one Prometheus name.
+        self.store.register(
+            format!("{}{}", self.prom, stat.replace('.', "_")),
+            labels,
+            dotted,
+        )
     }
 
     /// Counter `<scope>.<stat>`.

@@ -110,6 +110,8 @@ pub struct HcmStats {
     pub downstream_rq_time: Histogram,
     /// `downstream_rq_timeout` (request_timeout fired).
     pub downstream_rq_timeout: Counter,
+    /// `downstream_rq_max_duration_reached` (route `max_stream_duration` fired).
+    pub downstream_rq_max_duration_reached: Counter,
     /// `downstream_rq_idle_timeout` (stream idle timeout fired).
     pub downstream_rq_idle_timeout: Counter,
     /// `downstream_rq_rx_reset`: the client went away before the response ended.
@@ -149,6 +151,7 @@ impl HcmStats {
             downstream_rq_xx: s.class_counters("downstream_rq"),
             downstream_rq_time: s.histogram("downstream_rq_time"),
             downstream_rq_timeout: s.counter("downstream_rq_timeout"),
+            downstream_rq_max_duration_reached: s.counter("downstream_rq_max_duration_reached"),
             downstream_rq_idle_timeout: s.counter("downstream_rq_idle_timeout"),
             downstream_rq_rx_reset: s.counter("downstream_rq_rx_reset"),
             downstream_rq_tx_reset: s.counter("downstream_rq_tx_reset"),

@@ -9,6 +9,7 @@
 pub mod body;
 pub mod h1_observer;
 pub mod local_reply;
+mod replay;
 mod router;
 pub mod sanitize;
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, UPGRADE};
@@ -17,9 +18,14 @@ use weir_filters::LocalReply;
 use super::Stream;
 use super::body::{OnDone, Outcome, Timed, TimerError};
 use super::local_reply;
+use super::replay::Replay;
+use crate::route::retry::{AttemptError, RetryOn, RetryPolicy};
 use crate::route::{ForwardAction, RouteMatch};
 use crate::stats::class_index;
-use crate::upstream::{BoxError, Cluster, Host, UpstreamBody, UpstreamError};
+use crate::upstream::circuit::Priority;
+use crate::upstream::{
+    BoxError, Cluster, Host, HostResult, LbContext, UpstreamBody, UpstreamError,
+};
 
 /// Envoy's local reply body for upstream failures before response headers.
 fn upstream_failure(reason: &str) -> String {
@@ -110,14 +116,14 @@ fn charge(cluster: &Cluster, host: &Host, status: u16) {
     }
 }
 
-/// The route's cluster (fixed, weighted or from a header) and a host of it.
+/// The route's cluster: fixed, weighted or from a header.
 // LocalReply is the error of every handler in this module (the async ones escape the lint).
 #[allow(clippy::result_large_err)]
-fn pick_host(
+fn pick_cluster(
     headers: &http::HeaderMap,
     st: &Stream<'_>,
     f: &ForwardAction,
-) -> Result<(Arc<Cluster>, Arc<Host>), LocalReply> {
+) -> Result<Arc<Cluster>, LocalReply> {
     let cfg = &st.conn.cfg;
     let Some(name) = f.select_cluster(headers, rand::random::<u64>()) else {
         cfg.stats.no_cluster.increment(1);
@@ -127,14 +133,243 @@ fn pick_host(
         cfg.stats.no_cluster.increment(1);
         return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
     };
-    let Some(host) = cluster.choose_host(&Default::default()) else {
-        return Err(LocalReply::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream",
-            "UH",
-        ));
-    };
+    Ok(cluster)
+}
+
+fn no_healthy_upstream() -> LocalReply {
+    LocalReply::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no healthy upstream",
+        "UH",
+    )
+}
+
+/// The route's cluster and a host of it.
+#[allow(clippy::result_large_err)]
+fn pick_host(
+    headers: &http::HeaderMap,
+    st: &Stream<'_>,
+    f: &ForwardAction,
+) -> Result<(Arc<Cluster>, Arc<Host>), LocalReply> {
+    let cluster = pick_cluster(headers, st, f)?;
+    let host = cluster
+        .choose_host(&LbContext::default())
+        .ok_or_else(no_healthy_upstream)?;
     Ok((cluster, host))
+}
+
+/// 503 `UO` with `x-envoy-overloaded: true` (unless Envoy headers are suppressed).
+fn overloaded(suppress_envoy_headers: bool) -> LocalReply {
+    let mut r = LocalReply::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        "UO",
+    );
+    if !suppress_envoy_headers {
+        r.headers
+            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    }
+    r
+}
+
+/// A millisecond count from a trusted `x-envoy-*` request header (removed).
+fn take_ms(headers: &mut http::HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .remove(name)
+        .and_then(|v| v.to_str().ok().and_then(|s| s.trim().parse().ok()))
+}
+
+/// The retry settings of one request: the route's policy with the trusted request headers
+/// (`x-envoy-retry-on`, `x-envoy-retry-grpc-on`, `x-envoy-max-retries`,
+/// `x-envoy-retriable-status-codes`, `x-envoy-retriable-header-names`) applied. External
+/// clients cannot set these: the connection manager strips `x-envoy-*` from them.
+struct RetryState<'a> {
+    policy: Option<&'a RetryPolicy>,
+    on: RetryOn,
+    max: u32,
+    codes: Vec<u16>,
+    header_names: Vec<http::HeaderName>,
+}
+
+static DEFAULT_POLICY: std::sync::LazyLock<RetryPolicy> =
+    std::sync::LazyLock::new(RetryPolicy::default);
+
+impl<'a> RetryState<'a> {
+    fn new(policy: Option<&'a RetryPolicy>, headers: &mut http::HeaderMap) -> Self {
+        let mut on = policy.map(|p| p.retry_on).unwrap_or_default();
+        let mut from_headers = false;
+        for name in ["x-envoy-retry-on", "x-envoy-retry-grpc-on"] {
+            if let Some(v) = headers.remove(name)
+                && let Ok(v) = v.to_str()
+            {
+                on = on | RetryOn::parse(v).0;
+                from_headers = true;
+            }
+        }
+        let mut max = policy.map_or(1, |p| p.num_retries);
+        if let Some(n) = headers
+            .remove("x-envoy-max-retries")
+            .and_then(|v| v.to_str().ok().and_then(|s| s.trim().parse().ok()))
+        {
+            max = n;
+        }
+        let codes = headers
+            .remove("x-envoy-retriable-status-codes")
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|c| c.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let header_names = headers
+            .remove("x-envoy-retriable-header-names")
+            .and_then(|v| v.to_str().ok().map(str::to_string))
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let policy = match policy {
+            Some(p) => Some(p),
+            None if from_headers => Some(&*DEFAULT_POLICY),
+            None => None,
+        };
+        Self {
+            policy,
+            on,
+            max: if policy.is_some() && !on.is_empty() {
+                max
+            } else {
+                0
+            },
+            codes,
+            header_names,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    fn status(&self, status: u16, headers: &http::HeaderMap) -> bool {
+        self.policy.is_some_and(|p| {
+            p.retry_status(self.on, status, headers, &self.codes, &self.header_names)
+        })
+    }
+
+    fn error(&self, e: AttemptError) -> bool {
+        self.policy.is_some() && RetryPolicy::retry_error(self.on, e)
+    }
+}
+
+/// `host` with `-shadow` appended to the host name (before any port), as Envoy names mirrored
+/// requests.
+fn shadow_host(host: &str) -> String {
+    let port_at = if host.starts_with('[') {
+        host.find("]:").map(|i| i + 1)
+    } else if host.matches(':').count() == 1 {
+        host.find(':')
+    } else {
+        None
+    };
+    match port_at {
+        Some(i) => format!("{}-shadow{}", &host[..i], &host[i..]),
+        None => format!("{host}-shadow"),
+    }
+}
+
+/// Fire-and-forget a copy of the request to a mirror cluster; its response is read and
+/// dropped. It never affects the primary request: a missing cluster, no healthy host, an open
+/// breaker or a slow mirror only end the shadow.
+fn spawn_mirror(
+    st: &Stream<'_>,
+    cluster_name: &str,
+    keep_host: bool,
+    head: (&http::Method, &Uri, &http::HeaderMap),
+    body: UpstreamBody,
+    deadline: Option<Instant>,
+) {
+    let Some(cluster) = st.conn.state.clusters.get(cluster_name) else {
+        tracing::debug!(cluster = cluster_name, "mirror cluster not found");
+        return;
+    };
+    let mut headers = head.2.clone();
+    if !keep_host
+        && let Some(h) = headers.get(HOST).and_then(|v| v.to_str().ok())
+        && let Ok(v) = HeaderValue::from_str(&shadow_host(h))
+    {
+        headers.insert(HOST, v);
+    }
+    let mut up = Request::new(body);
+    *up.method_mut() = head.0.clone();
+    *up.uri_mut() = head.1.clone();
+    *up.headers_mut() = headers;
+    let h2 = st.h2;
+    tokio::spawn(async move {
+        let Some(host) = cluster.choose_host(&LbContext::default()) else {
+            return;
+        };
+        let rm = cluster.resources(Priority::Default);
+        let Some(_rq) = rm.requests.try_acquire() else {
+            cluster.stats().upstream_rq_pending_overflow.increment(1);
+            return;
+        };
+        let cs = cluster.stats();
+        cs.upstream_rq_total.increment(1);
+        cs.upstream_rq_active.increment(1.0);
+        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+        host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+        let done = UpstreamDone::new(cluster.clone(), host.clone(), Instant::now());
+        let exchange = async {
+            let resp = cluster.send_http(&host, up, h2, Priority::Default).await?;
+            charge(&cluster, &host, resp.status().as_u16());
+            let mut body = Timed::new(resp.into_body(), done);
+            while let Some(f) = body.frame().await {
+                if f.is_err() {
+                    break;
+                }
+            }
+            Ok::<_, UpstreamError>(())
+        };
+        let r = match deadline {
+            Some(d) => tokio::time::timeout_at(d, exchange)
+                .await
+                .unwrap_or(Ok(())),
+            None => exchange.await,
+        };
+        if let Err(e) = r {
+            tracing::debug!(cluster = %cluster.name(), error = %e, "mirror request failed");
+        }
+    });
+}
+
+/// The body of one attempt: the downstream body itself when it is sent once, else a replay.
+enum Bodies {
+    Once(Option<UpstreamBody>),
+    Replay(Replay),
+}
+
+impl Bodies {
+    fn next(&mut self) -> UpstreamBody {
+        match self {
+            Bodies::Once(b) => b.take().unwrap_or_else(|| {
+                // Never reached: a non-replay body allows no second attempt.
+                http_body_util::Empty::new()
+                    .map_err(|e| match e {})
+                    .boxed_unsync()
+            }),
+            Bodies::Replay(r) => r.attempt().boxed_unsync(),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            Bodies::Once(_) => false,
+            Bodies::Replay(r) => r.replayable(),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +384,8 @@ pub(super) async fn forward(
     websocket: bool,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let cfg = st.conn.cfg.clone();
-    let (cluster, host) = pick_host(&req.headers, st, f)?;
+    let cluster = pick_cluster(&req.headers, st, f)?;
+    let priority = f.policy.priority;
 
     // Request head for the upstream.
     let mut headers = std::mem::take(&mut req.headers);
@@ -163,57 +399,57 @@ pub(super) async fn forward(
         }
         None => path.to_string(),
     };
-    let host_header = if let Some(lit) = f.host_rewrite_literal() {
-        lit.to_string()
-    } else if f.auto_host_rewrite() {
-        match &host.hostname {
-            Some(h) => format!("{h}:{}", host.address.port()),
-            None => host.address.to_string(),
-        }
-    } else {
-        authority.to_string()
-    };
-    match HeaderValue::from_str(&host_header) {
-        Ok(v) => {
-            headers.insert(HOST, v);
-        }
-        Err(_) => {
-            return Err(LocalReply::new(
-                StatusCode::BAD_REQUEST,
-                "invalid host\n",
-                "DPE",
-            ));
-        }
+    let uri: Uri = new_path
+        .parse()
+        .map_err(|_| LocalReply::new(StatusCode::BAD_REQUEST, "invalid path\n", "DPE"))?;
+
+    // Timeouts: the route's, a capped `grpc-timeout`, then the trusted override headers.
+    let mut timeout = f.timeout;
+    if st.is_grpc
+        && let Some(g) = &f.policy.grpc_timeout
+        && let Some(t) = g.timeout(headers.get("grpc-timeout").and_then(|v| v.to_str().ok()))
+    {
+        timeout = (!t.is_zero()).then_some(t);
     }
+    if let Some(ms) = take_ms(&mut headers, "x-envoy-upstream-rq-timeout-ms") {
+        timeout = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    let retry_policy = m.retry_policy();
+    let mut per_try = retry_policy.and_then(|p| p.per_try_timeout);
+    if let Some(ms) = take_ms(&mut headers, "x-envoy-upstream-rq-per-try-timeout-ms") {
+        per_try = (ms > 0).then(|| Duration::from_millis(ms));
+    }
+    let per_try_idle = retry_policy.and_then(|p| p.per_try_idle_timeout);
+    let retry = RetryState::new(retry_policy, &mut headers);
+    let retry_allowed = retry.enabled()
+        && retry_policy.is_none_or(|p| {
+            p.request_retriable(&crate::route::RouteRequest {
+                authority,
+                path,
+                method: &req.method,
+                headers: &headers,
+                scheme: "http",
+            })
+        });
     if !cfg.suppress_envoy_headers
-        && let Some(t) = f.timeout
+        && let Some(t) = per_try.or(timeout)
     {
         headers.insert(
             "x-envoy-expected-rq-timeout-ms",
             HeaderValue::from(t.as_millis() as u64),
         );
     }
-    let uri: Uri = new_path
-        .parse()
-        .map_err(|_| LocalReply::new(StatusCode::BAD_REQUEST, "invalid path\n", "DPE"))?;
+    let deadline = timeout.map(|t| st.start + t);
+    let max_duration = f.policy.max_stream_duration.map(|d| st.start + d);
+    let response_deadline = match (deadline, max_duration) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
 
-    // Stats for the attempt.
-    let cs = cluster.stats();
-    cs.upstream_rq_total.increment(1);
-    cs.upstream_rq_active.increment(1.0);
-    host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
-    host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
-    let t0 = Instant::now();
-    let done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
-    let deadline = f.timeout.map(|t| st.start + t);
-
-    if websocket {
-        return websocket_upgrade(req, headers, uri, &cluster, &host, done, deadline).await;
-    }
-
+    // The downstream body, with its timers, sent once or replayed.
     let req_timed_out = Arc::new(AtomicBool::new(false));
     let down_failed = Arc::new(AtomicBool::new(false));
-    let up_body = Timed::new(body, ())
+    let down_body = Timed::new(body, ())
         .idle(cfg.stream_idle_timeout)
         .deadline(
             cfg.request_timeout.map(|t| st.start + t),
@@ -222,89 +458,347 @@ pub(super) async fn forward(
         .flag(req_timed_out.clone())
         .error_flag(down_failed.clone())
         .boxed_unsync();
-    let mut up = Request::new(up_body);
-    *up.method_mut() = req.method.clone();
-    *up.uri_mut() = uri;
-    *up.version_mut() = Version::HTTP_11;
-    *up.headers_mut() = headers;
-
-    let send = cluster.send_http(&host, up, st.h2);
-    let result = match deadline {
-        Some(d) => match tokio::time::timeout_at(d, send).await {
-            Ok(r) => r,
-            Err(_) => {
-                cs.upstream_rq_timeout.increment(1);
-                host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
-                charge(&cluster, &host, 504);
-                drop(done);
-                return Err(LocalReply::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                    "UT",
-                ));
-            }
-        },
-        None => send.await,
+    let mirrors: Vec<_> = if websocket {
+        Vec::new()
+    } else {
+        m.mirror_policies()
+            .iter()
+            .filter(|mp| mp.sampled(rand::random::<u64>()))
+            .collect()
     };
-    let resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            drop(done);
-            if down_failed.load(Ordering::SeqCst) {
-                // The downstream body was malformed (bad chunk framing): a protocol error of
-                // the client's, answered 400 and the connection closed.
-                cfg.stats.downstream_cx_protocol_error.increment(1);
+    let mut bodies = if (retry_allowed || !mirrors.is_empty()) && !websocket {
+        let limit = m
+            .per_request_buffer_limit()
+            .unwrap_or(st.conn.info.buffer_limit) as usize;
+        Bodies::Replay(Replay::new(down_body, limit))
+    } else {
+        Bodies::Once(Some(down_body))
+    };
+    if let Bodies::Replay(r) = &bodies {
+        for mp in &mirrors {
+            let mut mh = headers.clone();
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                mh.insert(HOST, v);
+            }
+            match r.mirror() {
+                Some(b) => spawn_mirror(
+                    st,
+                    &mp.cluster,
+                    mp.keep_host,
+                    (&req.method, &uri, &mh),
+                    b.boxed_unsync(),
+                    deadline,
+                ),
+                None => cluster.stats().retry_or_shadow_abandoned.increment(1),
+            }
+        }
+    }
+
+    let cs = cluster.stats();
+    let rm = cluster.resources(priority);
+    let mut tried: Vec<Arc<Host>> = Vec::new();
+    let mut attempt: u32 = 0;
+    let mut _retry_slot = None;
+    loop {
+        attempt += 1;
+        let retried = attempt > 1;
+        let (avoid, max_reselects) = match retry_policy {
+            Some(p) if p.previous_hosts => (tried.as_slice(), p.host_selection_max_attempts),
+            _ => (&[][..], 0),
+        };
+        let Some(host) = cluster.choose_host(&LbContext {
+            hash: None,
+            avoid,
+            max_reselects,
+        }) else {
+            return Err(no_healthy_upstream());
+        };
+        let Some(_rq_slot) = rm.requests.try_acquire() else {
+            cs.upstream_rq_pending_overflow.increment(1);
+            return Err(overloaded(cfg.suppress_envoy_headers));
+        };
+
+        // The head for this attempt (a copy while another attempt may follow).
+        let mut h = if retry_allowed {
+            headers.clone()
+        } else {
+            std::mem::take(&mut headers)
+        };
+        let host_header = if let Some(lit) = f.host_rewrite_literal() {
+            lit.to_string()
+        } else if f.auto_host_rewrite() {
+            match &host.hostname {
+                Some(hn) => format!("{hn}:{}", host.address.port()),
+                None => host.address.to_string(),
+            }
+        } else {
+            authority.to_string()
+        };
+        match HeaderValue::from_str(&host_header) {
+            Ok(v) => {
+                h.insert(HOST, v);
+            }
+            Err(_) => {
                 return Err(LocalReply::new(
                     StatusCode::BAD_REQUEST,
-                    "malformed request body\n",
+                    "invalid host\n",
                     "DPE",
                 ));
             }
-            if req_timed_out.load(Ordering::SeqCst) {
-                cfg.stats.downstream_rq_timeout.increment(1);
-                return Err(LocalReply::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request timeout",
-                    "DT",
-                ));
-            }
-            charge(&cluster, &host, 503);
-            tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "upstream request failed");
-            return Err(match e {
-                UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_) => {
-                    LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        upstream_failure("connection failure"),
-                        "UF",
-                    )
-                }
-                UpstreamError::NoHealthyUpstream => {
-                    LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH")
-                }
-                _ => LocalReply::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    upstream_failure("connection termination"),
-                    "UC",
-                ),
-            });
         }
-    };
-    let service_ms = t0.elapsed().as_millis() as u64;
-    let (mut parts, rbody) = resp.into_parts();
-    charge(&cluster, &host, parts.status.as_u16());
-    super::sanitize::strip_hop_by_hop(&mut parts.headers, false);
-    if !cfg.suppress_envoy_headers {
-        parts.headers.insert(
-            "x-envoy-upstream-service-time",
-            HeaderValue::from(service_ms),
-        );
+        if m.include_request_attempt_count() {
+            h.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        }
+
+        cs.upstream_rq_total.increment(1);
+        cs.upstream_rq_active.increment(1.0);
+        host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
+        host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
+
+        if websocket {
+            return websocket_upgrade(
+                req, h, uri, &cluster, &host, done, deadline, priority,
+            )
+            .await;
+        }
+
+        let mut up = Request::new(bodies.next());
+        *up.method_mut() = req.method.clone();
+        *up.uri_mut() = uri.clone();
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = h;
+
+        // This attempt's deadline: the route's, the stream duration, the per-try timeout and
+        // the per-try idle timeout (no progress before response headers).
+        let try_deadline = [
+            response_deadline,
+            per_try.map(|t| t0 + t),
+            per_try_idle.map(|t| t0 + t),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let send = cluster.send_http(&host, up, st.h2, priority);
+        let result = match try_deadline {
+            Some(d) => tokio::time::timeout_at(d, send).await.ok(),
+            None => Some(send.await),
+        };
+        tried.push(host.clone());
+
+        let failure = match result {
+            None => {
+                let now = Instant::now();
+                if max_duration.is_some_and(|d| d <= now)
+                    && deadline.is_none_or(|d| d > now)
+                {
+                    cfg.stats.downstream_rq_max_duration_reached.increment(1);
+                    drop(done);
+                    return Err(LocalReply::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "downstream duration timeout",
+                        "DT",
+                    ));
+                }
+                cluster.report(&host, HostResult::Timeout);
+                host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+                charge(&cluster, &host, 504);
+                drop(done);
+                if deadline.is_some_and(|d| d <= now) {
+                    // The route timeout ends the request, retries or not.
+                    cs.upstream_rq_timeout.increment(1);
+                    return Err(LocalReply::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                        "UT",
+                    ));
+                }
+                cs.upstream_rq_per_try_timeout.increment(1);
+                (
+                    LocalReply::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream request timeout",
+                        "UT",
+                    ),
+                    Some(AttemptError::PerTryTimeout),
+                )
+            }
+            Some(Err(e)) => {
+                drop(done);
+                if down_failed.load(Ordering::SeqCst) {
+                    // The downstream body was malformed (bad chunk framing): a protocol error
+                    // of the client's, answered 400 and the connection closed.
+                    cfg.stats.downstream_cx_protocol_error.increment(1);
+                    return Err(LocalReply::new(
+                        StatusCode::BAD_REQUEST,
+                        "malformed request body\n",
+                        "DPE",
+                    ));
+                }
+                if req_timed_out.load(Ordering::SeqCst) {
+                    cfg.stats.downstream_rq_timeout.increment(1);
+                    return Err(LocalReply::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request timeout",
+                        "DT",
+                    ));
+                }
+                tracing::debug!(cluster = %cluster.name(), host = %host.address, attempt, error = %e, "upstream request failed");
+                match e {
+                    UpstreamError::Overflow => {
+                        return Err(overloaded(cfg.suppress_envoy_headers));
+                    }
+                    UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_) => {
+                        cluster.report(&host, HostResult::ConnectFailed);
+                        charge(&cluster, &host, 503);
+                        (
+                            LocalReply::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                upstream_failure("connection failure"),
+                                "UF",
+                            ),
+                            Some(AttemptError::ConnectFailure),
+                        )
+                    }
+                    UpstreamError::NoHealthyUpstream => {
+                        return Err(no_healthy_upstream());
+                    }
+                    UpstreamError::RefusedStream => {
+                        cluster.report(&host, HostResult::Reset);
+                        charge(&cluster, &host, 503);
+                        (
+                            LocalReply::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                upstream_failure("remote refused stream reset"),
+                                "UR",
+                            ),
+                            Some(AttemptError::RefusedStream),
+                        )
+                    }
+                    _ => {
+                        cluster.report(&host, HostResult::Reset);
+                        charge(&cluster, &host, 503);
+                        (
+                            LocalReply::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                upstream_failure("connection termination"),
+                                "UC",
+                            ),
+                            Some(AttemptError::Reset),
+                        )
+                    }
+                }
+            }
+            Some(Ok(resp)) => {
+                let service_ms = t0.elapsed().as_millis() as u64;
+                let (mut parts, rbody) = resp.into_parts();
+                let status = parts.status.as_u16();
+                charge(&cluster, &host, status);
+                cluster.report(&host, HostResult::ConnectSucceeded);
+                cluster.report(&host, HostResult::Status(status));
+                if parts
+                    .headers
+                    .remove("x-envoy-immediate-health-check-fail")
+                    .is_some()
+                {
+                    cluster.immediate_health_check_fail(&host);
+                }
+                let retriable = retry_allowed && retry.status(status, &parts.headers);
+                if retriable
+                    && let Some(slot) =
+                        may_retry(attempt, &retry, &bodies, rm, cs, deadline)
+                {
+                    // Drop this response (and its connection) and go again.
+                    drop((parts, rbody, done));
+                    _retry_slot = Some(slot);
+                    backoff_sleep(retry_policy, attempt, deadline, cs).await;
+                    continue;
+                }
+                if retried {
+                    cs.upstream_rq_retry_success.increment(1);
+                }
+                super::sanitize::strip_hop_by_hop(&mut parts.headers, false);
+                if !cfg.suppress_envoy_headers {
+                    parts.headers.insert(
+                        "x-envoy-upstream-service-time",
+                        HeaderValue::from(service_ms),
+                    );
+                }
+                if m.include_attempt_count_in_response() {
+                    parts
+                        .headers
+                        .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+                }
+                let idle = match (f.idle_timeout.or(cfg.stream_idle_timeout), per_try_idle) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let rbody = Timed::new(rbody, done)
+                    .deadline(response_deadline, TimerError::RouteTimeout)
+                    .idle(idle);
+                return Ok(Response::from_parts(parts, rbody.boxed_unsync()));
+            }
+        };
+        let (reply, err) = failure;
+        let retriable = retry_allowed && err.is_some_and(|e| retry.error(e));
+        if retriable
+            && let Some(slot) = may_retry(attempt, &retry, &bodies, rm, cs, deadline)
+        {
+            _retry_slot = Some(slot);
+            backoff_sleep(retry_policy, attempt, deadline, cs).await;
+            continue;
+        }
+        return Err(reply);
     }
-    let rbody = Timed::new(rbody, done)
-        .deadline(deadline, TimerError::RouteTimeout)
-        .idle(f.idle_timeout.or(cfg.stream_idle_timeout));
-    Ok(Response::from_parts(parts, rbody.boxed_unsync()))
 }
 
+/// A retriable attempt may be retried when retries are left, the body can be replayed, the
+/// retry breaker (or budget) has room and the route timeout has not passed. Returns the retry
+/// slot to hold while the retry is in flight.
+fn may_retry(
+    attempt: u32,
+    retry: &RetryState<'_>,
+    bodies: &Bodies,
+    rm: &crate::upstream::circuit::ResourceManager,
+    cs: &crate::upstream::ClusterStats,
+    deadline: Option<Instant>,
+) -> Option<crate::upstream::circuit::ResourceGuard> {
+    if attempt > retry.max {
+        cs.upstream_rq_retry_limit_exceeded.increment(1);
+        return None;
+    }
+    if !bodies.replayable() {
+        cs.retry_or_shadow_abandoned.increment(1);
+        return None;
+    }
+    if deadline.is_some_and(|d| d <= Instant::now()) {
+        return None;
+    }
+    let Some(slot) = rm.try_retry() else {
+        cs.upstream_rq_retry_overflow.increment(1);
+        return None;
+    };
+    cs.upstream_rq_retry.increment(1);
+    Some(slot)
+}
+
+/// Envoy's jittered exponential back-off before retry number `attempt` (1-based), never past
+/// the route deadline.
+async fn backoff_sleep(
+    policy: Option<&RetryPolicy>,
+    attempt: u32,
+    deadline: Option<Instant>,
+    cs: &crate::upstream::ClusterStats,
+) {
+    let b = policy.map(|p| p.back_off).unwrap_or_default();
+    let wait = crate::route::retry::backoff(&b, attempt, rand::random::<u64>());
+    cs.upstream_rq_retry_backoff_exponential.increment(1);
+    let until = Instant::now() + wait;
+    tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+}
+
+#[allow(clippy::too_many_arguments)]
 /// Proxy an HTTP/1.1 WebSocket upgrade on a dedicated upstream connection, then splice the
 /// two upgraded streams together.
 async fn websocket_upgrade(
@@ -315,6 +809,7 @@ async fn websocket_upgrade(
     host: &Arc<Host>,
     done: UpstreamDone,
     deadline: Option<Instant>,
+    priority: Priority,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let fail = |reason: &str| {
         LocalReply::new(
@@ -332,7 +827,7 @@ async fn websocket_upgrade(
     };
     let connect = async {
         let tcp = cluster
-            .connect_tcp(host)
+            .connect_tcp(host, priority)
             .await
             .map_err(|_| fail("connection failure"))?;
         let (stream, cx_guard) = (tcp.stream, tcp.guard);
@@ -417,7 +912,7 @@ pub(super) async fn connect(
     host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
     host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
     let mut done = UpstreamDone::new(cluster.clone(), host.clone(), Instant::now());
-    let tcp = match cluster.connect_tcp(&host).await {
+    let tcp = match cluster.connect_tcp(&host, f.policy.priority).await {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "CONNECT tunnel connect failed");
@@ -454,4 +949,17 @@ pub(super) async fn connect(
     let mut resp = Response::new(local_reply::full(Bytes::new()));
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shadow_host;
+
+    #[test]
+    fn shadow_host_names() {
+        assert_eq!(shadow_host("foo.com"), "foo.com-shadow");
+        assert_eq!(shadow_host("foo.com:8080"), "foo.com-shadow:8080");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(shadow_host("::1"), "::1-shadow");
+    }
 }

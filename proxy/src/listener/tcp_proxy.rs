@@ -142,7 +142,7 @@ pub async fn serve(
             return;
         };
         let r = tokio::select! {
-            r = cluster.connect_tcp(&host) => r,
+            r = cluster.connect_tcp(&host, crate::upstream::circuit::Priority::Default) => r,
             _ = state.hard_stop.cancelled() => return,
         };
         match r {

@@ -155,6 +155,8 @@ pub struct ForwardAction {
     /// `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]` (enabled): weir
     /// terminates CONNECT and tunnels the payload over TCP to a host of the cluster.
     connect_terminate: bool,
+    /// Retries, mirroring, priority, stream duration and gRPC timeouts.
+    pub policy: Box<super::retry::UpstreamPolicy>,
 }
 
 impl ForwardAction {
@@ -222,7 +224,10 @@ impl ForwardAction {
                 "host_rewrite_literal",
                 "auto_host_rewrite",
                 "upgrade_configs",
-            ],
+            ]
+            .into_iter()
+            .chain(super::retry::FIELDS.iter().copied())
+            .collect::<Vec<_>>(),
             path,
         );
         let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
@@ -348,7 +353,12 @@ impl ForwardAction {
             Some(H::AutoHostRewrite(b)) => (None, b.value),
             _ => (None, false),
         };
+        let check_mirror = |name: &str, p: &str, errs: &mut Errors| {
+            let _ = check_cluster(name, p, errs);
+        };
+        let policy = super::retry::UpstreamPolicy::translate(ra, path, &check_mirror, errs);
         Some(ForwardAction {
+            policy: Box::new(policy),
             timeout: (!timeout.is_zero()).then_some(timeout),
             idle_timeout,
             cluster: cluster?,

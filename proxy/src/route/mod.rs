@@ -79,6 +79,7 @@
 mod action;
 mod header;
 mod matcher;
+pub mod retry;
 #[cfg(test)]
 mod tests;
 mod translate;
@@ -132,6 +133,8 @@ struct Route {
     action: RouteAction,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    /// `per_request_buffer_limit_bytes`.
+    per_request_buffer_limit: Option<u32>,
 }
 
 /// A compiled virtual host.
@@ -141,6 +144,7 @@ struct VirtualHost {
     routes: Vec<Route>,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    policy: retry::VhostPolicy,
 }
 
 /// Wildcard domains of one length: `(length, lowercased suffix-or-prefix -> vhost index)`.
@@ -285,6 +289,39 @@ impl<'a> RouteMatch<'a> {
     /// The virtual host's `name`.
     pub fn vhost_name(&self) -> &'a str {
         &self.vhost.name
+    }
+
+    /// The retry policy in force: the route's, else the virtual host's.
+    pub fn retry_policy(&self) -> Option<&'a retry::RetryPolicy> {
+        match &self.route.action {
+            RouteAction::Forward(f) if f.policy.retry.is_some() => f.policy.retry.as_ref(),
+            _ => self.vhost.policy.retry.as_ref(),
+        }
+    }
+
+    /// The mirror policies in force: the route's, else the virtual host's.
+    pub fn mirror_policies(&self) -> &'a [retry::MirrorPolicy] {
+        match &self.route.action {
+            RouteAction::Forward(f) if !f.policy.mirrors.is_empty() => &f.policy.mirrors,
+            _ => &self.vhost.policy.mirrors,
+        }
+    }
+
+    /// `include_request_attempt_count` of the virtual host.
+    pub fn include_request_attempt_count(&self) -> bool {
+        self.vhost.policy.include_request_attempt_count
+    }
+
+    /// `include_attempt_count_in_response` of the virtual host.
+    pub fn include_attempt_count_in_response(&self) -> bool {
+        self.vhost.policy.include_attempt_count_in_response
+    }
+
+    /// `per_request_buffer_limit_bytes` of the route, else the virtual host's.
+    pub fn per_request_buffer_limit(&self) -> Option<u32> {
+        self.route
+            .per_request_buffer_limit
+            .or(self.vhost.policy.per_request_buffer_limit)
     }
 
     fn apply(

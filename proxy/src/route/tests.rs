@@ -1389,8 +1389,8 @@ fn unsupported_route_fields_are_named() {
             "rc.virtual_hosts[0].routes[0].match.cookies",
         ),
         (
-            "{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: 5xx}}}",
-            "rc.virtual_hosts[0].routes[0].route.retry_policy",
+            "{match: {prefix: /}, route: {cluster: a, retry_policy: {retry_on: 5xx, retry_priority: {name: p}}}}",
+            "rc.virtual_hosts[0].routes[0].route.retry_policy.retry_priority",
         ),
         (
             "{match: {prefix: /}, route: {cluster: a, hash_policy: [{header: {header_name: x}}]}}",
@@ -1572,7 +1572,7 @@ fn error_messages_are_useful() {
     );
     assert!(e[0].1.contains("\"nope\""), "{e:?}");
     let (_, e) = translate_with(
-        &one_vhost("  - {match: {prefix: /}, route: {cluster: a, retry_policy: {}}}\n"),
+        &one_vhost("  - {match: {prefix: /}, route: {cluster: a, internal_redirect_policy: {}}}\n"),
         CLUSTERS,
     );
     assert!(e[0].1.contains("not supported"), "{e:?}");

@@ -177,9 +177,18 @@ fn virtual_host(
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
-        ],
+        ]
+        .into_iter()
+        .chain(super::retry::VHOST_FIELDS.iter().copied())
+        .collect::<Vec<_>>(),
         path,
     );
+    let check_cluster = |name: &str, p: &str, errs: &mut Errors| {
+        if tctx.validate_clusters && !tctx.ctx.clusters.contains(name) {
+            errs.add(p, format!("unknown cluster {name:?}"));
+        }
+    };
+    let policy = super::retry::VhostPolicy::translate(vh, path, &check_cluster, errs);
     let routes = vh
         .routes
         .iter()
@@ -203,9 +212,11 @@ fn virtual_host(
             "response",
             errs,
         ),
+        policy,
     }
 }
 
+#[allow(deprecated)] // per_request_buffer_limit_bytes is still honoured
 fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors) -> Option<Route> {
     use rpb::route::Action as A;
     // `typed_per_filter_config` is left out on purpose: no per-route filter config yet.
@@ -222,6 +233,8 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "per_request_buffer_limit_bytes",
+            "request_body_buffer_limit",
         ],
         path,
     );
@@ -290,5 +303,11 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
         action: action?,
         request_headers,
         response_headers,
+        per_request_buffer_limit: super::retry::buffer_limit(
+            r.per_request_buffer_limit_bytes.map(|v| v.value),
+            r.request_body_buffer_limit.map(|v| v.value),
+            path,
+            errs,
+        ),
     })
 }

@@ -177,6 +177,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::V4Only,
             protocol: UpstreamProtocol::Http1,
             idle_timeout: None,
+            circuit_breakers: Default::default(),
         }
     }
 

@@ -10,6 +10,7 @@
 //! - `dns`: STRICT_DNS resolution loops on the main runtime.
 //! - `pool`: per-worker HTTP/1.1 and HTTP/2 connection pools, TCP connects, connection stats.
 
+pub mod circuit;
 mod dns;
 mod lb;
 mod pool;
@@ -58,6 +59,8 @@ pub struct ClusterConfig {
     pub protocol: UpstreamProtocol,
     /// Idle upstream connections are closed after this (default 1 h; `None` = never).
     pub idle_timeout: Option<Duration>,
+    /// `circuit_breakers`.
+    pub circuit_breakers: circuit::CircuitBreakerConfig,
 }
 
 /// `Cluster.type`.
@@ -200,6 +203,12 @@ pub enum UpstreamError {
     /// upstream protocol (`UF`/`UC`).
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    /// The upstream refused the HTTP/2 stream (REFUSED_STREAM) before processing it.
+    #[error("upstream refused the stream")]
+    RefusedStream,
+    /// A circuit breaker (connections, pending requests) was open (`UO`).
+    #[error("upstream overflow (circuit breaker open)")]
+    Overflow,
 }
 
 /// Health flag bits of [`Host::health`] (Envoy's `/clusters` health_flags).
@@ -349,6 +358,29 @@ pub struct ClusterStats {
     pub upstream_cx_rx_bytes_total: Counter,
     /// `upstream_cx_tx_bytes_total`.
     pub upstream_cx_tx_bytes_total: Counter,
+    /// `upstream_cx_overflow`: the connection circuit breaker was open.
+    pub upstream_cx_overflow: Counter,
+    /// `upstream_rq_pending_overflow`: the pending-request or request breaker was open.
+    pub upstream_rq_pending_overflow: Counter,
+    /// `upstream_rq_pending_total`: requests that waited for a connection.
+    pub upstream_rq_pending_total: Counter,
+    /// `upstream_rq_pending_active`.
+    pub upstream_rq_pending_active: Gauge,
+    /// `upstream_rq_retry`.
+    pub upstream_rq_retry: Counter,
+    /// `upstream_rq_retry_success`: a retry got a response that was not retried again.
+    pub upstream_rq_retry_success: Counter,
+    /// `upstream_rq_retry_overflow`: a retry was refused by the retry breaker or budget.
+    pub upstream_rq_retry_overflow: Counter,
+    /// `upstream_rq_retry_limit_exceeded`: retriable, but `num_retries` was used up.
+    pub upstream_rq_retry_limit_exceeded: Counter,
+    /// `upstream_rq_retry_backoff_exponential`.
+    pub upstream_rq_retry_backoff_exponential: Counter,
+    /// `upstream_rq_per_try_timeout`.
+    pub upstream_rq_per_try_timeout: Counter,
+    /// `retry_or_shadow_abandoned`: the request body outgrew the buffer, so no retry or
+    /// mirror could use it.
+    pub retry_or_shadow_abandoned: Counter,
 }
 
 impl ClusterStats {
@@ -374,6 +406,18 @@ impl ClusterStats {
             upstream_cx_idle_timeout: scope.counter("upstream_cx_idle_timeout"),
             upstream_cx_rx_bytes_total: scope.counter("upstream_cx_rx_bytes_total"),
             upstream_cx_tx_bytes_total: scope.counter("upstream_cx_tx_bytes_total"),
+            upstream_cx_overflow: scope.counter("upstream_cx_overflow"),
+            upstream_rq_pending_overflow: scope.counter("upstream_rq_pending_overflow"),
+            upstream_rq_pending_total: scope.counter("upstream_rq_pending_total"),
+            upstream_rq_pending_active: scope.gauge("upstream_rq_pending_active"),
+            upstream_rq_retry: scope.counter("upstream_rq_retry"),
+            upstream_rq_retry_success: scope.counter("upstream_rq_retry_success"),
+            upstream_rq_retry_overflow: scope.counter("upstream_rq_retry_overflow"),
+            upstream_rq_retry_limit_exceeded: scope.counter("upstream_rq_retry_limit_exceeded"),
+            upstream_rq_retry_backoff_exponential: scope
+                .counter("upstream_rq_retry_backoff_exponential"),
+            upstream_rq_per_try_timeout: scope.counter("upstream_rq_per_try_timeout"),
+            retry_or_shadow_abandoned: scope.counter("retry_or_shadow_abandoned"),
         }
     }
 }
@@ -386,6 +430,8 @@ static NEXT_CLUSTER_UID: AtomicU64 = AtomicU64::new(1);
 pub struct Cluster {
     config: Arc<ClusterConfig>,
     stats: Arc<ClusterStats>,
+    /// Circuit breakers (cluster-wide atomics).
+    breakers: circuit::CircuitBreakers,
     /// Current hosts; replaced whole by DNS refreshes.
     host_set: arc_swap::ArcSwap<lb::HostSet>,
     /// Unique identity, never reused (a new config for the same name is a new cluster).
@@ -401,7 +447,9 @@ impl Cluster {
     /// A cluster with its initial hosts (IP endpoints; DNS endpoints resolve in
     /// [`ClusterManager::start`]).
     pub fn new(config: Arc<ClusterConfig>, store: &Arc<Store>) -> Self {
-        let stats = Arc::new(ClusterStats::new(&store.cluster(&config.name)));
+        let scope = store.cluster(&config.name);
+        let stats = Arc::new(ClusterStats::new(&scope));
+        let breakers = circuit::CircuitBreakers::new(&config.circuit_breakers, &scope);
         let host_set = arc_swap::ArcSwap::from_pointee(dns::initial_set(&config));
         let warmed = tokio_util::sync::CancellationToken::new();
         if !config.needs_dns() {
@@ -410,6 +458,7 @@ impl Cluster {
         Self {
             config,
             stats,
+            breakers,
             host_set,
             uid: NEXT_CLUSTER_UID.fetch_add(1, Ordering::Relaxed),
             alive: Arc::new(()),
@@ -430,6 +479,11 @@ impl Cluster {
     /// Stats.
     pub fn stats(&self) -> &ClusterStats {
         &self.stats
+    }
+
+    /// Circuit breaker resources for a routing priority.
+    pub fn resources(&self, p: circuit::Priority) -> &circuit::ResourceManager {
+        self.breakers.get(p)
     }
 
     /// The current host set (all priorities, in config order).
@@ -467,7 +521,10 @@ impl Cluster {
     /// origin-form with `Host`; HTTP/2 in absolute-form `http://{Host}{path}` with the `host`
     /// header dropped (it becomes `:authority`) and connection-specific headers removed. The
     /// protocol follows the cluster's protocol options, and `downstream_h2` for
-    /// `use_downstream_protocol_config`.
+    /// `use_downstream_protocol_config`. `priority` selects the circuit breaker thresholds:
+    /// without an idle connection and with the connection breaker open, the request waits for
+    /// one of this worker's connections (a pending request), or fails with
+    /// [`UpstreamError::Overflow`] when the pending breaker is open too.
     ///
     /// The returned body must be read to its end for an HTTP/1.1 connection to be reused; see
     /// [`UpstreamResponseBody`]. Errors: [`UpstreamError::ConnectFailure`] /
@@ -479,15 +536,23 @@ impl Cluster {
         host: &Arc<Host>,
         req: http::Request<UpstreamBody>,
         downstream_h2: bool,
+        priority: circuit::Priority,
     ) -> Result<http::Response<UpstreamResponseBody>, UpstreamError> {
-        self.send_http_impl(host, req, downstream_h2).await
+        self.send_http_impl(host, req, downstream_h2, priority).await
     }
 
     /// Open a TCP connection to `host` (connect_timeout applied, TCP_NODELAY set, cx stats
     /// counted). Keep the returned [`TcpConnection::guard`] until the stream is closed: it holds
     /// the connection's place in `upstream_cx_active`.
-    pub async fn connect_tcp(&self, host: &Arc<Host>) -> Result<TcpConnection, UpstreamError> {
-        self.connect_tcp_impl(host).await
+    ///
+    /// [`UpstreamError::Overflow`] (and `upstream_cx_overflow` counted) when the connection
+    /// circuit breaker of `priority` is open.
+    pub async fn connect_tcp(
+        &self,
+        host: &Arc<Host>,
+        priority: circuit::Priority,
+    ) -> Result<TcpConnection, UpstreamError> {
+        self.connect_tcp_impl(host, priority).await
     }
 }
 

@@ -23,7 +23,7 @@
 //! path closed it; the same IO wrapper counts `upstream_cx_{rx,tx}_bytes_total`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -45,6 +45,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::circuit::{Priority, ResourceGuard};
 use super::{
     BoxError, Cluster, ClusterConfig, ClusterStats, Host, Http2Settings, UpstreamBody,
     UpstreamError,
@@ -63,15 +64,21 @@ use super::{
 pub struct CxGuard {
     stats: Arc<ClusterStats>,
     host: Arc<Host>,
+    /// The connection's slot in the `max_connections` circuit breaker.
+    _breaker: Option<ResourceGuard>,
 }
 
 impl CxGuard {
-    fn new(stats: Arc<ClusterStats>, host: Arc<Host>) -> Self {
+    fn new(stats: Arc<ClusterStats>, host: Arc<Host>, breaker: Option<ResourceGuard>) -> Self {
         stats.upstream_cx_total.increment(1);
         stats.upstream_cx_active.increment(1.0);
         host.stats.cx_total.fetch_add(1, Ordering::Relaxed);
         host.stats.cx_active.fetch_add(1, Ordering::Relaxed);
-        Self { stats, host }
+        Self {
+            stats,
+            host,
+            _breaker: breaker,
+        }
     }
 
     /// Count bytes received from the upstream (`upstream_cx_rx_bytes_total`).
@@ -394,7 +401,7 @@ impl UpstreamResponseBody {
                     let idle = IdleH1 { sender, state };
                     // During thread teardown the pool is gone: the connection just closes.
                     let _ = POOLS.try_with(|p| {
-                        p.borrow_mut().entry(key, owner).idle_h1.push(idle);
+                        p.borrow_mut().entry(key, owner).give_back(idle);
                     });
                 } else {
                     state.close.cancel();
@@ -482,11 +489,21 @@ impl H2Conn {
     }
 }
 
+/// An HTTP/1.1 request waiting for one of this worker's connections to the host (the
+/// connection circuit breaker is open). It receives a connection, or `None` when one closed
+/// (try again: a new connection may be allowed now).
+type H1Waiter = tokio::sync::oneshot::Sender<Option<IdleH1>>;
+
 #[derive(Debug)]
 struct HostPool {
     owner: PoolOwner,
     /// Most recently used last.
     idle_h1: Vec<IdleH1>,
+    /// HTTP/1.1 connections to this host opened by this worker and not yet closed
+    /// (connecting, busy or idle).
+    h1_open: usize,
+    /// Requests waiting for a connection, oldest first.
+    waiters: VecDeque<H1Waiter>,
     h2: Vec<H2Conn>,
     /// HTTP/2 connects in progress; requests join one while it has stream capacity left, so
     /// a burst opens one connection rather than one per request.
@@ -511,6 +528,18 @@ impl std::fmt::Debug for PendingH2 {
 }
 
 impl HostPool {
+    /// Hand a reusable connection to the oldest request still waiting, else keep it idle.
+    fn give_back(&mut self, mut idle: IdleH1) {
+        while let Some(w) = self.waiters.pop_front() {
+            match w.send(Some(idle)) {
+                Ok(()) => return,
+                Err(Some(back)) => idle = back,
+                Err(None) => return,
+            }
+        }
+        self.idle_h1.push(idle);
+    }
+
     /// Move finished connects to `h2`, forget failed ones and closed connections.
     fn settle(&mut self) {
         let Self { h2, pending_h2, .. } = self;
@@ -540,6 +569,8 @@ impl Pools {
         self.0.entry(key).or_insert_with(|| HostPool {
             owner,
             idle_h1: Vec::new(),
+            h1_open: 0,
+            waiters: VecDeque::new(),
             h2: Vec::new(),
             pending_h2: Vec::new(),
         })
@@ -548,6 +579,61 @@ impl Pools {
 
 thread_local! {
     static POOLS: RefCell<Pools> = RefCell::new(Pools::default());
+}
+
+/// Counts one live HTTP/1.1 connection in its worker's pool entry. Its driver task owns it,
+/// so it drops on that worker when the connection ends: the count goes down and the oldest
+/// waiting request is told to try again.
+struct H1Slot {
+    key: PoolKey,
+}
+
+impl H1Slot {
+    fn new(key: PoolKey, owner: PoolOwner) -> Self {
+        POOLS.with(|p| p.borrow_mut().entry(key, owner).h1_open += 1);
+        Self { key }
+    }
+}
+
+impl Drop for H1Slot {
+    fn drop(&mut self) {
+        let _ = POOLS.try_with(|p| {
+            let Ok(mut p) = p.try_borrow_mut() else {
+                return;
+            };
+            if let Some(pool) = p.0.get_mut(&self.key) {
+                pool.h1_open = pool.h1_open.saturating_sub(1);
+                while let Some(w) = pool.waiters.pop_front() {
+                    if w.send(None).is_ok() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// How an HTTP/1.1 request without an idle connection proceeds.
+enum H1Admission {
+    /// Open a connection holding this breaker slot.
+    Open(ResourceGuard),
+    /// Wait for a connection of this worker (holding a pending-request slot).
+    Wait(
+        tokio::sync::oneshot::Receiver<Option<IdleH1>>,
+        PendingGuard,
+    ),
+}
+
+/// A request's place in `upstream_rq_pending_active` and the pending breaker.
+struct PendingGuard {
+    _slot: ResourceGuard,
+    stats: Arc<ClusterStats>,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.stats.upstream_rq_pending_active.decrement(1.0);
+    }
 }
 
 fn take_idle_h1(key: PoolKey) -> Option<IdleH1> {
@@ -571,11 +657,17 @@ enum H2Pick {
     Wait(H2Connect),
 }
 
+/// An established connection or a connect to join; a new connect (with its connection
+/// breaker slot) only when none has stream capacity. With the breaker open, the least busy
+/// connection or connect is used past `max_streams` (HTTP/2 queues the stream), and a
+/// connection is opened anyway when this worker has none to the host (as Envoy does).
 fn pick_h2(
     key: PoolKey,
     owner: PoolOwner,
     max_streams: u32,
-    start: impl FnOnce() -> H2Connect,
+    cluster: &Cluster,
+    priority: Priority,
+    start: impl FnOnce(ResourceGuard) -> H2Connect,
 ) -> H2Pick {
     POOLS.with(|p| {
         let mut p = p.borrow_mut();
@@ -592,7 +684,26 @@ fn pick_h2(
             pending.claimed += 1;
             return H2Pick::Wait(pending.connect.clone());
         }
-        let connect = start();
+        let connections = &cluster.resources(priority).connections;
+        let slot = match connections.try_acquire() {
+            Some(slot) => slot,
+            None => {
+                cluster.stats.upstream_cx_overflow.increment(1);
+                if let Some(c) = pool
+                    .h2
+                    .iter()
+                    .min_by_key(|c| c.state.busy.load(Ordering::Acquire))
+                {
+                    return H2Pick::Ready(c.clone());
+                }
+                if let Some(pending) = pool.pending_h2.iter_mut().min_by_key(|c| c.claimed) {
+                    pending.claimed += 1;
+                    return H2Pick::Wait(pending.connect.clone());
+                }
+                connections.acquire_forced()
+            }
+        };
+        let connect = start(slot);
         pool.pending_h2.push(PendingH2 {
             connect: connect.clone(),
             claimed: 1,
@@ -609,6 +720,21 @@ fn settle_h2(key: PoolKey) {
     });
 }
 
+/// A failed HTTP/2 exchange: `RefusedStream` when the upstream refused the stream
+/// (RST_STREAM REFUSED_STREAM: safe to retry, nothing was processed), else `Reset`.
+fn stream_error(e: hyper::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(h2e) = err.downcast_ref::<h2::Error>()
+            && h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return UpstreamError::RefusedStream;
+        }
+        source = err.source();
+    }
+    UpstreamError::Reset(e.to_string())
+}
+
 /// A copy of a shared connect error for each request that waited on it.
 fn clone_err(e: &UpstreamError) -> UpstreamError {
     match e {
@@ -618,6 +744,8 @@ fn clone_err(e: &UpstreamError) -> UpstreamError {
             UpstreamError::ConnectFailure(io::Error::new(io.kind(), io.to_string()))
         }
         UpstreamError::Reset(s) => UpstreamError::Reset(s.clone()),
+        UpstreamError::RefusedStream => UpstreamError::RefusedStream,
+        UpstreamError::Overflow => UpstreamError::Overflow,
         UpstreamError::Protocol(s) => UpstreamError::Protocol(s.clone()),
     }
 }
@@ -727,8 +855,9 @@ async fn open(
     stats: &Arc<ClusterStats>,
     config: &ClusterConfig,
     host: &Arc<Host>,
+    breaker: ResourceGuard,
 ) -> Result<(TcpStream, CxGuard), UpstreamError> {
-    let guard = CxGuard::new(stats.clone(), host.clone());
+    let guard = CxGuard::new(stats.clone(), host.clone(), Some(breaker));
     let stream = timed_connect(
         TcpStream::connect(host.address),
         config.connect_timeout,
@@ -749,8 +878,9 @@ async fn open_h2(
     config: Arc<ClusterConfig>,
     host: Arc<Host>,
     settings: Http2Settings,
+    breaker: ResourceGuard,
 ) -> Result<H2Conn, UpstreamError> {
-    let (stream, guard) = open(&stats, &config, &host).await?;
+    let (stream, guard) = open(&stats, &config, &host, breaker).await?;
     stats.upstream_cx_http2_total.increment(1);
     let io = TokioIo::new(CountingIo {
         inner: stream,
@@ -785,8 +915,13 @@ impl Cluster {
     pub(crate) async fn connect_tcp_impl(
         &self,
         host: &Arc<Host>,
+        priority: Priority,
     ) -> Result<TcpConnection, UpstreamError> {
-        let (stream, guard) = open(&self.stats, &self.config, host).await?;
+        let Some(slot) = self.resources(priority).connections.try_acquire() else {
+            self.stats.upstream_cx_overflow.increment(1);
+            return Err(UpstreamError::Overflow);
+        };
+        let (stream, guard) = open(&self.stats, &self.config, host, slot).await?;
         Ok(TcpConnection { stream, guard })
     }
 
@@ -796,6 +931,7 @@ impl Cluster {
         host: &Arc<Host>,
         mut req: Request<UpstreamBody>,
         downstream_h2: bool,
+        priority: Priority,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         use super::UpstreamProtocol::*;
         let h2 = match &self.config.protocol {
@@ -806,19 +942,57 @@ impl Cluster {
         match h2 {
             Some(s) => {
                 prepare_h2(&mut req, host)?;
-                self.send_h2(host, req, s).await
+                self.send_h2(host, req, s, priority).await
             }
             None => {
                 prepare_h1(&mut req, host)?;
-                self.send_h1(host, req).await
+                self.send_h1(host, req, priority).await
             }
         }
+    }
+
+    /// No idle connection: open one if the connection breaker allows it (or this worker has
+    /// none to the host), else wait for one if the pending breaker allows it.
+    fn h1_admission(
+        &self,
+        key: PoolKey,
+        owner: &PoolOwner,
+        priority: Priority,
+    ) -> Result<H1Admission, UpstreamError> {
+        let rm = self.resources(priority);
+        if let Some(slot) = rm.connections.try_acquire() {
+            return Ok(H1Admission::Open(slot));
+        }
+        self.stats.upstream_cx_overflow.increment(1);
+        POOLS.with(|p| {
+            let mut p = p.borrow_mut();
+            let pool = p.entry(key, owner.clone());
+            if pool.h1_open == 0 {
+                return Ok(H1Admission::Open(rm.connections.acquire_forced()));
+            }
+            let Some(slot) = rm.pending.try_acquire() else {
+                self.stats.upstream_rq_pending_overflow.increment(1);
+                return Err(UpstreamError::Overflow);
+            };
+            self.stats.upstream_rq_pending_total.increment(1);
+            self.stats.upstream_rq_pending_active.increment(1.0);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            pool.waiters.push_back(tx);
+            Ok(H1Admission::Wait(
+                rx,
+                PendingGuard {
+                    _slot: slot,
+                    stats: self.stats.clone(),
+                },
+            ))
+        })
     }
 
     async fn send_h1(
         &self,
         host: &Arc<Host>,
         req: Request<UpstreamBody>,
+        priority: Priority,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         let (key, owner) = self.pool_key(host);
         let method = req.method().clone();
@@ -826,29 +1000,46 @@ impl Cluster {
         let (body, req_done) = TrackedBody::new(body);
         let mut req = Request::from_parts(parts, body);
 
-        // Reuse an idle connection if one is still good; a request it refuses unsent is
-        // retried on the next one.
-        while let Some(IdleH1 { mut sender, state }) = take_idle_h1(key) {
-            if sender.ready().await.is_err() {
-                state.close.cancel();
-                continue;
-            }
-            state.acquire();
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok(self.h1_response(resp, sender, state, key, owner, req_done, &method));
-                }
-                Err(mut e) => {
+        let mut handoff: Option<IdleH1> = None;
+        let slot = loop {
+            // Reuse an idle (or handed-over) connection if one is still good; a request it
+            // refuses unsent is retried on the next one.
+            while let Some(IdleH1 { mut sender, state }) =
+                handoff.take().or_else(|| take_idle_h1(key))
+            {
+                if sender.ready().await.is_err() {
                     state.close.cancel();
-                    match e.take_message() {
-                        Some(r) => req = r,
-                        None => return Err(UpstreamError::Reset(e.into_error().to_string())),
+                    continue;
+                }
+                state.acquire();
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        return Ok(
+                            self.h1_response(resp, sender, state, key, owner, req_done, &method)
+                        );
+                    }
+                    Err(mut e) => {
+                        state.close.cancel();
+                        match e.take_message() {
+                            Some(r) => req = r,
+                            None => return Err(UpstreamError::Reset(e.into_error().to_string())),
+                        }
                     }
                 }
             }
-        }
+            match self.h1_admission(key, &owner, priority)? {
+                H1Admission::Open(slot) => break slot,
+                H1Admission::Wait(rx, _pending) => {
+                    // A connection, or `None`/closed pool entry: look again.
+                    if let Ok(Some(c)) = rx.await {
+                        handoff = Some(c);
+                    }
+                }
+            }
+        };
 
-        let (stream, guard) = open(&self.stats, &self.config, host).await?;
+        let h1_slot = H1Slot::new(key, owner.clone());
+        let (stream, guard) = open(&self.stats, &self.config, host, slot).await?;
         self.stats.upstream_cx_http1_total.increment(1);
         let io = TokioIo::new(CountingIo {
             inner: stream,
@@ -861,12 +1052,16 @@ impl Cluster {
             .await
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let state = ConnState::new();
-        tokio::spawn(drive(
+        let driver = drive(
             conn.with_upgrades(),
             state.clone(),
             self.config.idle_timeout,
             self.stats.clone(),
-        ));
+        );
+        tokio::spawn(async move {
+            let _slot = h1_slot;
+            driver.await
+        });
         state.acquire();
         match sender.send_request(req).await {
             Ok(resp) => Ok(self.h1_response(resp, sender, state, key, owner, req_done, &method)),
@@ -905,6 +1100,7 @@ impl Cluster {
         host: &Arc<Host>,
         req: Request<UpstreamBody>,
         settings: Http2Settings,
+        priority: Priority,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         let (key, owner) = self.pool_key(host);
         let (parts, body) = req.into_parts();
@@ -913,12 +1109,14 @@ impl Cluster {
 
         // A connection that refuses the request unsent (it just closed) gets one more try.
         for _ in 0..2 {
-            let pick = pick_h2(key, owner.clone(), settings.max_concurrent_streams, || {
+            let max_streams = settings.max_concurrent_streams;
+            let pick = pick_h2(key, owner.clone(), max_streams, self, priority, |slot| {
                 open_h2(
                     self.stats.clone(),
                     self.config.clone(),
                     host.clone(),
                     settings,
+                    slot,
                 )
                 .map_err(Arc::new)
                 .boxed()
@@ -962,7 +1160,7 @@ impl Cluster {
                 state.release();
                 match e.take_message() {
                     Some(r) => Err(r),
-                    None => Ok(Err(UpstreamError::Reset(e.into_error().to_string()))),
+                    None => Ok(Err(stream_error(e.into_error()))),
                 }
             }
         }
@@ -1066,6 +1264,7 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::Auto,
             protocol,
             idle_timeout: Some(Duration::from_secs(3600)),
+            circuit_breakers: Default::default(),
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }
@@ -1110,7 +1309,7 @@ mod tests {
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
         for _ in 0..3 {
-            let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+            let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
             assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         }
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 1);
@@ -1132,7 +1331,7 @@ mod tests {
             .uri("http://abs.example/x")
             .body(empty())
             .expect("request");
-        let resp = c.send_http(&host, req, false).await.expect("sent");
+        let resp = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - abs.example");
     }
 
@@ -1141,9 +1340,9 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
-        let resp = c.send_http(&host, get("/big"), false).await.expect("sent");
+        let resp = c.send_http(&host, get("/big"), false, Priority::Default).await.expect("sent");
         drop(resp);
-        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
         // The abandoned connection is closed: only the second one stays active.
@@ -1168,9 +1367,9 @@ mod tests {
             .header(header::HOST, "svc.local")
             .body(body)
             .expect("request");
-        let resp = c.send_http(&host, req, false).await.expect("sent");
+        let resp = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
         assert_eq!(body_text(resp).await, "early");
-        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
     }
@@ -1180,11 +1379,11 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
         let host = c.choose_host(&Default::default()).expect("host");
-        let resp = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         // Authority from the Host header; no `host` header on the wire.
         assert_eq!(body_text(resp).await, "HTTP/2.0 svc.local -");
         let all = futures::future::join_all((0..10).map(|_| async {
-            let resp = c.send_http(&host, get("/slow"), false).await.expect("sent");
+            let resp = c.send_http(&host, get("/slow"), false, Priority::Default).await.expect("sent");
             body_text(resp).await
         }))
         .await;
@@ -1204,7 +1403,7 @@ mod tests {
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
         let host = c.choose_host(&Default::default()).expect("host");
         let all = futures::future::join_all((0..8).map(|_| async {
-            let resp = c.send_http(&host, get("/slow"), false).await.expect("sent");
+            let resp = c.send_http(&host, get("/slow"), false, Priority::Default).await.expect("sent");
             body_text(resp).await
         }))
         .await;
@@ -1221,14 +1420,14 @@ mod tests {
         let (c, store) = cluster(addr, UpstreamProtocol::Http2(Http2Settings::default()));
         let host = c.choose_host(&Default::default()).expect("host");
         let (a, b) = futures::join!(
-            c.send_http(&host, get("/x"), false),
-            c.send_http(&host, get("/x"), false)
+            c.send_http(&host, get("/x"), false, Priority::Default),
+            c.send_http(&host, get("/x"), false, Priority::Default)
         );
         assert!(matches!(a, Err(UpstreamError::ConnectFailure(_))), "{a:?}");
         assert!(matches!(b, Err(UpstreamError::ConnectFailure(_))), "{b:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 1.0);
         // The failed connect is forgotten: the next request tries again.
-        let e = c.send_http(&host, get("/x"), false).await;
+        let e = c.send_http(&host, get("/x"), false, Priority::Default).await;
         assert!(matches!(e, Err(UpstreamError::ConnectFailure(_))), "{e:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
         assert_eq!(stat(&store, "upstream_cx_active"), 0.0);
@@ -1244,15 +1443,15 @@ mod tests {
         let (c, _store) = cluster(srv.addr, UpstreamProtocol::Http2(s));
         let host = c.choose_host(&Default::default()).expect("host");
         let (a, b) = futures::join!(
-            c.send_http(&host, get("/slow"), false),
-            c.send_http(&host, get("/slow"), false)
+            c.send_http(&host, get("/slow"), false, Priority::Default),
+            c.send_http(&host, get("/slow"), false, Priority::Default)
         );
         let (a, b) = (a.expect("a"), b.expect("b"));
         assert_eq!(body_text(a).await, "slow");
         assert_eq!(body_text(b).await, "slow");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
         // Both streams are done: the next request reuses a connection.
-        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         body_text(r).await;
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
     }
@@ -1265,9 +1464,9 @@ mod tests {
             UpstreamProtocol::UseDownstream(Http2Settings::default()),
         );
         let host = c.choose_host(&Default::default()).expect("host");
-        let r = c.send_http(&host, get("/x"), true).await.expect("sent");
+        let r = c.send_http(&host, get("/x"), true, Priority::Default).await.expect("sent");
         assert_eq!(body_text(r).await, "HTTP/2.0 svc.local -");
-        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         assert_eq!(body_text(r).await, "HTTP/1.1 - svc.local");
     }
 
@@ -1279,11 +1478,11 @@ mod tests {
         let (c, store) = cluster(addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
         let e = c
-            .send_http(&host, get("/x"), false)
+            .send_http(&host, get("/x"), false, Priority::Default)
             .await
             .expect_err("refused");
         assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
-        let e = c.connect_tcp(&host).await.expect_err("refused");
+        let e = c.connect_tcp(&host, Priority::Default).await.expect_err("refused");
         assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
         assert_eq!(stat(&store, "upstream_cx_total"), 2.0);
@@ -1327,7 +1526,7 @@ mod tests {
         cfg.idle_timeout = Some(Duration::from_millis(100));
         let c = Cluster::new(Arc::new(cfg.clone()), &store);
         let host = c.choose_host(&Default::default()).expect("host");
-        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         body_text(r).await;
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
         eventually("idle h1 connection closed", || {
@@ -1338,7 +1537,7 @@ mod tests {
         assert_eq!(stat(&store, "upstream_cx_destroy"), 1.0);
         assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 0);
         // The next request opens a new connection.
-        let r = c.send_http(&host, get("/x"), false).await.expect("sent");
+        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         body_text(r).await;
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
 
@@ -1346,7 +1545,7 @@ mod tests {
         cfg.name = "c2".into();
         cfg.protocol = UpstreamProtocol::Http2(Http2Settings::default());
         let c2 = Cluster::new(Arc::new(cfg), &store);
-        let r = c2.send_http(&host, get("/x"), false).await.expect("sent");
+        let r = c2.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
         body_text(r).await;
         let active = || {
             store
@@ -1367,7 +1566,7 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
-        let conn = c.connect_tcp(&host).await.expect("connects");
+        let conn = c.connect_tcp(&host, Priority::Default).await.expect("connects");
         assert!(conn.stream.nodelay().expect("nodelay"));
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
         conn.guard.add_tx(10);
@@ -1385,7 +1584,7 @@ mod tests {
         let mut req = get("/x");
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let r = c.send_http(&host, req, false).await.expect("sent");
+        let r = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
         body_text(r).await;
         eventually("closed connection counted", || {
             stat(&store, "upstream_cx_active") == 0.0

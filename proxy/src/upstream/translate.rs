@@ -55,6 +55,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "http_protocol_options",
     "http2_protocol_options",
     "common_http_protocol_options",
+    "circuit_breakers",
     // Opaque to weir: only read by filters and subset LB (which is rejected).
     "metadata",
 ];
@@ -207,6 +208,11 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         dns_lookup_family,
         protocol,
         idle_timeout,
+        circuit_breakers: super::circuit::CircuitBreakerConfig::translate(
+            c.circuit_breakers.as_ref(),
+            &join(path, "circuit_breakers"),
+            errs,
+        ),
     })
 }
 
@@ -707,7 +713,6 @@ typed_extension_protocol_options:
         for field in [
             "respect_dns_ttl: true",
             "health_checks: [{timeout: 1s, interval: 1s, tcp_health_check: {}}]",
-            "circuit_breakers: {thresholds: [{max_connections: 1}]}",
             "outlier_detection: {}",
             "transport_socket: {name: envoy.transport_sockets.tls}",
             "common_lb_config: {}",

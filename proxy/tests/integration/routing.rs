@@ -269,7 +269,7 @@ async fn edge_mode_appends_xff_and_strips_internal_headers() {
     let req = Request::get("/")
         .header("host", "x")
         .header("x-forwarded-for", "203.0.113.7")
-        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-hedge-on-per-try-timeout", "true")
         .header("x-request-id", "client-chosen")
         .body(Full::new(Bytes::new()))
         .expect("req");
@@ -277,7 +277,7 @@ async fn edge_mode_appends_xff_and_strips_internal_headers() {
     let h = &json(&body)["headers"];
     assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert!(
-        h.get("x-envoy-retry-on").is_none(),
+        h.get("x-envoy-hedge-on-per-try-timeout").is_none(),
         "external request: x-envoy-* stripped"
     );
     assert_ne!(
@@ -286,7 +286,7 @@ async fn edge_mode_appends_xff_and_strips_internal_headers() {
     );
     let req = Request::get("/")
         .header("host", "x")
-        .header("x-envoy-retry-on", "5xx")
+        .header("x-envoy-hedge-on-per-try-timeout", "true")
         .body(Full::new(Bytes::new()))
         .expect("req");
     let (_, _, body) = send(p.addr("http"), req).await;
@@ -294,7 +294,7 @@ async fn edge_mode_appends_xff_and_strips_internal_headers() {
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-envoy-internal"], "true");
     assert_eq!(
-        h["x-envoy-retry-on"], "5xx",
+        h["x-envoy-hedge-on-per-try-timeout"], "true",
         "internal peer keeps control headers"
     );
     p.stop().await;
