@@ -316,9 +316,9 @@ impl Body for MirrorBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(c)) => Poll::Ready(Some(Ok(c.frame()))),
-            Poll::Ready(None) if self.abandoned.load(Ordering::Acquire) => {
-                Poll::Ready(Some(Err("mirror abandoned: it fell behind the request".into())))
-            }
+            Poll::Ready(None) if self.abandoned.load(Ordering::Acquire) => Poll::Ready(Some(Err(
+                "mirror abandoned: it fell behind the request".into(),
+            ))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -137,11 +137,7 @@ fn pick_cluster(
 }
 
 fn no_healthy_upstream() -> LocalReply {
-    LocalReply::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no healthy upstream",
-        "UH",
-    )
+    LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH")
 }
 
 /// The route's cluster and a host of it.
@@ -216,11 +212,7 @@ impl<'a> RetryState<'a> {
         let codes = headers
             .remove("x-envoy-retriable-status-codes")
             .and_then(|v| v.to_str().ok().map(str::to_string))
-            .map(|v| {
-                v.split(',')
-                    .filter_map(|c| c.trim().parse().ok())
-                    .collect()
-            })
+            .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
             .unwrap_or_default();
         let header_names = headers
             .remove("x-envoy-retriable-header-names")
@@ -334,9 +326,7 @@ fn spawn_mirror(
             Ok::<_, UpstreamError>(())
         };
         let r = match deadline {
-            Some(d) => tokio::time::timeout_at(d, exchange)
-                .await
-                .unwrap_or(Ok(())),
+            Some(d) => tokio::time::timeout_at(d, exchange).await.unwrap_or(Ok(())),
             None => exchange.await,
         };
         if let Err(e) = r {
@@ -558,10 +548,7 @@ pub(super) async fn forward(
         let done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
 
         if websocket {
-            return websocket_upgrade(
-                req, h, uri, &cluster, &host, done, deadline, priority,
-            )
-            .await;
+            return websocket_upgrade(req, h, uri, &cluster, &host, done, deadline, priority).await;
         }
 
         let mut up = Request::new(bodies.next());
@@ -590,9 +577,7 @@ pub(super) async fn forward(
         let failure = match result {
             None => {
                 let now = Instant::now();
-                if max_duration.is_some_and(|d| d <= now)
-                    && deadline.is_none_or(|d| d > now)
-                {
+                if max_duration.is_some_and(|d| d <= now) && deadline.is_none_or(|d| d > now) {
                     cfg.stats.downstream_rq_max_duration_reached.increment(1);
                     drop(done);
                     return Err(LocalReply::new(
@@ -706,8 +691,7 @@ pub(super) async fn forward(
                 }
                 let retriable = retry_allowed && retry.status(status, &parts.headers);
                 if retriable
-                    && let Some(slot) =
-                        may_retry(attempt, &retry, &bodies, rm, cs, deadline)
+                    && let Some(slot) = may_retry(attempt, &retry, &bodies, rm, cs, deadline)
                 {
                     // Drop this response (and its connection) and go again.
                     drop((parts, rbody, done));
@@ -742,9 +726,7 @@ pub(super) async fn forward(
         };
         let (reply, err) = failure;
         let retriable = retry_allowed && err.is_some_and(|e| retry.error(e));
-        if retriable
-            && let Some(slot) = may_retry(attempt, &retry, &bodies, rm, cs, deadline)
-        {
+        if retriable && let Some(slot) = may_retry(attempt, &retry, &bodies, rm, cs, deadline) {
             _retry_slot = Some(slot);
             backoff_sleep(retry_policy, attempt, deadline, cs).await;
             continue;

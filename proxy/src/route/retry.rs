@@ -266,10 +266,7 @@ impl RetryPolicy {
                 Some(d) => {
                     let max = duration(d, &join(&bp, "max_interval"), errs);
                     if max < p.back_off.base {
-                        errs.add(
-                            join(&bp, "max_interval"),
-                            "must be at least base_interval",
-                        );
+                        errs.add(join(&bp, "max_interval"), "must be at least base_interval");
                     }
                     max.max(p.back_off.base)
                 }
@@ -334,7 +331,10 @@ impl RetryPolicy {
     /// Whether the request may be retried at all (`retriable_request_headers`).
     pub fn request_retriable(&self, req: &RouteRequest<'_>) -> bool {
         self.retriable_request_headers.is_empty()
-            || self.retriable_request_headers.iter().any(|m| m.matches(req))
+            || self
+                .retriable_request_headers
+                .iter()
+                .any(|m| m.matches(req))
     }
 
     /// Whether a response is retriable under `on`. `extra_codes` are the request's
@@ -705,10 +705,7 @@ mod tests {
         let pb: rpb::RetryPolicy = weir_xds_api::from_yaml(yaml).expect("yaml");
         let mut errs = Errors::default();
         let p = RetryPolicy::translate(&pb, "rp", &mut errs);
-        (
-            p,
-            errs.0.into_iter().map(|e| (e.path, e.message)).collect(),
-        )
+        (p, errs.0.into_iter().map(|e| (e.path, e.message)).collect())
     }
 
     fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -777,7 +774,9 @@ mod tests {
 
     #[test]
     fn status_conditions() {
-        let (p, _) = policy("retry_on: 5xx\nretriable_status_codes: [418]\nretriable_headers: [{name: x-retry}]\n");
+        let (p, _) = policy(
+            "retry_on: 5xx\nretriable_status_codes: [418]\nretriable_headers: [{name: x-retry}]\n",
+        );
         let none = HeaderMap::new();
         let on = |s: &str| RetryOn::parse(s).0;
         assert!(p.retry_status(on("5xx"), 500, &none, &[], &[]));
@@ -790,22 +789,58 @@ mod tests {
         assert!(p.retry_status(on("retriable-status-codes"), 418, &none, &[], &[]));
         assert!(p.retry_status(on("retriable-status-codes"), 429, &none, &[429], &[]));
         assert!(!p.retry_status(on("retriable-status-codes"), 429, &none, &[], &[]));
-        assert!(p.retry_status(on("retriable-headers"), 200, &hm(&[("x-retry", "1")]), &[], &[]));
+        assert!(p.retry_status(
+            on("retriable-headers"),
+            200,
+            &hm(&[("x-retry", "1")]),
+            &[],
+            &[]
+        ));
         assert!(!p.retry_status(on("retriable-headers"), 200, &none, &[], &[]));
         let extra = [http::HeaderName::from_static("x-other")];
-        assert!(p.retry_status(on("retriable-headers"), 200, &hm(&[("x-other", "1")]), &[], &extra));
+        assert!(p.retry_status(
+            on("retriable-headers"),
+            200,
+            &hm(&[("x-other", "1")]),
+            &[],
+            &extra
+        ));
         // x-envoy-overloaded is never retried.
-        assert!(!p.retry_status(on("5xx"), 503, &hm(&[("x-envoy-overloaded", "true")]), &[], &[]));
+        assert!(!p.retry_status(
+            on("5xx"),
+            503,
+            &hm(&[("x-envoy-overloaded", "true")]),
+            &[],
+            &[]
+        ));
         // gRPC status in the (trailers-only) response headers.
         let unavailable = hm(&[("grpc-status", "14")]);
         assert!(p.retry_status(on("unavailable"), 200, &unavailable, &[], &[]));
         assert!(!p.retry_status(on("cancelled,internal"), 200, &unavailable, &[], &[]));
         assert!(p.retry_status(on("internal"), 200, &hm(&[("grpc-status", "13")]), &[], &[]));
-        assert!(p.retry_status(on("resource-exhausted"), 200, &hm(&[("grpc-status", "8")]), &[], &[]));
-        assert!(p.retry_status(on("deadline-exceeded"), 200, &hm(&[("grpc-status", "4")]), &[], &[]));
+        assert!(p.retry_status(
+            on("resource-exhausted"),
+            200,
+            &hm(&[("grpc-status", "8")]),
+            &[],
+            &[]
+        ));
+        assert!(p.retry_status(
+            on("deadline-exceeded"),
+            200,
+            &hm(&[("grpc-status", "4")]),
+            &[],
+            &[]
+        ));
         assert!(p.retry_status(on("cancelled"), 200, &hm(&[("grpc-status", "1")]), &[], &[]));
         assert!(!p.retry_status(on("cancelled"), 200, &hm(&[("grpc-status", "0")]), &[], &[]));
-        assert!(p.retry_status(on("envoy-ratelimited"), 429, &hm(&[("x-envoy-ratelimited", "true")]), &[], &[]));
+        assert!(p.retry_status(
+            on("envoy-ratelimited"),
+            429,
+            &hm(&[("x-envoy-ratelimited", "true")]),
+            &[],
+            &[]
+        ));
     }
 
     #[test]
@@ -817,12 +852,24 @@ mod tests {
                 assert!(RetryPolicy::retry_error(on(c), e), "{c} {e:?}");
             }
         }
-        assert!(RetryPolicy::retry_error(on("connect-failure"), ConnectFailure));
+        assert!(RetryPolicy::retry_error(
+            on("connect-failure"),
+            ConnectFailure
+        ));
         assert!(!RetryPolicy::retry_error(on("connect-failure"), Reset));
-        assert!(!RetryPolicy::retry_error(on("connect-failure"), PerTryTimeout));
-        assert!(RetryPolicy::retry_error(on("refused-stream"), RefusedStream));
+        assert!(!RetryPolicy::retry_error(
+            on("connect-failure"),
+            PerTryTimeout
+        ));
+        assert!(RetryPolicy::retry_error(
+            on("refused-stream"),
+            RefusedStream
+        ));
         assert!(!RetryPolicy::retry_error(on("refused-stream"), Reset));
-        assert!(!RetryPolicy::retry_error(on("retriable-4xx"), ConnectFailure));
+        assert!(!RetryPolicy::retry_error(
+            on("retriable-4xx"),
+            ConnectFailure
+        ));
     }
 
     #[test]

@@ -538,7 +538,8 @@ impl Cluster {
         downstream_h2: bool,
         priority: circuit::Priority,
     ) -> Result<http::Response<UpstreamResponseBody>, UpstreamError> {
-        self.send_http_impl(host, req, downstream_h2, priority).await
+        self.send_http_impl(host, req, downstream_h2, priority)
+            .await
     }
 
     /// Open a TCP connection to `host` (connect_timeout applied, TCP_NODELAY set, cx stats

@@ -618,10 +618,7 @@ enum H1Admission {
     /// Open a connection holding this breaker slot.
     Open(ResourceGuard),
     /// Wait for a connection of this worker (holding a pending-request slot).
-    Wait(
-        tokio::sync::oneshot::Receiver<Option<IdleH1>>,
-        PendingGuard,
-    ),
+    Wait(tokio::sync::oneshot::Receiver<Option<IdleH1>>, PendingGuard),
 }
 
 /// A request's place in `upstream_rq_pending_active` and the pending breaker.
@@ -1309,7 +1306,10 @@ mod tests {
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
         for _ in 0..3 {
-            let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+            let resp = c
+                .send_http(&host, get("/x"), false, Priority::Default)
+                .await
+                .expect("sent");
             assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         }
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 1);
@@ -1331,7 +1331,10 @@ mod tests {
             .uri("http://abs.example/x")
             .body(empty())
             .expect("request");
-        let resp = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, req, false, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - abs.example");
     }
 
@@ -1340,9 +1343,15 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
-        let resp = c.send_http(&host, get("/big"), false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, get("/big"), false, Priority::Default)
+            .await
+            .expect("sent");
         drop(resp);
-        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
         // The abandoned connection is closed: only the second one stays active.
@@ -1367,9 +1376,15 @@ mod tests {
             .header(header::HOST, "svc.local")
             .body(body)
             .expect("request");
-        let resp = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, req, false, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(resp).await, "early");
-        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(resp).await, "HTTP/1.1 - svc.local");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
     }
@@ -1379,11 +1394,17 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
         let host = c.choose_host(&Default::default()).expect("host");
-        let resp = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let resp = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         // Authority from the Host header; no `host` header on the wire.
         assert_eq!(body_text(resp).await, "HTTP/2.0 svc.local -");
         let all = futures::future::join_all((0..10).map(|_| async {
-            let resp = c.send_http(&host, get("/slow"), false, Priority::Default).await.expect("sent");
+            let resp = c
+                .send_http(&host, get("/slow"), false, Priority::Default)
+                .await
+                .expect("sent");
             body_text(resp).await
         }))
         .await;
@@ -1403,7 +1424,10 @@ mod tests {
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http2(Http2Settings::default()));
         let host = c.choose_host(&Default::default()).expect("host");
         let all = futures::future::join_all((0..8).map(|_| async {
-            let resp = c.send_http(&host, get("/slow"), false, Priority::Default).await.expect("sent");
+            let resp = c
+                .send_http(&host, get("/slow"), false, Priority::Default)
+                .await
+                .expect("sent");
             body_text(resp).await
         }))
         .await;
@@ -1427,7 +1451,9 @@ mod tests {
         assert!(matches!(b, Err(UpstreamError::ConnectFailure(_))), "{b:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 1.0);
         // The failed connect is forgotten: the next request tries again.
-        let e = c.send_http(&host, get("/x"), false, Priority::Default).await;
+        let e = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await;
         assert!(matches!(e, Err(UpstreamError::ConnectFailure(_))), "{e:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
         assert_eq!(stat(&store, "upstream_cx_active"), 0.0);
@@ -1451,7 +1477,10 @@ mod tests {
         assert_eq!(body_text(b).await, "slow");
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
         // Both streams are done: the next request reuses a connection.
-        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         body_text(r).await;
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
     }
@@ -1464,9 +1493,15 @@ mod tests {
             UpstreamProtocol::UseDownstream(Http2Settings::default()),
         );
         let host = c.choose_host(&Default::default()).expect("host");
-        let r = c.send_http(&host, get("/x"), true, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, get("/x"), true, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(r).await, "HTTP/2.0 svc.local -");
-        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         assert_eq!(body_text(r).await, "HTTP/1.1 - svc.local");
     }
 
@@ -1482,7 +1517,10 @@ mod tests {
             .await
             .expect_err("refused");
         assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
-        let e = c.connect_tcp(&host, Priority::Default).await.expect_err("refused");
+        let e = c
+            .connect_tcp(&host, Priority::Default)
+            .await
+            .expect_err("refused");
         assert!(matches!(e, UpstreamError::ConnectFailure(_)), "{e:?}");
         assert_eq!(stat(&store, "upstream_cx_connect_fail"), 2.0);
         assert_eq!(stat(&store, "upstream_cx_total"), 2.0);
@@ -1526,7 +1564,10 @@ mod tests {
         cfg.idle_timeout = Some(Duration::from_millis(100));
         let c = Cluster::new(Arc::new(cfg.clone()), &store);
         let host = c.choose_host(&Default::default()).expect("host");
-        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         body_text(r).await;
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
         eventually("idle h1 connection closed", || {
@@ -1537,7 +1578,10 @@ mod tests {
         assert_eq!(stat(&store, "upstream_cx_destroy"), 1.0);
         assert_eq!(host.stats.cx_active.load(Ordering::Relaxed), 0);
         // The next request opens a new connection.
-        let r = c.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         body_text(r).await;
         assert_eq!(srv.accepts.load(Ordering::SeqCst), 2);
 
@@ -1545,7 +1589,10 @@ mod tests {
         cfg.name = "c2".into();
         cfg.protocol = UpstreamProtocol::Http2(Http2Settings::default());
         let c2 = Cluster::new(Arc::new(cfg), &store);
-        let r = c2.send_http(&host, get("/x"), false, Priority::Default).await.expect("sent");
+        let r = c2
+            .send_http(&host, get("/x"), false, Priority::Default)
+            .await
+            .expect("sent");
         body_text(r).await;
         let active = || {
             store
@@ -1566,7 +1613,10 @@ mod tests {
         let srv = server().await;
         let (c, store) = cluster(srv.addr, UpstreamProtocol::Http1);
         let host = c.choose_host(&Default::default()).expect("host");
-        let conn = c.connect_tcp(&host, Priority::Default).await.expect("connects");
+        let conn = c
+            .connect_tcp(&host, Priority::Default)
+            .await
+            .expect("connects");
         assert!(conn.stream.nodelay().expect("nodelay"));
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
         conn.guard.add_tx(10);
@@ -1584,7 +1634,10 @@ mod tests {
         let mut req = get("/x");
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let r = c.send_http(&host, req, false, Priority::Default).await.expect("sent");
+        let r = c
+            .send_http(&host, req, false, Priority::Default)
+            .await
+            .expect("sent");
         body_text(r).await;
         eventually("closed connection counted", || {
             stat(&store, "upstream_cx_active") == 0.0

@@ -8,5 +8,6 @@ mod h2frames;
 mod hardening;
 mod lifecycle;
 mod protocols;
+mod resilience;
 mod routing;
 mod tcp;
