@@ -147,16 +147,22 @@ pub async fn serve(
         };
         match r {
             Ok(s) => {
+                cluster.report(&host, crate::upstream::HostResult::ConnectSucceeded);
                 upstream = Some(s);
                 break;
             }
-            Err(e) => tracing::debug!(
-                cluster = cluster.name(),
-                host = %host.address,
-                attempt,
-                error = %e,
-                "tcp_proxy: upstream connect failed"
-            ),
+            // The connection breaker is open (counted as upstream_cx_overflow): close.
+            Err(crate::upstream::UpstreamError::Overflow) => return,
+            Err(e) => {
+                cluster.report(&host, crate::upstream::HostResult::ConnectFailed);
+                tracing::debug!(
+                    cluster = cluster.name(),
+                    host = %host.address,
+                    attempt,
+                    error = %e,
+                    "tcp_proxy: upstream connect failed"
+                )
+            }
         }
     }
     let Some(upstream) = upstream else {

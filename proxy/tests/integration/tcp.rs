@@ -60,3 +60,52 @@ static_resources:
     .await;
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_breaker_closes_the_overflow() {
+    let echo = tcp_echo().await;
+    let yaml = format!(
+        r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: echo
+          cluster: echo
+  clusters:
+{}    circuit_breakers: {{thresholds: [{{max_connections: 1}}]}}
+"#,
+        cluster("echo", &[echo.port()])
+    );
+    let p = Proxy::start(&yaml).await;
+    let mut first = tokio::net::TcpStream::connect(p.addr("tcp"))
+        .await
+        .expect("connect");
+    first.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    first.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"ping");
+    // The second connection is over max_connections: closed without reaching the upstream.
+    let mut second = tokio::net::TcpStream::connect(p.addr("tcp"))
+        .await
+        .expect("connect");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed without data");
+    assert_eq!(p.stat("cluster.echo.upstream_cx_overflow"), 1);
+    assert_eq!(p.stat("cluster.echo.upstream_cx_total"), 1);
+    // The first connection still works.
+    first.write_all(b"pong").await.expect("write");
+    first.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"pong");
+    p.stop().await;
+}
