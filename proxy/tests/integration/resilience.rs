@@ -572,3 +572,22 @@ async fn mirrored_requests_carry_the_shadow_host() {
     assert_eq!(*seen.lock().expect("lock"), "api.example.com-shadow:8080");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_stream_duration_ends_the_stream_with_408() {
+    let slow = Flaky::start("slow", script(|_| (200, Duration::from_secs(5)))).await;
+    let p = Proxy::start(&http_bootstrap(
+        &vhost(
+            "{cluster: c, timeout: 30s, max_stream_duration: {max_stream_duration: 0.3s}}",
+            "",
+        ),
+        &cluster("c", &[slow.port()]),
+        "",
+    ))
+    .await;
+    let (status, _, body) = get(p.addr("http"), "svc", "/").await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(body, "downstream duration timeout");
+    assert_eq!(p.stat("http.ingress.downstream_rq_max_duration_reached"), 1);
+    p.stop().await;
+}
