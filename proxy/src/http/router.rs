@@ -19,7 +19,7 @@ use super::body::{OnDone, Outcome, Timed, TimerError};
 use super::local_reply;
 use crate::route::{ForwardAction, RouteMatch};
 use crate::stats::class_index;
-use crate::upstream::{BoxError, Cluster, Host, UpstreamBody, UpstreamError};
+use crate::upstream::{BoxError, Cluster, Host, HostResult, UpstreamBody, UpstreamError};
 
 /// Envoy's local reply body for upstream failures before response headers.
 fn upstream_failure(reason: &str) -> String {
@@ -235,6 +235,7 @@ pub(super) async fn forward(
             Err(_) => {
                 cs.upstream_rq_timeout.increment(1);
                 host.stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
+                cluster.report(&host, HostResult::Timeout);
                 charge(&cluster, &host, 504);
                 drop(done);
                 return Err(LocalReply::new(
@@ -268,6 +269,15 @@ pub(super) async fn forward(
                     "DT",
                 ));
             }
+            cluster.report(
+                &host,
+                match e {
+                    UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_) => {
+                        HostResult::ConnectFailed
+                    }
+                    _ => HostResult::Reset,
+                },
+            );
             charge(&cluster, &host, 503);
             tracing::debug!(cluster = %cluster.name(), host = %host.address, error = %e, "upstream request failed");
             return Err(match e {
@@ -292,6 +302,14 @@ pub(super) async fn forward(
     let service_ms = t0.elapsed().as_millis() as u64;
     let (mut parts, rbody) = resp.into_parts();
     charge(&cluster, &host, parts.status.as_u16());
+    if parts
+        .headers
+        .contains_key("x-envoy-immediate-health-check-fail")
+    {
+        cluster.immediate_health_check_fail(&host);
+    }
+    cluster.report(&host, HostResult::ConnectSucceeded);
+    cluster.report(&host, HostResult::Status(parts.status.as_u16()));
     super::sanitize::strip_hop_by_hop(&mut parts.headers, false);
     if !cfg.suppress_envoy_headers {
         parts.headers.insert(

@@ -1066,6 +1066,8 @@ mod tests {
             dns_lookup_family: DnsLookupFamily::Auto,
             protocol,
             idle_timeout: Some(Duration::from_secs(3600)),
+            health_checks: Vec::new(),
+            outlier: None,
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }
