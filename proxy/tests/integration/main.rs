@@ -5,6 +5,7 @@ mod harness;
 
 mod admin;
 mod h2frames;
+mod health;
 mod hardening;
 mod lifecycle;
 mod protocols;
