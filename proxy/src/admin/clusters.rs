@@ -29,9 +29,12 @@ use crate::server::ServerState;
 use crate::upstream::outlier::{Detector, Origin};
 use crate::upstream::{Cluster, Host, health_flags};
 
+/// A cluster with the host set it had when the page was rendered.
+type ClusterHosts = (Arc<Cluster>, Arc<Vec<Arc<Host>>>);
+
 /// `GET /clusters`.
 pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
-    let all: Vec<(Arc<Cluster>, Arc<Vec<Arc<Host>>>)> = state
+    let all: Vec<ClusterHosts> = state
         .clusters
         .all()
         .into_iter()
@@ -473,7 +476,10 @@ mod tests {
         fill_host_defaults(&mut v);
         let c = &v["cluster_statuses"][0];
         assert_eq!(c["success_rate_ejection_threshold"], j!({"value": 52.0}));
-        assert!(c.get("local_origin_success_rate_ejection_threshold").is_none());
+        assert!(
+            c.get("local_origin_success_rate_ejection_threshold")
+                .is_none()
+        );
         assert_eq!(c["host_statuses"][1]["success_rate"], j!({"value": 100.0}));
         assert_eq!(
             c["host_statuses"][0]["health_status"]["failed_outlier_check"],
@@ -481,6 +487,10 @@ mod tests {
         );
         // The ejected host keeps the rate that got it ejected (Envoy sets it before ejecting).
         assert_eq!(c["host_statuses"][0]["success_rate"], j!({"value": 50.0}));
-        assert!(c["host_statuses"][0].get("local_origin_success_rate").is_none());
+        assert!(
+            c["host_statuses"][0]
+                .get("local_origin_success_rate")
+                .is_none()
+        );
     }
 }

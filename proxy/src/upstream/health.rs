@@ -54,8 +54,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weir_xds_api::pb::envoy::config::core::v3 as core;
 use weir_xds_api::pb::envoy::config::core::v3::health_check::{
-    GrpcHealthCheck, HealthChecker as PbChecker, HttpHealthCheck, Payload, TcpHealthCheck,
-    payload,
+    GrpcHealthCheck, HealthChecker as PbChecker, HttpHealthCheck, Payload, TcpHealthCheck, payload,
 };
 use weir_xds_api::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
@@ -112,8 +111,8 @@ pub struct HealthCheckConfig {
 /// Which checker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckerConfig {
-    /// `http_health_check`.
-    Http(HttpCheckConfig),
+    /// `http_health_check` (boxed: it is much larger than the others).
+    Http(Box<HttpCheckConfig>),
     /// `tcp_health_check`.
     Tcp(TcpCheckConfig),
     /// `grpc_health_check`.
@@ -337,9 +336,10 @@ fn translate_one(
         "healthy_threshold",
         errs,
     );
-    let opt = |d: &Option<weir_xds_api::pb::google::protobuf::Duration>,
-               field: &str,
-               errs: &mut Errors| positive(d.as_ref(), &join(path, field), false, errs);
+    let opt =
+        |d: &Option<weir_xds_api::pb::google::protobuf::Duration>,
+         field: &str,
+         errs: &mut Errors| positive(d.as_ref(), &join(path, field), false, errs);
     let initial_jitter = hc
         .initial_jitter
         .as_ref()
@@ -364,7 +364,8 @@ fn translate_one(
 
     let checker = match &hc.health_checker {
         Some(PbChecker::HttpHealthCheck(h)) => {
-            http_config(h, &join(path, "http_health_check"), errs).map(CheckerConfig::Http)
+            http_config(h, &join(path, "http_health_check"), errs)
+                .map(|h| CheckerConfig::Http(Box::new(h)))
         }
         Some(PbChecker::TcpHealthCheck(t)) => {
             tcp_config(t, &join(path, "tcp_health_check"), errs).map(CheckerConfig::Tcp)
@@ -436,7 +437,7 @@ fn payload(p: &Payload, path: &str, errs: &mut Errors) -> Option<Vec<u8>> {
 
 /// Hex to bytes (Envoy's `Hex::decode`: even length, case-insensitive).
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -461,7 +462,10 @@ fn status_ranges(
     for (i, r) in ranges.iter().enumerate() {
         let p = format!("{path}[{i}]");
         if r.start >= r.end {
-            errs.add(p, format!("expecting start < end, got [{}, {})", r.start, r.end));
+            errs.add(
+                p,
+                format!("expecting start < end, got [{}, {})", r.start, r.end),
+            );
         } else if r.start < 100 {
             errs.add(join(&p, "start"), "expecting start >= 100");
         } else if r.end > 600 {
@@ -480,7 +484,11 @@ fn header_adds(opts: &[core::HeaderValueOption], path: &str, errs: &mut Errors) 
     for (i, o) in opts.iter().enumerate() {
         let p = format!("{path}[{i}]");
         #[allow(deprecated)]
-        errs.reject_unsupported(o, &["header", "append", "append_action", "keep_empty_value"], &p);
+        errs.reject_unsupported(
+            o,
+            &["header", "append", "append_action", "keep_empty_value"],
+            &p,
+        );
         let Some(h) = &o.header else {
             errs.add(join(&p, "header"), "header is required");
             continue;
@@ -541,7 +549,14 @@ fn header_adds(opts: &[core::HeaderValueOption], path: &str, errs: &mut Errors) 
 fn name_matcher(m: &StringMatcher, path: &str, errs: &mut Errors) -> Option<NameMatcher> {
     errs.reject_unsupported(
         m,
-        &["exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"],
+        &[
+            "exact",
+            "prefix",
+            "suffix",
+            "contains",
+            "safe_regex",
+            "ignore_case",
+        ],
         path,
     );
     let ic = m.ignore_case;
@@ -617,7 +632,10 @@ fn http_config(h: &HttpHealthCheck, path: &str, errs: &mut Errors) -> Option<Htt
         Ok(M::Trace) => Method::TRACE,
         Ok(M::Patch) => Method::PATCH,
         Ok(M::Connect) | Err(_) => {
-            errs.add(join(path, "method"), "CONNECT (or an unknown method) is not allowed");
+            errs.add(
+                join(path, "method"),
+                "CONNECT (or an unknown method) is not allowed",
+            );
             ok = false;
             Method::GET
         }
@@ -652,20 +670,19 @@ fn http_config(h: &HttpHealthCheck, path: &str, errs: &mut Errors) -> Option<Htt
         );
         ok = false;
     }
-    let http2 = match weir_xds_api::pb::envoy::r#type::v3::CodecClientType::try_from(
-        h.codec_client_type,
-    ) {
-        Ok(weir_xds_api::pb::envoy::r#type::v3::CodecClientType::Http1) => false,
-        Ok(weir_xds_api::pb::envoy::r#type::v3::CodecClientType::Http2) => true,
-        _ => {
-            errs.add(
-                join(path, "codec_client_type"),
-                "only HTTP1 and HTTP2 are supported",
-            );
-            ok = false;
-            false
-        }
-    };
+    let http2 =
+        match weir_xds_api::pb::envoy::r#type::v3::CodecClientType::try_from(h.codec_client_type) {
+            Ok(weir_xds_api::pb::envoy::r#type::v3::CodecClientType::Http1) => false,
+            Ok(weir_xds_api::pb::envoy::r#type::v3::CodecClientType::Http2) => true,
+            _ => {
+                errs.add(
+                    join(path, "codec_client_type"),
+                    "only HTTP1 and HTTP2 are supported",
+                );
+                ok = false;
+                false
+            }
+        };
     let mut headers_to_remove = Vec::new();
     for (i, n) in h.request_headers_to_remove.iter().enumerate() {
         match HeaderName::from_bytes(n.as_bytes()) {
@@ -730,11 +747,7 @@ fn grpc_config(g: &GrpcHealthCheck, path: &str, errs: &mut Errors) -> Option<Grp
     Some(GrpcCheckConfig {
         service_name: g.service_name.clone(),
         authority: g.authority.clone(),
-        initial_metadata: header_adds(
-            &g.initial_metadata,
-            &join(path, "initial_metadata"),
-            errs,
-        ),
+        initial_metadata: header_adds(&g.initial_metadata, &join(path, "initial_metadata"), errs),
     })
 }
 
@@ -1113,7 +1126,10 @@ pub fn payload_match(expected: &[Vec<u8>], buf: &[u8]) -> bool {
         let Some(hay) = buf.get(start..) else {
             return false;
         };
-        match hay.windows(seg.len().max(1)).position(|w| w == seg.as_slice()) {
+        match hay
+            .windows(seg.len().max(1))
+            .position(|w| w == seg.as_slice())
+        {
             Some(i) => start += i + seg.len(),
             None => return false,
         }
@@ -1126,7 +1142,10 @@ fn in_ranges(code: u16, ranges: &[(u16, u16)]) -> bool {
 }
 
 /// The request an HTTP check sends (`authority` is `host` or the cluster name).
-pub fn http_request(cfg: &HttpCheckConfig, authority: &str) -> Result<Request<Full<Bytes>>, String> {
+pub fn http_request(
+    cfg: &HttpCheckConfig,
+    authority: &str,
+) -> Result<Request<Full<Bytes>>, String> {
     let uri = if cfg.http2 {
         format!("http://{authority}{}", cfg.path)
     } else {
@@ -1544,9 +1563,7 @@ mod tests {
 
     #[test]
     fn http_translation_with_defaults() {
-        let c = ok(&format!(
-            "{BASE}  http_health_check: {{path: /healthz}}\n"
-        ));
+        let c = ok(&format!("{BASE}  http_health_check: {{path: /healthz}}\n"));
         assert_eq!(c.timeout, Duration::from_secs(1));
         assert_eq!(c.interval, Duration::from_secs(2));
         assert_eq!((c.unhealthy_threshold, c.healthy_threshold), (3, 2));
@@ -1618,7 +1635,11 @@ mod tests {
         assert_eq!(h.headers_to_add.len(), 1);
         assert_eq!(h.headers_to_add[0].action, AppendAction::OverwriteOrAdd);
         assert_eq!(h.headers_to_remove, vec![USER_AGENT]);
-        assert!(h.service_name_matcher.as_ref().is_some_and(|m| m.matches("svc-a")));
+        assert!(
+            h.service_name_matcher
+                .as_ref()
+                .is_some_and(|m| m.matches("svc-a"))
+        );
         let req = http_request(&h, "hc.example").expect("request");
         assert_eq!(req.uri().to_string(), "http://hc.example/ready?x=1");
         assert_eq!(req.headers()["x-hc"], "1");
@@ -1643,7 +1664,10 @@ mod tests {
         let CheckerConfig::Grpc(g) = c.checker else {
             panic!("grpc")
         };
-        assert_eq!((g.service_name.as_str(), g.authority.as_str()), ("svc", "a.example"));
+        assert_eq!(
+            (g.service_name.as_str(), g.authority.as_str()),
+            ("svc", "a.example")
+        );
     }
 
     #[test]
@@ -1671,11 +1695,15 @@ mod tests {
                 vec![format!("{p}.http_health_check.path")],
             ),
             (
-                &format!("{BASE}  http_health_check: {{path: /, expected_statuses: [{{start: 300, end: 200}}]}}\n"),
+                &format!(
+                    "{BASE}  http_health_check: {{path: /, expected_statuses: [{{start: 300, end: 200}}]}}\n"
+                ),
                 vec![format!("{p}.http_health_check.expected_statuses[0]")],
             ),
             (
-                &format!("{BASE}  http_health_check: {{path: /, expected_statuses: [{{start: 200, end: 700}}]}}\n"),
+                &format!(
+                    "{BASE}  http_health_check: {{path: /, expected_statuses: [{{start: 200, end: 700}}]}}\n"
+                ),
                 vec![format!("{p}.http_health_check.expected_statuses[0].end")],
             ),
             (
@@ -1687,8 +1715,12 @@ mod tests {
                 vec![format!("{p}.http_health_check.send")],
             ),
             (
-                &format!("{BASE}  http_health_check: {{path: /, request_headers_to_add: [{{header: {{key: x, value: '%UPSTREAM_REMOTE_ADDRESS%'}}}}]}}\n"),
-                vec![format!("{p}.http_health_check.request_headers_to_add[0].header.value")],
+                &format!(
+                    "{BASE}  http_health_check: {{path: /, request_headers_to_add: [{{header: {{key: x, value: '%UPSTREAM_REMOTE_ADDRESS%'}}}}]}}\n"
+                ),
+                vec![format!(
+                    "{p}.http_health_check.request_headers_to_add[0].header.value"
+                )],
             ),
             (
                 &format!("{BASE}  tcp_health_check: {{send: {{text: zz}}}}\n"),
@@ -1707,7 +1739,9 @@ mod tests {
                 vec![format!("{p}.custom_health_check")],
             ),
             (
-                &format!("{BASE}  tcp_health_check: {{}}\n- timeout: 1s\n  interval: 1s\n  unhealthy_threshold: 1\n  healthy_threshold: 1\n  tcp_health_check: {{}}\n"),
+                &format!(
+                    "{BASE}  tcp_health_check: {{}}\n- timeout: 1s\n  interval: 1s\n  unhealthy_threshold: 1\n  healthy_threshold: 1\n  tcp_health_check: {{}}\n"
+                ),
                 vec!["clusters[0].health_checks[1]".to_string()],
             ),
         ] {
@@ -1752,18 +1786,36 @@ mod tests {
         assert!(!failed(&h));
         assert_eq!(stat(&store, "healthy"), "1");
         // Network failures need unhealthy_threshold (3) in a row; a success resets the streak.
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::ChangePending);
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::ChangePending);
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::ChangePending
+        );
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::ChangePending
+        );
         assert_eq!(hc.on_success(&h), Transition::Unchanged);
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::ChangePending);
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::ChangePending);
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::ChangePending
+        );
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::ChangePending
+        );
         assert!(!failed(&h));
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::Changed);
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::Changed
+        );
         assert!(failed(&h));
         assert_eq!(stat(&store, "healthy"), "0");
         // Back to healthy needs healthy_threshold (2) successes in a row now.
         assert_eq!(hc.on_success(&h), Transition::ChangePending);
-        assert_eq!(hc.on_failure(&h, Failure::Network, "x"), Transition::Unchanged);
+        assert_eq!(
+            hc.on_failure(&h, Failure::Network, "x"),
+            Transition::Unchanged
+        );
         assert_eq!(hc.on_success(&h), Transition::ChangePending);
         assert!(failed(&h));
         assert_eq!(hc.on_success(&h), Transition::Changed);
@@ -1791,13 +1843,19 @@ mod tests {
         hc.on_success(&h);
         hc.on_success(&h);
         assert!(!failed(&h));
-        assert_eq!(hc.on_failure(&h, Failure::Passive, "header"), Transition::Changed);
+        assert_eq!(
+            hc.on_failure(&h, Failure::Passive, "header"),
+            Transition::Changed
+        );
         assert!(failed(&h));
         assert_eq!(stat(&store, "passive_failure"), "1");
         assert_eq!(stat(&store, "network_failure"), "0");
         // A host that fails its very first check stays failed.
         let h2 = pending_host();
-        assert_eq!(hc.on_failure(&h2, Failure::Network, "x"), Transition::Unchanged);
+        assert_eq!(
+            hc.on_failure(&h2, Failure::Network, "x"),
+            Transition::Unchanged
+        );
         assert!(failed(&h2));
     }
 
@@ -1805,21 +1863,48 @@ mod tests {
     fn intervals_follow_envoy() {
         let c = cfg(tcp());
         use Transition::*;
-        assert_eq!(base_interval(&c, true, Unchanged, false), Duration::from_secs(70));
-        assert_eq!(base_interval(&c, true, ChangePending, false), Duration::from_secs(60));
-        assert_eq!(base_interval(&c, false, Changed, false), Duration::from_secs(60));
-        assert_eq!(base_interval(&c, true, Unchanged, true), Duration::from_secs(10));
-        assert_eq!(base_interval(&c, true, Changed, true), Duration::from_secs(10));
-        assert_eq!(base_interval(&c, true, ChangePending, true), Duration::from_secs(2));
-        assert_eq!(base_interval(&c, false, Unchanged, true), Duration::from_secs(5));
-        assert_eq!(base_interval(&c, false, ChangePending, true), Duration::from_secs(1));
+        assert_eq!(
+            base_interval(&c, true, Unchanged, false),
+            Duration::from_secs(70)
+        );
+        assert_eq!(
+            base_interval(&c, true, ChangePending, false),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            base_interval(&c, false, Changed, false),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            base_interval(&c, true, Unchanged, true),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            base_interval(&c, true, Changed, true),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            base_interval(&c, true, ChangePending, true),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            base_interval(&c, false, Unchanged, true),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            base_interval(&c, false, ChangePending, true),
+            Duration::from_secs(1)
+        );
         let mut j = cfg(tcp());
         j.interval_jitter_percent = 10;
         j.interval_jitter = Duration::from_millis(50);
         let b = Duration::from_secs(10);
         assert_eq!(with_jitter(&j, b, 0, 0), b);
         // 10% of 10 s = 1000 ms modulus; 50 ms modulus.
-        assert_eq!(with_jitter(&j, b, 1999, 149), Duration::from_millis(10_999 + 49));
+        assert_eq!(
+            with_jitter(&j, b, 1999, 149),
+            Duration::from_millis(10_999 + 49)
+        );
         assert_eq!(
             with_jitter(&cfg(tcp()), Duration::ZERO, 5, 5),
             Duration::from_millis(1)
@@ -1871,7 +1956,9 @@ mod tests {
             send: Some(Bytes::from_static(b"PING")),
             receive: vec![b"PO".to_vec(), b"NG".to_vec()],
         })));
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
@@ -1894,7 +1981,9 @@ mod tests {
         assert!(tcp_check(c, addr, &mut conn).await.is_ok());
         // A closed port is a network failure.
         let closed = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             l.local_addr().expect("addr")
         };
         let mut conn = None;
@@ -1903,5 +1992,83 @@ mod tests {
             Err(Failed(k, d)) => panic!("unexpected failure {k:?}: {d}"),
             Ok(()) => panic!("closed port passed"),
         }
+    }
+
+    #[tokio::test]
+    async fn strict_dns_hosts_start_pending_and_warm_after_first_check() {
+        use crate::upstream::{
+            ClusterConfig, ClusterManager, DiscoveryType, DnsLookupFamily, EndpointAddress,
+            EndpointConfig, LbPolicy,
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            // Accept and hold connections.
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let mut check = cfg(tcp());
+        check.interval = Duration::from_millis(50);
+        check.no_traffic_interval = Duration::from_millis(50);
+        check.no_traffic_healthy_interval = Duration::from_millis(50);
+        let c = Arc::new(ClusterConfig {
+            name: "dns".into(),
+            discovery: DiscoveryType::StrictDns,
+            endpoints: vec![EndpointConfig {
+                address: EndpointAddress::Dns {
+                    host: "localhost".into(),
+                    port,
+                },
+                hostname: Some("localhost".into()),
+                weight: 1,
+                priority: 0,
+                locality: None,
+                health: 0,
+            }],
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: LbPolicy::RoundRobin,
+            per_connection_buffer_limit_bytes: 1 << 20,
+            dns_refresh_rate: Duration::from_millis(50),
+            dns_lookup_family: DnsLookupFamily::V4Only,
+            protocol: UpstreamProtocol::Http1,
+            idle_timeout: None,
+            health_checks: vec![check],
+            outlier: None,
+        });
+        let store = Store::new();
+        let cm = ClusterManager::new(&[c], &store);
+        let cluster = cm.get("dns").expect("cluster");
+        cm.start(&tokio::runtime::Handle::current());
+        tokio::time::timeout(Duration::from_secs(10), cm.initialized())
+            .await
+            .expect("warm after the first check");
+        let hosts = cluster.hosts();
+        assert_eq!(hosts.len(), 1);
+        assert!(hosts[0].is_healthy(), "first check passed before warm");
+        assert!(cluster.choose_host(&Default::default()).is_some());
+        // Later refreshes keep the same host (and its health-check state).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Arc::ptr_eq(&cluster.hosts()[0], &hosts[0]));
+        assert!(cluster.hosts()[0].is_healthy());
+        assert!(cluster.health_checker().is_some());
+        // Immediate failure from the router marks it failed; a passing check needs
+        // healthy_threshold (2) successes to clear it.
+        cluster.immediate_health_check_fail(&hosts[0]);
+        assert!(failed(&hosts[0]));
+        let mut back = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if hosts[0].is_healthy() {
+                back = true;
+                break;
+            }
+        }
+        assert!(back, "passing checks clear the immediate failure");
+        drop(cluster);
+        drop(cm);
     }
 }

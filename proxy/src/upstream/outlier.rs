@@ -195,7 +195,10 @@ pub fn translate_outlier(o: &PbOutlier, path: &str, errs: &mut Errors) -> Outlie
             let p = join(path, "max_ejection_time");
             let m = duration(v, &p, errs);
             if m < base_ejection_time {
-                errs.add(p, "max_ejection_time cannot be smaller than base_ejection_time");
+                errs.add(
+                    p,
+                    "max_ejection_time cannot be smaller than base_ejection_time",
+                );
             }
             m
         }
@@ -767,7 +770,10 @@ impl Detector {
                 "outlier ejection skipped: max_ejection_percent reached");
             return;
         }
-        if matches!(kind, EjectionType::Consecutive5xx | EjectionType::SuccessRate) {
+        if matches!(
+            kind,
+            EjectionType::Consecutive5xx | EjectionType::SuccessRate
+        ) {
             self.stats.ejections_total.increment(1);
         }
         if roll.roll() % 100 >= u64::from(kind.enforcing(&self.cfg)) {
@@ -834,9 +840,13 @@ impl Detector {
         for h in hosts {
             if is_ejected(h) {
                 let st = *h.outlier.lock();
-                let t = ejection_duration(st.backoff, cfg.base_ejection_time, cfg.max_ejection_time)
-                    + st.jitter;
-                if st.last_ejection.is_none_or(|at| now.duration_since(at) >= t) {
+                let t =
+                    ejection_duration(st.backoff, cfg.base_ejection_time, cfg.max_ejection_time)
+                        + st.jitter;
+                if st
+                    .last_ejection
+                    .is_none_or(|at| now.duration_since(at) >= t)
+                {
                     self.uneject(h, now, "ejection time elapsed");
                 }
             }
@@ -1075,7 +1085,10 @@ mod tests {
         assert_eq!(stat(&store, "ejections_total"), "1");
         // Gateway failures are detected but not enforced by default (enforcing 0%):
         // 503 and 502... were interleaved with a 500/501 so the gateway count was reset.
-        assert_eq!(stat(&store, "ejections_detected_consecutive_gateway_failure"), "0");
+        assert_eq!(
+            stat(&store, "ejections_detected_consecutive_gateway_failure"),
+            "0"
+        );
 
         let t0 = Instant::now();
         let mut roll = Fixed(vec![0], 0);
@@ -1207,7 +1220,10 @@ mod tests {
         d.put(h, HostResult::Reset, || hs.clone());
         assert!(!h.is_healthy());
         assert_eq!(
-            stat(&store, "ejections_enforced_consecutive_local_origin_failure"),
+            stat(
+                &store,
+                "ejections_enforced_consecutive_local_origin_failure"
+            ),
             "1"
         );
 
@@ -1334,5 +1350,21 @@ mod tests {
         let mut errs = Errors::default();
         let c = translate_outlier(&pb, "o", &mut errs);
         assert_eq!(c.max_ejection_time, Duration::from_secs(400));
+    }
+
+    #[test]
+    fn translated_through_the_cluster() {
+        let pb: weir_xds_api::pb::envoy::config::cluster::v3::Cluster = weir_xds_api::from_yaml(
+            "name: c\noutlier_detection: {consecutive_5xx: 7, max_ejection_percent: 300}\n",
+        )
+        .expect("yaml");
+        let mut errs = Errors::default();
+        let c = crate::upstream::translate_cluster(&pb, "clusters[0]", &mut errs).expect("c");
+        let paths: Vec<_> = errs.0.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(
+            paths,
+            vec!["clusters[0].outlier_detection.max_ejection_percent"]
+        );
+        assert_eq!(c.outlier.map(|o| o.consecutive_5xx), Some(7));
     }
 }

@@ -230,9 +230,10 @@ fn health_and_outlier(
         &join(path, "health_checks"),
         errs,
     );
-    let outlier = c.outlier_detection.as_ref().map(|o| {
-        super::outlier::translate_outlier(o, &join(path, "outlier_detection"), errs)
-    });
+    let outlier = c
+        .outlier_detection
+        .as_ref()
+        .map(|o| super::outlier::translate_outlier(o, &join(path, "outlier_detection"), errs));
     (hcs, outlier)
 }
 

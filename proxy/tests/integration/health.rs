@@ -178,7 +178,10 @@ async fn failing_health_endpoint_leaves_rotation_and_comes_back() {
     // Cluster warming: the first requests already find both hosts checked and healthy.
     let (ok, other) = spray(&p, 10).await;
     assert!(other.is_empty(), "{other:?}");
-    assert!(ok.contains(&"a".to_string()) && ok.contains(&"b".to_string()), "{ok:?}");
+    assert!(
+        ok.contains(&"a".to_string()) && ok.contains(&"b".to_string()),
+        "{ok:?}"
+    );
     assert_eq!(flags(&p, "svc", a.port()).await, "healthy");
     assert_eq!(p.stat("cluster.svc.health_check.healthy"), 2);
 
@@ -297,7 +300,10 @@ async fn tcp_checks_closed_port_and_payloads() {
     assert_eq!(flags(&p, "conn", echo.port()).await, "healthy");
     assert_eq!(flags(&p, "conn", closed).await, "/failed_active_hc");
     assert_eq!(flags(&p, "payload", echo.port()).await, "healthy");
-    assert_eq!(flags(&p, "mismatch", echo.port()).await, "/failed_active_hc");
+    assert_eq!(
+        flags(&p, "mismatch", echo.port()).await,
+        "/failed_active_hc"
+    );
     assert!(p.stat("cluster.conn.health_check.network_failure") >= 1);
     assert!(p.stat("cluster.mismatch.health_check.network_failure") >= 1);
     assert_eq!(p.stat("cluster.payload.health_check.failure"), 0);
@@ -394,8 +400,14 @@ async fn consecutive_5xx_ejects_then_host_returns() {
         p.stat("cluster.svc.outlier_detection.ejections_detected_consecutive_5xx"),
         1
     );
-    assert_eq!(p.stat("cluster.svc.outlier_detection.ejections_enforced_total"), 1);
-    assert_eq!(p.stat("cluster.svc.outlier_detection.ejections_overflow"), 0);
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_enforced_total"),
+        1
+    );
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_overflow"),
+        0
+    );
     // Everything goes to b while a is ejected.
     let before = a.hits();
     let (ok, other) = spray(&p, 8).await;
@@ -436,7 +448,10 @@ async fn max_ejection_percent_overflows() {
     a.status.store(500, Ordering::SeqCst);
     assert_eq!(until_errors(&p, 2).await, vec![500, 500]);
     assert_eq!(flags(&p, "svc", a.port()).await, "healthy");
-    assert_eq!(p.stat("cluster.svc.outlier_detection.ejections_overflow"), 1);
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_overflow"),
+        1
+    );
     assert_eq!(
         p.stat("cluster.svc.outlier_detection.ejections_detected_consecutive_5xx"),
         1

@@ -5,8 +5,8 @@ mod harness;
 
 mod admin;
 mod h2frames;
-mod health;
 mod hardening;
+mod health;
 mod lifecycle;
 mod protocols;
 mod routing;
