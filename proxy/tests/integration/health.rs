@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +26,10 @@ struct Ctl {
     immediate_fail: Arc<AtomicBool>,
     hits: Arc<AtomicUsize>,
     hc_hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
+    /// The last health-check request: HTTP version, authority (Host or :authority), headers.
+    last_hc: Arc<Mutex<Option<(http::Version, String, http::HeaderMap)>>>,
 }
 
 impl Ctl {
@@ -39,29 +43,53 @@ impl Ctl {
             immediate_fail: Arc::new(AtomicBool::new(false)),
             hits: Arc::new(AtomicUsize::new(0)),
             hc_hits: Arc::new(AtomicUsize::new(0)),
+            last_hc: Arc::new(Mutex::new(None)),
+            conns: Arc::new(AtomicUsize::new(0)),
         };
-        let (health, status, fail, hits, hc_hits) = (
+        let conns = ctl.conns.clone();
+        let (health, status, fail, hits, hc_hits, last_hc) = (
             ctl.health.clone(),
             ctl.status.clone(),
             ctl.immediate_fail.clone(),
             ctl.hits.clone(),
             ctl.hc_hits.clone(),
+            ctl.last_hc.clone(),
         );
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { return };
-                let (health, status, fail, hits, hc_hits) = (
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (health, status, fail, hits, hc_hits, last_hc) = (
                     health.clone(),
                     status.clone(),
                     fail.clone(),
                     hits.clone(),
                     hc_hits.clone(),
+                    last_hc.clone(),
                 );
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
                         let mut r = Response::new(Full::new(Bytes::from(name)));
                         if req.uri().path() == "/healthz" {
                             hc_hits.fetch_add(1, Ordering::SeqCst);
+                            let authority = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .or_else(|| {
+                                    req.headers()
+                                        .get(http::header::HOST)
+                                        .and_then(|h| h.to_str().ok())
+                                        .map(str::to_string)
+                                })
+                                .unwrap_or_default();
+                            if let Ok(mut g) = last_hc.lock() {
+                                *g = Some((req.version(), authority, req.headers().clone()));
+                            }
+                            r.headers_mut().insert(
+                                "x-envoy-upstream-healthchecked-cluster",
+                                http::HeaderValue::from_static(name),
+                            );
                             *r.status_mut() = StatusCode::from_u16(health.load(Ordering::SeqCst))
                                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                         } else {
@@ -497,5 +525,90 @@ async fn immediate_health_check_fail_header_fails_the_host() {
     assert!(ok.iter().all(|n| n == "b"), "{ok:?}");
     // Passing checks bring it back.
     wait_flags(&p, "svc", a.port(), "healthy").await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_check_request_shape_h1_h2_and_service_name() {
+    let a = Ctl::start("svc-a").await;
+    let b = Ctl::start("svc-b").await;
+    let h1 = "    health_checks:
+    - timeout: 1s
+      interval: 0.1s
+      no_traffic_interval: 0.1s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      http_health_check:
+        path: /healthz
+        request_headers_to_add: [{header: {key: x-hc, value: weir}}]
+        service_name_matcher: {prefix: svc-}
+";
+    // HTTP/2 to b with an explicit host; the matcher wants a name b does not report.
+    let h2 = "    health_checks:
+    - timeout: 1s
+      interval: 0.1s
+      no_traffic_interval: 0.1s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      http_health_check:
+        path: /healthz
+        host: hc.internal
+        codec_client_type: HTTP2
+        service_name_matcher: {exact: svc-a}
+";
+    let clusters = format!(
+        "{}{}",
+        with_extra(cluster("one", &[a.port()]), h1),
+        with_extra(cluster("two", &[b.port()]), h2)
+    );
+    let p = Proxy::start(&http_bootstrap(&all_to("one", "5s"), &clusters, "")).await;
+    assert_eq!(flags(&p, "one", a.port()).await, "healthy");
+    assert_eq!(flags(&p, "two", b.port()).await, "/failed_active_hc");
+    assert!(p.stat("cluster.one.health_check.verify_cluster") >= 1);
+    assert!(p.stat("cluster.two.health_check.verify_cluster") >= 1);
+
+    let (v, authority, headers) = a.last_hc.lock().expect("lock").clone().expect("checked");
+    assert_eq!(v, http::Version::HTTP_11);
+    assert_eq!(authority, "one", "Host defaults to the cluster name");
+    assert_eq!(headers["user-agent"], "Envoy/HC");
+    assert_eq!(headers["x-hc"], "weir");
+    let (v, authority, headers) = b.last_hc.lock().expect("lock").clone().expect("checked");
+    assert_eq!(v, http::Version::HTTP_2);
+    assert_eq!(authority, "hc.internal");
+    assert_eq!(headers["user-agent"], "Envoy/HC");
+    // With reuse_connection (default) the checks share one connection per host.
+    eventually("several checks", || a.hc_hits.load(Ordering::SeqCst) >= 4).await;
+    assert_eq!(a.conns.load(Ordering::SeqCst), 1);
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_connection_false_reconnects_every_check() {
+    let a = Ctl::start("a").await;
+    let hc = "    health_checks:
+    - timeout: 1s
+      interval: 0.05s
+      no_traffic_interval: 0.05s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      reuse_connection: false
+      http_health_check: {path: /healthz}
+";
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("svc", "5s"),
+        &with_extra(cluster("svc", &[a.port()]), hc),
+        "",
+    ))
+    .await;
+    eventually("several checks", || a.hc_hits.load(Ordering::SeqCst) >= 4).await;
+    // One connection per check (a connection is counted before its request).
+    let checks = a.hc_hits.load(Ordering::SeqCst);
+    let conns = a.conns.load(Ordering::SeqCst);
+    assert!(
+        conns >= checks && checks >= 4,
+        "{conns} connections for {checks} checks"
+    );
+    assert_eq!(flags(&p, "svc", a.port()).await, "healthy");
     p.stop().await;
 }
