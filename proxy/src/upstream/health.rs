@@ -1332,6 +1332,7 @@ async fn grpc_check(
     let h = req.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("te", HeaderValue::from_static("trailers"));
+    h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
     apply_adds(h, &cfg.initial_metadata);
     if !conn.as_ref().is_some_and(Conn::usable) {
         *conn = Some(http_conn(addr, true).await?);

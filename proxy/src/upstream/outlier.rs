@@ -689,7 +689,7 @@ impl Detector {
                     fired[0] = Some(EjectionType::ConsecutiveGatewayFailure);
                 }
             } else {
-                o.consecutive_gateway.store(0, Ordering::Relaxed);
+                reset(&o.consecutive_gateway);
             }
             if o.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1 == self.cfg.consecutive_5xx {
                 fired[1] = Some(EjectionType::Consecutive5xx);
@@ -697,8 +697,8 @@ impl Detector {
             (fired != [None, None]).then_some(fired)
         } else {
             o.ext_success.fetch_add(1, Ordering::Relaxed);
-            o.consecutive_5xx.store(0, Ordering::Relaxed);
-            o.consecutive_gateway.store(0, Ordering::Relaxed);
+            reset(&o.consecutive_5xx);
+            reset(&o.consecutive_gateway);
             None
         }
     }
@@ -713,7 +713,7 @@ impl Detector {
     fn local_no_failure(&self, o: &HostOutlier) {
         o.local_total.fetch_add(1, Ordering::Relaxed);
         o.local_success.fetch_add(1, Ordering::Relaxed);
-        o.consecutive_local.store(0, Ordering::Relaxed);
+        reset(&o.consecutive_local);
     }
 
     /// A consecutive-error threshold was reached (Envoy's `onConsecutiveErrorWorker`).
@@ -947,6 +947,14 @@ impl Detector {
             }
         }
         nums
+    }
+}
+
+/// Zero a streak counter, writing only when it is not zero already: in the common all-success
+/// case the cache line stays shared between workers.
+fn reset(a: &AtomicU32) {
+    if a.load(Ordering::Relaxed) != 0 {
+        a.store(0, Ordering::Relaxed);
     }
 }
 

@@ -279,9 +279,10 @@ async fn retriable_status_needs_the_unhealthy_threshold() {
     wait_flags(&p, "svc", a.port(), "/failed_active_hc").await;
     // Three failing checks were needed (a retriable status is not an immediate failure).
     assert!(a.hc_hits.load(Ordering::SeqCst) - start >= 3);
-    let (s, _, body) = get(p.addr("http"), "x", "/work").await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(&body[..], b"no healthy upstream");
+    // Retriable statuses are active failures but not network ones.
+    assert_eq!(p.stat("cluster.svc.health_check.network_failure"), 0);
+    assert!(p.stat("cluster.svc.health_check.failure") >= 3);
+    assert_eq!(p.stat("cluster.svc.health_check.healthy"), 0);
     p.stop().await;
 }
 
