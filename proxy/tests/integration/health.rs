@@ -613,3 +613,45 @@ async fn reuse_connection_false_reconnects_every_check() {
     assert_eq!(flags(&p, "svc", a.port()).await, "healthy");
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_eject_by_local_origin_streak() {
+    let a = Ctl::start("a").await;
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let od = "    outlier_detection:
+      split_external_local_origin_errors: true
+      consecutive_local_origin_failure: 2
+      interval: 0.1s
+      base_ejection_time: 30s
+      max_ejection_percent: 50
+";
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("svc", "5s"),
+        &with_extra(cluster("svc", &[a.port(), closed]), od),
+        "",
+    ))
+    .await;
+    // The closed port answers nothing: the client sees 503 (UF) twice, then the host is out.
+    assert_eq!(until_errors(&p, 2).await, vec![503, 503]);
+    assert_eq!(flags(&p, "svc", closed).await, "/failed_outlier_check");
+    let (ok, other) = spray(&p, 6).await;
+    assert!(other.is_empty(), "{other:?}");
+    assert_eq!(ok.len(), 6);
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_enforced_consecutive_local_origin_failure"),
+        1
+    );
+    // With the split, connect failures are not 5xx for the external-origin streaks.
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_detected_consecutive_5xx"),
+        0
+    );
+    assert_eq!(
+        p.stat("cluster.svc.outlier_detection.ejections_detected_consecutive_gateway_failure"),
+        0
+    );
+    p.stop().await;
+}
