@@ -1,5 +1,11 @@
 //! `/clusters` and `/listeners`, in Envoy's text form and as Envoy's `envoy.admin.v3.Clusters`
 //! / `envoy.admin.v3.Listeners` JSON (`?format=json`).
+//!
+//! Per host: the counters, `health_flags` (`healthy`, or `/failed_active_hc`,
+//! `/failed_outlier_check`, `/failed_eds_health` concatenated in that order) and the outlier
+//! detector's `success_rate` / `local_origin_success_rate` of the last interval (-1 when not
+//! computed). Clusters with outlier detection also print the cluster-wide
+//! `outlier::success_rate_average` and `outlier::success_rate_ejection_threshold` lines.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -17,21 +23,30 @@ use weir_xds_api::pb::envoy::config::core::v3::{
 };
 
 use super::{Body, Query, TEXT, fill, json, text};
+use weir_xds_api::pb::envoy::r#type::v3::Percent;
+
 use crate::server::ServerState;
-use crate::upstream::{Host, health_flags};
+use crate::upstream::outlier::{Detector, Origin};
+use crate::upstream::{Cluster, Host, health_flags};
+
+/// A cluster with the host set it had when the page was rendered.
+type ClusterHosts = (Arc<Cluster>, Arc<Vec<Arc<Host>>>);
 
 /// `GET /clusters`.
 pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
-    let all: Vec<(String, Arc<Vec<Arc<Host>>>)> = state
+    let all: Vec<ClusterHosts> = state
         .clusters
         .all()
-        .iter()
-        .map(|c| (c.name().to_string(), c.hosts()))
+        .into_iter()
+        .map(|c| {
+            let hosts = c.hosts();
+            (c, hosts)
+        })
         .collect();
     if q.wants_json() {
         let statuses = all
             .iter()
-            .map(|(name, hosts)| cluster_status(name, hosts))
+            .map(|(c, hosts)| cluster_status(c.name(), c.outlier_detector(), hosts))
             .collect();
         let mut v = weir_xds_api::to_json(&Clusters {
             cluster_statuses: statuses,
@@ -41,8 +56,8 @@ pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
         return json(StatusCode::OK, &v);
     }
     let mut out = String::new();
-    for (name, hosts) in &all {
-        write_cluster_text(&mut out, name, hosts);
+    for (c, hosts) in &all {
+        write_cluster_text(&mut out, c.name(), c.outlier_detector(), hosts);
     }
     text(StatusCode::OK, TEXT, out)
 }
@@ -82,10 +97,52 @@ fn health_flags_text(bits: u32) -> String {
     s
 }
 
+/// C's `%g` (six significant digits, trailing zeros trimmed), as Envoy prints the outlier
+/// averages; enough for the -1..=100 range these values take.
+fn format_g(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    if v == v.trunc() && v.abs() < 1e6 {
+        return format!("{v:.0}");
+    }
+    let int_digits = if v.abs() < 1.0 {
+        1
+    } else {
+        v.abs().log10().floor() as i32 + 1
+    };
+    let decimals = (6 - int_digits).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// One cluster in Envoy's `/clusters` text form.
-fn write_cluster_text(out: &mut String, name: &str, hosts: &[Arc<Host>]) {
+fn write_cluster_text(
+    out: &mut String,
+    name: &str,
+    outlier: Option<&Detector>,
+    hosts: &[Arc<Host>],
+) {
     // `fmt::Write` for `String` never fails.
     let _ = writeln!(out, "{name}::observability_name::{name}");
+    if let Some(d) = outlier {
+        for (label, origin) in [("", Origin::External), ("local_origin_", Origin::Local)] {
+            let _ = writeln!(
+                out,
+                "{name}::outlier::{label}success_rate_average::{}",
+                format_g(d.success_rate_average(origin))
+            );
+            let _ = writeln!(
+                out,
+                "{name}::outlier::{label}success_rate_ejection_threshold::{}",
+                format_g(d.success_rate_ejection_threshold(origin))
+            );
+        }
+    }
     let _ = writeln!(out, "{name}::added_via_api::false");
     for h in hosts {
         let p = format!("{name}::{}", h.address);
@@ -105,8 +162,16 @@ fn write_cluster_text(out: &mut String, name: &str, hosts: &[Arc<Host>]) {
         let _ = writeln!(out, "{p}::sub_zone::");
         let _ = writeln!(out, "{p}::canary::false");
         let _ = writeln!(out, "{p}::priority::{}", h.priority);
-        let _ = writeln!(out, "{p}::success_rate::-1");
-        let _ = writeln!(out, "{p}::local_origin_success_rate::-1");
+        let _ = writeln!(
+            out,
+            "{p}::success_rate::{}",
+            h.outlier.success_rate(Origin::External)
+        );
+        let _ = writeln!(
+            out,
+            "{p}::local_origin_success_rate::{}",
+            h.outlier.success_rate(Origin::Local)
+        );
     }
 }
 
@@ -120,11 +185,24 @@ fn socket_address(a: SocketAddr) -> Address {
     }
 }
 
+/// A `Percent` when `v` passes `keep` (Envoy omits unset success rates).
+fn percent(v: f64, keep: bool) -> Option<Percent> {
+    keep.then_some(Percent { value: v })
+}
+
 /// One cluster as Envoy's `ClusterStatus`.
-fn cluster_status(name: &str, hosts: &[Arc<Host>]) -> ClusterStatus {
+fn cluster_status(name: &str, outlier: Option<&Detector>, hosts: &[Arc<Host>]) -> ClusterStatus {
+    let threshold = |o: Origin| {
+        outlier.and_then(|d| {
+            let t = d.success_rate_ejection_threshold(o);
+            percent(t, t > 0.0)
+        })
+    };
     ClusterStatus {
         name: name.to_string(),
         observability_name: name.to_string(),
+        success_rate_ejection_threshold: threshold(Origin::External),
+        local_origin_success_rate_ejection_threshold: threshold(Origin::Local),
         host_statuses: hosts
             .iter()
             .map(|h| {
@@ -157,6 +235,14 @@ fn cluster_status(name: &str, hosts: &[Arc<Host>]) -> ClusterStatus {
                     weight: h.weight,
                     hostname: h.hostname.clone().unwrap_or_default(),
                     priority: h.priority,
+                    success_rate: {
+                        let r = h.outlier.success_rate(Origin::External);
+                        percent(r, r >= 0.0)
+                    },
+                    local_origin_success_rate: {
+                        let r = h.outlier.success_rate(Origin::Local);
+                        percent(r, r >= 0.0)
+                    },
                     ..Default::default()
                 }
             })
@@ -220,20 +306,16 @@ pub(super) fn listeners(state: &ServerState, q: &Query) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU32;
-
     use super::*;
-    use crate::upstream::HostStats;
 
     fn host(addr: &str, health: u32, priority: u32) -> Arc<Host> {
-        let h = Host {
-            address: addr.parse().expect("addr"),
-            hostname: Some("backend.local".into()),
-            weight: 3,
+        let h = Host::new(
+            addr.parse().expect("addr"),
+            Some("backend.local".into()),
+            3,
             priority,
-            health: AtomicU32::new(health),
-            stats: HostStats::default(),
-        };
+            health,
+        );
         h.stats.cx_total.store(7, Ordering::Relaxed);
         h.stats.rq_success.store(5, Ordering::Relaxed);
         Arc::new(h)
@@ -250,7 +332,7 @@ mod tests {
             ),
         ];
         let mut out = String::new();
-        write_cluster_text(&mut out, "backend", &hosts);
+        write_cluster_text(&mut out, "backend", None, &hosts);
         let lines: Vec<&str> = out.lines().collect();
         for want in [
             "backend::observability_name::backend",
@@ -286,7 +368,7 @@ mod tests {
             host("127.0.0.2:8080", health_flags::FAILED_OUTLIER_CHECK, 2),
         ];
         let mut v = weir_xds_api::to_json(&Clusters {
-            cluster_statuses: vec![cluster_status("backend", &hosts)],
+            cluster_statuses: vec![cluster_status("backend", None, &hosts)],
         });
         fill_host_defaults(&mut v);
         let c = &v["cluster_statuses"][0];
@@ -314,5 +396,101 @@ mod tests {
         let h2 = &c["host_statuses"][1];
         assert_eq!(h2["health_status"]["failed_outlier_check"], true);
         assert_eq!(h2["priority"], 2);
+    }
+
+    #[test]
+    fn health_flag_combinations() {
+        use health_flags::*;
+        assert_eq!(health_flags_text(0), "healthy");
+        assert_eq!(health_flags_text(FAILED_ACTIVE_HC), "/failed_active_hc");
+        assert_eq!(
+            health_flags_text(FAILED_OUTLIER_CHECK | FAILED_ACTIVE_HC),
+            "/failed_active_hc/failed_outlier_check"
+        );
+        assert_eq!(
+            health_flags_text(FAILED_OUTLIER_CHECK | FAILED_EDS_HEALTH),
+            "/failed_outlier_check/failed_eds_health"
+        );
+        assert_eq!(
+            health_flags_text(FAILED_ACTIVE_HC | FAILED_OUTLIER_CHECK | FAILED_EDS_HEALTH),
+            "/failed_active_hc/failed_outlier_check/failed_eds_health"
+        );
+    }
+
+    #[test]
+    fn percent_g_format() {
+        assert_eq!(format_g(-1.0), "-1");
+        assert_eq!(format_g(52.0), "52");
+        assert_eq!(format_g(66.666666666), "66.6667");
+        assert_eq!(format_g(99.5), "99.5");
+        assert_eq!(format_g(0.125), "0.125");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outlier_numbers_in_text_and_json() {
+        use crate::upstream::HostResult;
+        use crate::upstream::outlier::{OutlierConfig, ThreadRoll};
+        let store = crate::stats::Store::new();
+        let d = Detector::new(
+            OutlierConfig {
+                success_rate_minimum_hosts: 5,
+                success_rate_request_volume: 2,
+                max_ejection_percent: 100,
+                consecutive_5xx: 100,
+                ..Default::default()
+            },
+            "backend",
+            &store.cluster("backend"),
+        );
+        let hosts: Arc<Vec<Arc<Host>>> = Arc::new(
+            (1..=5)
+                .map(|i| host(&format!("127.0.0.{i}:80"), 0, 0))
+                .collect(),
+        );
+        // Host 1: 1 of 2 succeeds (50%); the others 100%.
+        for (i, h) in hosts.iter().enumerate() {
+            d.put(h, HostResult::Status(200), || hosts.clone());
+            let code = if i == 0 { 503 } else { 200 };
+            d.put(h, HostResult::Status(code), || hosts.clone());
+        }
+        d.on_interval(&hosts, tokio::time::Instant::now(), &mut ThreadRoll);
+        let mut out = String::new();
+        write_cluster_text(&mut out, "backend", Some(&d), &hosts);
+        let lines: Vec<&str> = out.lines().collect();
+        for want in [
+            "backend::outlier::success_rate_average::90",
+            "backend::outlier::success_rate_ejection_threshold::52",
+            "backend::outlier::local_origin_success_rate_average::-1",
+            "backend::outlier::local_origin_success_rate_ejection_threshold::-1",
+            "backend::127.0.0.1:80::health_flags::/failed_outlier_check",
+            "backend::127.0.0.2:80::success_rate::100",
+            "backend::127.0.0.2:80::local_origin_success_rate::-1",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{out}");
+        }
+        // Cluster-level lines sit between observability_name and added_via_api, as in Envoy.
+        assert_eq!(lines[1], "backend::outlier::success_rate_average::90");
+        let mut v = weir_xds_api::to_json(&Clusters {
+            cluster_statuses: vec![cluster_status("backend", Some(&d), &hosts)],
+        });
+        fill_host_defaults(&mut v);
+        let c = &v["cluster_statuses"][0];
+        assert_eq!(c["success_rate_ejection_threshold"], j!({"value": 52.0}));
+        assert!(
+            c.get("local_origin_success_rate_ejection_threshold")
+                .is_none()
+        );
+        assert_eq!(c["host_statuses"][1]["success_rate"], j!({"value": 100.0}));
+        assert_eq!(
+            c["host_statuses"][0]["health_status"]["failed_outlier_check"],
+            true
+        );
+        // The ejected host keeps the rate that got it ejected (Envoy sets it before ejecting).
+        assert_eq!(c["host_statuses"][0]["success_rate"], j!({"value": 50.0}));
+        assert!(
+            c["host_statuses"][0]
+                .get("local_origin_success_rate")
+                .is_none()
+        );
     }
 }

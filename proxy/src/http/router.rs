@@ -684,8 +684,7 @@ pub(super) async fn forward(
                 cluster.report(&host, HostResult::Status(status));
                 if parts
                     .headers
-                    .remove("x-envoy-immediate-health-check-fail")
-                    .is_some()
+                    .contains_key("x-envoy-immediate-health-check-fail")
                 {
                     cluster.immediate_health_check_fail(&host);
                 }

@@ -2,7 +2,8 @@
 //! and swap the cluster's host set when the addresses change.
 //!
 //! A host whose (endpoint, address) pair survives a refresh is the same `Arc<Host>`, so its
-//! stats, health bits and pooled connections survive too. A failed resolution keeps that
+//! stats, health bits, health-check streaks, outlier state and pooled connections survive
+//! too; a new address gets a new host (pending its first health check when one is configured). A failed resolution keeps that
 //! endpoint's previous hosts (logged at warn); a successful empty one removes them.
 
 use std::net::SocketAddr;
@@ -10,7 +11,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::lb::HostSet;
-use super::{Cluster, ClusterConfig, DnsLookupFamily, EndpointAddress, EndpointConfig, Host};
+use super::{
+    Cluster, ClusterConfig, DnsLookupFamily, EndpointAddress, EndpointConfig, Host, health_flags,
+};
 
 /// Upper bound on one lookup (Envoy's default `dns_query_timeout`).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,20 +24,27 @@ pub(crate) fn initial_set(cfg: &ClusterConfig) -> HostSet {
         cfg.endpoints
             .iter()
             .map(|e| match &e.address {
-                EndpointAddress::Ip(a) => vec![new_host(e, *a)],
+                EndpointAddress::Ip(a) => vec![new_host(cfg, e, *a)],
                 EndpointAddress::Dns { .. } => Vec::new(),
             })
             .collect(),
     )
 }
 
-fn new_host(e: &EndpointConfig, address: SocketAddr) -> Arc<Host> {
+/// A new host; with health checks configured it starts failed until its first check passes
+/// (Envoy's initial state for health-checked hosts).
+fn new_host(cfg: &ClusterConfig, e: &EndpointConfig, address: SocketAddr) -> Arc<Host> {
+    let hc = if cfg.health_checks.is_empty() {
+        0
+    } else {
+        health_flags::FAILED_ACTIVE_HC
+    };
     Arc::new(Host::new(
         address,
         e.hostname.clone(),
         e.weight,
         e.priority,
-        e.health,
+        e.health | hc,
     ))
 }
 
@@ -89,7 +99,7 @@ pub(crate) fn merge(
                         prev.iter()
                             .find(|h| h.address == a)
                             .cloned()
-                            .unwrap_or_else(|| new_host(e, a))
+                            .unwrap_or_else(|| new_host(cfg, e, a))
                     })
                     .collect(),
             }
@@ -125,6 +135,8 @@ pub(crate) async fn refresh(cluster: &Cluster) -> bool {
             tracing::debug!(cluster = %cluster.name(), hosts = new.hosts.len(), "hosts updated");
             // Only this loop writes a STRICT_DNS cluster's set, so load-then-store is safe.
             cluster.host_set.store(Arc::new(new));
+            // The health checker starts sessions for new hosts and stops those of gone ones.
+            cluster.hosts_changed.send_replace(());
             true
         }
         None => false,
@@ -178,6 +190,8 @@ mod tests {
             protocol: UpstreamProtocol::Http1,
             idle_timeout: None,
             circuit_breakers: Default::default(),
+            health_checks: Vec::new(),
+            outlier: None,
         }
     }
 

@@ -9,10 +9,18 @@
 //!   per-worker state.
 //! - `dns`: STRICT_DNS resolution loops on the main runtime.
 //! - `pool`: per-worker HTTP/1.1 and HTTP/2 connection pools, TCP connects, connection stats.
+//! - [`health`]: active health checking (HTTP, TCP, gRPC) on the main runtime.
+//! - [`outlier`]: outlier detection (per-request atomics, interval sweeps on the main runtime).
+//!
+//! Host health is a set of [`health_flags`] bits on each [`Host`] (atomics): health checks,
+//! outlier detection and EDS status set and clear their own bit; the load balancer skips hosts
+//! with any bit set. Nothing is rebuilt when health changes.
 
 pub mod circuit;
 mod dns;
+pub mod health;
 mod lb;
+pub mod outlier;
 mod pool;
 pub mod translate;
 
@@ -61,6 +69,10 @@ pub struct ClusterConfig {
     pub idle_timeout: Option<Duration>,
     /// `circuit_breakers`.
     pub circuit_breakers: circuit::CircuitBreakerConfig,
+    /// `health_checks` (at most one, as in Envoy).
+    pub health_checks: Vec<HealthCheckConfig>,
+    /// `outlier_detection`.
+    pub outlier: Option<OutlierConfig>,
 }
 
 /// `Cluster.type`.
@@ -170,6 +182,8 @@ pub struct LocalityConfig {
     pub sub_zone: String,
 }
 
+pub use health::HealthCheckConfig;
+pub use outlier::OutlierConfig;
 pub use translate::translate_cluster;
 
 impl ClusterConfig {
@@ -257,6 +271,10 @@ pub struct Host {
     pub health: AtomicU32,
     /// Counters.
     pub stats: HostStats,
+    /// Active health-check streaks.
+    pub hc: health::HostHc,
+    /// Outlier-detection counters and ejection state.
+    pub outlier: outlier::HostOutlier,
 }
 
 impl Host {
@@ -275,6 +293,8 @@ impl Host {
             priority,
             health: AtomicU32::new(health),
             stats: HostStats::default(),
+            hc: health::HostHc::default(),
+            outlier: outlier::HostOutlier::default(),
         }
     }
 
@@ -441,6 +461,16 @@ pub struct Cluster {
     /// Cancelled once the first DNS resolution was attempted (at once for clusters that need
     /// none): Envoy's cluster warming.
     warmed: tokio_util::sync::CancellationToken,
+    /// Cancelled once every initial host had its first active health check (at once without
+    /// health checks).
+    hc_warmed: tokio_util::sync::CancellationToken,
+    /// Active health checker, when `health_checks` is set.
+    health: Option<Arc<health::HealthChecker>>,
+    /// Outlier detector, when `outlier_detection` is set.
+    outlier: Option<outlier::Detector>,
+    /// Signalled whenever `host_set` is replaced (the health checker follows host changes);
+    /// dropped with the cluster, which ends the health checker.
+    hosts_changed: tokio::sync::watch::Sender<()>,
 }
 
 impl Cluster {
@@ -455,6 +485,18 @@ impl Cluster {
         if !config.needs_dns() {
             warmed.cancel();
         }
+        let health = config
+            .health_checks
+            .first()
+            .map(|hc| Arc::new(health::HealthChecker::new(hc.clone(), &config.name, &scope)));
+        let hc_warmed = tokio_util::sync::CancellationToken::new();
+        if health.is_none() {
+            hc_warmed.cancel();
+        }
+        let outlier = config
+            .outlier
+            .as_ref()
+            .map(|o| outlier::Detector::new(o.clone(), &config.name, &scope));
         Self {
             config,
             stats,
@@ -463,7 +505,21 @@ impl Cluster {
             uid: NEXT_CLUSTER_UID.fetch_add(1, Ordering::Relaxed),
             alive: Arc::new(()),
             warmed,
+            hc_warmed,
+            health,
+            outlier,
+            hosts_changed: tokio::sync::watch::Sender::new(()),
         }
+    }
+
+    /// The active health checker, if `health_checks` is configured.
+    pub fn health_checker(&self) -> Option<&health::HealthChecker> {
+        self.health.as_deref()
+    }
+
+    /// The outlier detector, if `outlier_detection` is configured.
+    pub fn outlier_detector(&self) -> Option<&outlier::Detector> {
+        self.outlier.as_ref()
     }
 
     /// Name.
@@ -504,15 +560,27 @@ impl Cluster {
         h
     }
 
-    /// Record the outcome of a request to `host` (outlier detection).
+    /// Record the outcome of a request to `host` (outlier detection; a no-op without
+    /// `outlier_detection`). Per request this only touches the host's atomics.
     pub fn report(&self, host: &Arc<Host>, result: HostResult) {
-        let _ = (host, result);
+        if let Some(d) = &self.outlier {
+            d.put(host, result, || self.hosts());
+        }
     }
 
     /// The host answered with `x-envoy-immediate-health-check-fail`: mark it failed by active
-    /// health checking at once (a no-op without `health_checks`).
+    /// health checking at once (a no-op without `health_checks`, or for a host no longer in
+    /// the cluster). The next passing checks (`healthy_threshold` of them) clear it.
     pub fn immediate_health_check_fail(&self, host: &Arc<Host>) {
-        let _ = host;
+        if let Some(hc) = &self.health
+            && self.hosts().iter().any(|h| Arc::ptr_eq(h, host))
+        {
+            hc.on_failure(
+                host,
+                health::Failure::Passive,
+                "x-envoy-immediate-health-check-fail",
+            );
+        }
     }
 
     /// Send a request to `host` on this worker's pool.
@@ -579,7 +647,8 @@ impl ClusterManager {
     }
 
     /// Start background work on the main runtime: one DNS refresh loop per STRICT_DNS
-    /// cluster (it ends when the cluster is dropped).
+    /// cluster, the health checker of clusters with `health_checks` and the outlier sweep of
+    /// clusters with `outlier_detection` (each ends when its cluster is dropped).
     pub fn start(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
         if self.started.swap(true, Ordering::AcqRel) {
             return;
@@ -588,16 +657,25 @@ impl ClusterManager {
             if c.config.needs_dns() {
                 rt.spawn(dns::run(Arc::downgrade(c)));
             }
+            if c.health.is_some() {
+                rt.spawn(health::run(Arc::downgrade(c)));
+            }
+            if c.outlier.is_some() {
+                rt.spawn(outlier::run(Arc::downgrade(c)));
+            }
         }
     }
 
     /// Resolves once every cluster is warm: its first DNS resolution was attempted (whether or
-    /// not it succeeded). Listeners can wait on this so the first requests do not find a
-    /// STRICT_DNS cluster empty. Call after [`ClusterManager::start`].
+    /// not it succeeded) and, with health checks, every initial host had its first check.
+    /// Listeners can wait on this so the first requests do not find a STRICT_DNS cluster empty
+    /// or every host still pending its first health check. Call after
+    /// [`ClusterManager::start`].
     pub async fn initialized(&self) {
         let clusters = self.clusters.load_full();
         for c in clusters.values() {
             c.warmed.cancelled().await;
+            c.hc_warmed.cancelled().await;
         }
     }
 

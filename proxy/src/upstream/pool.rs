@@ -1262,6 +1262,8 @@ mod tests {
             protocol,
             idle_timeout: Some(Duration::from_secs(3600)),
             circuit_breakers: Default::default(),
+            health_checks: Vec::new(),
+            outlier: None,
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }

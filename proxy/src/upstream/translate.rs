@@ -4,8 +4,9 @@
 //! `connect_timeout`, `per_connection_buffer_limit_bytes`, DNS refresh and lookup family, and
 //! the upstream HTTP protocol choice (`typed_extension_protocol_options` with
 //! `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`, or the deprecated top-level
-//! `http_protocol_options` / `http2_protocol_options` / `common_http_protocol_options`).
-//! Every other field that would change what traffic does is rejected with its path.
+//! `http_protocol_options` / `http2_protocol_options` / `common_http_protocol_options`),
+//! `health_checks` (translated by [`super::health`]) and `outlier_detection` (by
+//! [`super::outlier`]). Every other field that would change what traffic does is rejected with its path.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -56,6 +57,8 @@ const CLUSTER_FIELDS: &[&str] = &[
     "http2_protocol_options",
     "common_http_protocol_options",
     "circuit_breakers",
+    "health_checks",
+    "outlier_detection",
     // Opaque to weir: only read by filters and subset LB (which is rejected).
     "metadata",
 ];
@@ -197,6 +200,8 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         }
     }
 
+    let (health_checks, outlier) = health_and_outlier(c, &protocol, path, errs);
+
     Some(ClusterConfig {
         name: c.name.clone(),
         discovery,
@@ -213,7 +218,29 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
             &join(path, "circuit_breakers"),
             errs,
         ),
+        health_checks,
+        outlier,
     })
+}
+
+/// `health_checks` and `outlier_detection` (see [`super::health`] and [`super::outlier`]).
+fn health_and_outlier(
+    c: &PbCluster,
+    protocol: &UpstreamProtocol,
+    path: &str,
+    errs: &mut Errors,
+) -> (Vec<super::HealthCheckConfig>, Option<super::OutlierConfig>) {
+    let hcs = super::health::translate_health_checks(
+        &c.health_checks,
+        protocol,
+        &join(path, "health_checks"),
+        errs,
+    );
+    let outlier = c
+        .outlier_detection
+        .as_ref()
+        .map(|o| super::outlier::translate_outlier(o, &join(path, "outlier_detection"), errs));
+    (hcs, outlier)
 }
 
 /// One `LbEndpoint` (priority and locality are filled in by the caller).
@@ -712,8 +739,6 @@ typed_extension_protocol_options:
         );
         for field in [
             "respect_dns_ttl: true",
-            "health_checks: [{timeout: 1s, interval: 1s, tcp_health_check: {}}]",
-            "outlier_detection: {}",
             "transport_socket: {name: envoy.transport_sockets.tls}",
             "common_lb_config: {}",
             "alt_stat_name: x",
