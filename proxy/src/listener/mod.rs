@@ -97,6 +97,9 @@ pub struct FilterChain {
     pub name: String,
     /// `filter_chain_match`, validated.
     pub filter_chain_match: ChainMatch,
+    /// `envoy.filters.network.local_ratelimit` filters before the terminal one, in order: a
+    /// new connection takes a token from each; the first without one closes it at once.
+    pub rate_limits: Vec<Arc<weir_filters::local_ratelimit::ConnectionLimiter>>,
     /// The terminal network filter.
     pub filter: NetworkFilter,
 }

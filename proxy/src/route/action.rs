@@ -155,6 +155,10 @@ pub struct ForwardAction {
     /// `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]` (enabled): weir
     /// terminates CONNECT and tunnels the payload over TCP to a host of the cluster.
     connect_terminate: bool,
+    /// `rate_limits` (for the local rate limit filter).
+    pub(super) rate_limits: Vec<weir_filters::RateLimitPolicy>,
+    /// `include_vh_rate_limits`.
+    pub(super) include_vh_rate_limits: bool,
 }
 
 impl ForwardAction {
@@ -222,9 +226,12 @@ impl ForwardAction {
                 "host_rewrite_literal",
                 "auto_host_rewrite",
                 "upgrade_configs",
+                "rate_limits",
+                "include_vh_rate_limits",
             ],
             path,
         );
+        let rate_limits = super::filters::rate_limits(&ra.rate_limits, path, ctx, errs);
         let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
         let check_cluster = |name: &str, p: &str, errs: &mut Errors| -> Option<Box<str>> {
             if name.is_empty() {
@@ -356,6 +363,8 @@ impl ForwardAction {
             host_rewrite_literal,
             auto_host_rewrite,
             connect_terminate,
+            rate_limits,
+            include_vh_rate_limits: ra.include_vh_rate_limits.is_some_and(|b| b.value),
         })
     }
 }

@@ -177,9 +177,20 @@ fn virtual_host(
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "typed_per_filter_config",
+            "rate_limits",
         ],
         path,
     );
+    let filters = weir_filters::RouteFilterData {
+        per_filter: super::filters::per_filter_configs(
+            &vh.typed_per_filter_config,
+            path,
+            tctx.ctx,
+            errs,
+        ),
+        rate_limits: super::filters::rate_limits(&vh.rate_limits, path, tctx.ctx, errs),
+    };
     let routes = vh
         .routes
         .iter()
@@ -203,12 +214,12 @@ fn virtual_host(
             "response",
             errs,
         ),
+        filters,
     }
 }
 
 fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors) -> Option<Route> {
     use rpb::route::Action as A;
-    // `typed_per_filter_config` is left out on purpose: no per-route filter config yet.
     errs.reject_unsupported(
         r,
         &[
@@ -222,9 +233,12 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "typed_per_filter_config",
         ],
         path,
     );
+    let per_filter =
+        super::filters::per_filter_configs(&r.typed_per_filter_config, path, tctx.ctx, errs);
     let matcher = match &r.r#match {
         Some(m) => RouteMatcher::translate(m, &join(path, "match"), errs),
         None => {
@@ -290,5 +304,9 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
         action: action?,
         request_headers,
         response_headers,
+        filters: weir_filters::RouteFilterData {
+            per_filter,
+            rate_limits: Vec::new(),
+        },
     })
 }
