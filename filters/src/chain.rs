@@ -496,13 +496,12 @@ pub(crate) mod tests {
         let i = info(Some(view), 1);
         let mut st = ChainState::default();
         let (mut parts, _) = http::Request::new(()).into_parts();
-        let r = c.decode(&mut parts, &i, &mut st).await.expect_err("stopped");
+        let r = c
+            .decode(&mut parts, &i, &mut st)
+            .await
+            .expect_err("stopped");
         assert_eq!(r.status, http::StatusCode::IM_A_TEAPOT);
-        let resp = c.encode(
-            http::Response::new(crate::body::empty()),
-            &i,
-            &mut st,
-        );
+        let resp = c.encode(http::Response::new(crate::body::empty()), &i, &mut st);
         assert_eq!(resp.headers()["x-stop-state"], "7");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert!(body.is_empty());

@@ -139,9 +139,24 @@ impl FaultSettings {
         let abort = c.abort.as_ref().and_then(|a| {
             use fpb::fault_abort::ErrorType as E;
             let ap = join(path, "abort");
-            errs.reject_unsupported(a, &["percentage", "http_status", "grpc_status", "header_abort", "response_body"], &ap);
+            errs.reject_unsupported(
+                a,
+                &[
+                    "percentage",
+                    "http_status",
+                    "grpc_status",
+                    "header_abort",
+                    "response_body",
+                ],
+                &ap,
+            );
             abort_body = bytes::Bytes::from(a.response_body.clone());
-            let pct = Fraction::translate(a.percentage.as_ref(), Fraction::NONE, &join(&ap, "percentage"), errs);
+            let pct = Fraction::translate(
+                a.percentage.as_ref(),
+                Fraction::NONE,
+                &join(&ap, "percentage"),
+                errs,
+            );
             let kind = match &a.error_type {
                 Some(E::HttpStatus(s)) => match StatusCode::from_u16(*s as u16) {
                     Ok(st) if (200..600).contains(s) => AbortKind::Http(st),
@@ -153,7 +168,10 @@ impl FaultSettings {
                 Some(E::GrpcStatus(g)) => AbortKind::Grpc(*g),
                 Some(E::HeaderAbort(_)) => AbortKind::Header,
                 None => {
-                    errs.add(&ap, "one of http_status, grpc_status or header_abort is required");
+                    errs.add(
+                        &ap,
+                        "one of http_status, grpc_status or header_abort is required",
+                    );
                     return None;
                 }
             };
@@ -163,7 +181,12 @@ impl FaultSettings {
             use cf::fault_delay::FaultDelaySecifier as D;
             let dp = join(path, "delay");
             errs.reject_unsupported(d, &["percentage", "fixed_delay", "header_delay"], &dp);
-            let pct = Fraction::translate(d.percentage.as_ref(), Fraction::NONE, &join(&dp, "percentage"), errs);
+            let pct = Fraction::translate(
+                d.percentage.as_ref(),
+                Fraction::NONE,
+                &join(&dp, "percentage"),
+                errs,
+            );
             let kind = match &d.fault_delay_secifier {
                 Some(D::FixedDelay(fd)) => {
                     let v = duration(fd, &join(&dp, "fixed_delay"), errs);
@@ -184,11 +207,19 @@ impl FaultSettings {
             use cf::fault_rate_limit::LimitType as L;
             let rp = join(path, "response_rate_limit");
             errs.reject_unsupported(r, &["percentage", "fixed_limit", "header_limit"], &rp);
-            let pct = Fraction::translate(r.percentage.as_ref(), Fraction::NONE, &join(&rp, "percentage"), errs);
+            let pct = Fraction::translate(
+                r.percentage.as_ref(),
+                Fraction::NONE,
+                &join(&rp, "percentage"),
+                errs,
+            );
             let kind = match &r.limit_type {
                 Some(L::FixedLimit(f)) => {
                     if f.limit_kbps == 0 {
-                        errs.add(join(&rp, "fixed_limit.limit_kbps"), "must be greater than 0");
+                        errs.add(
+                            join(&rp, "fixed_limit.limit_kbps"),
+                            "must be greater than 0",
+                        );
                     }
                     LimitKind::Fixed(f.limit_kbps)
                 }
@@ -557,7 +588,8 @@ mod tests {
         ]);
         assert_eq!(s.plan(&h, zero), Plan::default());
         // Headers are ignored when the config does not enable header control.
-        let fixed = settings("abort: {http_status: 503, percentage: {numerator: 0}}\n").expect("valid");
+        let fixed =
+            settings("abort: {http_status: 503, percentage: {numerator: 0}}\n").expect("valid");
         assert_eq!(
             fixed.plan(&hm(&[("x-envoy-fault-abort-request", "500")]), zero),
             Plan::default()

@@ -279,34 +279,53 @@ mod tests {
             run(&f, &server, Some("1")).await.0.expect("503").status,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        let server = Server::default();
         let status = |yaml: &str| {
             let f = filter(yaml).expect("valid");
             let f = f.clone();
-            async move { run(&f, &Server::default(), Some("1")).await.0.expect("answered").status }
+            async move {
+                run(&f, &Server::default(), Some("1"))
+                    .await
+                    .0
+                    .expect("answered")
+                    .status
+            }
         };
         let base = "pass_through_mode: false\nheaders: [{name: x-hc, exact_match: '1'}]\n";
         assert_eq!(
-            status(&format!("{base}cluster_min_healthy_percentages: {{half: {{value: 50}}}}\n")).await,
+            status(&format!(
+                "{base}cluster_min_healthy_percentages: {{half: {{value: 50}}}}\n"
+            ))
+            .await,
             StatusCode::OK
         );
         assert_eq!(
-            status(&format!("{base}cluster_min_healthy_percentages: {{half: {{value: 51}}}}\n")).await,
+            status(&format!(
+                "{base}cluster_min_healthy_percentages: {{half: {{value: 51}}}}\n"
+            ))
+            .await,
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            status(&format!("{base}cluster_min_healthy_percentages: {{empty: {{value: 0}}}}\n")).await,
+            status(&format!(
+                "{base}cluster_min_healthy_percentages: {{empty: {{value: 0}}}}\n"
+            ))
+            .await,
             StatusCode::OK
         );
         assert_eq!(
-            status(&format!("{base}cluster_min_healthy_percentages: {{empty: {{value: 1}}}}\n")).await,
+            status(&format!(
+                "{base}cluster_min_healthy_percentages: {{empty: {{value: 1}}}}\n"
+            ))
+            .await,
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            status(&format!("{base}cluster_min_healthy_percentages: {{nope: {{value: 0}}}}\n")).await,
+            status(&format!(
+                "{base}cluster_min_healthy_percentages: {{nope: {{value: 0}}}}\n"
+            ))
+            .await,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        drop(server);
     }
 
     #[test]
@@ -314,8 +333,10 @@ mod tests {
         let e = filter("cache_time: 1s\n").expect_err("invalid");
         let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["hc.cache_time", "hc.pass_through_mode"]);
-        let e = filter("pass_through_mode: false\ncluster_min_healthy_percentages: {c: {value: 101}}\n")
-            .expect_err("invalid");
+        let e = filter(
+            "pass_through_mode: false\ncluster_min_healthy_percentages: {c: {value: 101}}\n",
+        )
+        .expect_err("invalid");
         assert_eq!(e[0].0, "hc.cluster_min_healthy_percentages[c].value");
     }
 }

@@ -3,10 +3,10 @@
 //! weir's HTTP filter interface, the registry that maps an Envoy `typed_config` type URL to a
 //! filter factory (as Envoy does with its extension names), and the built-in filters:
 //!
-//! - [`local_ratelimit`]: `envoy.filters.http.local_ratelimit` and the connection limiter of
-//!   `envoy.filters.network.local_ratelimit`;
-//! - [`fault`]: `envoy.filters.http.fault`;
-//! - [`health_check`]: `envoy.filters.http.health_check`.
+//! - [`local_ratelimit`] — `envoy.filters.http.local_ratelimit` and the connection limiter
+//!   of `envoy.filters.network.local_ratelimit`;
+//! - [`fault`] — `envoy.filters.http.fault`;
+//! - [`health_check`] — `envoy.filters.http.health_check`.
 //!
 //! Model (after Envoy's "config object vs per-stream filter"):
 //! - a factory turns validated proto config into an immutable, shared [`HttpFilter`] once, at
@@ -43,8 +43,8 @@ use weir_xds_api::Any;
 
 pub use body::{BoxBody, BoxError};
 pub use chain::{
-    ChainEntry, ChainState, ConnectionState, FilterChain, FilterContext, PerFilterConfig, PerFilterConfigs,
-    RouteFilterData, RouteView, ServerInfo, StreamInfo,
+    ChainEntry, ChainState, ConnectionState, FilterChain, FilterContext, PerFilterConfig,
+    PerFilterConfigs, RouteFilterData, RouteView, ServerInfo, StreamInfo,
 };
 pub use config::{ConfigErrors, FactoryContext, RequestHead, RequestMatcher, StatScope};
 pub use ratelimit::{Descriptor, RateLimitPolicy};

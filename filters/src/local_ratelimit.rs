@@ -265,12 +265,9 @@ impl Config {
                 })
                 .collect();
             let spec = match &d.token_bucket {
-                Some(tb) => BucketSpec::translate(
-                    tb,
-                    &join(&dp, "token_bucket"),
-                    MIN_FILL_INTERVAL,
-                    errs,
-                ),
+                Some(tb) => {
+                    BucketSpec::translate(tb, &join(&dp, "token_bucket"), MIN_FILL_INTERVAL, errs)
+                }
                 None => {
                     errs.add(join(&dp, "token_bucket"), "token_bucket is required");
                     None
@@ -351,7 +348,9 @@ impl Config {
             ),
             x_ratelimit_headers,
             stage: c.stage,
-            always_consume_default: c.always_consume_default_token_bucket.is_none_or(|b| b.value),
+            always_consume_default: c
+                .always_consume_default_token_bucket
+                .is_none_or(|b| b.value),
             per_connection: c.local_rate_limit_per_downstream_connection,
             vh_rate_limits,
             rate_limits,
@@ -464,12 +463,12 @@ impl Config {
             }
             first.get_or_insert(r);
         }
-        if matched.is_empty() || self.always_consume_default {
-            if let Some(d) = &buckets.default {
-                let c = d.consume();
-                if !c.allowed || first.is_none() {
-                    return Some((c, d.spec().max_tokens));
-                }
+        if (matched.is_empty() || self.always_consume_default)
+            && let Some(d) = &buckets.default
+        {
+            let c = d.consume();
+            if !c.allowed || first.is_none() {
+                return Some((c, d.spec().max_tokens));
             }
         }
         first
@@ -498,7 +497,9 @@ impl LocalRateLimitFilter {
         let descriptors = cfg.descriptors(req, s);
         if cfg.per_connection {
             let key = cfg as *const Config as usize;
-            let b = s.connection.get_or_insert_with(key, || ConnBuckets(cfg.buckets()));
+            let b = s
+                .connection
+                .get_or_insert_with(key, || ConnBuckets(cfg.buckets()));
             cfg.check(&b.0, &descriptors)
         } else {
             cfg.check(&cfg.shared, &descriptors)
@@ -650,12 +651,9 @@ impl ConnectionLimiter {
             errs.add(join(path, "stat_prefix"), "stat_prefix is required");
         }
         let spec = match &c.token_bucket {
-            Some(tb) => BucketSpec::translate(
-                tb,
-                &join(path, "token_bucket"),
-                MIN_FILL_INTERVAL,
-                errs,
-            ),
+            Some(tb) => {
+                BucketSpec::translate(tb, &join(path, "token_bucket"), MIN_FILL_INTERVAL, errs)
+            }
             None => {
                 errs.add(join(path, "token_bucket"), "token_bucket is required");
                 None
@@ -791,7 +789,10 @@ mod tests {
             let (r, h) = run(&c, None, "10.0.0.1:1", &conn, &[]);
             assert!(r.is_none());
             assert_eq!(h[&X_RATELIMIT_LIMIT], "3");
-            assert_eq!(h[&X_RATELIMIT_REMAINING], want_remaining.to_string().as_str());
+            assert_eq!(
+                h[&X_RATELIMIT_REMAINING],
+                want_remaining.to_string().as_str()
+            );
         }
         let (r, h) = run(&c, None, "10.0.0.1:1", &conn, &[]);
         let r = r.expect("limited");
@@ -887,7 +888,9 @@ mod tests {
         .expect("valid");
         let d = |u: &str| Descriptor(vec![("user".to_string(), u.to_string())]);
         for u in 0..10 {
-            let (c, _) = cfg.check(&cfg.shared, &[d(&u.to_string())]).expect("matched");
+            let (c, _) = cfg
+                .check(&cfg.shared, &[d(&u.to_string())])
+                .expect("matched");
             assert!(c.allowed, "a new value gets a full bucket");
         }
         let Some(RuleBuckets::Dynamic(m)) = cfg.shared.rules.first() else {
@@ -898,7 +901,10 @@ mod tests {
         let (c, _) = cfg.check(&cfg.shared, &[d("9")]).expect("matched");
         assert!(!c.allowed);
         // A descriptor with another key matches nothing; no default bucket: no decision.
-        assert!(cfg.check(&cfg.shared, &[Descriptor(vec![("k".into(), "v".into())])]).is_none());
+        assert!(
+            cfg.check(&cfg.shared, &[Descriptor(vec![("k".into(), "v".into())])])
+                .is_none()
+        );
     }
 
     #[test]
@@ -962,10 +968,13 @@ mod tests {
         };
         let vhost = RouteFilterData {
             per_filter: PerFilterConfigs::default(),
-            rate_limits: vec![policy("actions: [{generic_key: {descriptor_value: vh}}]\n").expect("valid")],
+            rate_limits: vec![
+                policy("actions: [{generic_key: {descriptor_value: vh}}]\n").expect("valid"),
+            ],
         };
         let route = RouteFilterData::default();
-        let other = [policy("actions: [{generic_key: {descriptor_value: route}}]\n").expect("valid")];
+        let other =
+            [policy("actions: [{generic_key: {descriptor_value: route}}]\n").expect("valid")];
         let conn = ConnectionState::default();
         // OVERRIDE: the virtual host's apply only when the route has none.
         let c = cfg("OVERRIDE");

@@ -117,7 +117,12 @@ impl RateLimitPolicy {
                     let mp = join(&p, "header_value_match");
                     errs.reject_unsupported(
                         m,
-                        &["descriptor_value", "descriptor_key", "expect_match", "headers"],
+                        &[
+                            "descriptor_value",
+                            "descriptor_key",
+                            "expect_match",
+                            "headers",
+                        ],
                         &mp,
                     );
                     if m.descriptor_value.is_empty() {
@@ -178,7 +183,9 @@ impl RateLimitPolicy {
                     None if *skip_if_absent => {}
                     None => return None,
                 },
-                Action::RemoteAddress => entries.push(("remote_address".into(), remote.to_string())),
+                Action::RemoteAddress => {
+                    entries.push(("remote_address".into(), remote.to_string()))
+                }
                 Action::GenericKey { key, value } => entries.push((key.clone(), value.clone())),
                 Action::HeaderValueMatch {
                     key,
@@ -303,7 +310,11 @@ pub(crate) mod tests {
         )
         .expect("valid");
         let mut h = HeaderMap::new();
-        assert_eq!(p.descriptor(&head(&h, &m), ip), None, "missing header drops it");
+        assert_eq!(
+            p.descriptor(&head(&h, &m), ip),
+            None,
+            "missing header drops it"
+        );
         h.insert("x-user", "alice".parse().expect("v"));
         h.append("x-user", "bob".parse().expect("v"));
         assert_eq!(
@@ -320,10 +331,7 @@ pub(crate) mod tests {
         )
         .expect("valid");
         let none = HeaderMap::new();
-        assert_eq!(
-            p.descriptor(&head(&none, &m), ip),
-            Some(d(&[("k", "v")]))
-        );
+        assert_eq!(p.descriptor(&head(&none, &m), ip), Some(d(&[("k", "v")])));
 
         let p = policy(
             "actions:\n- header_value_match: {descriptor_value: gold, headers: [{name: x-tier, exact_match: gold}]}\n",

@@ -35,7 +35,11 @@ impl BucketSpec {
         min_fill: Duration,
         errs: &mut ConfigErrors,
     ) -> Option<BucketSpec> {
-        errs.reject_unsupported(tb, &["max_tokens", "tokens_per_fill", "fill_interval"], path);
+        errs.reject_unsupported(
+            tb,
+            &["max_tokens", "tokens_per_fill", "fill_interval"],
+            path,
+        );
         let before = errs.len();
         if tb.max_tokens == 0 {
             errs.add(join(path, "max_tokens"), "must be greater than 0");
@@ -207,9 +211,7 @@ mod tests {
         let tb: tpb::TokenBucket =
             weir_xds_api::from_yaml("max_tokens: 0\ntokens_per_fill: 0\nfill_interval: 0.01s\n")
                 .expect("yaml");
-        assert!(
-            BucketSpec::translate(&tb, "tb", Duration::from_millis(50), &mut errs).is_none()
-        );
+        assert!(BucketSpec::translate(&tb, "tb", Duration::from_millis(50), &mut errs).is_none());
         let paths: Vec<_> = errs.0.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,

@@ -556,11 +556,7 @@ fn translate_http_filters(
     for (i, f) in filters.iter().enumerate() {
         let p = format!("{path}.http_filters[{i}]");
         let last = i + 1 == filters.len();
-        errs.reject_unsupported(
-            f,
-            &["name", "typed_config", "is_optional", "disabled"],
-            &p,
-        );
+        errs.reject_unsupported(f, &["name", "typed_config", "is_optional", "disabled"], &p);
         if f.name.is_empty() {
             errs.add(join(&p, "name"), "name is required");
         } else if !names.insert(f.name.as_str()) {
@@ -790,9 +786,9 @@ mod tests {
         .expect_err("router not last");
         let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["hcm.http_filters[0]", "hcm.http_filters[1]"]);
-        let e = with_filters(&format!(
-            "{{name: envoy.filters.http.router, disabled: true, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}"
-        ))
+        let e = with_filters(
+            "{name: envoy.filters.http.router, disabled: true, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}",
+        )
         .expect_err("router disabled");
         assert_eq!(e[0].0, "hcm.http_filters[0].disabled");
     }

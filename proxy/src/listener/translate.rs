@@ -927,16 +927,26 @@ mod tests {
 
     #[test]
     fn network_local_ratelimit_before_the_terminal_filter() {
-        let l = ok(&listener(&format!("filter_chains:\n- filters:{NET_RL}{TCP}")));
+        let l = ok(&listener(&format!(
+            "filter_chains:\n- filters:{NET_RL}{TCP}"
+        )));
         let c = &l.filter_chains[0];
         assert_eq!(c.rate_limits.len(), 1);
         assert_eq!(c.rate_limits[0].stat_prefix, "conns");
         assert!(c.rate_limits[0].allow() && c.rate_limits[0].allow());
-        assert!(!c.rate_limits[0].allow(), "third connection within the fill interval");
+        assert!(
+            !c.rate_limits[0].allow(),
+            "third connection within the fill interval"
+        );
         // Alone (not followed by a terminal filter), or with bad fields: errors at paths.
         let p = err_paths(&listener(&format!("filter_chains:\n- filters:{NET_RL}")));
-        assert!(p.contains(&"l.filter_chains[0].filters[0]".to_string()), "{p:?}");
-        let bad = NET_RL.replace("max_tokens: 2", "max_tokens: 0") .replace("stat_prefix: conns", "share_key: k");
+        assert!(
+            p.contains(&"l.filter_chains[0].filters[0]".to_string()),
+            "{p:?}"
+        );
+        let bad = NET_RL
+            .replace("max_tokens: 2", "max_tokens: 0")
+            .replace("stat_prefix: conns", "share_key: k");
         let p = err_paths(&listener(&format!("filter_chains:\n- filters:{bad}{TCP}")));
         for want in [
             "l.filter_chains[0].filters[0].typed_config.share_key",

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use weir_filters::{
-    ConfigErrors, FactoryContext, PerFilterConfig, PerFilterConfigs, RateLimitPolicy,
-    RequestHead, RequestMatcher, StatScope,
+    ConfigErrors, FactoryContext, PerFilterConfig, PerFilterConfigs, RateLimitPolicy, RequestHead,
+    RequestMatcher, StatScope,
 };
 use weir_xds_api::Any;
 use weir_xds_api::pb::envoy::config::route::v3 as rpb;

@@ -1693,7 +1693,8 @@ fn connect_upgrade_config_translation() {
 // ---------------------------------------------------------------------------------------
 // HTTP filter data: typed_per_filter_config and rate_limits
 
-const LRL: &str = "'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+const LRL: &str =
+    "'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 
 #[test]
 fn per_filter_configs_and_rate_limits_reach_filters() {
@@ -1721,7 +1722,8 @@ fn per_filter_configs_and_rate_limits_reach_filters() {
         Some(weir_filters::PerFilterConfig::Disabled)
     ));
     // The route's config is more specific than the virtual host's: they differ.
-    let Some(weir_filters::PerFilterConfig::Config(route_cfg)) = v.route.per_filter.get("rl") else {
+    let Some(weir_filters::PerFilterConfig::Config(route_cfg)) = v.route.per_filter.get("rl")
+    else {
         panic!("route config");
     };
     let Some(weir_filters::PerFilterConfig::Config(vh_cfg)) = v.vhost.per_filter.get("rl") else {
@@ -1744,7 +1746,9 @@ fn per_filter_config_errors_have_paths() {
     let route = "  routes:\n  - match: {prefix: /}\n    route: {cluster: a}\n";
     // Unknown filter type; an optional one is skipped.
     assert_error(
-        &format!("{base}  typed_per_filter_config:\n    x: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}\n{route}"),
+        &format!(
+            "{base}  typed_per_filter_config:\n    x: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}\n{route}"
+        ),
         "rc.virtual_hosts[0].typed_per_filter_config[x]",
     );
     assert!(error_paths(&format!(
@@ -1762,11 +1766,15 @@ fn per_filter_config_errors_have_paths() {
         "rc.virtual_hosts[0].rate_limits[0].actions[0]",
     );
     assert_error(
-        &one_vhost("  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{header_value_match: {descriptor_value: v, headers: [{name: x, range_match: {start: 1, end: 2}}]}}], limit: {}}]}}\n"),
+        &one_vhost(
+            "  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{header_value_match: {descriptor_value: v, headers: [{name: x, range_match: {start: 1, end: 2}}]}}], limit: {}}]}}\n",
+        ),
         "rc.virtual_hosts[0].routes[0].route.rate_limits[0].actions[0].header_value_match.headers[0].range_match",
     );
     assert_error(
-        &one_vhost("  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{generic_key: {descriptor_value: v}}], limit: {}}]}}\n"),
+        &one_vhost(
+            "  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{generic_key: {descriptor_value: v}}], limit: {}}]}}\n",
+        ),
         "rc.virtual_hosts[0].routes[0].route.rate_limits[0].limit",
     );
 }

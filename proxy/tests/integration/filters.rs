@@ -16,7 +16,8 @@ use tokio::sync::Notify;
 
 use crate::harness::*;
 
-const LRL: &str = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+const LRL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
 const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
 const ON: &str = "filter_enabled: {default_value: {numerator: 100}}, filter_enforced: {default_value: {numerator: 100}}";
 
@@ -274,12 +275,24 @@ async fn fault_delay_and_header_controlled_faults() {
     assert_eq!(get(a, "x", "/").await.0, StatusCode::OK);
     assert_eq!(p.stat("http.ingress.fault.delays_injected"), 0);
     // A delay: the response still arrives from the backend.
-    let (s, _, body) = get_from("127.0.0.1", a, "/", &[("x-envoy-fault-delay-request", "100")]).await;
+    let (s, _, body) = get_from(
+        "127.0.0.1",
+        a,
+        "/",
+        &[("x-envoy-fault-delay-request", "100")],
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(json(&body)["backend"], "b");
     assert_eq!(p.stat("http.ingress.fault.delays_injected"), 1);
     // An abort chosen by header.
-    let (s, _, _) = get_from("127.0.0.1", a, "/", &[("x-envoy-fault-abort-request", "418")]).await;
+    let (s, _, _) = get_from(
+        "127.0.0.1",
+        a,
+        "/",
+        &[("x-envoy-fault-abort-request", "418")],
+    )
+    .await;
     assert_eq!(s, StatusCode::IM_A_TEAPOT);
     // ... unless its percentage header says 0.
     let (s, _, _) = get_from(
@@ -322,7 +335,9 @@ async fn holding_backend() -> (SocketAddr, Arc<Notify>, Arc<AtomicUsize>) {
     let (r, h) = (release.clone(), held.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let (r, h) = (r.clone(), h.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
@@ -338,7 +353,9 @@ async fn holding_backend() -> (SocketAddr, Arc<Notify>, Arc<AtomicUsize>) {
                     r.notified().await;
                 }
                 let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
                     .await;
             });
         }
