@@ -622,7 +622,8 @@ fn unpack<T: prost::Message + prost::Name + Default>(
 
 /// `envoy.filters.network.local_ratelimit`: a connection token bucket per filter chain.
 /// Each new connection takes a token; without one it is closed at once and
-/// `local_ratelimit.<stat_prefix>.rate_limited` counts it.
+/// `local_rate_limit.<stat_prefix>.rate_limited` counts it (the name Envoy's code registers;
+/// its docs say `local_ratelimit.`).
 #[derive(Debug)]
 pub struct ConnectionLimiter {
     /// `stat_prefix`.
@@ -676,11 +677,11 @@ impl ConnectionLimiter {
         if errs.len() != before {
             return None;
         }
-        let dotted = format!("local_ratelimit.{}.", c.stat_prefix);
+        let dotted = format!("local_rate_limit.{}.", c.stat_prefix);
         let rate_limited = ctx.counter(
             StatScope::Tagged {
                 dotted: &dotted,
-                prom: "envoy_local_ratelimit_",
+                prom: "envoy_local_rate_limit_",
                 label: "envoy_local_network_ratelimit_prefix",
                 value: &c.stat_prefix,
             },

@@ -217,7 +217,15 @@ async fn network_local_ratelimit_closes_the_connection_over_the_limit() {
     let out = raw(p.addr("http"), req, Duration::from_secs(5)).await;
     assert_eq!(out, "", "the third connection is closed without a response");
     assert_eq!(b.hits(), 2);
-    assert_eq!(p.stat("local_ratelimit.conns.rate_limited"), 1);
+    assert_eq!(p.stat("local_rate_limit.conns.rate_limited"), 1);
+    let (_, _, prom) = get(p.admin(), "admin", "/stats/prometheus").await;
+    let prom = String::from_utf8_lossy(&prom);
+    assert!(
+        prom.contains(
+            "envoy_local_rate_limit_rate_limited{envoy_local_network_ratelimit_prefix=\"conns\"} 1"
+        ),
+        "{prom}"
+    );
     p.stop().await;
 }
 
@@ -310,19 +318,27 @@ async fn fault_delay_and_header_controlled_faults() {
     assert_eq!(b.hits(), 3);
     p.stop().await;
 
-    // A fixed delay from config.
+    // A fixed delay and a response rate limit from config: the whole body still arrives.
     let p = proxy(
         &all_to("b", "5s"),
         &b,
         &filter(
             "envoy.filters.http.fault",
             FAULT,
-            "delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}",
+            "delay: {fixed_delay: 0.05s, percentage: {numerator: 100}}, \
+             response_rate_limit: {fixed_limit: {limit_kbps: 1024}, percentage: {numerator: 100}}",
         ),
     )
     .await;
-    assert_eq!(get(p.addr("http"), "x", "/").await.0, StatusCode::OK);
+    let (s, _, body) = get(p.addr("http"), "x", "/big/200000").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body.len(), 200_000);
     assert_eq!(p.stat("http.ingress.fault.delays_injected"), 1);
+    assert_eq!(p.stat("http.ingress.fault.response_rl_injected"), 1);
+    eventually("fault slot released", || {
+        p.stat("http.ingress.fault.active_faults") == 0
+    })
+    .await;
     p.stop().await;
 }
 
