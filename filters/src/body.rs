@@ -19,13 +19,15 @@ const FILL_INTERVAL: Duration = Duration::from_millis(62);
 
 pin_project_lite::pin_project! {
     /// Passes `inner` through at most `bytes_per_sec` (a token bucket refilled every
-    /// [`FILL_INTERVAL`]); trailers pass once all data went out. Uses tokio time, so paused
-    /// time in tests advances it deterministically.
+    /// [`FILL_INTERVAL`]; `None` = unthrottled); trailers pass once all data went out. Uses
+    /// tokio time, so paused time in tests advances it deterministically. Holds `guard` until
+    /// the body ends or is dropped.
     pub struct Throttled<B> {
         #[pin]
         inner: B,
         pending: Bytes,
-        per_fill: u64,
+        // None: pass frames through unchanged.
+        per_fill: Option<u64>,
         tokens: u64,
         last_fill: Instant,
         #[pin]
@@ -36,14 +38,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> Throttled<B> {
-    /// Throttle `inner` to `bytes_per_sec` (at least 16 bytes/s).
-    pub fn new(inner: B, bytes_per_sec: u64, guard: Option<Box<dyn Send>>) -> Self {
-        let per_fill = (bytes_per_sec / 16).max(1);
+    /// Throttle `inner` to `bytes_per_sec` (at least 16 bytes/s); `None` only holds `guard`.
+    pub fn new(inner: B, bytes_per_sec: Option<u64>, guard: Option<Box<dyn Send>>) -> Self {
+        let per_fill = bytes_per_sec.map(|b| (b / 16).max(1));
         Throttled {
             inner,
             pending: Bytes::new(),
             per_fill,
-            tokens: per_fill,
+            tokens: per_fill.unwrap_or(0),
             last_fill: Instant::now(),
             sleep: None,
             guard,
@@ -64,13 +66,20 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         loop {
-            if !this.pending.is_empty() {
+            if let Some(per_fill) = *this.per_fill
+                && !this.pending.is_empty()
+            {
                 let now = Instant::now();
-                let fills = (now.saturating_duration_since(*this.last_fill).as_millis()
-                    / FILL_INTERVAL.as_millis()) as u64;
+                let elapsed = now.saturating_duration_since(*this.last_fill).as_nanos();
+                let interval = FILL_INTERVAL.as_nanos();
+                let fills = elapsed / interval;
                 if fills > 0 {
-                    *this.tokens = (*this.tokens + fills * *this.per_fill).min(*this.per_fill);
-                    *this.last_fill += FILL_INTERVAL * fills as u32;
+                    let add = u64::try_from(fills)
+                        .unwrap_or(u64::MAX)
+                        .saturating_mul(per_fill);
+                    *this.tokens = this.tokens.saturating_add(add).min(per_fill);
+                    // Keep the phase: the next fill is one interval after the last one.
+                    *this.last_fill = now - Duration::from_nanos((elapsed % interval) as u64);
                 }
                 if *this.tokens > 0 {
                     let n = (*this.tokens).min(this.pending.len() as u64) as usize;
@@ -90,6 +99,7 @@ where
                 continue;
             }
             return match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) if this.per_fill.is_none() => Poll::Ready(Some(Ok(frame))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         *this.pending = data;
@@ -146,7 +156,7 @@ mod tests {
         // 1600 bytes/s = 100 bytes per fill; 1000 bytes take 9 more fills after the first.
         let body = Full::new(Bytes::from(vec![b'x'; 1000]));
         let start = Instant::now();
-        let mut t = std::pin::pin!(Throttled::new(body, 1600, None));
+        let mut t = std::pin::pin!(Throttled::new(body, Some(1600), None));
         let mut got = 0;
         let mut frames = 0;
         while let Some(f) = t.frame().await {
@@ -158,5 +168,50 @@ mod tests {
         assert_eq!(got, 1000);
         assert_eq!(frames, 10);
         assert_eq!(start.elapsed(), FILL_INTERVAL * 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_inner_bodies_do_not_overflow_the_bucket() {
+        // A chunk arriving long after the last fill: tokens saturate at one fill's worth.
+        let (tx, body) = {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+            let stream = futures_stream(rx);
+            (tx, http_body_util::StreamBody::new(stream))
+        };
+        let mut t = std::pin::pin!(Throttled::new(body, Some(u64::MAX / 2), None));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let send = async move {
+            tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+                .await
+                .expect("send");
+            drop(tx);
+        };
+        let (_, f) = tokio::join!(send, t.frame());
+        assert_eq!(
+            f.expect("frame").expect("ok").into_data().expect("data"),
+            "abc"
+        );
+        assert!(t.frame().await.is_none());
+        // Unthrottled: frames pass as they are.
+        let mut u = std::pin::pin!(Throttled::new(
+            Full::new(Bytes::from_static(b"xyz")),
+            None,
+            None
+        ));
+        assert_eq!(
+            u.frame()
+                .await
+                .expect("f")
+                .expect("ok")
+                .into_data()
+                .expect("d"),
+            "xyz"
+        );
+    }
+
+    fn futures_stream(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    ) -> impl futures::Stream<Item = Result<Frame<Bytes>, BoxError>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 }

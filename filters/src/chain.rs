@@ -298,6 +298,8 @@ pub struct ChainEntry {
     pub filter: Arc<dyn HttpFilter>,
     /// `HttpFilter.disabled`: runs only where a route enables it.
     pub disabled: bool,
+    /// The `typed_config` type URL (per-route configs under this name must match it).
+    pub type_url: String,
 }
 
 /// The non-terminal HTTP filters of a connection manager, in order.
@@ -456,11 +458,13 @@ pub(crate) mod tests {
                     value: http::HeaderValue::from_static("1"),
                 }),
                 disabled: false,
+                type_url: String::new(),
             },
             ChainEntry {
                 name: "stop".into(),
                 filter: Arc::new(Stop),
                 disabled: true,
+                type_url: String::new(),
             },
         ])
     }

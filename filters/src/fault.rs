@@ -432,7 +432,7 @@ impl HttpFilter for FaultFilter {
             return body;
         };
         // The slot is held until the response body ends.
-        let rate = inj.rate_limit.unwrap_or(u64::MAX / 2);
+        let rate = inj.rate_limit;
         Throttled::new(body, rate, Some(Box::new(inj))).boxed_unsync()
     }
 }
@@ -614,6 +614,7 @@ mod tests {
                 name: "fault".into(),
                 filter: Arc::new(f),
                 disabled: false,
+                type_url: String::new(),
             }]),
             active,
         )

@@ -221,6 +221,7 @@ mod tests {
             name: "hc".into(),
             filter: f.clone(),
             disabled: false,
+            type_url: String::new(),
         }]);
         let conn = ConnectionState::default();
         let info = StreamInfo::new(

@@ -771,6 +771,7 @@ mod tests {
                 config: Arc::new(cfg),
             }),
             disabled: false,
+            type_url: String::new(),
         }])
     }
 

@@ -300,6 +300,23 @@ pub fn translate_hcm(
 
     let (http_filters, suppress_envoy_headers) =
         translate_http_filters(&h.http_filters, path, ctx, &h.stat_prefix, errs);
+    // A per-route config under a filter's name must be that filter's type; otherwise the
+    // filter could not use it.
+    for u in routes.filter_configs() {
+        if let Some(e) = http_filters.entries().iter().find(|e| e.name == u.name)
+            && e.type_url != u.type_url
+        {
+            errs.add(
+                &u.path,
+                format!(
+                    "HTTP filter {:?} is {}, but this config is {}",
+                    u.name,
+                    weir_xds_api::type_name(&e.type_url),
+                    weir_xds_api::type_name(&u.type_url)
+                ),
+            );
+        }
+    }
 
     let server_name = if h.server_name.is_empty() {
         "weir"
@@ -639,6 +656,7 @@ fn translate_http_filters(
                 name: f.name.clone(),
                 filter,
                 disabled: f.disabled,
+                type_url: any.type_url.clone(),
             });
         }
     }
@@ -791,5 +809,25 @@ mod tests {
         )
         .expect_err("router disabled");
         assert_eq!(e[0].0, "hcm.http_filters[0].disabled");
+    }
+
+    #[test]
+    fn per_route_config_must_match_the_filter_type() {
+        let rl = "{name: rl, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, stat_prefix: x}}";
+        let rc = |cfg: &str| {
+            format!(
+                "stat_prefix: p\nhttp_filters: [{rl}, {ROUTER}]\nroute_config:\n  virtual_hosts:\n  - name: v\n    domains: ['*']\n    \
+                 typed_per_filter_config: {{rl: {cfg}}}\n    routes: [{{match: {{prefix: /}}, route: {{cluster: c}}}}]\n"
+            )
+        };
+        hcm(&rc("{'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, stat_prefix: r, token_bucket: {max_tokens: 1, fill_interval: 1s}}")).expect("valid");
+        let e = hcm(&rc(
+            "{'@type': type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}",
+        ))
+        .expect_err("type mismatch");
+        assert_eq!(
+            e[0].0,
+            "hcm.route_config.virtual_hosts[0].typed_per_filter_config[rl]"
+        );
     }
 }

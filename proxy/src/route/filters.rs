@@ -107,6 +107,7 @@ pub(super) fn per_filter_configs(
     map: &HashMap<String, Any>,
     path: &str,
     ctx: &TranslateCtx<'_>,
+    seen: &std::cell::RefCell<Vec<FilterConfigUse>>,
     errs: &mut Errors,
 ) -> PerFilterConfigs {
     let mut keys: Vec<&String> = map.keys().collect();
@@ -158,10 +159,27 @@ pub(super) fn per_filter_configs(
         let cfg = factory.create_route_config(&any, &p, &fctx, &mut ferrs);
         merge_errors(errs, ferrs);
         if let Some(c) = cfg {
+            seen.borrow_mut().push(FilterConfigUse {
+                name: name.clone(),
+                type_url: any.type_url.clone(),
+                path: p,
+            });
             out.push((name.as_str().into(), PerFilterConfig::Config(c)));
         }
     }
     PerFilterConfigs(out)
+}
+
+/// A per-filter config seen in a route table: the connection manager checks that a filter of
+/// that name, if it has one, is of the same type (else the filter would silently ignore it).
+#[derive(Debug, Clone)]
+pub struct FilterConfigUse {
+    /// The `typed_per_filter_config` key.
+    pub name: String,
+    /// The config's type URL.
+    pub type_url: String,
+    /// Where it is.
+    pub path: String,
 }
 
 /// `rate_limits` at `path`.

@@ -172,6 +172,8 @@ pub struct RouteTable {
     most_specific_wins: bool,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    /// Every parsed `typed_per_filter_config` entry (for the connection manager's check).
+    filter_configs: Vec<filters::FilterConfigUse>,
 }
 
 /// Envoy's `HeaderUtility::getPortStart`: where `:port` starts in an authority, if it has one.
@@ -263,6 +265,11 @@ impl RouteTable {
             vhost,
             route,
         })
+    }
+
+    /// The `typed_per_filter_config` entries of this table (name, type URL, path).
+    pub fn filter_configs(&self) -> &[filters::FilterConfigUse] {
+        &self.filter_configs
     }
 
     /// Number of virtual hosts.

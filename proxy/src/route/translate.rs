@@ -17,6 +17,8 @@ struct TableCtx<'c, 'a> {
     ctx: &'c TranslateCtx<'a>,
     validate_clusters: bool,
     max_body: u32,
+    /// Per-filter configs seen, for the connection manager's type check.
+    filter_configs: std::cell::RefCell<Vec<super::filters::FilterConfigUse>>,
 }
 
 /// How a configured domain is indexed.
@@ -93,6 +95,7 @@ pub(super) fn route_table(
             .max_direct_response_body_size_bytes
             .as_ref()
             .map_or(DEFAULT_MAX_DIRECT_RESPONSE_BODY, |v| v.value),
+        filter_configs: Default::default(),
     };
     let mut table = RouteTable {
         name: rc.name.clone(),
@@ -157,6 +160,7 @@ pub(super) fn route_table(
         }
         table.vhosts.push(virtual_host(vh, &vp, &tctx, errs));
     }
+    table.filter_configs = tctx.filter_configs.into_inner();
     table
 }
 
@@ -187,6 +191,7 @@ fn virtual_host(
             &vh.typed_per_filter_config,
             path,
             tctx.ctx,
+            &tctx.filter_configs,
             errs,
         ),
         rate_limits: super::filters::rate_limits(&vh.rate_limits, path, tctx.ctx, errs),
@@ -237,8 +242,13 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
         ],
         path,
     );
-    let per_filter =
-        super::filters::per_filter_configs(&r.typed_per_filter_config, path, tctx.ctx, errs);
+    let per_filter = super::filters::per_filter_configs(
+        &r.typed_per_filter_config,
+        path,
+        tctx.ctx,
+        &tctx.filter_configs,
+        errs,
+    );
     let matcher = match &r.r#match {
         Some(m) => RouteMatcher::translate(m, &join(path, "match"), errs),
         None => {
