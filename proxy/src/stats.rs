@@ -97,6 +97,19 @@ impl Store {
         )
     }
 
+    /// A scope for a filter's own prefix: Envoy's dotted `dotted` (ending in `.`), exported as
+    /// `<prom><stat>{<label>="<value>"}` (e.g. the local rate limit filter's
+    /// `<stat_prefix>.http_local_rate_limit.` with its prefix extracted as a tag).
+    pub fn tagged(
+        self: &Arc<Self>,
+        dotted: &str,
+        prom: &str,
+        label: &'static str,
+        value: &str,
+    ) -> Scope {
+        self.scope(dotted.to_string(), prom, vec![(label, value.to_string())])
+    }
+
     /// A scope with no tags: `server.*`, `cluster_manager.*`, `control_plane.*`, ...
     pub fn plain(self: &Arc<Self>, prefix: &str) -> Scope {
         self.scope(format!("{prefix}."), "", Vec::new())

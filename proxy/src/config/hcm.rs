@@ -18,6 +18,7 @@ use weir_xds_api::type_urls;
 
 use crate::config::{Errors, TranslateCtx, duration_or, join};
 use crate::route::RouteTable;
+use crate::route::filters::{ProxyFactoryContext, merge_errors};
 use crate::stats::Scope;
 
 /// Downstream codec.
@@ -175,7 +176,7 @@ pub struct HcmConfig {
     /// Inline `route_config`.
     pub routes: Arc<RouteTable>,
     /// Non-terminal HTTP filters, in order (the router is implicit and last).
-    pub http_filters: Vec<Arc<dyn weir_filters::HttpFilter>>,
+    pub http_filters: weir_filters::FilterChain,
     /// Router `suppress_envoy_headers`.
     pub suppress_envoy_headers: bool,
     /// `server` header value (`server_name`, default `weir`).
@@ -301,7 +302,24 @@ pub fn translate_hcm(
     };
 
     let (http_filters, suppress_envoy_headers) =
-        translate_http_filters(&h.http_filters, path, errs);
+        translate_http_filters(&h.http_filters, path, ctx, &h.stat_prefix, errs);
+    // A per-route config under a filter's name must be that filter's type; otherwise the
+    // filter could not use it.
+    for u in routes.filter_configs() {
+        if let Some(e) = http_filters.entries().iter().find(|e| e.name == u.name)
+            && e.type_url != u.type_url
+        {
+            errs.add(
+                &u.path,
+                format!(
+                    "HTTP filter {:?} is {}, but this config is {}",
+                    u.name,
+                    weir_xds_api::type_name(&e.type_url),
+                    weir_xds_api::type_name(&u.type_url)
+                ),
+            );
+        }
+    }
 
     let server_name = if h.server_name.is_empty() {
         "weir"
@@ -530,25 +548,45 @@ fn window(v: Option<u32>, default: u32, path: &str, errs: &mut Errors) -> u32 {
     v
 }
 
-/// The filter list must end with the router; only known filters are accepted.
+/// The filter list must end with the router; every other filter is built by its factory in
+/// the built-in [`weir_filters::Registry`] (by `typed_config` type URL, as Envoy). A filter
+/// weir does not have is an error at its path unless `is_optional` (then skipped);
+/// `disabled` filters run only on routes whose `typed_per_filter_config` enables them.
 fn translate_http_filters(
     filters: &[hcm_pb::HttpFilter],
     path: &str,
+    ctx: &TranslateCtx<'_>,
+    stat_prefix: &str,
     errs: &mut Errors,
-) -> (Vec<Arc<dyn weir_filters::HttpFilter>>, bool) {
+) -> (weir_filters::FilterChain, bool) {
+    let registry = weir_filters::Registry::builtin();
+    let fctx = ProxyFactoryContext {
+        ctx,
+        hcm_prefix: stat_prefix,
+    };
     let mut suppress = false;
-    let out = Vec::new();
+    let mut out = Vec::new();
     if filters.is_empty() {
         errs.add(
             join(path, "http_filters"),
             "the last HTTP filter must be envoy.filters.http.router",
         );
     }
+    let mut names = std::collections::HashSet::new();
     for (i, f) in filters.iter().enumerate() {
         let p = format!("{path}.http_filters[{i}]");
-        errs.reject_unsupported(f, &["name", "typed_config"], &p);
-        let type_url = match &f.config_type {
-            Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+        let last = i + 1 == filters.len();
+        errs.reject_unsupported(f, &["name", "typed_config", "is_optional", "disabled"], &p);
+        if f.name.is_empty() {
+            errs.add(join(&p, "name"), "name is required");
+        } else if !names.insert(f.name.as_str()) {
+            errs.add(
+                join(&p, "name"),
+                format!("duplicate HTTP filter name {:?}", f.name),
+            );
+        }
+        let any = match &f.config_type {
+            Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => Some(any),
             Some(_) => {
                 errs.add(
                     join(&p, "config_discovery"),
@@ -557,40 +595,75 @@ fn translate_http_filters(
                 continue;
             }
             // Envoy resolves a filter without typed_config by its name.
-            None if f.name == "envoy.filters.http.router" => type_urls::ROUTER,
+            None if f.name == "envoy.filters.http.router" => None,
             None => {
                 errs.add(join(&p, "typed_config"), "typed_config is required");
                 continue;
             }
         };
-        if type_url == type_urls::ROUTER {
-            if i + 1 != filters.len() {
+        let type_url = any.map_or(type_urls::ROUTER, |a| a.type_url.as_str());
+        let tp = join(&p, "typed_config");
+        let Some(factory) = registry.http(type_url) else {
+            if f.is_optional && !last {
+                continue;
+            }
+            errs.add(
+                &tp,
+                format!(
+                    "unsupported HTTP filter {} (weir has: {})",
+                    weir_xds_api::type_name(type_url),
+                    registry
+                        .http_type_urls()
+                        .iter()
+                        .map(|u| weir_xds_api::type_name(u))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            if last {
+                errs.add(&p, "the last HTTP filter must be envoy.filters.http.router");
+            }
+            continue;
+        };
+        if factory.is_terminal() {
+            if !last {
                 errs.add(&p, "envoy.filters.http.router must be the last HTTP filter");
             }
-            if let Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
+            if f.disabled {
+                errs.add(join(&p, "disabled"), "the router cannot be disabled");
+            }
+            if let Some(any) = any {
                 match weir_xds_api::unpack::<Router>(any) {
                     Ok(r) => {
                         errs.reject_unsupported(
                             &r,
                             &["suppress_envoy_headers", "dynamic_stats"],
-                            &join(&p, "typed_config"),
+                            &tp,
                         );
                         suppress = r.suppress_envoy_headers;
                     }
-                    Err(e) => errs.add(join(&p, "typed_config"), e.to_string()),
+                    Err(e) => errs.add(&tp, e.to_string()),
                 }
             }
-        } else {
-            errs.add(
-                join(&p, "typed_config"),
-                format!("unsupported HTTP filter {type_url}"),
-            );
+            continue;
         }
-        if i + 1 == filters.len() && type_url != type_urls::ROUTER {
+        if last {
             errs.add(&p, "the last HTTP filter must be envoy.filters.http.router");
         }
+        let Some(any) = any else { continue };
+        let mut ferrs = weir_filters::ConfigErrors::default();
+        let filter = factory.create(any, &tp, &fctx, &mut ferrs);
+        merge_errors(errs, ferrs);
+        if let Some(filter) = filter {
+            out.push(weir_filters::ChainEntry {
+                name: f.name.clone(),
+                filter,
+                disabled: f.disabled,
+                type_url: any.type_url.clone(),
+            });
+        }
     }
-    (out, suppress)
+    (weir_filters::FilterChain::new(out), suppress)
 }
 
 #[cfg(test)]
@@ -682,5 +755,82 @@ mod tests {
         assert!(paths.contains(&"hcm.max_request_headers_kb"), "{e:?}");
         let e = hcm("stat_prefix: p\nroute_config: {name: r}\nhttp_filters: [{name: x, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, suppress_envoy_headers: true, start_child_span: true}}]\n").expect_err("invalid");
         assert_eq!(e[0].0, "hcm.http_filters[0].typed_config.start_child_span");
+    }
+
+    const ROUTER: &str = "{name: envoy.filters.http.router, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}";
+
+    fn with_filters(filters: &str) -> Result<HcmConfig, Vec<(String, String)>> {
+        hcm(&format!(
+            "stat_prefix: p\nroute_config: {{name: r}}\nhttp_filters: [{filters}]\n"
+        ))
+    }
+
+    #[test]
+    fn filters_are_built_from_the_registry() {
+        let h = with_filters(&format!(
+            "{{name: rl, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, stat_prefix: x, token_bucket: {{max_tokens: 1, fill_interval: 1s}}}}}}, \
+             {{name: fault, disabled: true, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, abort: {{http_status: 503, percentage: {{numerator: 100}}}}}}}}, \
+             {{name: hc, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, pass_through_mode: false}}}}, \
+             {{name: opt, is_optional: true, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}}}, {ROUTER}"
+        ))
+        .expect("valid");
+        let names: Vec<_> = h
+            .http_filters
+            .entries()
+            .iter()
+            .map(|e| (e.name.as_str(), e.disabled))
+            .collect();
+        assert_eq!(names, [("rl", false), ("fault", true), ("hc", false)]);
+        assert!(with_filters(ROUTER).expect("valid").http_filters.is_empty());
+    }
+
+    #[test]
+    fn filter_errors_have_paths() {
+        let e = with_filters(&format!(
+            "{{name: cors, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}}}, \
+             {{name: f, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault, upstream_cluster: c}}}}, \
+             {{name: f, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit}}}}, {ROUTER}"
+        ))
+        .expect_err("invalid");
+        let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
+        for want in [
+            "hcm.http_filters[0].typed_config",
+            "hcm.http_filters[1].typed_config.upstream_cluster",
+            "hcm.http_filters[2].name",
+            "hcm.http_filters[2].typed_config.stat_prefix",
+        ] {
+            assert!(paths.contains(&want), "{want} missing: {e:?}");
+        }
+        let e = with_filters(&format!(
+            "{ROUTER}, {{name: hc, typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck, pass_through_mode: true}}}}"
+        ))
+        .expect_err("router not last");
+        let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["hcm.http_filters[0]", "hcm.http_filters[1]"]);
+        let e = with_filters(
+            "{name: envoy.filters.http.router, disabled: true, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}",
+        )
+        .expect_err("router disabled");
+        assert_eq!(e[0].0, "hcm.http_filters[0].disabled");
+    }
+
+    #[test]
+    fn per_route_config_must_match_the_filter_type() {
+        let rl = "{name: rl, typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, stat_prefix: x}}";
+        let rc = |cfg: &str| {
+            format!(
+                "stat_prefix: p\nhttp_filters: [{rl}, {ROUTER}]\nroute_config:\n  virtual_hosts:\n  - name: v\n    domains: ['*']\n    \
+                 typed_per_filter_config: {{rl: {cfg}}}\n    routes: [{{match: {{prefix: /}}, route: {{cluster: c}}}}]\n"
+            )
+        };
+        hcm(&rc("{'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, stat_prefix: r, token_bucket: {max_tokens: 1, fill_interval: 1s}}")).expect("valid");
+        let e = hcm(&rc(
+            "{'@type': type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}",
+        ))
+        .expect_err("type mismatch");
+        assert_eq!(
+            e[0].0,
+            "hcm.route_config.virtual_hosts[0].typed_per_filter_config[rl]"
+        );
     }
 }

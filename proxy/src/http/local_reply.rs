@@ -44,13 +44,17 @@ pub fn full(b: impl Into<Bytes>) -> UpstreamBody {
 
 /// Render a local reply. `close` adds `connection: close` (HTTP/1 only; ignored by h2).
 pub fn render(reply: LocalReply, is_grpc: bool, close: bool) -> Response<UpstreamBody> {
-    let mut resp = if is_grpc {
+    let mut resp = if is_grpc || reply.grpc_status.is_some() {
         let mut r = Response::new(full(Bytes::new()));
         let h = r.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert(
             "grpc-status",
-            HeaderValue::from(grpc_status_for(reply.status)),
+            HeaderValue::from(
+                reply
+                    .grpc_status
+                    .unwrap_or_else(|| grpc_status_for(reply.status)),
+            ),
         );
         h.insert("grpc-message", grpc_message(reply.body.trim_ascii_end()));
         r

@@ -3,8 +3,12 @@
 //! runs the HTTP filters and the router ([`router`]), and renders local replies.
 //!
 //! Per request: validate framing -> normalize path -> sanitize headers (hop-by-hop, XFF,
-//! request id) -> filters -> route -> forward (or direct response / redirect) -> response
-//! headers (server, service time, mutations) -> body streamed through [`body::Timed`].
+//! request id) -> route (once) -> HTTP filters (`weir_filters::FilterChain::decode`, with the
+//! matched route's per-filter config and rate limit actions; a filter may answer locally or
+//! pause) -> 404 when no route -> forward (or direct response / redirect) -> filter response
+//! hooks and body wrappers (also on local replies) -> response headers (server, service time,
+//! mutations) -> body streamed through [`body::Timed`]. With no filters configured the chain
+//! is skipped entirely.
 
 pub mod body;
 pub mod h1_observer;
@@ -27,11 +31,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use weir_filters::{FilterAction, FilterContext, LocalReply};
+use weir_filters::{ChainState, ConnectionState, LocalReply, StreamInfo};
 
 use crate::config::hcm::{Codec, HcmConfig, ServerHeader};
 use crate::listener::ConnInfo;
-use crate::route::{HeaderContext, RouteAction, RouteRequest};
+use crate::route::{HeaderContext, RouteAction, RouteMatch, RouteRequest};
 use crate::server::ServerState;
 use crate::stats::class_index;
 use crate::upstream::UpstreamBody;
@@ -58,6 +62,8 @@ struct Conn {
     proto_counted: AtomicBool,
     /// Per-request framing verdicts from the HTTP/1 observer, in request order.
     framing: Arc<Verdicts>,
+    /// Per-connection HTTP filter state (per-connection rate limit buckets).
+    filter_state: ConnectionState,
 }
 
 impl Conn {
@@ -101,6 +107,7 @@ pub async fn serve_connection<I>(
         close: Notify::new(),
         proto_counted: AtomicBool::new(false),
         framing: framing.clone(),
+        filter_state: ConnectionState::default(),
     });
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -418,32 +425,90 @@ async fn process(
     st.hctx.downstream_remote =
         std::net::SocketAddr::new(fwd.remote, st.hctx.downstream_remote.port());
 
-    // HTTP filters (the router is implicit and last).
-    if !cfg.http_filters.is_empty() {
-        let mut fctx = FilterContext {
-            downstream_remote: st.conn.info.peer,
-            downstream_local: st.conn.info.local,
-            is_grpc: st.is_grpc,
-        };
-        for f in &cfg.http_filters {
-            if let FilterAction::Respond(r) = f.on_request(req, &mut fctx) {
-                return Err(r);
-            }
-        }
-    }
-
     let request_id = req.headers.get("x-request-id").cloned();
-    let rreq = RouteRequest {
+    // Route once, before the filters (Envoy's route cache); filters see the result.
+    let route = cfg.routes.route(&RouteRequest {
         authority: &authority,
         path: &path,
         method: &req.method,
         headers: &req.headers,
         scheme: "http",
+    });
+    let target = Target {
+        authority: &authority,
+        path: &path,
+        ws,
+        connect,
+        request_id,
     };
-    let Some(m) = cfg.routes.route(&rreq) else {
-        cfg.stats.no_route.increment(1);
-        return Err(LocalReply::new(StatusCode::NOT_FOUND, "", "NR"));
+    let chain = &cfg.http_filters;
+    if chain.is_empty() {
+        let Some(m) = route else {
+            cfg.stats.no_route.increment(1);
+            return Err(LocalReply::new(StatusCode::NOT_FOUND, "", "NR"));
+        };
+        return respond(req, body, st, m, &target).await;
+    }
+
+    // HTTP filters (the router is implicit and last).
+    let conn = st.conn.clone();
+    let info = StreamInfo::new(
+        st.hctx.downstream_remote,
+        conn.info.local,
+        Arc::as_ptr(&conn) as usize as u64,
+        st.is_grpc,
+        &authority,
+        &path,
+        "http",
+        route.map(|m| m.filter_view()),
+        conn.state.as_ref(),
+        &conn.filter_state,
+        rand::random(),
+    );
+    let mut fstate = ChainState::default();
+    let resp = match chain.decode(req, &info, &mut fstate).await {
+        Err(reply) => render_local(reply, st),
+        Ok(()) => match route {
+            None => {
+                cfg.stats.no_route.increment(1);
+                render_local(LocalReply::new(StatusCode::NOT_FOUND, "", "NR"), st)
+            }
+            Some(m) => match respond(req, body, st, m, &target).await {
+                Ok(r) => r,
+                Err(reply) => render_local(reply, st),
+            },
+        },
     };
+    Ok(chain.encode(resp, &info, &mut fstate))
+}
+
+/// What `respond` needs besides the route.
+struct Target<'a> {
+    authority: &'a str,
+    path: &'a str,
+    ws: bool,
+    connect: bool,
+    request_id: Option<HeaderValue>,
+}
+
+/// Render a local reply as `handle` does (HTTP/1 400s close the connection).
+fn render_local(reply: LocalReply, st: &Stream<'_>) -> Response<UpstreamBody> {
+    let close = st.close || (!st.h2 && reply.status == StatusCode::BAD_REQUEST);
+    local_reply::render(reply, st.is_grpc, close)
+}
+
+/// The route's action: direct response, redirect, or the router; then the route's response
+/// header mutations.
+async fn respond(
+    req: &mut http::request::Parts,
+    body: Incoming,
+    st: &mut Stream<'_>,
+    m: RouteMatch<'_>,
+    t: &Target<'_>,
+) -> Result<Response<UpstreamBody>, LocalReply> {
+    let cfg = st.conn.cfg.clone();
+    let bad = |m: &'static str| LocalReply::new(StatusCode::BAD_REQUEST, format!("{m}\n"), "DPE");
+    let (authority, path) = (t.authority, t.path);
     let mut resp = match m.action() {
         RouteAction::Direct(d) => {
             cfg.stats.rq_direct_response.increment(1);
@@ -461,9 +526,16 @@ async fn process(
         }
         RouteAction::Redirect(_) => {
             cfg.stats.rq_redirect.increment(1);
+            let rreq = RouteRequest {
+                authority,
+                path,
+                method: &req.method,
+                headers: &req.headers,
+                scheme: "http",
+            };
             let (status, location) = m
                 .redirect(&rreq)
-                .unwrap_or((StatusCode::MOVED_PERMANENTLY, path.clone()));
+                .unwrap_or((StatusCode::MOVED_PERMANENTLY, path.to_string()));
             let mut r = Response::new(local_reply::full(Bytes::new()));
             *r.status_mut() = status;
             match HeaderValue::from_str(&location) {
@@ -474,28 +546,29 @@ async fn process(
             }
             r
         }
-        RouteAction::Forward(f) if connect => router::connect(req, st, f).await?,
+        RouteAction::Forward(f) if t.connect => router::connect(req, st, f).await?,
         RouteAction::Forward(f) => {
-            router::forward(req, body, st, &m, f, &authority, &path, ws).await?
+            router::forward(req, body, st, &m, f, authority, path, t.ws).await?
         }
     };
     m.apply_response_headers(resp.headers_mut(), &st.hctx);
     if cfg.always_set_request_id_in_response
-        && let Some(id) = request_id
+        && let Some(id) = &t.request_id
     {
-        resp.headers_mut().insert("x-request-id", id);
-    }
-    if !cfg.http_filters.is_empty() {
-        let fctx = FilterContext {
-            downstream_remote: st.conn.info.peer,
-            downstream_local: st.conn.info.local,
-            is_grpc: st.is_grpc,
-        };
-        let (mut parts, body) = resp.into_parts();
-        for f in cfg.http_filters.iter().rev() {
-            f.on_response(&mut parts, &fctx);
-        }
-        resp = Response::from_parts(parts, body);
+        resp.headers_mut().insert("x-request-id", id.clone());
     }
     Ok(resp)
+}
+
+/// What filters read of the server: health (`/healthcheck/fail`, draining) and cluster health.
+impl weir_filters::ServerInfo for ServerState {
+    fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst) && !self.draining.is_cancelled()
+    }
+
+    fn cluster_health(&self, name: &str) -> Option<(usize, usize)> {
+        let c = self.clusters.get(name)?;
+        let hosts = c.hosts();
+        Some((hosts.iter().filter(|h| h.is_healthy()).count(), hosts.len()))
+    }
 }

@@ -6,7 +6,10 @@
 //!   handles resolved and the chain matcher compiled).
 //! - [`chain_match`]: Envoy's filter-chain selection as a compiled tree.
 //! - `bind`: one SO_REUSEPORT socket per listener and worker ([`bind_all`]).
-//! - `worker`: accept loops and connection dispatch ([`run_worker`]).
+//! - `worker`: accept loops and connection dispatch ([`run_worker`]); a chain's
+//!   `envoy.filters.network.local_ratelimit` filters (before the terminal filter) take a
+//!   token per new connection and close it at once when empty
+//!   ([`weir_filters::local_ratelimit::ConnectionLimiter`]).
 //! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
 //!   Linux, buffered copy elsewhere or as fallback).
 //!
@@ -97,6 +100,9 @@ pub struct FilterChain {
     pub name: String,
     /// `filter_chain_match`, validated.
     pub filter_chain_match: ChainMatch,
+    /// `envoy.filters.network.local_ratelimit` filters before the terminal one, in order: a
+    /// new connection takes a token from each; the first without one closes it at once.
+    pub rate_limits: Vec<Arc<weir_filters::local_ratelimit::ConnectionLimiter>>,
     /// The terminal network filter.
     pub filter: NetworkFilter,
 }

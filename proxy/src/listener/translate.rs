@@ -238,6 +238,7 @@ fn filter_chain(
         _ => ChainMatch::default(),
     };
     let mut terminal = None;
+    let mut rate_limits = Vec::new();
     if fc.filters.is_empty() {
         errs.add(
             join(path, "filters"),
@@ -247,6 +248,34 @@ fn filter_chain(
     }
     for (j, f) in fc.filters.iter().enumerate() {
         let fp = format!("{path}.filters[{j}]");
+        if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
+            && any.type_url == weir_filters::type_urls::NETWORK_LOCAL_RATELIMIT
+        {
+            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
+            if j + 1 == fc.filters.len() {
+                errs.add(
+                    &fp,
+                    "envoy.filters.network.local_ratelimit is not terminal: a tcp_proxy or \
+                     http_connection_manager must follow it",
+                );
+            }
+            let fctx = crate::route::filters::ProxyFactoryContext {
+                ctx,
+                hcm_prefix: "",
+            };
+            let mut ferrs = weir_filters::ConfigErrors::default();
+            let l = weir_filters::local_ratelimit::ConnectionLimiter::translate(
+                any,
+                &join(&fp, "typed_config"),
+                &fctx,
+                &mut ferrs,
+            );
+            crate::route::filters::merge_errors(errs, ferrs);
+            if let Some(l) = l {
+                rate_limits.push(Arc::new(l));
+            }
+            continue;
+        }
         let Some(nf) = network_filter(f, &fp, ctx, errs) else {
             continue;
         };
@@ -265,6 +294,7 @@ fn filter_chain(
     Some(FilterChain {
         name: fc.name.clone(),
         filter_chain_match,
+        rate_limits,
         filter: terminal?,
     })
 }
@@ -312,7 +342,8 @@ fn network_filter(
             errs.add(
                 tpath,
                 format!(
-                    "network filter {} is not supported (weir has {TCP_PROXY_FILTER} and \
+                    "network filter {} is not supported (weir has envoy.filters.network.local_ratelimit, \
+                     {TCP_PROXY_FILTER} and \
                      {HCM_FILTER})",
                     weir_xds_api::type_name(other)
                 ),
@@ -884,5 +915,45 @@ mod tests {
         };
         assert_eq!(l.select(&input(8443)).map(|c| c.name.as_str()), Some(""));
         assert_eq!(l.select(&input(80)).map(|c| c.name.as_str()), Some("dflt"));
+    }
+
+    const NET_RL: &str = r#"
+      - name: envoy.filters.network.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit
+          stat_prefix: conns
+          token_bucket: {max_tokens: 2, fill_interval: 60s}
+"#;
+
+    #[test]
+    fn network_local_ratelimit_before_the_terminal_filter() {
+        let l = ok(&listener(&format!(
+            "filter_chains:\n- filters:{NET_RL}{TCP}"
+        )));
+        let c = &l.filter_chains[0];
+        assert_eq!(c.rate_limits.len(), 1);
+        assert_eq!(c.rate_limits[0].stat_prefix, "conns");
+        assert!(c.rate_limits[0].allow() && c.rate_limits[0].allow());
+        assert!(
+            !c.rate_limits[0].allow(),
+            "third connection within the fill interval"
+        );
+        // Alone (not followed by a terminal filter), or with bad fields: errors at paths.
+        let p = err_paths(&listener(&format!("filter_chains:\n- filters:{NET_RL}")));
+        assert!(
+            p.contains(&"l.filter_chains[0].filters[0]".to_string()),
+            "{p:?}"
+        );
+        let bad = NET_RL
+            .replace("max_tokens: 2", "max_tokens: 0")
+            .replace("stat_prefix: conns", "share_key: k");
+        let p = err_paths(&listener(&format!("filter_chains:\n- filters:{bad}{TCP}")));
+        for want in [
+            "l.filter_chains[0].filters[0].typed_config.share_key",
+            "l.filter_chains[0].filters[0].typed_config.stat_prefix",
+            "l.filter_chains[0].filters[0].typed_config.token_bucket.max_tokens",
+        ] {
+            assert!(p.contains(&want.to_string()), "{want} missing: {p:?}");
+        }
     }
 }

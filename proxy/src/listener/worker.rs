@@ -95,6 +95,11 @@ fn dispatch(
         tracing::debug!(listener = %cfg.name, %peer, "no filter chain matched; closing");
         return;
     };
+    // Network local rate limits: a connection over the limit is closed at once.
+    if !chain.rate_limits.iter().all(|l| l.allow()) {
+        tracing::debug!(listener = %cfg.name, %peer, "connection rate limited; closing");
+        return;
+    }
     let filter = chain.filter.clone();
     let guard = ConnGuard::new(&cfg.stats, &state.server_stats.total_connections);
     let info = ConnInfo {

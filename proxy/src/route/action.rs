@@ -157,6 +157,10 @@ pub struct ForwardAction {
     connect_terminate: bool,
     /// Retries, mirroring, priority, stream duration and gRPC timeouts.
     pub policy: Box<super::retry::UpstreamPolicy>,
+    /// `rate_limits` (for the local rate limit filter).
+    pub(super) rate_limits: Vec<weir_filters::RateLimitPolicy>,
+    /// `include_vh_rate_limits`.
+    pub(super) include_vh_rate_limits: bool,
 }
 
 impl ForwardAction {
@@ -224,12 +228,15 @@ impl ForwardAction {
                 "host_rewrite_literal",
                 "auto_host_rewrite",
                 "upgrade_configs",
+                "rate_limits",
+                "include_vh_rate_limits",
             ]
             .into_iter()
             .chain(super::retry::FIELDS.iter().copied())
             .collect::<Vec<_>>(),
             path,
         );
+        let rate_limits = super::filters::rate_limits(&ra.rate_limits, path, ctx, errs);
         let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
         let check_cluster = |name: &str, p: &str, errs: &mut Errors| -> Option<Box<str>> {
             if name.is_empty() {
@@ -366,6 +373,8 @@ impl ForwardAction {
             host_rewrite_literal,
             auto_host_rewrite,
             connect_terminate,
+            rate_limits,
+            include_vh_rate_limits: ra.include_vh_rate_limits.is_some_and(|b| b.value),
         })
     }
 }

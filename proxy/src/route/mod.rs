@@ -57,9 +57,11 @@
 //!   `cluster_header` is not checked), `max_direct_response_body_size_bytes` (default 4096),
 //!   `most_specific_header_mutations_wins`, `ignore_port_in_host_matching`, `metadata`.
 //! - `VirtualHost`: `name` (unique), `domains` (unique across virtual hosts), `routes`, header
-//!   mutations, `metadata`. `require_tls` other than `NONE` is rejected.
+//!   mutations, `metadata`, `typed_per_filter_config`, `rate_limits`. `require_tls` other than
+//!   `NONE` is rejected.
 //! - `Route`: `name`, `match`, `route` / `redirect` / `direct_response`, header mutations,
-//!   `metadata`; a non-empty `typed_per_filter_config` is rejected.
+//!   `metadata`, `typed_per_filter_config` (see [`filters`]: parsed by the filter's factory;
+//!   a `FilterConfig` wrapper may disable or enable a filter per route).
 //! - `RouteMatch`: `prefix`, `path`, `safe_regex`, `path_separated_prefix`, `connect_matcher`,
 //!   `case_sensitive`, `headers` (`string_match`, `present_match`, the deprecated `exact_match` /
 //!   `prefix_match` / `suffix_match` / `contains_match` / `safe_regex_match`,
@@ -67,7 +69,8 @@
 //! - `RouteAction`: `cluster`, `cluster_header`, `weighted_clusters` (`name` or
 //!   `cluster_header`, `weight`; `total_weight` must equal the sum), `timeout` (default 15 s,
 //!   `0s` disables), `idle_timeout`, `prefix_rewrite`, `regex_rewrite`,
-//!   `host_rewrite_literal`, `auto_host_rewrite`, `upgrade_configs` (only `upgrade_type:
+//!   `host_rewrite_literal`, `auto_host_rewrite`, `rate_limits`, `include_vh_rate_limits`,
+//!   `upgrade_configs` (only `upgrade_type:
 //!   CONNECT` with an empty `connect_config`: weir terminates CONNECT; a `connect_matcher`
 //!   route that forwards must set it, since forwarding CONNECT to an upstream proxy is not
 //!   supported).
@@ -77,6 +80,7 @@
 //!   pattern fails translation instead of using unbounded memory.
 
 mod action;
+pub mod filters;
 mod header;
 mod matcher;
 pub mod retry;
@@ -135,6 +139,8 @@ struct Route {
     response_headers: HeaderMutations,
     /// `per_request_buffer_limit_bytes`.
     per_request_buffer_limit: Option<u32>,
+    /// `typed_per_filter_config` (route-level `rate_limits` are on the forward action).
+    filters: weir_filters::RouteFilterData,
 }
 
 /// A compiled virtual host.
@@ -145,6 +151,8 @@ struct VirtualHost {
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
     policy: retry::VhostPolicy,
+    /// `typed_per_filter_config` and `rate_limits`.
+    filters: weir_filters::RouteFilterData,
 }
 
 /// Wildcard domains of one length: `(length, lowercased suffix-or-prefix -> vhost index)`.
@@ -168,6 +176,8 @@ pub struct RouteTable {
     most_specific_wins: bool,
     request_headers: HeaderMutations,
     response_headers: HeaderMutations,
+    /// Every parsed `typed_per_filter_config` entry (for the connection manager's check).
+    filter_configs: Vec<filters::FilterConfigUse>,
 }
 
 /// Envoy's `HeaderUtility::getPortStart`: where `:port` starts in an authority, if it has one.
@@ -261,6 +271,11 @@ impl RouteTable {
         })
     }
 
+    /// The `typed_per_filter_config` entries of this table (name, type URL, path).
+    pub fn filter_configs(&self) -> &[filters::FilterConfigUse] {
+        &self.filter_configs
+    }
+
     /// Number of virtual hosts.
     pub fn virtual_host_count(&self) -> usize {
         self.vhosts.len()
@@ -322,6 +337,22 @@ impl<'a> RouteMatch<'a> {
         self.route
             .per_request_buffer_limit
             .or(self.vhost.policy.per_request_buffer_limit)
+    }
+
+    /// What HTTP filters see of this route: per-filter configs of route and virtual host,
+    /// and the rate limit actions.
+    pub fn filter_view(&self) -> weir_filters::RouteView<'a> {
+        let (route_rate_limits, include_vh_rate_limits) = match &self.route.action {
+            RouteAction::Forward(f) => (f.rate_limits.as_slice(), f.include_vh_rate_limits),
+            _ => (&[][..], false),
+        };
+        weir_filters::RouteView {
+            route_name: &self.route.name,
+            route: &self.route.filters,
+            vhost: &self.vhost.filters,
+            route_rate_limits,
+            include_vh_rate_limits,
+        }
     }
 
     fn apply(

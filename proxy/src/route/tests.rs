@@ -1418,7 +1418,7 @@ fn unsupported_route_fields_are_named() {
         ),
         (
             "{match: {prefix: /}, route: {cluster: a}, typed_per_filter_config: {envoy.filters.http.router: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}",
-            "rc.virtual_hosts[0].routes[0].typed_per_filter_config",
+            "rc.virtual_hosts[0].routes[0].typed_per_filter_config[envoy.filters.http.router]",
         ),
         (
             "{match: {prefix: /, headers: [{name: x, range_match: {start: 1, end: 5}}]}, route: {cluster: a}}",
@@ -1688,4 +1688,93 @@ fn connect_upgrade_config_translation() {
     for (route, path) in cases {
         assert_error(&one_vhost(&format!("  - {route}\n")), path);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP filter data: typed_per_filter_config and rate_limits
+
+const LRL: &str =
+    "'@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+#[test]
+fn per_filter_configs_and_rate_limits_reach_filters() {
+    let t = table(&format!(
+        "virtual_hosts:\n- name: vh\n  domains: ['*']\n  \
+         typed_per_filter_config:\n    rl: {{{LRL}, stat_prefix: vh, token_bucket: {{max_tokens: 1, fill_interval: 1s}}}}\n  \
+         rate_limits: [{{actions: [{{remote_address: {{}}}}]}}]\n  routes:\n  \
+         - match: {{prefix: /r}}\n    route: {{cluster: a, include_vh_rate_limits: true, rate_limits: [{{actions: [{{generic_key: {{descriptor_value: x}}}}]}}, {{actions: [{{request_headers: {{header_name: x-user, descriptor_key: user}}}}]}}]}}\n    \
+         typed_per_filter_config:\n      rl: {{{LRL}, stat_prefix: r, token_bucket: {{max_tokens: 2, fill_interval: 1s}}}}\n      \
+         fault: {{'@type': type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true}}\n  \
+         - match: {{prefix: /}}\n    direct_response: {{status: 200}}\n"
+    ));
+    let r = req("x", "/r");
+    let m = t.route(&r.rr()).expect("route");
+    let v = m.filter_view();
+    assert_eq!(v.route_rate_limits.len(), 2);
+    assert!(v.include_vh_rate_limits);
+    assert_eq!(v.vhost.rate_limits.len(), 1);
+    assert!(matches!(
+        v.per_filter("rl"),
+        Some(weir_filters::PerFilterConfig::Config(_))
+    ));
+    assert!(matches!(
+        v.per_filter("fault"),
+        Some(weir_filters::PerFilterConfig::Disabled)
+    ));
+    // The route's config is more specific than the virtual host's: they differ.
+    let Some(weir_filters::PerFilterConfig::Config(route_cfg)) = v.route.per_filter.get("rl")
+    else {
+        panic!("route config");
+    };
+    let Some(weir_filters::PerFilterConfig::Config(vh_cfg)) = v.vhost.per_filter.get("rl") else {
+        panic!("vhost config");
+    };
+    assert!(!std::sync::Arc::ptr_eq(route_cfg, vh_cfg));
+    // A direct response route has no rate limits of its own; the vhost config applies.
+    let r = req("x", "/other");
+    let v = t.route(&r.rr()).expect("route").filter_view();
+    assert!(v.route_rate_limits.is_empty());
+    assert!(matches!(
+        v.per_filter("rl"),
+        Some(weir_filters::PerFilterConfig::Config(_))
+    ));
+}
+
+#[test]
+fn per_filter_config_errors_have_paths() {
+    let base = "virtual_hosts:\n- name: vh\n  domains: ['*']\n";
+    let route = "  routes:\n  - match: {prefix: /}\n    route: {cluster: a}\n";
+    // Unknown filter type; an optional one is skipped.
+    assert_error(
+        &format!(
+            "{base}  typed_per_filter_config:\n    x: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}\n{route}"
+        ),
+        "rc.virtual_hosts[0].typed_per_filter_config[x]",
+    );
+    assert!(error_paths(&format!(
+        "{base}  typed_per_filter_config:\n    x: {{'@type': type.googleapis.com/envoy.config.route.v3.FilterConfig, is_optional: true, config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy}}}}\n{route}"
+    ))
+    .is_empty());
+    // A per-route local rate limit needs a token bucket; errors point inside the config.
+    assert_error(
+        &format!("{base}  typed_per_filter_config:\n    rl: {{{LRL}, stat_prefix: p}}\n{route}"),
+        "rc.virtual_hosts[0].typed_per_filter_config[rl].token_bucket",
+    );
+    // Rate limit actions.
+    assert_error(
+        &format!("{base}  rate_limits: [{{actions: [{{destination_cluster: {{}}}}]}}]\n{route}"),
+        "rc.virtual_hosts[0].rate_limits[0].actions[0]",
+    );
+    assert_error(
+        &one_vhost(
+            "  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{header_value_match: {descriptor_value: v, headers: [{name: x, range_match: {start: 1, end: 2}}]}}], limit: {}}]}}\n",
+        ),
+        "rc.virtual_hosts[0].routes[0].route.rate_limits[0].actions[0].header_value_match.headers[0].range_match",
+    );
+    assert_error(
+        &one_vhost(
+            "  - {match: {prefix: /}, route: {cluster: a, rate_limits: [{actions: [{generic_key: {descriptor_value: v}}], limit: {}}]}}\n",
+        ),
+        "rc.virtual_hosts[0].routes[0].route.rate_limits[0].limit",
+    );
 }

@@ -17,6 +17,8 @@ struct TableCtx<'c, 'a> {
     ctx: &'c TranslateCtx<'a>,
     validate_clusters: bool,
     max_body: u32,
+    /// Per-filter configs seen, for the connection manager's type check.
+    filter_configs: std::cell::RefCell<Vec<super::filters::FilterConfigUse>>,
 }
 
 /// How a configured domain is indexed.
@@ -93,6 +95,7 @@ pub(super) fn route_table(
             .max_direct_response_body_size_bytes
             .as_ref()
             .map_or(DEFAULT_MAX_DIRECT_RESPONSE_BODY, |v| v.value),
+        filter_configs: Default::default(),
     };
     let mut table = RouteTable {
         name: rc.name.clone(),
@@ -157,6 +160,7 @@ pub(super) fn route_table(
         }
         table.vhosts.push(virtual_host(vh, &vp, &tctx, errs));
     }
+    table.filter_configs = tctx.filter_configs.into_inner();
     table
 }
 
@@ -177,6 +181,8 @@ fn virtual_host(
             "response_headers_to_add",
             "response_headers_to_remove",
             "metadata",
+            "typed_per_filter_config",
+            "rate_limits",
         ]
         .into_iter()
         .chain(super::retry::VHOST_FIELDS.iter().copied())
@@ -189,6 +195,16 @@ fn virtual_host(
         }
     };
     let policy = super::retry::VhostPolicy::translate(vh, path, &check_cluster, errs);
+    let filters = weir_filters::RouteFilterData {
+        per_filter: super::filters::per_filter_configs(
+            &vh.typed_per_filter_config,
+            path,
+            tctx.ctx,
+            &tctx.filter_configs,
+            errs,
+        ),
+        rate_limits: super::filters::rate_limits(&vh.rate_limits, path, tctx.ctx, errs),
+    };
     let routes = vh
         .routes
         .iter()
@@ -213,13 +229,13 @@ fn virtual_host(
             errs,
         ),
         policy,
+        filters,
     }
 }
 
 #[allow(deprecated)] // per_request_buffer_limit_bytes is still honoured
 fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors) -> Option<Route> {
     use rpb::route::Action as A;
-    // `typed_per_filter_config` is left out on purpose: no per-route filter config yet.
     errs.reject_unsupported(
         r,
         &[
@@ -235,8 +251,16 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             "metadata",
             "per_request_buffer_limit_bytes",
             "request_body_buffer_limit",
+            "typed_per_filter_config",
         ],
         path,
+    );
+    let per_filter = super::filters::per_filter_configs(
+        &r.typed_per_filter_config,
+        path,
+        tctx.ctx,
+        &tctx.filter_configs,
+        errs,
     );
     let matcher = match &r.r#match {
         Some(m) => RouteMatcher::translate(m, &join(path, "match"), errs),
@@ -309,5 +333,9 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             path,
             errs,
         ),
+        filters: weir_filters::RouteFilterData {
+            per_filter,
+            rate_limits: Vec::new(),
+        },
     })
 }

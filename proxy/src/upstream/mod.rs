@@ -29,8 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use metrics::{Counter, Gauge, Histogram};
 
 pub use pool::{CxGuard, TcpConnection, UpstreamResponseBody};
@@ -38,9 +36,9 @@ pub use pool::{CxGuard, TcpConnection, UpstreamResponseBody};
 use crate::stats::{Scope, Store};
 
 /// Boxed error for bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = weir_filters::BoxError;
 /// The body type sent upstream (streams the downstream body through).
-pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type UpstreamBody = weir_filters::BoxBody;
 
 /// Translated cluster config.
 #[derive(Debug, Clone, PartialEq)]

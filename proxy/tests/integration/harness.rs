@@ -395,3 +395,18 @@ static_resources:
 "#
     )
 }
+
+/// [`http_bootstrap`] with HTTP filters before the router: `filters_yaml` is a list of
+/// `http_filters` items indented to that list (`          - name: ...`).
+pub fn http_bootstrap_filters(
+    vhosts: &str,
+    clusters: &str,
+    hcm_extra: &str,
+    filters_yaml: &str,
+) -> String {
+    http_bootstrap(vhosts, clusters, hcm_extra).replacen(
+        "          http_filters:\n",
+        &format!("          http_filters:\n{filters_yaml}"),
+        1,
+    )
+}
