@@ -220,20 +220,17 @@ pub(super) fn listeners(state: &ServerState, q: &Query) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU32;
 
     use super::*;
-    use crate::upstream::HostStats;
 
     fn host(addr: &str, health: u32, priority: u32) -> Arc<Host> {
-        let h = Host {
-            address: addr.parse().expect("addr"),
-            hostname: Some("backend.local".into()),
-            weight: 3,
+        let h = Host::new(
+            addr.parse().expect("addr"),
+            Some("backend.local".into()),
+            3,
             priority,
-            health: AtomicU32::new(health),
-            stats: HostStats::default(),
-        };
+            health,
+        );
         h.stats.cx_total.store(7, Ordering::Relaxed);
         h.stats.rq_success.store(5, Ordering::Relaxed);
         Arc::new(h)

@@ -29,13 +29,16 @@ pub(crate) fn initial_set(cfg: &ClusterConfig) -> HostSet {
 }
 
 fn new_host(e: &EndpointConfig, address: SocketAddr) -> Arc<Host> {
-    Arc::new(Host::new(
-        address,
-        e.hostname.clone(),
-        e.weight,
-        e.priority,
-        e.health,
-    ))
+    Arc::new(
+        Host::new(
+            address,
+            e.hostname.clone(),
+            e.weight,
+            e.priority,
+            e.health,
+        )
+        .with_locality(e.locality.clone()),
+    )
 }
 
 /// Keep the addresses of the family Envoy's `dns_lookup_family` asks for, without duplicates.
@@ -172,6 +175,7 @@ mod tests {
                 .collect(),
             connect_timeout: Duration::from_secs(1),
             lb_policy: LbPolicy::RoundRobin,
+            lb: Default::default(),
             per_connection_buffer_limit_bytes: 1 << 20,
             dns_refresh_rate: Duration::from_millis(50),
             dns_lookup_family: DnsLookupFamily::V4Only,
