@@ -115,9 +115,10 @@ fn charge(cluster: &Cluster, host: &Host, status: u16) {
 #[allow(clippy::result_large_err)]
 fn pick_host(
     headers: &http::HeaderMap,
+    path: &str,
     st: &Stream<'_>,
     f: &ForwardAction,
-) -> Result<(Arc<Cluster>, Arc<Host>), LocalReply> {
+) -> Result<(Arc<Cluster>, Arc<Host>, Option<HeaderValue>), LocalReply> {
     let cfg = &st.conn.cfg;
     let Some(name) = f.select_cluster(headers, rand::random::<u64>()) else {
         cfg.stats.no_cluster.increment(1);
@@ -127,14 +128,20 @@ fn pick_host(
         cfg.stats.no_cluster.increment(1);
         return Err(LocalReply::new(StatusCode::SERVICE_UNAVAILABLE, "", "NC"));
     };
-    let Some(host) = cluster.choose_host(&Default::default()) else {
+    let query = path.split_once('?').map(|(_, q)| q);
+    let hash = f.hash(headers, query, st.hctx.downstream_remote.ip());
+    let ctx = crate::upstream::LbContext {
+        hash: hash.hash,
+        ..Default::default()
+    };
+    let Some(host) = cluster.choose_host(&ctx) else {
         return Err(LocalReply::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream",
             "UH",
         ));
     };
-    Ok((cluster, host))
+    Ok((cluster, host, hash.set_cookie))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +156,7 @@ pub(super) async fn forward(
     websocket: bool,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let cfg = st.conn.cfg.clone();
-    let (cluster, host) = pick_host(&req.headers, st, f)?;
+    let (cluster, host, set_cookie) = pick_host(&req.headers, path, st, f)?;
 
     // Request head for the upstream.
     let mut headers = std::mem::take(&mut req.headers);
@@ -299,6 +306,10 @@ pub(super) async fn forward(
             HeaderValue::from(service_ms),
         );
     }
+    if let Some(c) = set_cookie {
+        // A cookie hash policy generated the affinity cookie.
+        parts.headers.append(http::header::SET_COOKIE, c);
+    }
     let rbody = Timed::new(rbody, done)
         .deadline(deadline, TimerError::RouteTimeout)
         .idle(f.idle_timeout.or(cfg.stream_idle_timeout));
@@ -403,7 +414,8 @@ pub(super) async fn connect(
         // Translation refuses connect_matcher routes without it; CONNECT matches no other.
         return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
     }
-    let (cluster, host) = pick_host(&req.headers, st, f)?;
+    // CONNECT has no path; a generated affinity cookie is not sent on the tunnel answer.
+    let (cluster, host, _) = pick_host(&req.headers, "", st, f)?;
     let Some(down_upgrade) = req.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         return Err(LocalReply::new(
             StatusCode::BAD_REQUEST,

@@ -13,6 +13,7 @@ use weir_xds_api::pb::envoy::config::route::v3 as rpb;
 use weir_xds_api::pb::envoy::r#type::matcher::v3 as mpb;
 
 use super::RouteRequest;
+use super::hash::{HashOutcome, HashPolicy};
 use super::matcher::{search_regex, split_path};
 use crate::config::{Errors, TranslateCtx, duration, duration_or, join};
 
@@ -155,6 +156,8 @@ pub struct ForwardAction {
     /// `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]` (enabled): weir
     /// terminates CONNECT and tunnels the payload over TCP to a host of the cluster.
     connect_terminate: bool,
+    /// `hash_policy` (RING_HASH / MAGLEV clusters).
+    hash_policy: HashPolicy,
 }
 
 impl ForwardAction {
@@ -194,6 +197,23 @@ impl ForwardAction {
         self.auto_host_rewrite
     }
 
+    /// The request hash from the route's `hash_policy` (see [`super::hash`]), for
+    /// `LbContext::hash`; `set_cookie` must be added to the response when present (a cookie
+    /// policy with `ttl` generated the cookie). `query` is the request's query string without
+    /// `?`; `remote` the downstream remote IP (after `x-forwarded-for` processing).
+    pub fn hash(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        remote: std::net::IpAddr,
+    ) -> HashOutcome {
+        if self.hash_policy.is_empty() {
+            return HashOutcome::default();
+        }
+        self.hash_policy
+            .evaluate(headers, query, remote, rand::random::<u64>())
+    }
+
     /// Whether CONNECT requests on this route are terminated here (TCP tunnel to the
     /// cluster), from `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]`.
     pub fn connect_terminate(&self) -> bool {
@@ -222,9 +242,11 @@ impl ForwardAction {
                 "host_rewrite_literal",
                 "auto_host_rewrite",
                 "upgrade_configs",
+                "hash_policy",
             ],
             path,
         );
+        let hash_policy = HashPolicy::translate(&ra.hash_policy, &join(path, "hash_policy"), errs);
         let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
         let check_cluster = |name: &str, p: &str, errs: &mut Errors| -> Option<Box<str>> {
             if name.is_empty() {
@@ -356,6 +378,7 @@ impl ForwardAction {
             host_rewrite_literal,
             auto_host_rewrite,
             connect_terminate,
+            hash_policy,
         })
     }
 }

@@ -20,6 +20,7 @@
 //! RouteMatch::rewrite_path(path_and_query) -> Option<String>
 //! RouteMatch::redirect(&RouteRequest) -> Option<(StatusCode, String)>
 //! ForwardAction::select_cluster(&HeaderMap, random) -> Option<Cow<str>>
+//! ForwardAction::hash(&HeaderMap, query, remote_ip) -> HashOutcome   // hash_policy
 //! ForwardAction::{timeout, idle_timeout, host_rewrite_literal(), auto_host_rewrite(),
 //!                 connect_terminate()}
 //! DirectResponse { status, body }
@@ -77,6 +78,7 @@
 //!   pattern fails translation instead of using unbounded memory.
 
 mod action;
+pub mod hash;
 mod header;
 mod matcher;
 #[cfg(test)]
