@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod h2frames;
 mod hardening;
+mod lb;
 mod lifecycle;
 mod protocols;
 mod routing;
