@@ -100,9 +100,11 @@ fn write_cluster_text(out: &mut String, name: &str, hosts: &[Arc<Host>]) {
         );
         let _ = writeln!(out, "{p}::health_flags::{}", health_flags_text(health));
         let _ = writeln!(out, "{p}::weight::{}", h.weight);
-        let _ = writeln!(out, "{p}::region::");
-        let _ = writeln!(out, "{p}::zone::");
-        let _ = writeln!(out, "{p}::sub_zone::");
+        let loc = h.locality.as_ref();
+        let field = |f: fn(&crate::upstream::LocalityConfig) -> &str| loc.map_or("", f);
+        let _ = writeln!(out, "{p}::region::{}", field(|l| &l.region));
+        let _ = writeln!(out, "{p}::zone::{}", field(|l| &l.zone));
+        let _ = writeln!(out, "{p}::sub_zone::{}", field(|l| &l.sub_zone));
         let _ = writeln!(out, "{p}::canary::false");
         let _ = writeln!(out, "{p}::priority::{}", h.priority);
         let _ = writeln!(out, "{p}::success_rate::-1");
@@ -157,6 +159,13 @@ fn cluster_status(name: &str, hosts: &[Arc<Host>]) -> ClusterStatus {
                     weight: h.weight,
                     hostname: h.hostname.clone().unwrap_or_default(),
                     priority: h.priority,
+                    locality: h.locality.as_ref().map(|l| {
+                        weir_xds_api::pb::envoy::config::core::v3::Locality {
+                            region: l.region.clone(),
+                            zone: l.zone.clone(),
+                            sub_zone: l.sub_zone.clone(),
+                        }
+                    }),
                     ..Default::default()
                 }
             })

@@ -359,6 +359,17 @@ async fn locality_weighted_split() {
     around(&m, "z0", 20, 4);
     around(&m, "z1a", 30, 4);
     around(&m, "z1b", 30, 4);
+    // /clusters shows each host's locality.
+    let (_, _, body) = crate::harness::get(p.admin(), "admin", "/clusters").await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains(&format!("c::127.0.0.1:{}::zone::z0\n", b[0].port())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("c::127.0.0.1:{}::zone::z1\n", b[2].port())),
+        "{text}"
+    );
     p.stop().await;
 }
 
