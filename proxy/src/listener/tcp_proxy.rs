@@ -140,9 +140,9 @@ pub async fn serve(
     };
     let mut upstream = None;
     let ctx = crate::upstream::LbContext {
-        hash: cfg.hash_source_ip.then(|| {
-            crate::upstream::lb::xxhash::xxhash64(conn.peer.ip().to_string().as_bytes())
-        }),
+        hash: cfg
+            .hash_source_ip
+            .then(|| crate::upstream::lb::xxhash::xxhash64(conn.peer.ip().to_string().as_bytes())),
         ..Default::default()
     };
     for attempt in 1..=cfg.max_connect_attempts {

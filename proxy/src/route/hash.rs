@@ -70,9 +70,8 @@ pub struct HashPolicy {
 /// A cookie name or attribute token (RFC 6265 `token`).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 impl HashPolicy {
@@ -83,7 +82,13 @@ impl HashPolicy {
             let p = format!("{path}[{i}]");
             errs.reject_unsupported(
                 hp,
-                &["header", "cookie", "connection_properties", "query_parameter", "terminal"],
+                &[
+                    "header",
+                    "cookie",
+                    "connection_properties",
+                    "query_parameter",
+                    "terminal",
+                ],
                 &p,
             );
             let method = match &hp.policy_specifier {
@@ -125,7 +130,10 @@ impl HashPolicy {
                         ok = false;
                     }
                     if c.path.bytes().any(|b| b == b';' || b.is_ascii_control()) {
-                        errs.add(join(&cp, "path"), "cookie path must not contain ';' or controls");
+                        errs.add(
+                            join(&cp, "path"),
+                            "cookie path must not contain ';' or controls",
+                        );
                         ok = false;
                     }
                     let mut attributes = Vec::new();
@@ -211,12 +219,9 @@ impl HashPolicy {
                     Some(v) => Some(xxhash64(v.as_bytes())),
                     None => match ttl {
                         Some(ttl) if out.set_cookie.is_none() => {
-                            let value = format!(
-                                "{:016x}",
-                                xxhash64(format!("{remote}{nonce}").as_bytes())
-                            );
-                            out.set_cookie =
-                                set_cookie(name, &value, path, *ttl, attributes);
+                            let value =
+                                format!("{:016x}", xxhash64(format!("{remote}{nonce}").as_bytes()));
+                            out.set_cookie = set_cookie(name, &value, path, *ttl, attributes);
                             Some(xxhash64(value.as_bytes()))
                         }
                         _ => None,
@@ -376,7 +381,10 @@ mod tests {
         let o = eval(&p, &hm(&[("cookie", "a=1; sid=\"xyz\"; b=2")]), None);
         assert_eq!(o.hash, Some(xxhash64(b"xyz")));
         // Absent without ttl: no hash, no cookie.
-        assert_eq!(eval(&p, &hm(&[("cookie", "a=1")]), None), HashOutcome::default());
+        assert_eq!(
+            eval(&p, &hm(&[("cookie", "a=1")]), None),
+            HashOutcome::default()
+        );
         // Absent with ttl: generated.
         let p = ok(
             "- cookie: {name: sid, ttl: 3600s, path: /app, attributes: [{name: SameSite, value: Lax}, {name: Secure}]}",
@@ -436,9 +444,7 @@ mod tests {
         let p = ok("- header: {header_name: a}\n- header: {header_name: a}");
         assert_eq!(eval(&p, &h, None).hash, Some(ha.rotate_left(1) ^ ha));
         // Terminal: stops once a hash exists.
-        let p = ok(
-            "- header: {header_name: a}\n  terminal: true\n- header: {header_name: b}",
-        );
+        let p = ok("- header: {header_name: a}\n  terminal: true\n- header: {header_name: b}");
         assert_eq!(eval(&p, &h, None).hash, Some(ha));
         // A terminal policy that produced nothing does not stop.
         assert_eq!(eval(&p, &hm(&[("b", "2")]), None).hash, Some(hb));
@@ -459,7 +465,10 @@ mod tests {
                 "- header: {header_name: x, regex_rewrite: {pattern: {regex: a}, substitution: b}}",
                 "r.route.hash_policy[0].header.regex_rewrite",
             ),
-            ("- cookie: {name: 'a b'}", "r.route.hash_policy[0].cookie.name"),
+            (
+                "- cookie: {name: 'a b'}",
+                "r.route.hash_policy[0].cookie.name",
+            ),
             (
                 "- cookie: {name: a, attributes: [{name: 'x;y'}]}",
                 "r.route.hash_policy[0].cookie.attributes[0]",

@@ -30,14 +30,8 @@ pub(crate) fn initial_set(cfg: &ClusterConfig) -> HostSet {
 
 fn new_host(e: &EndpointConfig, address: SocketAddr) -> Arc<Host> {
     Arc::new(
-        Host::new(
-            address,
-            e.hostname.clone(),
-            e.weight,
-            e.priority,
-            e.health,
-        )
-        .with_locality(e.locality.clone()),
+        Host::new(address, e.hostname.clone(), e.weight, e.priority, e.health)
+            .with_locality(e.locality.clone()),
     )
 }
 

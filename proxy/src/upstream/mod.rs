@@ -5,8 +5,10 @@
 //!
 //! # Layout
 //! - [`translate`]: `envoy.config.cluster.v3.Cluster` -> [`ClusterConfig`] (field paths in errors).
-//! - `lb`: immutable host sets (swapped with arc-swap) and smooth weighted round robin with
-//!   per-worker state.
+//! - `lb`: immutable host sets (swapped with arc-swap) and the load balancers (ROUND_ROBIN,
+//!   LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV) with Envoy's priority load, panic threshold,
+//!   locality weights and slow start, on per-worker state; `lb::xxhash` is the XXH64 used by
+//!   ring keys and route hash policies.
 //! - `dns`: STRICT_DNS resolution loops on the main runtime.
 //! - `pool`: per-worker HTTP/1.1 and HTTP/2 connection pools, TCP connects, connection stats.
 
@@ -386,8 +388,7 @@ impl Host {
     /// Set when the host became healthy (also moving it back; for callers that know better,
     /// e.g. a health checker, and tests).
     pub fn set_healthy_since(&self, at: std::time::Instant) {
-        self.healthy_since
-            .store(since_epoch(at), Ordering::Relaxed);
+        self.healthy_since.store(since_epoch(at), Ordering::Relaxed);
     }
 
     /// How long the host has been healthy (or present) at `now`.

@@ -252,7 +252,10 @@ fn lb_settings(c: &PbCluster, path: &str, errs: &mut Errors) -> (LbPolicy, LbCon
     let wrong_policy = |field: &str, want: &str, errs: &mut Errors| {
         errs.add(
             join(path, field),
-            format!("{field} requires lb_policy {want} (lb_policy is {})", policy.name()),
+            format!(
+                "{field} requires lb_policy {want} (lb_policy is {})",
+                policy.name()
+            ),
         );
     };
     match &c.lb_config {
@@ -1003,9 +1006,8 @@ common_lb_config:
                 }),
             }
         );
-        let c = ok(
-            "name: a\nround_robin_lb_config: {slow_start_config: {slow_start_window: 5s}}\n",
-        );
+        let c =
+            ok("name: a\nround_robin_lb_config: {slow_start_config: {slow_start_window: 5s}}\n");
         assert_eq!(c.lb_policy, LbPolicy::RoundRobin);
         assert_eq!(
             c.lb.slow_start,
@@ -1109,7 +1111,9 @@ ring_hash_lb_config: {minimum_ring_size: 64, maximum_ring_size: 4096, hash_funct
                 "{yaml}"
             );
         }
-        let (_, errs) = tr("name: a\nlb_policy: RING_HASH\nring_hash_lb_config: {hash_function: MURMUR_HASH_2}\n");
+        let (_, errs) = tr(
+            "name: a\nlb_policy: RING_HASH\nring_hash_lb_config: {hash_function: MURMUR_HASH_2}\n",
+        );
         assert!(errs[0].1.contains("MURMUR_HASH_2"), "{errs:?}");
     }
 
@@ -1151,7 +1155,10 @@ load_assignment:
         let p = err_paths(
             "name: a\nload_assignment:\n  cluster_name: a\n  endpoints:\n  - load_balancing_weight: 0\n",
         );
-        assert_eq!(p, ["clusters[0].load_assignment.endpoints[0].load_balancing_weight"]);
+        assert_eq!(
+            p,
+            ["clusters[0].load_assignment.endpoints[0].load_balancing_weight"]
+        );
     }
 
     #[test]

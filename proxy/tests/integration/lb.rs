@@ -117,7 +117,10 @@ fn count(m: &HashMap<String, usize>, name: &str) -> usize {
 /// `count(name)` within `want ± tol`.
 fn around(m: &HashMap<String, usize>, name: &str, want: usize, tol: usize) {
     let got = count(m, name);
-    assert!(got.abs_diff(want) <= tol, "{name}: {got} vs {want}±{tol} in {m:?}");
+    assert!(
+        got.abs_diff(want) <= tol,
+        "{name}: {got} vs {want}±{tol} in {m:?}"
+    );
 }
 
 #[tokio::test]
@@ -125,7 +128,11 @@ async fn round_robin_is_weighted() {
     let b = backends(&["a", "b", "c"]).await;
     let p = start(
         "",
-        &[(0, None, vec![ep(b[0].port(), 1), ep(b[1].port(), 2), ep(b[2].port(), 3)])],
+        &[(
+            0,
+            None,
+            vec![ep(b[0].port(), 1), ep(b[1].port(), 2), ep(b[2].port(), 3)],
+        )],
         "",
     )
     .await;
@@ -304,7 +311,11 @@ async fn panic_mode_uses_all_hosts() {
     let b = backends(&["a", "b", "c"]).await;
     let p = start(
         "",
-        &[(0, None, vec![ep(b[0].port(), 1), down(b[1].port()), down(b[2].port())])],
+        &[(
+            0,
+            None,
+            vec![ep(b[0].port(), 1), down(b[1].port()), down(b[2].port())],
+        )],
         "",
     )
     .await;
@@ -319,7 +330,11 @@ async fn panic_mode_uses_all_hosts() {
     // Panic disabled (threshold 0): only the healthy host.
     let p = start(
         "    common_lb_config: {healthy_panic_threshold: {value: 0}}\n",
-        &[(0, None, vec![ep(b[0].port(), 1), down(b[1].port()), down(b[2].port())])],
+        &[(
+            0,
+            None,
+            vec![ep(b[0].port(), 1), down(b[1].port()), down(b[2].port())],
+        )],
         "",
     )
     .await;

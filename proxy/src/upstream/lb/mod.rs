@@ -20,7 +20,7 @@
 //!
 //! Nothing on this path takes a lock or writes memory another worker writes, except:
 //! RING_HASH / MAGLEV tables are built once per host set (the first worker to need one builds
-//! it inside a `OnceLock`; the others share the `Arc`), and a worker that sees a host turn
+//! it inside a `OnceLock` of the shared host set; the others borrow it), and a worker that sees a host turn
 //! healthy records the time in the host's `healthy_since` (an atomic `fetch_max`) for slow
 //! start.
 //!
@@ -104,8 +104,9 @@ pub(crate) struct HostSet {
     /// Hosts per config endpoint (same order as `ClusterConfig::endpoints`), so a DNS refresh
     /// can keep the hosts of an endpoint whose resolution failed.
     pub(crate) by_endpoint: Vec<Vec<Arc<Host>>>,
-    /// RING_HASH / MAGLEV tables per level, built on first use.
-    tables: OnceLock<Arc<Vec<Table>>>,
+    /// RING_HASH / MAGLEV tables per level, built on first use by whichever worker needs
+    /// them first; the host set itself is shared by `Arc`.
+    tables: OnceLock<Vec<Table>>,
 }
 
 impl HostSet {
@@ -142,7 +143,9 @@ impl HostSet {
                         }
                     }
                 }
-                let equal_weights = idx.windows(2).all(|w| hosts[w[0]].weight == hosts[w[1]].weight);
+                let equal_weights = idx
+                    .windows(2)
+                    .all(|w| hosts[w[0]].weight == hosts[w[1]].weight);
                 Level {
                     hosts: idx,
                     localities,
@@ -169,54 +172,51 @@ impl HostSet {
                 .all(|(a, b)| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y)))
     }
 
-    /// The per-level hash tables for `policy` (built once per host set).
-    fn tables(&self, policy: &LbPolicy, cfg: &LbConfig) -> Arc<Vec<Table>> {
-        self.tables
-            .get_or_init(|| {
-                Arc::new(
-                    self.priorities
+    /// The per-level hash tables for `policy` (built once per host set; borrowed, so a pick
+    /// does not touch the shared reference count).
+    fn tables(&self, policy: &LbPolicy, cfg: &LbConfig) -> &[Table] {
+        self.tables.get_or_init(|| {
+            self.priorities
+                .iter()
+                .map(|level| {
+                    let members: Vec<Member> = level
+                        .hosts
                         .iter()
-                        .map(|level| {
-                            let members: Vec<Member> = level
-                                .hosts
-                                .iter()
-                                .map(|&i| {
-                                    let h = &self.hosts[i];
-                                    let loc_w = if cfg.locality_weighted {
-                                        h.locality
-                                            .as_ref()
-                                            .and_then(|l| l.load_balancing_weight)
-                                            .unwrap_or(0)
-                                    } else {
-                                        1
-                                    };
-                                    Member {
-                                        index: i,
-                                        key: h.address.to_string(),
-                                        weight: u64::from(h.weight) * u64::from(loc_w),
-                                    }
-                                })
-                                .filter(|m| m.weight > 0)
-                                .collect();
-                            match policy {
-                                LbPolicy::Maglev { table_size } => {
-                                    Table::Maglev(Maglev::build(&members, *table_size))
-                                }
-                                LbPolicy::RingHash {
-                                    minimum_ring_size,
-                                    maximum_ring_size,
-                                } => Table::Ring(Ring::build(
-                                    &members,
-                                    *minimum_ring_size,
-                                    *maximum_ring_size,
-                                )),
-                                _ => Table::Ring(Ring::default()),
+                        .map(|&i| {
+                            let h = &self.hosts[i];
+                            let loc_w = if cfg.locality_weighted {
+                                h.locality
+                                    .as_ref()
+                                    .and_then(|l| l.load_balancing_weight)
+                                    .unwrap_or(0)
+                            } else {
+                                1
+                            };
+                            Member {
+                                index: i,
+                                key: h.address.to_string(),
+                                weight: u64::from(h.weight) * u64::from(loc_w),
                             }
                         })
-                        .collect(),
-                )
-            })
-            .clone()
+                        .filter(|m| m.weight > 0)
+                        .collect();
+                    match policy {
+                        LbPolicy::Maglev { table_size } => {
+                            Table::Maglev(Maglev::build(&members, *table_size))
+                        }
+                        LbPolicy::RingHash {
+                            minimum_ring_size,
+                            maximum_ring_size,
+                        } => Table::Ring(Ring::build(
+                            &members,
+                            *minimum_ring_size,
+                            *maximum_ring_size,
+                        )),
+                        _ => Table::Ring(Ring::default()),
+                    }
+                })
+                .collect()
+        })
     }
 }
 
@@ -499,7 +499,9 @@ impl WorkerLb {
                         ((base_weight(i) * SCALE).round() as i64).max(1)
                     })
                 } else {
-                    swrr_pick(&mut self.current, candidates.iter().copied(), |i| i64::from(hosts[i].weight))
+                    swrr_pick(&mut self.current, candidates.iter().copied(), |i| {
+                        i64::from(hosts[i].weight)
+                    })
                 }
             }
         };

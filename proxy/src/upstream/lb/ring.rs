@@ -80,12 +80,7 @@ impl Ring {
     /// The first point whose hash is >= `hash` (wrapping to 0), offset by `attempt`
     /// (Envoy: a retry re-pick behaves as if the host at that point were not on the ring),
     /// then walking forward while `eligible` says no. `None` if no point is eligible.
-    pub fn pick(
-        &self,
-        hash: u64,
-        attempt: u32,
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    pub fn pick(&self, hash: u64, attempt: u32, eligible: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.entries.len();
         if n == 0 {
             return None;
@@ -190,12 +185,7 @@ impl Maglev {
 
     /// `table[hash % M]`; a re-pick (`attempt > 0`) mutates the hash as Envoy does
     /// (`hash ^= !0 - attempt + 1`); ineligible entries are skipped by walking forward.
-    pub fn pick(
-        &self,
-        hash: u64,
-        attempt: u32,
-        eligible: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    pub fn pick(&self, hash: u64, attempt: u32, eligible: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.table.len();
         if n == 0 {
             return None;
