@@ -406,3 +406,83 @@ async fn lb_policy_shows_in_config_dump() {
     assert_eq!(h.get("x-backend").map(|v| v.as_bytes()), Some(&b"a"[..]));
     p.stop().await;
 }
+
+/// A TCP server that writes `name` to every connection and closes it.
+async fn tcp_namer(name: &'static str) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(name.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+async fn tcp_pick_spread(hash_policy: &str, n: usize) -> HashMap<String, usize> {
+    use tokio::io::AsyncReadExt;
+    let ports = [
+        tcp_namer("t1").await,
+        tcp_namer("t2").await,
+        tcp_namer("t3").await,
+        tcp_namer("t4").await,
+    ];
+    let yaml = format!(
+        r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: c
+          {hash_policy}
+  clusters:
+{}"#,
+        lb_cluster(
+            "    lb_policy: MAGLEV\n",
+            &[(0, None, ports.iter().map(|p| ep(*p, 1)).collect())]
+        )
+    );
+    let p = Proxy::start(&yaml).await;
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(p.addr("tcp"))
+            .await
+            .expect("connect");
+        let mut got = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            s.read_to_string(&mut got),
+        )
+        .await
+        .expect("in time")
+        .expect("read");
+        *m.entry(got).or_insert(0) += 1;
+    }
+    p.stop().await;
+    m
+}
+
+#[tokio::test]
+async fn tcp_proxy_hashes_by_source_ip() {
+    // Every client is 127.0.0.1: one Maglev owner for all connections.
+    let m = tcp_pick_spread("hash_policy: [{source_ip: {}}]", 12).await;
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m.values().sum::<usize>(), 12);
+    // Without the policy the Maglev key is random: connections spread (4 hosts, 24 tries).
+    let m = tcp_pick_spread("", 24).await;
+    assert!(m.len() > 1, "{m:?}");
+}
