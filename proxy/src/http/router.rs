@@ -110,7 +110,11 @@ fn charge(cluster: &Cluster, host: &Host, status: u16) {
     }
 }
 
-/// The route's cluster (fixed, weighted or from a header) and a host of it.
+/// A cluster, its chosen host, and a `Set-Cookie` a hash policy generated.
+type Picked = (Arc<Cluster>, Arc<Host>, Option<HeaderValue>);
+
+/// The route's cluster (fixed, weighted or from a header) and a host of it (with the route's
+/// `hash_policy` hash in the LB context).
 // LocalReply is the error of every handler in this module (the async ones escape the lint).
 #[allow(clippy::result_large_err)]
 fn pick_host(
@@ -118,7 +122,7 @@ fn pick_host(
     path: &str,
     st: &Stream<'_>,
     f: &ForwardAction,
-) -> Result<(Arc<Cluster>, Arc<Host>, Option<HeaderValue>), LocalReply> {
+) -> Result<Picked, LocalReply> {
     let cfg = &st.conn.cfg;
     let Some(name) = f.select_cluster(headers, rand::random::<u64>()) else {
         cfg.stats.no_cluster.increment(1);

@@ -62,24 +62,26 @@ pub fn compute(levels: &[LevelCounts], panic_threshold: f64) -> PriorityLoad {
             none_available: true,
         };
     }
-    if normalized_total > 0 {
-        let mut remaining: u64 = 100;
-        let mut first_available = None;
-        for (i, h) in health.iter().enumerate() {
-            if first_available.is_none() && *h > 0 {
-                first_available = Some(i);
-            }
-            let l = (u64::from(*h) * 100 / normalized_total).min(remaining);
-            load[i] = l as u32;
-            remaining -= l;
+    // Nothing available (normalized total 0): loads stay 0 and panic decides below.
+    let mut remaining: u64 = 100;
+    let mut first_available = None;
+    for (i, h) in health.iter().enumerate() {
+        if first_available.is_none() && *h > 0 {
+            first_available = Some(i);
         }
-        if remaining > 0
-            && let Some(i) = first_available
-        {
-            load[i] += remaining as u32;
-        }
+        let l = (u64::from(*h) * 100)
+            .checked_div(normalized_total)
+            .unwrap_or(0)
+            .min(remaining);
+        load[i] = l as u32;
+        remaining -= l;
     }
-    // Envoy rounds the configured percentage to an integer.
+    if remaining > 0
+        && let Some(i) = first_available
+    {
+        load[i] += remaining as u32;
+    }
+    // Envoy uses a whole percentage (translation truncates the configured value).
     let threshold = panic_threshold.clamp(0.0, 100.0).round() as u64;
     if threshold == 0 && normalized_total == 0 {
         return PriorityLoad {
@@ -106,23 +108,20 @@ pub fn compute(levels: &[LevelCounts], panic_threshold: f64) -> PriorityLoad {
     if panic.iter().all(|p| *p) {
         // Total panic: spread by host count.
         let total_hosts: u64 = levels.iter().map(|c| c.total).sum();
-        if total_hosts == 0 {
-            load.iter_mut().for_each(|l| *l = 0);
-            load[0] = 100;
-        } else {
-            let mut remaining = 100u64;
-            let mut first_nonempty = None;
-            for (i, c) in levels.iter().enumerate() {
-                if first_nonempty.is_none() && c.total > 0 {
-                    first_nonempty = Some(i);
-                }
-                let l = 100 * c.total / total_hosts;
-                load[i] = l as u32;
-                remaining -= l;
+        let mut remaining = 100u64;
+        let mut first_nonempty = None;
+        for (i, c) in levels.iter().enumerate() {
+            if first_nonempty.is_none() && c.total > 0 {
+                first_nonempty = Some(i);
             }
-            if let Some(i) = first_nonempty {
-                load[i] += remaining as u32;
-            }
+            let l = (100 * c.total).checked_div(total_hosts).unwrap_or(0);
+            load[i] = l as u32;
+            remaining -= l;
+        }
+        match first_nonempty {
+            Some(i) => load[i] += remaining as u32,
+            // No hosts at all: load must go somewhere (it finds no host).
+            None => load[0] = 100,
         }
     }
     PriorityLoad {
