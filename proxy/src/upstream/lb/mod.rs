@@ -488,7 +488,7 @@ impl WorkerLb {
                         } else {
                             base_weight(i) / (active + 1.0).powf(bias)
                         };
-                        ((w * SCALE).round() as i64).max(1)
+                        ((w * SCALE + 0.5) as i64).max(1)
                     })
                 }
             }
@@ -496,7 +496,7 @@ impl WorkerLb {
             _ => {
                 if slow.is_some() {
                     swrr_pick(&mut self.current, candidates.iter().copied(), |i| {
-                        ((base_weight(i) * SCALE).round() as i64).max(1)
+                        ((base_weight(i) * SCALE + 0.5) as i64).max(1)
                     })
                 } else {
                     swrr_pick(&mut self.current, candidates.iter().copied(), |i| {
