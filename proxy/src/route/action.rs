@@ -210,8 +210,12 @@ impl ForwardAction {
         if self.hash_policy.is_empty() {
             return HashOutcome::default();
         }
-        self.hash_policy
-            .evaluate(headers, query, remote, rand::random::<u64>())
+        let nonce = if self.hash_policy.generates_cookies() {
+            rand::random::<u64>()
+        } else {
+            0
+        };
+        self.hash_policy.evaluate(headers, query, remote, nonce)
     }
 
     /// Whether CONNECT requests on this route are terminated here (TCP tunnel to the

@@ -67,6 +67,16 @@ pub struct HashPolicy {
     entries: Vec<Entry>,
 }
 
+impl HashPolicy {
+    /// Some cookie policy may generate a cookie (it has a `ttl`): only then does evaluation
+    /// need a random nonce.
+    pub fn generates_cookies(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(e.method, Method::Cookie { ttl: Some(_), .. }))
+    }
+}
+
 /// A cookie name or attribute token (RFC 6265 `token`).
 fn is_token(s: &str) -> bool {
     !s.is_empty()
@@ -410,6 +420,8 @@ mod tests {
         // Different nonces give different cookies.
         let other = p.evaluate(&hm(&[]), None, IP, 8);
         assert_ne!(other.hash, o.hash);
+        assert!(p.generates_cookies());
+        assert!(!ok("- cookie: {name: sid}").generates_cookies());
         // ttl 0: session cookie without Max-Age.
         let p = ok("- cookie: {name: s, ttl: 0s}");
         let sc = eval(&p, &hm(&[]), None).set_cookie.expect("cookie");
