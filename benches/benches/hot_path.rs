@@ -110,9 +110,10 @@ fn bench_chains(c: &mut Criterion) {
     });
 }
 
-fn bench_lb(c: &mut Criterion) {
-    let mut y = String::from(
-        "name: c\ntype: STATIC\nconnect_timeout: 1s\nload_assignment:\n  cluster_name: c\n  endpoints:\n  - lb_endpoints:\n",
+/// A 20-host cluster (weights 1..5) with `lb` cluster fields spliced in.
+fn lb_cluster(lb: &str) -> Arc<weir_proxy::upstream::Cluster> {
+    let mut y = format!(
+        "name: c\ntype: STATIC\nconnect_timeout: 1s\n{lb}load_assignment:\n  cluster_name: c\n  endpoints:\n  - lb_endpoints:\n"
     );
     for i in 0..20 {
         y.push_str(&format!(
@@ -127,10 +128,37 @@ fn bench_lb(c: &mut Criterion) {
     assert!(errs.is_empty(), "{:?}", errs.0);
     let store = Store::new();
     let cm = weir_proxy::upstream::ClusterManager::new(&[Arc::new(cfg)], &store);
-    let cluster = cm.get("c").expect("cluster");
-    c.bench_function("lb_pick_round_robin_20_weighted", |b| {
-        b.iter(|| black_box(cluster.choose_host(&Default::default()).is_some()))
-    });
+    cm.get("c").expect("cluster")
+}
+
+/// LB pick cost per policy (20 hosts, weights 1..5, all healthy; hash policies get a
+/// different request hash each pick).
+fn bench_lb(c: &mut Criterion) {
+    let policies = [
+        ("round_robin", ""),
+        ("least_request", "lb_policy: LEAST_REQUEST\n"),
+        ("random", "lb_policy: RANDOM\n"),
+        ("ring_hash", "lb_policy: RING_HASH\n"),
+        ("maglev", "lb_policy: MAGLEV\n"),
+        (
+            "round_robin_slow_start",
+            "round_robin_lb_config: {slow_start_config: {slow_start_window: 60s}}\n",
+        ),
+    ];
+    for (name, lb) in policies {
+        let cluster = lb_cluster(lb);
+        let mut k = 0u64;
+        c.bench_function(&format!("lb_pick_{name}_20_weighted"), |b| {
+            b.iter(|| {
+                k = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let ctx = weir_proxy::upstream::LbContext {
+                    hash: Some(k),
+                    ..Default::default()
+                };
+                black_box(cluster.choose_host(black_box(&ctx)).is_some())
+            })
+        });
+    }
 }
 
 criterion_group!(benches, bench_routes, bench_chains, bench_lb);

@@ -157,9 +157,11 @@ fn write_cluster_text(
         );
         let _ = writeln!(out, "{p}::health_flags::{}", health_flags_text(health));
         let _ = writeln!(out, "{p}::weight::{}", h.weight);
-        let _ = writeln!(out, "{p}::region::");
-        let _ = writeln!(out, "{p}::zone::");
-        let _ = writeln!(out, "{p}::sub_zone::");
+        let loc = h.locality.as_ref();
+        let field = |f: fn(&crate::upstream::LocalityConfig) -> &str| loc.map_or("", f);
+        let _ = writeln!(out, "{p}::region::{}", field(|l| &l.region));
+        let _ = writeln!(out, "{p}::zone::{}", field(|l| &l.zone));
+        let _ = writeln!(out, "{p}::sub_zone::{}", field(|l| &l.sub_zone));
         let _ = writeln!(out, "{p}::canary::false");
         let _ = writeln!(out, "{p}::priority::{}", h.priority);
         let _ = writeln!(
@@ -243,6 +245,13 @@ fn cluster_status(name: &str, outlier: Option<&Detector>, hosts: &[Arc<Host>]) -
                         let r = h.outlier.success_rate(Origin::Local);
                         percent(r, r >= 0.0)
                     },
+                    locality: h.locality.as_ref().map(|l| {
+                        weir_xds_api::pb::envoy::config::core::v3::Locality {
+                            region: l.region.clone(),
+                            zone: l.zone.clone(),
+                            sub_zone: l.sub_zone.clone(),
+                        }
+                    }),
                     ..Default::default()
                 }
             })

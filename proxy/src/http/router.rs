@@ -148,8 +148,13 @@ fn pick_host(
     f: &ForwardAction,
 ) -> Result<(Arc<Cluster>, Arc<Host>), LocalReply> {
     let cluster = pick_cluster(headers, st, f)?;
+    // CONNECT has no path or query; a generated affinity cookie cannot be sent on a tunnel.
+    let hash = f.hash(headers, None, st.hctx.downstream_remote.ip());
     let host = cluster
-        .choose_host(&LbContext::default())
+        .choose_host(&LbContext {
+            hash: hash.hash,
+            ..Default::default()
+        })
         .ok_or_else(no_healthy_upstream)?;
     Ok((cluster, host))
 }
@@ -376,6 +381,12 @@ pub(super) async fn forward(
     let cfg = st.conn.cfg.clone();
     let cluster = pick_cluster(&req.headers, st, f)?;
     let priority = f.policy.priority;
+    // The route's hash_policy (RING_HASH / MAGLEV), computed once for all attempts.
+    let hash = f.hash(
+        &req.headers,
+        path.split_once('?').map(|(_, q)| q),
+        st.hctx.downstream_remote.ip(),
+    );
 
     // Request head for the upstream.
     let mut headers = std::mem::take(&mut req.headers);
@@ -497,7 +508,7 @@ pub(super) async fn forward(
             _ => (&[][..], 0),
         };
         let Some(host) = cluster.choose_host(&LbContext {
-            hash: None,
+            hash: hash.hash,
             avoid,
             max_reselects,
         }) else {
@@ -707,6 +718,10 @@ pub(super) async fn forward(
                         "x-envoy-upstream-service-time",
                         HeaderValue::from(service_ms),
                     );
+                }
+                if let Some(c) = &hash.set_cookie {
+                    // A cookie hash policy generated the affinity cookie.
+                    parts.headers.append(http::header::SET_COOKIE, c.clone());
                 }
                 if m.include_attempt_count_in_response() {
                     parts

@@ -44,6 +44,9 @@ pub struct TcpProxyConfig {
     pub max_connect_attempts: u32,
     /// `tcp.<stat_prefix>.*`.
     pub stats: TcpProxyStats,
+    /// `hash_policy: [{source_ip: {}}]`: RING_HASH / MAGLEV clusters pick by the downstream
+    /// source IP (xxHash64 of its text form, as Envoy).
+    pub hash_source_ip: bool,
 }
 
 impl TcpProxyConfig {
@@ -65,6 +68,7 @@ impl TcpProxyConfig {
             max_downstream_connection_duration,
             max_connect_attempts,
             stats,
+            hash_source_ip: false,
         }
     }
 
@@ -135,9 +139,15 @@ pub async fn serve(
         return;
     };
     let mut upstream = None;
+    let ctx = crate::upstream::LbContext {
+        hash: cfg
+            .hash_source_ip
+            .then(|| crate::upstream::lb::xxhash::xxhash64(conn.peer.ip().to_string().as_bytes())),
+        ..Default::default()
+    };
     for attempt in 1..=cfg.max_connect_attempts {
         // choose_host counts upstream_cx_none_healthy itself.
-        let Some(host) = cluster.choose_host(&Default::default()) else {
+        let Some(host) = cluster.choose_host(&ctx) else {
             tracing::debug!(cluster = cluster.name(), "tcp_proxy: no healthy upstream");
             return;
         };

@@ -62,6 +62,7 @@ const TCP_PROXY_FIELDS: &[&str] = &[
     "idle_timeout",
     "max_connect_attempts",
     "max_downstream_connection_duration",
+    "hash_policy",
 ];
 
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
@@ -419,17 +420,45 @@ fn tcp_proxy(
         }
         Some(n) => n,
     };
+    let hash_source_ip = tcp_hash_policy(&t.hash_policy, &join(path, "hash_policy"), errs);
     if errs.0.len() != before {
         return None;
     }
-    Some(TcpProxyConfig::new(
+    let mut cfg = TcpProxyConfig::new(
         t.stat_prefix.clone(),
         clusters,
         (!idle.is_zero()).then_some(idle),
         max_duration.filter(|d| !d.is_zero()),
         max_connect_attempts,
         TcpProxyStats::new(&ctx.stats.tcp(&t.stat_prefix)),
-    ))
+    );
+    cfg.hash_source_ip = hash_source_ip;
+    Some(cfg)
+}
+
+/// `TcpProxy.hash_policy` (at most one, as Envoy validates): `source_ip` only. Returns whether
+/// connections are hashed by their source IP.
+fn tcp_hash_policy(
+    list: &[weir_xds_api::pb::envoy::r#type::v3::HashPolicy],
+    path: &str,
+    errs: &mut Errors,
+) -> bool {
+    use weir_xds_api::pb::envoy::r#type::v3::hash_policy::PolicySpecifier;
+    if list.len() > 1 {
+        errs.add(path, "at most one hash_policy is allowed");
+    }
+    let mut source_ip = false;
+    for (i, hp) in list.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        errs.reject_unsupported(hp, &["source_ip"], &p);
+        match &hp.policy_specifier {
+            Some(PolicySpecifier::SourceIp(_)) => source_ip = true,
+            // `filter_state` is reported by reject_unsupported.
+            Some(_) => {}
+            None => errs.add(&p, "source_ip is required"),
+        }
+    }
+    source_ip
 }
 
 fn cidrs(v: &[CidrRange], path: &str, field: &str, errs: &mut Errors) -> Vec<Cidr> {
@@ -648,6 +677,42 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(t.clusters.len(), 2);
+        assert!(!t.hash_source_ip);
+    }
+
+    #[test]
+    fn tcp_proxy_hash_policy() {
+        let tp = |extra: &str| {
+            listener(&format!(
+                r#"filter_chains:
+- filters:
+  - name: t
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: w
+      cluster: backend
+      {extra}
+"#
+            ))
+        };
+        let l = ok(&tp("hash_policy: [{source_ip: {}}]"));
+        let NetworkFilter::TcpProxy(t) = &l.filter_chains[0].filter else {
+            panic!("tcp_proxy expected");
+        };
+        assert!(t.hash_source_ip);
+        let base = "l.filter_chains[0].filters[0].typed_config.hash_policy";
+        assert_eq!(
+            err_paths(&tp("hash_policy: [{filter_state: {key: k}}]")),
+            vec![format!("{base}[0].filter_state")]
+        );
+        assert_eq!(
+            err_paths(&tp("hash_policy: [{source_ip: {}}, {source_ip: {}}]")),
+            vec![base.to_string()]
+        );
+        assert_eq!(
+            err_paths(&tp("hash_policy: [{}]")),
+            vec![format!("{base}[0]")]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use weir_xds_api::pb::envoy::config::route::v3 as rpb;
 use weir_xds_api::pb::envoy::r#type::matcher::v3 as mpb;
 
 use super::RouteRequest;
+use super::hash::{HashOutcome, HashPolicy};
 use super::matcher::{search_regex, split_path};
 use crate::config::{Errors, TranslateCtx, duration, duration_or, join};
 
@@ -161,6 +162,8 @@ pub struct ForwardAction {
     pub(super) rate_limits: Vec<weir_filters::RateLimitPolicy>,
     /// `include_vh_rate_limits`.
     pub(super) include_vh_rate_limits: bool,
+    /// `hash_policy` (RING_HASH / MAGLEV clusters).
+    hash_policy: HashPolicy,
 }
 
 impl ForwardAction {
@@ -200,6 +203,27 @@ impl ForwardAction {
         self.auto_host_rewrite
     }
 
+    /// The request hash from the route's `hash_policy` (see [`super::hash`]), for
+    /// `LbContext::hash`; `set_cookie` must be added to the response when present (a cookie
+    /// policy with `ttl` generated the cookie). `query` is the request's query string without
+    /// `?`; `remote` the downstream remote IP (after `x-forwarded-for` processing).
+    pub fn hash(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        remote: std::net::IpAddr,
+    ) -> HashOutcome {
+        if self.hash_policy.is_empty() {
+            return HashOutcome::default();
+        }
+        let nonce = if self.hash_policy.generates_cookies() {
+            rand::random::<u64>()
+        } else {
+            0
+        };
+        self.hash_policy.evaluate(headers, query, remote, nonce)
+    }
+
     /// Whether CONNECT requests on this route are terminated here (TCP tunnel to the
     /// cluster), from `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]`.
     pub fn connect_terminate(&self) -> bool {
@@ -230,6 +254,7 @@ impl ForwardAction {
                 "upgrade_configs",
                 "rate_limits",
                 "include_vh_rate_limits",
+                "hash_policy",
             ]
             .into_iter()
             .chain(super::retry::FIELDS.iter().copied())
@@ -237,6 +262,7 @@ impl ForwardAction {
             path,
         );
         let rate_limits = super::filters::rate_limits(&ra.rate_limits, path, ctx, errs);
+        let hash_policy = HashPolicy::translate(&ra.hash_policy, &join(path, "hash_policy"), errs);
         let connect_terminate = connect_upgrade(&ra.upgrade_configs, path, errs);
         let check_cluster = |name: &str, p: &str, errs: &mut Errors| -> Option<Box<str>> {
             if name.is_empty() {
@@ -375,6 +401,7 @@ impl ForwardAction {
             connect_terminate,
             rate_limits,
             include_vh_rate_limits: ra.include_vh_rate_limits.is_some_and(|b| b.value),
+            hash_policy,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! - `translate`: `RouteConfiguration` -> [`RouteTable`] (validation, field paths);
 //! - `matcher`: path / header / query / gRPC matchers, string matchers, regexes;
 //! - `action`: [`ForwardAction`], [`RedirectAction`], [`DirectResponse`], path rewrites;
+//! - [`hash`]: the route `hash_policy` (request hash for RING_HASH / MAGLEV clusters);
 //! - `header`: header mutations and Envoy command operators in header values.
 //!
 //! # API (used by `http::router`)
@@ -20,6 +21,7 @@
 //! RouteMatch::rewrite_path(path_and_query) -> Option<String>
 //! RouteMatch::redirect(&RouteRequest) -> Option<(StatusCode, String)>
 //! ForwardAction::select_cluster(&HeaderMap, random) -> Option<Cow<str>>
+//! ForwardAction::hash(&HeaderMap, query, remote_ip) -> HashOutcome   // hash_policy
 //! ForwardAction::{timeout, idle_timeout, host_rewrite_literal(), auto_host_rewrite(),
 //!                 connect_terminate()}
 //! DirectResponse { status, body }
@@ -73,7 +75,8 @@
 //!   `upgrade_configs` (only `upgrade_type:
 //!   CONNECT` with an empty `connect_config`: weir terminates CONNECT; a `connect_matcher`
 //!   route that forwards must set it, since forwarding CONNECT to an upstream proxy is not
-//!   supported).
+//!   supported), `hash_policy` (`header`, `cookie`, `connection_properties.source_ip`,
+//!   `query_parameter`, `terminal`; see [`hash`]).
 //! - `RedirectAction`: every field except `path_rewrite`. `DirectResponseAction`: `status`
 //!   (100..=599), `body` (`inline_string`, `inline_bytes`, `filename` read at translation).
 //! - Regexes compile with a program size limit ([`REGEX_SIZE_LIMIT`] bytes), so a hostile
@@ -81,6 +84,7 @@
 
 mod action;
 pub mod filters;
+pub mod hash;
 mod header;
 mod matcher;
 pub mod retry;

@@ -1393,8 +1393,8 @@ fn unsupported_route_fields_are_named() {
             "rc.virtual_hosts[0].routes[0].route.retry_policy.retry_priority",
         ),
         (
-            "{match: {prefix: /}, route: {cluster: a, hash_policy: [{header: {header_name: x}}]}}",
-            "rc.virtual_hosts[0].routes[0].route.hash_policy",
+            "{match: {prefix: /}, route: {cluster: a, hash_policy: [{filter_state: {key: x}}]}}",
+            "rc.virtual_hosts[0].routes[0].route.hash_policy[0].filter_state",
         ),
         (
             "{match: {prefix: /}, route: {cluster: a, cluster_not_found_response_code: NOT_FOUND}}",

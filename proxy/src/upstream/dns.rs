@@ -39,13 +39,16 @@ fn new_host(cfg: &ClusterConfig, e: &EndpointConfig, address: SocketAddr) -> Arc
     } else {
         health_flags::FAILED_ACTIVE_HC
     };
-    Arc::new(Host::new(
-        address,
-        e.hostname.clone(),
-        e.weight,
-        e.priority,
-        e.health | hc,
-    ))
+    Arc::new(
+        Host::new(
+            address,
+            e.hostname.clone(),
+            e.weight,
+            e.priority,
+            e.health | hc,
+        )
+        .with_locality(e.locality.clone()),
+    )
 }
 
 /// Keep the addresses of the family Envoy's `dns_lookup_family` asks for, without duplicates.
@@ -184,6 +187,7 @@ mod tests {
                 .collect(),
             connect_timeout: Duration::from_secs(1),
             lb_policy: LbPolicy::RoundRobin,
+            lb: Default::default(),
             per_connection_buffer_limit_bytes: 1 << 20,
             dns_refresh_rate: Duration::from_millis(50),
             dns_lookup_family: DnsLookupFamily::V4Only,

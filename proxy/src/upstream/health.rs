@@ -2040,6 +2040,7 @@ mod tests {
             health_checks: vec![check],
             outlier: None,
             circuit_breakers: Default::default(),
+            lb: Default::default(),
         });
         let store = Store::new();
         let cm = ClusterManager::new(&[c], &store);

@@ -5,8 +5,10 @@
 //!
 //! # Layout
 //! - [`translate`]: `envoy.config.cluster.v3.Cluster` -> [`ClusterConfig`] (field paths in errors).
-//! - `lb`: immutable host sets (swapped with arc-swap) and smooth weighted round robin with
-//!   per-worker state.
+//! - `lb`: immutable host sets (swapped with arc-swap) and the load balancers (ROUND_ROBIN,
+//!   LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV) with Envoy's priority load, panic threshold,
+//!   locality weights and slow start, on per-worker state; `lb::xxhash` is the XXH64 used by
+//!   ring keys and route hash policies.
 //! - `dns`: STRICT_DNS resolution loops on the main runtime.
 //! - `pool`: per-worker HTTP/1.1 and HTTP/2 connection pools, TCP connects, connection stats.
 //! - [`health`]: active health checking (HTTP, TCP, gRPC) on the main runtime.
@@ -19,7 +21,7 @@
 pub mod circuit;
 mod dns;
 pub mod health;
-mod lb;
+pub(crate) mod lb;
 pub mod outlier;
 mod pool;
 pub mod translate;
@@ -52,8 +54,10 @@ pub struct ClusterConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// `connect_timeout` (default 5 s).
     pub connect_timeout: Duration,
-    /// `lb_policy`.
+    /// `lb_policy` and its settings.
     pub lb_policy: LbPolicy,
+    /// Priority/panic, locality and slow-start settings.
+    pub lb: LbConfig,
     /// `per_connection_buffer_limit_bytes` (default 1 MiB): bounds hyper's HTTP/1 read buffer
     /// and HTTP/2 send buffer per upstream connection.
     pub per_connection_buffer_limit_bytes: u32,
@@ -83,11 +87,91 @@ pub enum DiscoveryType {
     StrictDns,
 }
 
-/// `Cluster.lb_policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `Cluster.lb_policy` with its policy-specific settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LbPolicy {
     /// Smooth weighted round robin.
     RoundRobin,
+    /// Least request: P2C (`choice_count`, default 2) with equal weights, else weights scaled
+    /// by `1 / (active_requests + 1)^active_request_bias` (default 1.0).
+    LeastRequest {
+        /// `least_request_lb_config.choice_count` (>= 2).
+        choice_count: u32,
+        /// `least_request_lb_config.active_request_bias.default_value` (>= 0).
+        active_request_bias: f64,
+    },
+    /// Uniformly random.
+    Random,
+    /// Ketama ring hash (xxHash64).
+    RingHash {
+        /// `ring_hash_lb_config.minimum_ring_size` (default 1024).
+        minimum_ring_size: u64,
+        /// `ring_hash_lb_config.maximum_ring_size` (default 8M).
+        maximum_ring_size: u64,
+    },
+    /// Maglev consistent hashing.
+    Maglev {
+        /// `maglev_lb_config.table_size` (prime, default 65537).
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Envoy's default LEAST_REQUEST settings.
+    pub const LEAST_REQUEST: LbPolicy = LbPolicy::LeastRequest {
+        choice_count: 2,
+        active_request_bias: 1.0,
+    };
+    /// Envoy's default RING_HASH settings.
+    pub const RING_HASH: LbPolicy = LbPolicy::RingHash {
+        minimum_ring_size: 1024,
+        maximum_ring_size: 8 * 1024 * 1024,
+    };
+    /// Envoy's default MAGLEV settings.
+    pub const MAGLEV: LbPolicy = LbPolicy::Maglev { table_size: 65537 };
+
+    /// Envoy's name for it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LbPolicy::RoundRobin => "ROUND_ROBIN",
+            LbPolicy::LeastRequest { .. } => "LEAST_REQUEST",
+            LbPolicy::Random => "RANDOM",
+            LbPolicy::RingHash { .. } => "RING_HASH",
+            LbPolicy::Maglev { .. } => "MAGLEV",
+        }
+    }
+}
+
+/// Settings shared by the policies (`common_lb_config`, `slow_start_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbConfig {
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50; 0 disables panic).
+    pub healthy_panic_threshold: f64,
+    /// `common_lb_config.locality_weighted_lb_config` is set.
+    pub locality_weighted: bool,
+    /// `{round_robin,least_request}_lb_config.slow_start_config`.
+    pub slow_start: Option<SlowStartConfig>,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            healthy_panic_threshold: 50.0,
+            locality_weighted: false,
+            slow_start: None,
+        }
+    }
+}
+
+/// `SlowStartConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlowStartConfig {
+    /// `slow_start_window`.
+    pub window: Duration,
+    /// `aggression.default_value` (default 1.0, > 0).
+    pub aggression: f64,
+    /// `min_weight_percent` (default 10).
+    pub min_weight_percent: f64,
 }
 
 /// `Cluster.dns_lookup_family`.
@@ -178,6 +262,8 @@ pub struct LocalityConfig {
     pub zone: String,
     /// `sub_zone`.
     pub sub_zone: String,
+    /// `LocalityLbEndpoints.load_balancing_weight` (used by `locality_weighted_lb_config`).
+    pub load_balancing_weight: Option<u32>,
 }
 
 pub use health::HealthCheckConfig;
@@ -273,6 +359,21 @@ pub struct Host {
     pub hc: health::HostHc,
     /// Outlier-detection counters and ejection state.
     pub outlier: outlier::HostOutlier,
+    /// Locality (and its weight) of its `LocalityLbEndpoints`.
+    pub locality: Option<LocalityConfig>,
+    /// When the host was added or last became healthy (slow start), as nanoseconds since
+    /// [`clock_epoch`].
+    healthy_since: AtomicU64,
+}
+
+/// The process-wide origin of [`Host`] timestamps.
+fn clock_epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn since_epoch(t: std::time::Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(clock_epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Host {
@@ -293,7 +394,35 @@ impl Host {
             stats: HostStats::default(),
             hc: health::HostHc::default(),
             outlier: outlier::HostOutlier::default(),
+            locality: None,
+            healthy_since: AtomicU64::new(since_epoch(std::time::Instant::now())),
         }
+    }
+
+    /// With the locality (and locality weight) of its `LocalityLbEndpoints`.
+    pub fn with_locality(mut self, locality: Option<LocalityConfig>) -> Self {
+        self.locality = locality;
+        self
+    }
+
+    /// The host became healthy at `at` (slow start ramps from here). Later calls win; an
+    /// earlier time never moves it back.
+    pub fn mark_healthy_since(&self, at: std::time::Instant) {
+        self.healthy_since
+            .fetch_max(since_epoch(at), Ordering::Relaxed);
+    }
+
+    /// Set when the host became healthy (also moving it back; for callers that know better,
+    /// e.g. a health checker, and tests).
+    pub fn set_healthy_since(&self, at: std::time::Instant) {
+        self.healthy_since.store(since_epoch(at), Ordering::Relaxed);
+    }
+
+    /// How long the host has been healthy (or present) at `now`.
+    pub fn healthy_for(&self, now: std::time::Instant) -> Duration {
+        let since = Duration::from_nanos(self.healthy_since.load(Ordering::Relaxed));
+        now.saturating_duration_since(clock_epoch())
+            .saturating_sub(since)
     }
 
     /// No [`health_flags`] bit set.
@@ -356,6 +485,8 @@ pub struct ClusterStats {
     pub upstream_rq_tx_reset: Counter,
     /// `upstream_cx_none_healthy`.
     pub upstream_cx_none_healthy: Counter,
+    /// `lb_healthy_panic`: picks made in panic mode (health ignored).
+    pub lb_healthy_panic: Counter,
     /// `upstream_cx_total`.
     pub upstream_cx_total: Counter,
     /// `upstream_cx_active`.
@@ -414,6 +545,7 @@ impl ClusterStats {
             upstream_rq_rx_reset: scope.counter("upstream_rq_rx_reset"),
             upstream_rq_tx_reset: scope.counter("upstream_rq_tx_reset"),
             upstream_cx_none_healthy: scope.counter("upstream_cx_none_healthy"),
+            lb_healthy_panic: scope.counter("lb_healthy_panic"),
             upstream_cx_total: scope.counter("upstream_cx_total"),
             upstream_cx_active: scope.gauge("upstream_cx_active"),
             upstream_cx_connect_fail: scope.counter("upstream_cx_connect_fail"),
@@ -545,13 +677,24 @@ impl Cluster {
         self.host_set.load().hosts.clone()
     }
 
-    /// Pick a host with smooth weighted round robin over the healthy hosts of the first
-    /// priority level that has one (per-worker state, no shared lock). `None` (and
-    /// `upstream_cx_none_healthy` counted) when no host is healthy.
+    /// Pick a host with the cluster's `lb_policy` across priorities (Envoy's priority load
+    /// with overprovisioning factor 1.4 and the healthy panic threshold), using per-worker
+    /// state and no shared lock. `ctx.hash` drives RING_HASH / MAGLEV; hosts in `ctx.avoid`
+    /// are re-picked up to `ctx.max_reselects` times. `None` (and `upstream_cx_none_healthy`
+    /// counted) when no host can be chosen; a pick in panic mode counts `lb_healthy_panic`.
     pub fn choose_host(&self, ctx: &LbContext<'_>) -> Option<Arc<Host>> {
-        let _ = ctx;
         let set = self.host_set.load();
-        let h = lb::choose(&set, self.uid, &self.alive);
+        let (h, panic) = lb::choose(
+            &set,
+            &self.config.lb_policy,
+            &self.config.lb,
+            ctx,
+            self.uid,
+            &self.alive,
+        );
+        if panic {
+            self.stats.lb_healthy_panic.increment(1);
+        }
         if h.is_none() {
             self.stats.upstream_cx_none_healthy.increment(1);
         }

@@ -1256,6 +1256,7 @@ mod tests {
             }],
             connect_timeout: Duration::from_secs(2),
             lb_policy: LbPolicy::RoundRobin,
+            lb: Default::default(),
             per_connection_buffer_limit_bytes: 1 << 20,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,

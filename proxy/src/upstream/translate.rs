@@ -1,6 +1,9 @@
 //! `envoy.config.cluster.v3.Cluster` -> [`ClusterConfig`].
 //!
-//! Supported: STATIC and STRICT_DNS clusters with an inline `load_assignment`, ROUND_ROBIN,
+//! Supported: STATIC and STRICT_DNS clusters with an inline `load_assignment`, the
+//! ROUND_ROBIN / LEAST_REQUEST / RANDOM / RING_HASH / MAGLEV policies with their
+//! `*_lb_config` settings and `common_lb_config` (`healthy_panic_threshold`,
+//! `locality_weighted_lb_config`),
 //! `connect_timeout`, `per_connection_buffer_limit_bytes`, DNS refresh and lookup family, and
 //! the upstream HTTP protocol choice (`typed_extension_protocol_options` with
 //! `envoy.extensions.upstreams.http.v3.HttpProtocolOptions`, or the deprecated top-level
@@ -25,7 +28,7 @@ use weir_xds_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_opti
 
 use super::{
     ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointAddress, EndpointConfig, Http2Settings,
-    LbPolicy, LocalityConfig, UpstreamProtocol, health_flags,
+    LbConfig, LbPolicy, LocalityConfig, SlowStartConfig, UpstreamProtocol, health_flags,
 };
 use crate::config::{Errors, duration_or, join, socket_address};
 
@@ -49,6 +52,11 @@ const CLUSTER_FIELDS: &[&str] = &[
     "load_assignment",
     "connect_timeout",
     "lb_policy",
+    "ring_hash_lb_config",
+    "maglev_lb_config",
+    "least_request_lb_config",
+    "round_robin_lb_config",
+    "common_lb_config",
     "per_connection_buffer_limit_bytes",
     "dns_refresh_rate",
     "dns_lookup_family",
@@ -96,26 +104,7 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         Some(ClusterDiscoveryType::ClusterType(_)) => return None,
     };
 
-    let lb_policy = match PbLbPolicy::try_from(c.lb_policy) {
-        Ok(PbLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
-        Ok(other) => {
-            errs.add(
-                join(path, "lb_policy"),
-                format!(
-                    "lb_policy {} is not supported yet (use ROUND_ROBIN)",
-                    other.as_str_name()
-                ),
-            );
-            LbPolicy::RoundRobin
-        }
-        Err(_) => {
-            errs.add(
-                join(path, "lb_policy"),
-                format!("unknown lb_policy {}", c.lb_policy),
-            );
-            LbPolicy::RoundRobin
-        }
-    };
+    let (lb_policy, lb) = lb_settings(c, path, errs);
 
     let dns_lookup_family = match PbFamily::try_from(c.dns_lookup_family) {
         Ok(PbFamily::Auto) => DnsLookupFamily::Auto,
@@ -175,18 +164,31 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
                     "locality",
                     "lb_endpoints",
                     "priority",
-                    // Only used by locality-weighted LB, which is not enabled (Envoy ignores
-                    // it in that case too).
+                    // Used by `locality_weighted_lb_config` (ignored otherwise, as in Envoy).
                     "load_balancing_weight",
                     "metadata",
                 ],
                 &ppath,
             );
-            let locality = loc.locality.as_ref().map(|l| LocalityConfig {
-                region: l.region.clone(),
-                zone: l.zone.clone(),
-                sub_zone: l.sub_zone.clone(),
-            });
+            let weight = match loc.load_balancing_weight {
+                Some(w) if w.value == 0 => {
+                    errs.add(
+                        join(&ppath, "load_balancing_weight"),
+                        "load_balancing_weight must be at least 1",
+                    );
+                    None
+                }
+                w => w.map(|w| w.value),
+            };
+            let locality = match (&loc.locality, weight) {
+                (None, None) => None,
+                (l, w) => Some(LocalityConfig {
+                    region: l.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
+                    zone: l.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+                    sub_zone: l.as_ref().map(|l| l.sub_zone.clone()).unwrap_or_default(),
+                    load_balancing_weight: w,
+                }),
+            };
             for (j, lb) in loc.lb_endpoints.iter().enumerate() {
                 let epath = format!("{ppath}.lb_endpoints[{j}]");
                 if let Some(ep) = lb_endpoint(lb, discovery, &epath, errs) {
@@ -208,6 +210,7 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         endpoints,
         connect_timeout,
         lb_policy,
+        lb,
         per_connection_buffer_limit_bytes,
         dns_refresh_rate,
         dns_lookup_family,
@@ -241,6 +244,246 @@ fn health_and_outlier(
         .as_ref()
         .map(|o| super::outlier::translate_outlier(o, &join(path, "outlier_detection"), errs));
     (hcs, outlier)
+}
+
+/// Envoy's upper bound on `minimum_ring_size` / `maximum_ring_size` (8M).
+pub const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Envoy's upper bound (exclusive) on `maglev_lb_config.table_size`.
+pub const MAX_MAGLEV_TABLE: u64 = 5_000_011;
+
+/// `lb_policy`, its `*_lb_config` and `common_lb_config`.
+fn lb_settings(c: &PbCluster, path: &str, errs: &mut Errors) -> (LbPolicy, LbConfig) {
+    use weir_xds_api::pb::envoy::config::cluster::v3::cluster::LbConfig as PbLbConfig;
+    use weir_xds_api::pb::envoy::config::cluster::v3::cluster::ring_hash_lb_config::HashFunction;
+
+    let mut policy = match PbLbPolicy::try_from(c.lb_policy) {
+        Ok(PbLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(PbLbPolicy::LeastRequest) => LbPolicy::LEAST_REQUEST,
+        Ok(PbLbPolicy::Random) => LbPolicy::Random,
+        Ok(PbLbPolicy::RingHash) => LbPolicy::RING_HASH,
+        Ok(PbLbPolicy::Maglev) => LbPolicy::MAGLEV,
+        Ok(other) => {
+            errs.add(
+                join(path, "lb_policy"),
+                format!(
+                    "lb_policy {} is not supported (use ROUND_ROBIN, LEAST_REQUEST, RANDOM, \
+                     RING_HASH or MAGLEV)",
+                    other.as_str_name()
+                ),
+            );
+            LbPolicy::RoundRobin
+        }
+        Err(_) => {
+            errs.add(
+                join(path, "lb_policy"),
+                format!("unknown lb_policy {}", c.lb_policy),
+            );
+            LbPolicy::RoundRobin
+        }
+    };
+    let mut cfg = LbConfig::default();
+    let wrong_policy = |field: &str, want: &str, errs: &mut Errors| {
+        errs.add(
+            join(path, field),
+            format!(
+                "{field} requires lb_policy {want} (lb_policy is {})",
+                policy.name()
+            ),
+        );
+    };
+    match &c.lb_config {
+        None => {}
+        Some(PbLbConfig::RingHashLbConfig(rh)) => {
+            let p = join(path, "ring_hash_lb_config");
+            errs.reject_unsupported(
+                rh,
+                &["minimum_ring_size", "maximum_ring_size", "hash_function"],
+                &p,
+            );
+            match HashFunction::try_from(rh.hash_function) {
+                Ok(HashFunction::XxHash) => {}
+                Ok(HashFunction::MurmurHash2) => errs.add(
+                    join(&p, "hash_function"),
+                    "hash_function MURMUR_HASH_2 is not supported (use XX_HASH)",
+                ),
+                Err(_) => errs.add(
+                    join(&p, "hash_function"),
+                    format!("unknown hash_function {}", rh.hash_function),
+                ),
+            }
+            let min = rh.minimum_ring_size.map_or(1024, |v| v.value);
+            let max = rh.maximum_ring_size.map_or(MAX_RING_SIZE, |v| v.value);
+            let min_ok = (1..=MAX_RING_SIZE).contains(&min);
+            let max_ok = (1..=MAX_RING_SIZE).contains(&max);
+            if !min_ok {
+                errs.add(
+                    join(&p, "minimum_ring_size"),
+                    format!("minimum_ring_size must be between 1 and {MAX_RING_SIZE}"),
+                );
+            }
+            if !max_ok {
+                errs.add(
+                    join(&p, "maximum_ring_size"),
+                    format!("maximum_ring_size must be between 1 and {MAX_RING_SIZE}"),
+                );
+            }
+            if min_ok && max_ok && min > max {
+                errs.add(
+                    &p,
+                    format!("minimum_ring_size ({min}) > maximum_ring_size ({max})"),
+                );
+            }
+            match policy {
+                LbPolicy::RingHash { .. } => {
+                    policy = LbPolicy::RingHash {
+                        minimum_ring_size: min,
+                        maximum_ring_size: max,
+                    }
+                }
+                _ => wrong_policy("ring_hash_lb_config", "RING_HASH", errs),
+            }
+        }
+        Some(PbLbConfig::MaglevLbConfig(m)) => {
+            let p = join(path, "maglev_lb_config");
+            errs.reject_unsupported(m, &["table_size"], &p);
+            let size = m.table_size.map_or(65537, |v| v.value);
+            if !super::lb::ring::is_prime(size) || size >= MAX_MAGLEV_TABLE {
+                errs.add(
+                    join(&p, "table_size"),
+                    format!("table_size {size} must be a prime number below {MAX_MAGLEV_TABLE}"),
+                );
+            }
+            match policy {
+                LbPolicy::Maglev { .. } => policy = LbPolicy::Maglev { table_size: size },
+                _ => wrong_policy("maglev_lb_config", "MAGLEV", errs),
+            }
+        }
+        Some(PbLbConfig::LeastRequestLbConfig(lr)) => {
+            let p = join(path, "least_request_lb_config");
+            errs.reject_unsupported(
+                lr,
+                &["choice_count", "active_request_bias", "slow_start_config"],
+                &p,
+            );
+            let choice_count = lr.choice_count.map_or(2, |v| v.value);
+            if choice_count < 2 {
+                errs.add(join(&p, "choice_count"), "choice_count must be at least 2");
+            }
+            let active_request_bias = match &lr.active_request_bias {
+                None => 1.0,
+                Some(rd) => {
+                    let bp = join(&p, "active_request_bias");
+                    errs.reject_unsupported(rd, &["default_value", "runtime_key"], &bp);
+                    if !(rd.default_value >= 0.0 && rd.default_value.is_finite()) {
+                        errs.add(
+                            join(&bp, "default_value"),
+                            "active_request_bias must be a finite number >= 0",
+                        );
+                    }
+                    rd.default_value
+                }
+            };
+            cfg.slow_start = lr
+                .slow_start_config
+                .as_ref()
+                .map(|ss| slow_start(ss, &join(&p, "slow_start_config"), errs));
+            match policy {
+                LbPolicy::LeastRequest { .. } => {
+                    policy = LbPolicy::LeastRequest {
+                        choice_count,
+                        active_request_bias,
+                    }
+                }
+                _ => wrong_policy("least_request_lb_config", "LEAST_REQUEST", errs),
+            }
+        }
+        Some(PbLbConfig::RoundRobinLbConfig(rr)) => {
+            let p = join(path, "round_robin_lb_config");
+            errs.reject_unsupported(rr, &["slow_start_config"], &p);
+            cfg.slow_start = rr
+                .slow_start_config
+                .as_ref()
+                .map(|ss| slow_start(ss, &join(&p, "slow_start_config"), errs));
+            if policy != LbPolicy::RoundRobin {
+                wrong_policy("round_robin_lb_config", "ROUND_ROBIN", errs);
+            }
+        }
+        // `original_dst_lb_config` is reported by reject_unsupported.
+        Some(PbLbConfig::OriginalDstLbConfig(_)) => {}
+    }
+    if let Some(common) = &c.common_lb_config {
+        use weir_xds_api::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier as L;
+        let p = join(path, "common_lb_config");
+        errs.reject_unsupported(
+            common,
+            &["healthy_panic_threshold", "locality_weighted_lb_config"],
+            &p,
+        );
+        if let Some(t) = &common.healthy_panic_threshold {
+            if !(0.0..=100.0).contains(&t.value) {
+                errs.add(
+                    join(&p, "healthy_panic_threshold.value"),
+                    "healthy_panic_threshold must be between 0 and 100",
+                );
+            }
+            // Envoy truncates to a whole percent.
+            cfg.healthy_panic_threshold = t.value.clamp(0.0, 100.0).trunc();
+        }
+        if let Some(L::LocalityWeightedLbConfig(_)) = &common.locality_config_specifier {
+            cfg.locality_weighted = true;
+        }
+    }
+    (policy, cfg)
+}
+
+/// `SlowStartConfig`.
+fn slow_start(
+    ss: &weir_xds_api::pb::envoy::config::cluster::v3::cluster::SlowStartConfig,
+    path: &str,
+    errs: &mut Errors,
+) -> SlowStartConfig {
+    errs.reject_unsupported(
+        ss,
+        &["slow_start_window", "aggression", "min_weight_percent"],
+        path,
+    );
+    let window = match &ss.slow_start_window {
+        Some(d) => crate::config::duration(d, &join(path, "slow_start_window"), errs),
+        None => Duration::ZERO,
+    };
+    let aggression = match &ss.aggression {
+        None => 1.0,
+        Some(rd) => {
+            let ap = join(path, "aggression");
+            errs.reject_unsupported(rd, &["default_value", "runtime_key"], &ap);
+            if !(rd.default_value > 0.0 && rd.default_value.is_finite()) {
+                errs.add(
+                    join(&ap, "default_value"),
+                    "aggression must be a finite number greater than 0",
+                );
+                1.0
+            } else {
+                rd.default_value
+            }
+        }
+    };
+    let min_weight_percent = match &ss.min_weight_percent {
+        None => 10.0,
+        Some(pc) => {
+            if !(0.0..=100.0).contains(&pc.value) {
+                errs.add(
+                    join(path, "min_weight_percent.value"),
+                    "min_weight_percent must be between 0 and 100",
+                );
+            }
+            pc.value.clamp(0.0, 100.0)
+        }
+    };
+    SlowStartConfig {
+        window,
+        aggression,
+        min_weight_percent,
+    }
 }
 
 /// One `LbEndpoint` (priority and locality are filled in by the caller).
@@ -664,7 +907,8 @@ typed_extension_protocol_options:
             Some(LocalityConfig {
                 region: "r1".into(),
                 zone: "z1".into(),
-                sub_zone: "s1".into()
+                sub_zone: "s1".into(),
+                load_balancing_weight: None,
             })
         );
         assert_eq!(c.endpoints[1].hostname.as_deref(), Some("localhost"));
@@ -734,13 +978,13 @@ typed_extension_protocol_options:
         assert_eq!(p, vec!["clusters[0].type"]);
         assert_eq!(err_paths("name: ''\n"), vec!["clusters[0].name"]);
         assert_eq!(
-            err_paths("name: a\nlb_policy: LEAST_REQUEST\n"),
+            err_paths("name: a\nlb_policy: CLUSTER_PROVIDED\n"),
             vec!["clusters[0].lb_policy"]
         );
         for field in [
             "respect_dns_ttl: true",
             "transport_socket: {name: envoy.transport_sockets.tls}",
-            "common_lb_config: {}",
+            "lb_subset_config: {subset_selectors: [{keys: [a]}]}",
             "alt_stat_name: x",
         ] {
             let key = field.split(':').next().expect("key");
@@ -750,6 +994,201 @@ typed_extension_protocol_options:
                 "{field}"
             );
         }
+    }
+
+    #[test]
+    fn lb_policies_and_settings() {
+        let c = ok("name: a\nlb_policy: RANDOM\n");
+        assert_eq!(c.lb_policy, LbPolicy::Random);
+        assert_eq!(c.lb, LbConfig::default());
+        let c = ok("name: a\nlb_policy: LEAST_REQUEST\n");
+        assert_eq!(c.lb_policy, LbPolicy::LEAST_REQUEST);
+        let c = ok(r#"
+name: a
+lb_policy: LEAST_REQUEST
+least_request_lb_config:
+  choice_count: 3
+  active_request_bias: {default_value: 0.5, runtime_key: lr.bias}
+  slow_start_config:
+    slow_start_window: 30s
+    aggression: {default_value: 2.0, runtime_key: ss.aggr}
+    min_weight_percent: {value: 20}
+common_lb_config:
+  healthy_panic_threshold: {value: 25.7}
+  locality_weighted_lb_config: {}
+"#);
+        assert_eq!(
+            c.lb_policy,
+            LbPolicy::LeastRequest {
+                choice_count: 3,
+                active_request_bias: 0.5
+            }
+        );
+        assert_eq!(
+            c.lb,
+            LbConfig {
+                healthy_panic_threshold: 25.0,
+                locality_weighted: true,
+                slow_start: Some(SlowStartConfig {
+                    window: Duration::from_secs(30),
+                    aggression: 2.0,
+                    min_weight_percent: 20.0,
+                }),
+            }
+        );
+        let c =
+            ok("name: a\nround_robin_lb_config: {slow_start_config: {slow_start_window: 5s}}\n");
+        assert_eq!(c.lb_policy, LbPolicy::RoundRobin);
+        assert_eq!(
+            c.lb.slow_start,
+            Some(SlowStartConfig {
+                window: Duration::from_secs(5),
+                aggression: 1.0,
+                min_weight_percent: 10.0,
+            })
+        );
+        let c = ok("name: a\nlb_policy: RING_HASH\n");
+        assert_eq!(c.lb_policy, LbPolicy::RING_HASH);
+        let c = ok(r#"
+name: a
+lb_policy: RING_HASH
+ring_hash_lb_config: {minimum_ring_size: 64, maximum_ring_size: 4096, hash_function: XX_HASH}
+"#);
+        assert_eq!(
+            c.lb_policy,
+            LbPolicy::RingHash {
+                minimum_ring_size: 64,
+                maximum_ring_size: 4096
+            }
+        );
+        let c = ok("name: a\nlb_policy: MAGLEV\nmaglev_lb_config: {table_size: 251}\n");
+        assert_eq!(c.lb_policy, LbPolicy::Maglev { table_size: 251 });
+        let c = ok("name: a\nlb_policy: MAGLEV\n");
+        assert_eq!(c.lb_policy, LbPolicy::Maglev { table_size: 65537 });
+        // Panic disabled.
+        let c = ok("name: a\ncommon_lb_config: {healthy_panic_threshold: {value: 0}}\n");
+        assert_eq!(c.lb.healthy_panic_threshold, 0.0);
+    }
+
+    #[test]
+    fn lb_rejections_name_their_path() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "lb_policy: RING_HASH\nring_hash_lb_config: {hash_function: MURMUR_HASH_2}",
+                "clusters[0].ring_hash_lb_config.hash_function",
+            ),
+            (
+                "lb_policy: RING_HASH\nring_hash_lb_config: {minimum_ring_size: 9000000}",
+                "clusters[0].ring_hash_lb_config.minimum_ring_size",
+            ),
+            (
+                "lb_policy: RING_HASH\nring_hash_lb_config: {minimum_ring_size: 100, maximum_ring_size: 10}",
+                "clusters[0].ring_hash_lb_config",
+            ),
+            (
+                "lb_policy: MAGLEV\nmaglev_lb_config: {table_size: 65536}",
+                "clusters[0].maglev_lb_config.table_size",
+            ),
+            (
+                "lb_policy: MAGLEV\nmaglev_lb_config: {table_size: 5000011}",
+                "clusters[0].maglev_lb_config.table_size",
+            ),
+            (
+                "lb_policy: ROUND_ROBIN\nmaglev_lb_config: {}",
+                "clusters[0].maglev_lb_config",
+            ),
+            (
+                "lb_policy: RANDOM\nround_robin_lb_config: {}",
+                "clusters[0].round_robin_lb_config",
+            ),
+            (
+                "lb_policy: LEAST_REQUEST\nleast_request_lb_config: {choice_count: 1}",
+                "clusters[0].least_request_lb_config.choice_count",
+            ),
+            (
+                "lb_policy: LEAST_REQUEST\nleast_request_lb_config: {active_request_bias: {default_value: -1, runtime_key: k}}",
+                "clusters[0].least_request_lb_config.active_request_bias.default_value",
+            ),
+            (
+                "round_robin_lb_config: {slow_start_config: {aggression: {default_value: 0, runtime_key: k}}}",
+                "clusters[0].round_robin_lb_config.slow_start_config.aggression.default_value",
+            ),
+            (
+                "round_robin_lb_config: {slow_start_config: {min_weight_percent: {value: 120}}}",
+                "clusters[0].round_robin_lb_config.slow_start_config.min_weight_percent.value",
+            ),
+            (
+                "common_lb_config: {healthy_panic_threshold: {value: 101}}",
+                "clusters[0].common_lb_config.healthy_panic_threshold.value",
+            ),
+            (
+                "common_lb_config: {zone_aware_lb_config: {}}",
+                "clusters[0].common_lb_config.zone_aware_lb_config",
+            ),
+            (
+                "common_lb_config: {update_merge_window: 1s}",
+                "clusters[0].common_lb_config.update_merge_window",
+            ),
+            (
+                "lb_policy: LOAD_BALANCING_POLICY_CONFIG",
+                "clusters[0].lb_policy",
+            ),
+        ];
+        for (yaml, path) in cases {
+            assert_eq!(
+                err_paths(&format!("name: a\n{yaml}\n")),
+                vec![path.to_string()],
+                "{yaml}"
+            );
+        }
+        let (_, errs) = tr(
+            "name: a\nlb_policy: RING_HASH\nring_hash_lb_config: {hash_function: MURMUR_HASH_2}\n",
+        );
+        assert!(errs[0].1.contains("MURMUR_HASH_2"), "{errs:?}");
+    }
+
+    #[test]
+    fn locality_weights() {
+        let c = ok(r#"
+name: a
+common_lb_config: {locality_weighted_lb_config: {}}
+load_assignment:
+  cluster_name: a
+  endpoints:
+  - locality: {zone: z1}
+    load_balancing_weight: 3
+    lb_endpoints:
+    - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}
+  - load_balancing_weight: 2
+    lb_endpoints:
+    - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 2}}}
+  - lb_endpoints:
+    - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 3}}}
+"#);
+        let l = |i: usize| c.endpoints[i].locality.clone();
+        assert_eq!(
+            l(0),
+            Some(LocalityConfig {
+                zone: "z1".into(),
+                load_balancing_weight: Some(3),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            l(1),
+            Some(LocalityConfig {
+                load_balancing_weight: Some(2),
+                ..Default::default()
+            })
+        );
+        assert_eq!(l(2), None);
+        let p = err_paths(
+            "name: a\nload_assignment:\n  cluster_name: a\n  endpoints:\n  - load_balancing_weight: 0\n",
+        );
+        assert_eq!(
+            p,
+            ["clusters[0].load_assignment.endpoints[0].load_balancing_weight"]
+        );
     }
 
     #[test]

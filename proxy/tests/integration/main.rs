@@ -8,6 +8,7 @@ mod filters;
 mod h2frames;
 mod hardening;
 mod health;
+mod lb;
 mod lifecycle;
 mod protocols;
 mod resilience;
