@@ -252,7 +252,6 @@ fn cluster_status(name: &str, outlier: Option<&Detector>, hosts: &[Arc<Host>]) -
                             sub_zone: l.sub_zone.clone(),
                         }
                     }),
-                    ..Default::default()
                 }
             })
             .collect(),
