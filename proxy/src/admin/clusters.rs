@@ -26,8 +26,10 @@ use super::{Body, Query, TEXT, fill, json, text};
 use weir_xds_api::pb::envoy::r#type::v3::Percent;
 
 use crate::server::ServerState;
+use crate::upstream::circuit::{CircuitBreakerConfig, Thresholds};
 use crate::upstream::outlier::{Detector, Origin};
 use crate::upstream::{Cluster, Host, health_flags};
+use weir_xds_api::pb::envoy::config::cluster::v3::CircuitBreakers as PbCircuitBreakers;
 
 /// A cluster with the host set it had when the page was rendered.
 type ClusterHosts = (Arc<Cluster>, Arc<Vec<Arc<Host>>>);
@@ -46,7 +48,14 @@ pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
     if q.wants_json() {
         let statuses = all
             .iter()
-            .map(|(c, hosts)| cluster_status(c.name(), c.outlier_detector(), hosts))
+            .map(|(c, hosts)| {
+                cluster_status(
+                    c.name(),
+                    c.outlier_detector(),
+                    &c.config().circuit_breakers,
+                    hosts,
+                )
+            })
             .collect();
         let mut v = weir_xds_api::to_json(&Clusters {
             cluster_statuses: statuses,
@@ -57,7 +66,13 @@ pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
     }
     let mut out = String::new();
     for (c, hosts) in &all {
-        write_cluster_text(&mut out, c.name(), c.outlier_detector(), hosts);
+        write_cluster_text(
+            &mut out,
+            c.name(),
+            c.outlier_detector(),
+            &c.config().circuit_breakers,
+            hosts,
+        );
     }
     text(StatusCode::OK, TEXT, out)
 }
@@ -125,6 +140,7 @@ fn write_cluster_text(
     out: &mut String,
     name: &str,
     outlier: Option<&Detector>,
+    breakers: &CircuitBreakerConfig,
     hosts: &[Arc<Host>],
 ) {
     // `fmt::Write` for `String` never fails.
@@ -141,6 +157,16 @@ fn write_cluster_text(
                 "{name}::outlier::{label}success_rate_ejection_threshold::{}",
                 format_g(d.success_rate_ejection_threshold(origin))
             );
+        }
+    }
+    for (priority, t) in [("default", &breakers.default), ("high", &breakers.high)] {
+        for (field, max) in [
+            ("max_connections", t.max_connections),
+            ("max_pending_requests", t.max_pending_requests),
+            ("max_requests", t.max_requests),
+            ("max_retries", t.max_retries),
+        ] {
+            let _ = writeln!(out, "{name}::{priority}_priority::{field}::{max}");
         }
     }
     let _ = writeln!(out, "{name}::added_via_api::false");
@@ -193,7 +219,40 @@ fn percent(v: f64, keep: bool) -> Option<Percent> {
 }
 
 /// One cluster as Envoy's `ClusterStatus`.
-fn cluster_status(name: &str, outlier: Option<&Detector>, hosts: &[Arc<Host>]) -> ClusterStatus {
+/// Envoy's `CircuitBreakers` thresholds as `ClusterStatus.circuit_breakers` shows them.
+fn breakers_pb(b: &CircuitBreakerConfig) -> PbCircuitBreakers {
+    use weir_xds_api::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds as PbT;
+    use weir_xds_api::pb::envoy::config::core::v3::RoutingPriority;
+    use weir_xds_api::pb::google::protobuf::UInt32Value;
+    let v = |n: u64| {
+        Some(UInt32Value {
+            value: u32::try_from(n).unwrap_or(u32::MAX),
+        })
+    };
+    let t = |p: RoutingPriority, t: &Thresholds| PbT {
+        priority: p as i32,
+        max_connections: v(t.max_connections),
+        max_pending_requests: v(t.max_pending_requests),
+        max_requests: v(t.max_requests),
+        max_retries: v(t.max_retries),
+        track_remaining: t.track_remaining,
+        ..Default::default()
+    };
+    PbCircuitBreakers {
+        thresholds: vec![
+            t(RoutingPriority::Default, &b.default),
+            t(RoutingPriority::High, &b.high),
+        ],
+        ..Default::default()
+    }
+}
+
+fn cluster_status(
+    name: &str,
+    outlier: Option<&Detector>,
+    breakers: &CircuitBreakerConfig,
+    hosts: &[Arc<Host>],
+) -> ClusterStatus {
     let threshold = |o: Origin| {
         outlier.and_then(|d| {
             let t = d.success_rate_ejection_threshold(o);
@@ -203,6 +262,7 @@ fn cluster_status(name: &str, outlier: Option<&Detector>, hosts: &[Arc<Host>]) -
     ClusterStatus {
         name: name.to_string(),
         observability_name: name.to_string(),
+        circuit_breakers: Some(breakers_pb(breakers)),
         success_rate_ejection_threshold: threshold(Origin::External),
         local_origin_success_rate_ejection_threshold: threshold(Origin::Local),
         host_statuses: hosts
@@ -340,10 +400,16 @@ mod tests {
             ),
         ];
         let mut out = String::new();
-        write_cluster_text(&mut out, "backend", None, &hosts);
+        write_cluster_text(&mut out, "backend", None, &Default::default(), &hosts);
         let lines: Vec<&str> = out.lines().collect();
         for want in [
             "backend::observability_name::backend",
+            "backend::default_priority::max_connections::1024",
+            "backend::default_priority::max_pending_requests::1024",
+            "backend::default_priority::max_requests::1024",
+            "backend::default_priority::max_retries::3",
+            "backend::high_priority::max_connections::1024",
+            "backend::high_priority::max_retries::3",
             "backend::127.0.0.1:8080::cx_active::0",
             "backend::127.0.0.1:8080::cx_connect_fail::0",
             "backend::127.0.0.1:8080::cx_total::7",
@@ -376,7 +442,7 @@ mod tests {
             host("127.0.0.2:8080", health_flags::FAILED_OUTLIER_CHECK, 2),
         ];
         let mut v = weir_xds_api::to_json(&Clusters {
-            cluster_statuses: vec![cluster_status("backend", None, &hosts)],
+            cluster_statuses: vec![cluster_status("backend", None, &Default::default(), &hosts)],
         });
         fill_host_defaults(&mut v);
         let c = &v["cluster_statuses"][0];
@@ -463,7 +529,7 @@ mod tests {
         }
         d.on_interval(&hosts, tokio::time::Instant::now(), &mut ThreadRoll);
         let mut out = String::new();
-        write_cluster_text(&mut out, "backend", Some(&d), &hosts);
+        write_cluster_text(&mut out, "backend", Some(&d), &Default::default(), &hosts);
         let lines: Vec<&str> = out.lines().collect();
         for want in [
             "backend::outlier::success_rate_average::90",
@@ -479,7 +545,12 @@ mod tests {
         // Cluster-level lines sit between observability_name and added_via_api, as in Envoy.
         assert_eq!(lines[1], "backend::outlier::success_rate_average::90");
         let mut v = weir_xds_api::to_json(&Clusters {
-            cluster_statuses: vec![cluster_status("backend", Some(&d), &hosts)],
+            cluster_statuses: vec![cluster_status(
+                "backend",
+                Some(&d),
+                &Default::default(),
+                &hosts,
+            )],
         });
         fill_host_defaults(&mut v);
         let c = &v["cluster_statuses"][0];
