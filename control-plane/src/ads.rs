@@ -322,7 +322,10 @@ async fn run_sotw(
     let mut gen_rx = inner.cache.subscribe();
     gen_rx.borrow_and_update();
     let mut types: HashMap<String, SotwType> = HashMap::new();
-    if sotw_request(&mut ctx, &mut types, first, &tx).await.is_err() {
+    if sotw_request(&mut ctx, &mut types, first, &tx)
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     loop {
@@ -492,7 +495,10 @@ async fn run_delta(
     let mut gen_rx = inner.cache.subscribe();
     gen_rx.borrow_and_update();
     let mut types: HashMap<String, DeltaType> = HashMap::new();
-    if delta_request(&mut ctx, &mut types, first, &tx).await.is_err() {
+    if delta_request(&mut ctx, &mut types, first, &tx)
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     loop {
@@ -554,7 +560,13 @@ async fn delta_request(
             Some((nonce, version)) if *nonce == req.response_nonce => {
                 let version = version.clone();
                 if let Some(err) = &req.error_detail {
-                    ctx.nack(type_url, &version, &req.response_nonce, err.code, &err.message);
+                    ctx.nack(
+                        type_url,
+                        &version,
+                        &req.response_nonce,
+                        err.code,
+                        &err.message,
+                    );
                 } else {
                     ctx.inner.metrics.ack(type_url);
                     ctx.status.acked(type_url, &version);

@@ -53,9 +53,8 @@ pub struct ErrorBody {
 type Resp = hyper::Response<Full<Bytes>>;
 
 fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Resp {
-    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|e| {
-        format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes()
-    });
+    let body = serde_json::to_vec_pretty(v)
+        .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes());
     let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -220,7 +219,8 @@ async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
                 return error(StatusCode::BAD_REQUEST, "the body is not UTF-8", Vec::new());
             };
             let cp2 = cp.clone();
-            match tokio::task::spawn_blocking(move || cp2.apply_text(target, &text, &origin)).await {
+            match tokio::task::spawn_blocking(move || cp2.apply_text(target, &text, &origin)).await
+            {
                 Ok(Ok(info)) => json(StatusCode::OK, &info),
                 Ok(Err(e)) => apply_error(e),
                 Err(e) => error(
@@ -360,7 +360,8 @@ impl Client {
                 addr: self.addr.clone(),
                 source,
             })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
         let req = hyper::Request::builder()
             .method(method)
@@ -398,9 +399,14 @@ impl Client {
     }
 
     /// Apply a document to `target`.
-    pub async fn apply(&self, target: &Target, document: String) -> Result<VersionInfo, ClientError> {
+    pub async fn apply(
+        &self,
+        target: &Target,
+        document: String,
+    ) -> Result<VersionInfo, ClientError> {
         let path = format!("/v1/config?target={}", percent_encode(&target.to_string()));
-        self.call_json(Method::POST, &path, Bytes::from(document)).await
+        self.call_json(Method::POST, &path, Bytes::from(document))
+            .await
     }
 
     /// The documents in force (all targets, or one).
@@ -414,18 +420,24 @@ impl Client {
 
     /// Every applied version.
     pub async fn history(&self) -> Result<Vec<VersionInfo>, ClientError> {
-        self.call_json(Method::GET, "/v1/history", Bytes::new()).await
+        self.call_json(Method::GET, "/v1/history", Bytes::new())
+            .await
     }
 
     /// Re-apply `version` as a new version.
     pub async fn rollback(&self, version: u64) -> Result<VersionInfo, ClientError> {
-        self.call_json(Method::POST, &format!("/v1/rollback/{version}"), Bytes::new())
-            .await
+        self.call_json(
+            Method::POST,
+            &format!("/v1/rollback/{version}"),
+            Bytes::new(),
+        )
+        .await
     }
 
     /// Connected proxies and NACKs.
     pub async fn status(&self) -> Result<Status, ClientError> {
-        self.call_json(Method::GET, "/v1/status", Bytes::new()).await
+        self.call_json(Method::GET, "/v1/status", Bytes::new())
+            .await
     }
 
     /// The Prometheus text.
@@ -446,7 +458,10 @@ mod tests {
 
     #[test]
     fn query_and_percent_coding() {
-        assert_eq!(query_param(Some("a=1&target=cluster%3Ax"), "target"), Some("cluster%3Ax"));
+        assert_eq!(
+            query_param(Some("a=1&target=cluster%3Ax"), "target"),
+            Some("cluster%3Ax")
+        );
         assert_eq!(percent_decode("cluster%3Ax%20y"), "cluster:x y");
         assert_eq!(percent_decode("bad%zz"), "bad%zz");
         assert_eq!(percent_encode("cluster:a b/c"), "cluster:a%20b%2Fc");

@@ -179,10 +179,7 @@ impl ControlPlane {
     /// Re-apply an earlier version as a new one (blocking).
     pub fn rollback(&self, version: u64) -> Result<VersionInfo, ApplyError> {
         let r = self.operator.rollback(version);
-        let target = r
-            .as_ref()
-            .map(|i| i.target.clone())
-            .unwrap_or(Target::All);
+        let target = r.as_ref().map(|i| i.target.clone()).unwrap_or(Target::All);
         self.outcome(&target, r)
     }
 }

@@ -235,11 +235,9 @@ impl Metrics {
         }
         type Get = fn(&PerType) -> &AtomicU64;
         let families: [(&str, &str, Get); 6] = [
-            (
-                "weir_cp_xds_pushes_total",
-                "xDS responses sent.",
-                |t| &t.pushes,
-            ),
+            ("weir_cp_xds_pushes_total", "xDS responses sent.", |t| {
+                &t.pushes
+            }),
             (
                 "weir_cp_xds_resources_sent_total",
                 "Resources sent in xDS responses.",

@@ -545,7 +545,9 @@ mod tests {
 
         // A refused apply stores nothing.
         let bad = weir_xds_api::pack(&ClusterLoadAssignment::default());
-        let err = cfg.apply(Target::All, vec![bad], "api").expect_err("invalid");
+        let err = cfg
+            .apply(Target::All, vec![bad], "api")
+            .expect_err("invalid");
         assert!(matches!(err, ApplyError::Invalid(_)), "{err}");
         assert_eq!(cfg.latest_version(), 2);
 
@@ -559,7 +561,10 @@ mod tests {
         assert_eq!(v4.resources, v1.resources);
         assert_ne!(v4.resources, v3.resources);
         assert_eq!(cfg.head_version(&Target::All), Some(4));
-        assert!(matches!(cfg.rollback(99), Err(ApplyError::NoSuchVersion(99))));
+        assert!(matches!(
+            cfg.rollback(99),
+            Err(ApplyError::NoSuchVersion(99))
+        ));
         assert_eq!(
             cfg.history().iter().map(|v| v.version).collect::<Vec<_>>(),
             vec![1, 2, 3, 4]
@@ -593,9 +598,6 @@ mod tests {
         assert!("cluster:".parse::<Target>().is_err());
         assert!("x".parse::<Target>().is_err());
         assert!(Target::from_options(Some("a"), Some("b")).is_err());
-        assert_eq!(
-            Target::from_options(None, None).expect("all"),
-            Target::All
-        );
+        assert_eq!(Target::from_options(None, None).expect("all"), Target::All);
     }
 }

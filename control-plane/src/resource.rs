@@ -131,10 +131,8 @@ impl Default for TypeResources {
 impl TypeResources {
     /// Build from resources (a later one with the same name replaces an earlier one).
     pub fn from_iter(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
-        let items: BTreeMap<String, Arc<Resource>> = resources
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
+        let items: BTreeMap<String, Arc<Resource>> =
+            resources.into_iter().map(|r| (r.name.clone(), r)).collect();
         let version = Self::version_of(&items);
         TypeResources { items, version }
     }

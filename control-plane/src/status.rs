@@ -214,7 +214,10 @@ mod tests {
         let p = &r.proxies[0];
         assert_eq!(p.types["cds"].acked_version.as_deref(), Some("v1"));
         assert_eq!(
-            p.types["lds"].last_nack.as_ref().map(|n| n.message.as_str()),
+            p.types["lds"]
+                .last_nack
+                .as_ref()
+                .map(|n| n.message.as_str()),
             Some("bad")
         );
         drop(s);

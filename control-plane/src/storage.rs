@@ -76,8 +76,8 @@ impl Store {
 
     /// A store that lives in memory only.
     pub fn in_memory() -> Result<Self, StoreError> {
-        let db = redb::Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())?;
+        let db =
+            redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
         Ok(Store { db })
     }
 

@@ -119,10 +119,7 @@ pub fn validate(resources: &[Any], ctx: &Context) -> Result<Vec<Arc<Resource>>, 
         };
         let name = d.name();
         if name.is_empty() {
-            errs.add(
-                join(&path, d.name_field()),
-                "a resource name is required",
-            );
+            errs.add(join(&path, d.name_field()), "a resource name is required");
             continue;
         }
         if let Some(first) = seen.insert((d.type_url(), name.clone()), i) {
@@ -304,7 +301,8 @@ fn check_cluster(c: &Cluster, path: &str, errs: &mut Errors) {
         );
     }
     let mut as_static = c.clone();
-    as_static.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+    as_static.cluster_discovery_type =
+        Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
     as_static.eds_cluster_config = None;
     as_static.load_assignment = None;
     weir_proxy::upstream::translate_cluster(&as_static, path, errs);
@@ -397,7 +395,10 @@ fn check_rds(
         errs,
     );
     if rds.route_config_name.is_empty() {
-        errs.add(join(path, "route_config_name"), "route_config_name is required");
+        errs.add(
+            join(path, "route_config_name"),
+            "route_config_name is required",
+        );
     } else if !routes.contains(&rds.route_config_name) {
         errs.add(
             join(path, "route_config_name"),
@@ -518,7 +519,9 @@ mod tests {
 
     #[test]
     fn full_document_is_accepted() {
-        let text = doc(&format!("{CLUSTER_STATIC}{CLUSTER_EDS}{CLA}{ROUTES}{LISTENER_RDS}"));
+        let text = doc(&format!(
+            "{CLUSTER_STATIC}{CLUSTER_EDS}{CLA}{ROUTES}{LISTENER_RDS}"
+        ));
         let res = run(&text, &Context::default()).expect("valid");
         let names: Vec<_> = res.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["web", "api", "api", "main", "http"]);
@@ -546,7 +549,8 @@ mod tests {
         let e = run(&text, &Context::default()).expect_err("api unknown");
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[0].path.starts_with("resources[1].virtual_hosts[0].routes[0]"),
+            e[0].path
+                .starts_with("resources[1].virtual_hosts[0].routes[0]"),
             "{e:?}"
         );
         let ctx = Context {
@@ -563,8 +567,11 @@ mod tests {
             p,
             vec!["resources[1].filter_chains[0].filters[0].typed_config.rds.route_config_name"]
         );
-        let bad_source = LISTENER_RDS.replace("config_source: {ads: {}}", "config_source: {path: /x}");
-        let p = err_paths(&doc(&format!("{CLUSTER_STATIC}{CLUSTER_EDS}{ROUTES}{bad_source}")));
+        let bad_source =
+            LISTENER_RDS.replace("config_source: {ads: {}}", "config_source: {path: /x}");
+        let p = err_paths(&doc(&format!(
+            "{CLUSTER_STATIC}{CLUSTER_EDS}{ROUTES}{bad_source}"
+        )));
         assert_eq!(
             p,
             vec!["resources[3].filter_chains[0].filters[0].typed_config.rds.config_source"]
@@ -592,7 +599,9 @@ mod tests {
             p[0].starts_with("resources[0].endpoints[0].lb_endpoints[0].endpoint"),
             "{p:?}"
         );
-        let p = err_paths(&doc(&format!("{CLA}  policy: {{overprovisioning_factor: 140}}\n")));
+        let p = err_paths(&doc(&format!(
+            "{CLA}  policy: {{overprovisioning_factor: 140}}\n"
+        )));
         assert_eq!(p, vec!["resources[0].policy"]);
     }
 
