@@ -91,16 +91,13 @@ fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn target_param(query: Option<&str>) -> Result<Option<Target>, Resp> {
+fn target_param(query: Option<&str>) -> Result<Option<Target>, String> {
     match query_param(query, "target") {
         None => Ok(None),
-        Some(raw) => {
-            let decoded = percent_decode(raw);
-            decoded
-                .parse::<Target>()
-                .map(Some)
-                .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), Vec::new()))
-        }
+        Some(raw) => percent_decode(raw)
+            .parse::<Target>()
+            .map(Some)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -180,7 +177,7 @@ async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
         (&Method::GET, "/v1/config") => {
             let filter = match target_param(query) {
                 Ok(t) => t,
-                Err(r) => return r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e, Vec::new()),
             };
             let targets: Vec<serde_json::Value> = cp
                 .operator
@@ -200,7 +197,7 @@ async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
         (&Method::POST, "/v1/config") => {
             let target = match target_param(query) {
                 Ok(t) => t.unwrap_or(Target::All),
-                Err(r) => return r,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e, Vec::new()),
             };
             let origin = query_param(query, "origin")
                 .map(percent_decode)

@@ -103,8 +103,11 @@ fn fingerprint(files: &Files) -> u64 {
     h.finish()
 }
 
+/// Where each file's resources start in a combined document: (file name, first index).
+pub type Spans = Vec<(String, usize)>;
+
 /// Parse and concatenate a target's files; errors name the file.
-pub fn combine(files: &Files) -> Result<(Vec<Any>, Vec<(String, usize)>), Vec<FieldError>> {
+pub fn combine(files: &Files) -> Result<(Vec<Any>, Spans), Vec<FieldError>> {
     let mut all = Vec::new();
     let mut spans = Vec::new();
     let mut errors = Vec::new();

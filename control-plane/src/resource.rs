@@ -128,15 +128,17 @@ impl Default for TypeResources {
     }
 }
 
-impl TypeResources {
+impl FromIterator<Arc<Resource>> for TypeResources {
     /// Build from resources (a later one with the same name replaces an earlier one).
-    pub fn from_iter(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
+    fn from_iter<I: IntoIterator<Item = Arc<Resource>>>(resources: I) -> Self {
         let items: BTreeMap<String, Arc<Resource>> =
             resources.into_iter().map(|r| (r.name.clone(), r)).collect();
         let version = Self::version_of(&items);
         TypeResources { items, version }
     }
+}
 
+impl TypeResources {
     fn version_of(items: &BTreeMap<String, Arc<Resource>>) -> String {
         let mut h = Fnv::default();
         for (name, r) in items {

@@ -23,21 +23,9 @@ pub const DB_FILE: &str = "weir-cp.redb";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// Opening or creating the database file failed.
-    #[error("opening the store: {0}")]
-    Open(#[from] redb::DatabaseError),
-    /// Starting a transaction failed.
-    #[error("store transaction: {0}")]
-    Transaction(#[from] redb::TransactionError),
-    /// Opening a table failed.
-    #[error("store table: {0}")]
-    Table(#[from] redb::TableError),
-    /// Reading or writing a value failed.
-    #[error("store access: {0}")]
-    Storage(#[from] redb::StorageError),
-    /// Committing failed (nothing was written).
-    #[error("store commit: {0}")]
-    Commit(#[from] redb::CommitError),
+    /// The database failed (opening, a transaction, a table, an access or the commit).
+    #[error("store: {0}")]
+    Db(Box<redb::Error>),
     /// Creating the data directory failed.
     #[error("creating {path}: {source}")]
     Dir {
@@ -47,6 +35,27 @@ pub enum StoreError {
         source: std::io::Error,
     },
 }
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 fn table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
     TableDefinition::new(name)
@@ -144,7 +153,7 @@ impl Reader {
     }
 
     /// Every entry of `table` in key order (empty when the table does not exist).
-    pub fn scan(&self, table_name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, table_name: &str) -> Result<Vec<Entry>, StoreError> {
         let t = match self.txn.open_table(table(table_name)) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
