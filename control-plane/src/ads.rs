@@ -339,8 +339,9 @@ async fn run_sotw(
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
+                    // E.g. a message over the size limit: end the stream with that status.
                     tracing::debug!(node = %ctx.node.id, error = %e, "xDS stream read error");
-                    return Ok(());
+                    return Err(e);
                 }
             },
             changed = gen_rx.changed() => {
@@ -512,8 +513,9 @@ async fn run_delta(
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
+                    // E.g. a message over the size limit: end the stream with that status.
                     tracing::debug!(node = %ctx.node.id, error = %e, "xDS stream read error");
-                    return Ok(());
+                    return Err(e);
                 }
             },
             changed = gen_rx.changed() => {

@@ -54,7 +54,7 @@ use crate::storage::Store;
 
 /// Largest gRPC message the server accepts, in bytes (4 MiB, gRPC's usual default, made
 /// explicit). Requests to a control plane are small; anything larger is refused with
-/// `RESOURCE_EXHAUSTED` rather than buffered.
+/// an error status (`OUT_OF_RANGE`, as tonic reports it) that ends the stream, rather than buffered.
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 /// Largest gRPC message the server sends, in bytes (16 MiB). xDS responses carrying a whole

@@ -194,3 +194,39 @@ async fn delta_stale_nonce_still_applies_subscriptions() {
     assert_eq!(s.cp.metrics.type_counts(EDS).1, 0, "no ACK counted");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn delta_pushes_types_in_make_before_break_order() {
+    let s = Server::start().await;
+    let cfg = |port: u16, prefix: &str, stat: &str, timeout: u32| {
+        doc(&[
+            eds_cluster("api", timeout),
+            cla("api", &[port]),
+            routes("main", "api", prefix),
+            listener("http", 10000, "main", stat),
+        ])
+    };
+    s.apply(&cfg(9001, "/", "a", 1));
+    let mut c = Delta::connect(s.xds).await;
+    // Subscribe in the "wrong" order: RDS, LDS, EDS, CDS.
+    let mut first = dreq(RDS, &["main"], &[], "");
+    first.node = Some(node("mbb", "mesh"));
+    c.send(first).await;
+    assert_eq!(c.recv().await.type_url, RDS);
+    c.send(dreq(LDS, &[], &[], "")).await;
+    assert_eq!(c.recv().await.type_url, LDS);
+    c.send(dreq(EDS, &["api"], &[], "")).await;
+    assert_eq!(c.recv().await.type_url, EDS);
+    c.send(dreq(CDS, &[], &[], "")).await;
+    assert_eq!(c.recv().await.type_url, CDS);
+    // Everything changes at once: pushed CDS, EDS, LDS, RDS regardless.
+    s.apply(&cfg(9002, "/x", "b", 2));
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let r = c.recv().await;
+        assert_eq!(r.resources.len(), 1);
+        order.push(weir_control_plane::resource::short_name(&r.type_url));
+    }
+    assert_eq!(order, ["cds", "eds", "lds", "rds"]);
+    s.stop().await;
+}

@@ -316,3 +316,44 @@ async fn sotw_node_cluster_groups() {
     assert_eq!(names(&edge.recv().await), ["edge-only", "new", "shared"]);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn sotw_oversized_request_is_refused_and_disconnect_is_seen() {
+    let s = Server::start().await;
+    s.apply(&doc(&[static_cluster("a", 9001)]));
+    let mut c = Sotw::connect(s.xds).await;
+    c.send_first(node("big", "c"), req(CDS, &[], "", "")).await;
+    let r = c.recv().await;
+    c.send(ack(&r, &[])).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.cp.status.report().proxies.len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "proxy not registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        s.cp.metrics
+            .render()
+            .contains("weir_cp_connected_proxies{protocol=\"sotw\"} 1")
+    );
+    // A request above the 4 MiB decode limit ends the stream (tonic reports OUT_OF_RANGE).
+    let huge = "x".repeat(weir_control_plane::MAX_DECODING_MESSAGE_SIZE + 1);
+    c.send(req(EDS, &[huge.as_str()], "", "")).await;
+    let st = c.recv_error().await;
+    assert_eq!(st.code(), tonic::Code::OutOfRange, "{st}");
+    assert!(st.message().contains("too large"), "{st}");
+    // The stream is gone from status and the gauge; the NACK-free node left no record.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let report = s.cp.status.report();
+        let text = s.cp.metrics.render();
+        if report.proxies.is_empty()
+            && text.contains("weir_cp_connected_proxies{protocol=\"sotw\"} 0")
+        {
+            assert!(report.nacks.is_empty());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "disconnect not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+}
