@@ -1,30 +1,60 @@
 //! # weir-control-plane
 //!
-//! `weir-cp`, weir's companion control plane. Today it is the skeleton every later part plugs
-//! into: one tonic gRPC server that answers `grpc.health.v1.Health`. The xDS server, service
-//! registry, KV and object APIs will be added to the same server as further services.
+//! `weir-cp`, weir's companion control plane: an Envoy xDS v3 management server (ADS, state of
+//! the world and delta) fed by operator-applied Envoy config, with a config API, history and
+//! rollback, persistence, and Prometheus metrics. See `docs/arch-cp.md` for the design.
 //!
 //! ## Layout
-//! - this file: [`serve`], which runs the gRPC server on a listener the caller bound, until a
-//!   shutdown future completes (so tests bind `127.0.0.1:0` and stop it at will), and the
-//!   server-wide limits ([`MAX_DECODING_MESSAGE_SIZE`], [`MAX_ENCODING_MESSAGE_SIZE`]).
-//! - `main.rs`: the `weir-cp` CLI (clap subcommands; only `serve` for now), logging and signals.
+//! - [`resource`]: resources, content-hash versions, push order.
+//! - [`cache`]: [`cache::Source`] (the plug-in point for the service registry) and the
+//!   per-node-group [`cache::SnapshotCache`].
+//! - [`operator`]: the operator's config as a source: targets, layering, versions, history,
+//!   rollback, persisted in [`storage`].
+//! - [`validate`]: document parsing and validation through weir's own translators.
+//! - [`ads`]: the `AggregatedDiscoveryService` (SotW and delta).
+//! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
+//! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
+//! - [`configdir`]: `--config-dir` polling (GitOps).
+//! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
-//! ## Health
-//! The health service reports `SERVING` for `""` (the whole server) and for
-//! [`SERVICE_NAME`] only. It does not claim
-//! `envoy.service.discovery.v3.AggregatedDiscoveryService`, which is not served yet.
+//! ## gRPC server
+//! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
+//! [`SERVICE_NAME`] and the ADS service) and ADS, with the message limits below and HTTP/2
+//! keepalives so dead clients are noticed. Shutdown ends every ADS stream, then the server.
 #![forbid(unsafe_code)]
 
-use std::future::Future;
+pub mod ads;
+pub mod api;
+pub mod cache;
+pub mod configdir;
+pub mod metrics;
+pub mod operator;
+pub mod resource;
+pub mod status;
+pub mod storage;
+pub mod validate;
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use weir_xds_api::Any;
+use weir_xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+
+use crate::cache::{SnapshotCache, Source};
+use crate::metrics::Metrics;
+use crate::operator::{ApplyError, OperatorConfig, Target, VersionInfo};
+use crate::status::StatusRegistry;
+use crate::storage::Store;
 
 /// Largest gRPC message the server accepts, in bytes (4 MiB, gRPC's usual default, made
 /// explicit). Requests to a control plane are small; anything larger is refused with
-/// `RESOURCE_EXHAUSTED` rather than buffered.
+/// an error status (`OUT_OF_RANGE`, as tonic reports it) that ends the stream, rather than buffered.
 pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 /// Largest gRPC message the server sends, in bytes (16 MiB). xDS responses carrying a whole
@@ -34,6 +64,9 @@ pub const MAX_ENCODING_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// The service name `weir-cp` reports as `SERVING` in `grpc.health.v1.Health`.
 pub const SERVICE_NAME: &str = "weir-cp";
 
+/// The ADS service name (also reported `SERVING`).
+pub const ADS_SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+
 /// Errors running the control plane.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -41,25 +74,192 @@ pub enum Error {
     /// The gRPC server failed (accepting or serving connections).
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The store could not be opened or loaded.
+    #[error("store: {0}")]
+    Store(#[from] storage::StoreError),
+    /// The stored config could not be loaded.
+    #[error("loading the stored config: {0}")]
+    Load(#[from] ApplyError),
 }
 
-/// Serve the control plane's gRPC API on `listener` until `shutdown` completes; then stop
-/// accepting, let in-flight calls finish, and return.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// The control plane's shared state.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// The operator's config (a source of the cache).
+    pub operator: Arc<OperatorConfig>,
+    /// Snapshots per node group.
+    pub cache: Arc<SnapshotCache>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Connected proxies and NACKs.
+    pub status: Arc<StatusRegistry>,
+    /// The embedded store (shared with future subsystems).
+    pub store: Arc<Store>,
+}
+
+impl ControlPlane {
+    /// Open the control plane with its store under `data_dir` (in memory when `None`).
+    pub fn open(data_dir: Option<&Path>) -> Result<Arc<Self>, Error> {
+        let store = match data_dir {
+            Some(d) => Store::open(d)?,
+            None => Store::in_memory()?,
+        };
+        Self::with_sources(Arc::new(store), Vec::new())
+    }
+
+    /// Open over `store`, with `sources` (e.g. the service registry) placed before the
+    /// operator's config, which therefore overrides resources of the same type and name.
+    pub fn with_sources(
+        store: Arc<Store>,
+        mut sources: Vec<Arc<dyn Source>>,
+    ) -> Result<Arc<Self>, Error> {
+        let operator = Arc::new(OperatorConfig::open(store.clone())?);
+        sources.push(operator.clone());
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_config_version(operator.latest_version());
+        Ok(Arc::new(ControlPlane {
+            operator,
+            cache: SnapshotCache::new(sources),
+            metrics,
+            status: Arc::new(StatusRegistry::default()),
+            store,
+        }))
+    }
+
+    fn outcome(
+        &self,
+        target: &Target,
+        r: Result<VersionInfo, ApplyError>,
+    ) -> Result<VersionInfo, ApplyError> {
+        match &r {
+            Ok(info) => {
+                self.metrics.config_applied(info.version);
+                tracing::info!(
+                    %target,
+                    version = info.version,
+                    origin = %info.origin,
+                    resources = info.resources.len(),
+                    "config applied"
+                );
+            }
+            Err(ApplyError::Invalid(errs)) => {
+                self.metrics.config_rejected();
+                tracing::info!(%target, errors = errs.len(), "config refused");
+            }
+            Err(e) => tracing::warn!(%target, "config apply failed: {e}"),
+        }
+        r
+    }
+
+    /// Validate and apply packed resources to `target` (blocking: validation and a durable
+    /// commit).
+    pub fn apply(
+        &self,
+        target: Target,
+        resources: Vec<Any>,
+        origin: &str,
+    ) -> Result<VersionInfo, ApplyError> {
+        let r = self.operator.apply(target.clone(), resources, origin);
+        self.outcome(&target, r)
+    }
+
+    /// Parse a document (YAML/JSON) and apply it (blocking).
+    pub fn apply_text(
+        &self,
+        target: Target,
+        text: &str,
+        origin: &str,
+    ) -> Result<VersionInfo, ApplyError> {
+        match validate::parse_document(text) {
+            Ok(resources) => self.apply(target, resources, origin),
+            Err(errs) => self.outcome(&target, Err(ApplyError::Invalid(errs))),
+        }
+    }
+
+    /// Re-apply an earlier version as a new one (blocking).
+    pub fn rollback(&self, version: u64) -> Result<VersionInfo, ApplyError> {
+        let r = self.operator.rollback(version);
+        let target = r.as_ref().map(|i| i.target.clone()).unwrap_or(Target::All);
+        self.outcome(&target, r)
+    }
+}
+
+/// Optional parts of [`run`].
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Serve the config API (and `/metrics`) here.
+    pub api: Option<tokio::net::TcpListener>,
+    /// Poll this directory for config (see [`configdir`]), at this interval.
+    pub config_dir: Option<(PathBuf, Duration)>,
+}
+
+/// Run the control plane: ADS and health on `xds`, plus whatever `opts` asks for, until
+/// `shutdown` completes; then end the xDS streams, stop accepting and return.
+pub async fn run(
+    cp: Arc<ControlPlane>,
+    xds: tokio::net::TcpListener,
+    opts: RunOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    let token = CancellationToken::new();
+    cp.cache.watch_sources();
     let (reporter, health) = tonic_health::server::health_reporter();
     // `""` is SERVING from the start (health_reporter's default).
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
+    reporter
+        .set_service_status(ADS_SERVICE_NAME, ServingStatus::Serving)
+        .await;
     let health = health
         .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
-    Server::builder()
+    let ads = AggregatedDiscoveryServiceServer::new(ads::AdsService::new(
+        cp.cache.clone(),
+        cp.metrics.clone(),
+        cp.status.clone(),
+        token.clone(),
+    ))
+    .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
+
+    let mut tasks = Vec::new();
+    if let Some(api) = opts.api {
+        tasks.push(tokio::spawn(api::serve(cp.clone(), api, token.clone())));
+    }
+    if let Some((dir, interval)) = opts.config_dir {
+        tasks.push(tokio::spawn(configdir::watch(
+            cp.clone(),
+            dir,
+            interval,
+            token.clone(),
+        )));
+    }
+    let stop = token.clone();
+    let result = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await?;
+        .add_service(ads)
+        .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
+            shutdown.await;
+            stop.cancel();
+        })
+        .await;
+    token.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    result?;
     Ok(())
+}
+
+/// Serve an in-memory control plane (no API, no persistence) on `listener` until `shutdown`
+/// completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let cp = ControlPlane::open(None)?;
+    run(cp, listener, RunOptions::default(), shutdown).await
 }

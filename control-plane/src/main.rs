@@ -1,12 +1,20 @@
-//! `weir-cp`: the weir control plane CLI. A thin layer over [`weir_control_plane`].
+//! `weir-cp`: the weir control plane CLI. A thin layer over [`weir_control_plane`]:
+//! `serve` runs the server; `config …` and `status` are clients of its config API
+//! (`--server`, the `--api-address` of `serve`).
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use weir_control_plane::api::Client;
+use weir_control_plane::operator::Target;
+
+/// Default `--api-address` of `serve` and `--server` of the clients.
+const DEFAULT_API: &str = "127.0.0.1:18001";
 
 /// weir-cp: the weir control plane (xDS, registry, KV, objects).
 #[derive(Debug, Parser)]
@@ -21,8 +29,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane (gRPC: health now; xDS, registry, KV, objects to come).
+    /// Run the control plane: xDS (ADS) on --xds-address, config API and /metrics on
+    /// --api-address.
     Serve(ServeArgs),
+    /// Apply, show, list and roll back the xDS config.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// List connected proxies with their ACKed version per type, and recorded NACKs.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -30,12 +44,107 @@ struct ServeArgs {
     /// Address of the gRPC (xDS) server; port 0 picks a free port (the bound one is logged).
     #[arg(long = "xds-address", default_value = "127.0.0.1:18000")]
     xds_address: SocketAddr,
-    /// Directory for the embedded store (created if missing).
+    /// Address of the config API and /metrics (HTTP); port 0 picks a free port (logged as
+    /// `api_address=`).
+    #[arg(long = "api-address", default_value = DEFAULT_API)]
+    api_address: SocketAddr,
+    /// Directory for the embedded store (created if missing). Without it, config lives in
+    /// memory and is lost on exit.
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
     /// Control plane config file (must be readable; its contents are not interpreted yet).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Watch this directory and apply its xDS files when they change (GitOps): `DIR/*.yaml`
+    /// for every node, `DIR/node-cluster/NAME/*.yaml`, `DIR/node/ID/*.yaml`.
+    #[arg(long = "config-dir")]
+    config_dir: Option<PathBuf>,
+    /// How often --config-dir is polled (e.g. `2s`, `500ms`).
+    #[arg(long = "config-dir-interval", default_value = "2s", value_parser = parse_duration)]
+    config_dir_interval: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArg {
+    /// The weir-cp config API address (`serve --api-address`).
+    #[arg(long, default_value = DEFAULT_API)]
+    server: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct TargetArgs {
+    /// Apply to / show the nodes of this node cluster (`node.cluster`) only.
+    #[arg(long = "node-cluster", conflicts_with = "node_id")]
+    node_cluster: Option<String>,
+    /// Apply to / show this node (`node.id`) only.
+    #[arg(long = "node-id")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE (an xDS DiscoveryResponse in YAML or JSON, as Envoy's filesystem config)
+    /// and apply it as a new version, replacing the target's config.
+    Apply {
+        /// The file (`-` for standard input).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Print the config in force (with a target: that document alone, re-appliable).
+    Get {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List every applied version.
+    History {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Re-apply VERSION's config as a new version and push it.
+    Rollback {
+        /// The version to go back to.
+        version: u64,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArg,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("{s:?}: use ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err("the interval must be positive".into());
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -53,11 +162,13 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Config(c) => rt.block_on(config(c)),
+        Command::Status(s) => rt.block_on(status(s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -75,25 +186,200 @@ fn init_logging(level: &str) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(dir) = &args.data_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data dir {}", dir.display()))?;
-    }
     if let Some(path) = &args.config {
         std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
         tracing::warn!(config = %path.display(), "config file contents are not used yet");
     }
+    if let Some(dir) = &args.config_dir
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--config-dir {} is not a directory", dir.display());
+    }
+    let cp = weir_control_plane::ControlPlane::open(args.data_dir.as_deref())
+        .context("opening the data dir")?;
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.xds_address)
         .await
         .with_context(|| format!("binding --xds-address {}", args.xds_address))?;
+    let api = tokio::net::TcpListener::bind(args.api_address)
+        .await
+        .with_context(|| format!("binding --api-address {}", args.api_address))?;
+    let api_address = api.local_addr().context("reading the bound API address")?;
     let address = listener
         .local_addr()
         .context("reading the bound gRPC address")?;
+    tracing::info!(%api_address, "weir-cp config API and /metrics listening");
+    tracing::info!(
+        config_version = cp.operator.latest_version(),
+        "weir-cp loaded its config"
+    );
     tracing::info!(%address, "weir-cp gRPC server listening");
-    weir_control_plane::serve(listener, shutdown).await?;
+    let opts = weir_control_plane::RunOptions {
+        api: Some(api),
+        config_dir: args.config_dir.map(|d| (d, args.config_dir_interval)),
+    };
+    weir_control_plane::run(cp, listener, opts, shutdown).await?;
     tracing::info!("weir-cp stopped");
+    Ok(())
+}
+
+fn target_of(t: &TargetArgs) -> anyhow::Result<Target> {
+    Ok(Target::from_options(
+        t.node_cluster.as_deref(),
+        t.node_id.as_deref(),
+    )?)
+}
+
+fn fmt_time(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    httpdate_like(t)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` without a date crate.
+fn httpdate_like(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+async fn config(c: ConfigCommand) -> anyhow::Result<()> {
+    match c {
+        ConfigCommand::Apply {
+            file,
+            target,
+            server,
+        } => {
+            let target = target_of(&target)?;
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            let info = Client::new(server.server).apply(&target, text).await?;
+            println!(
+                "applied version {} to {} ({} resources)",
+                info.version,
+                info.target,
+                info.resources.len()
+            );
+        }
+        ConfigCommand::Get { target, server } => {
+            let filter = match (&target.node_cluster, &target.node_id) {
+                (None, None) => None,
+                _ => Some(target_of(&target)?),
+            };
+            let v = Client::new(server.server).get(filter.as_ref()).await?;
+            let out = match &filter {
+                Some(t) => v["targets"]
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .map(|d| d["document"].clone())
+                    .ok_or_else(|| anyhow::anyhow!("no config applied to {t}"))?,
+                None => v,
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        ConfigCommand::History { json, server } => {
+            let h = Client::new(server.server).history().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                println!(
+                    "{:<8} {:<24} {:<21} {:<14} RESOURCES",
+                    "VERSION", "TARGET", "APPLIED", "ORIGIN"
+                );
+                for v in h {
+                    let res: Vec<String> = v
+                        .resources
+                        .iter()
+                        .map(|r| format!("{}/{}", r.kind, r.name))
+                        .collect();
+                    println!(
+                        "{:<8} {:<24} {:<21} {:<14} {}",
+                        v.version,
+                        v.target.to_string(),
+                        fmt_time(v.applied_at_ms),
+                        v.origin,
+                        res.join(",")
+                    );
+                }
+            }
+        }
+        ConfigCommand::Rollback { version, server } => {
+            let info = Client::new(server.server).rollback(version).await?;
+            println!(
+                "rolled back to version {version}: applied as version {} to {}",
+                info.version, info.target
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn status(s: StatusArgs) -> anyhow::Result<()> {
+    let st = Client::new(s.server.server).status().await?;
+    if s.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!("config version: {}", st.config_version);
+    println!("connected proxies: {}", st.report.proxies.len());
+    for p in &st.report.proxies {
+        println!(
+            "- node {:?} cluster {:?} ({}, {}, since {})",
+            p.node_id,
+            p.node_cluster,
+            p.protocol,
+            p.peer.as_deref().unwrap_or("-"),
+            fmt_time(p.connected_at_ms)
+        );
+        for (t, ts) in &p.types {
+            println!(
+                "    {t}: acked {} sent {}{}",
+                ts.acked_version.as_deref().unwrap_or("-"),
+                ts.sent_version.as_deref().unwrap_or("-"),
+                ts.last_nack
+                    .as_ref()
+                    .map(|n| format!(" last NACK of {}: {}", n.version, n.message))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !st.report.nacks.is_empty() {
+        println!("NACKs:");
+        for (node, types) in &st.report.nacks {
+            for (t, n) in types {
+                println!(
+                    "- node {node:?} {t} version {} at {}: {}",
+                    n.version,
+                    fmt_time(n.at_ms),
+                    n.message
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -109,4 +395,21 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_dates() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("2h").is_err());
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
 }

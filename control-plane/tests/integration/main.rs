@@ -1,5 +1,15 @@
 //! weir-cp integration tests: the library server in-process, and the `weir-cp` binary as a
-//! child process, each checked with a real tonic health client over 127.0.0.1.
+//! child process, checked with real tonic clients (health, ADS) and the CLI over 127.0.0.1.
+//!
+//! Modules: `harness` (servers, ADS clients, documents), `sotw` and `delta` (the ADS
+//! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
+//! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio).
+
+mod cli;
+mod delta;
+mod harness;
+mod python_grpc;
+mod sotw;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -52,13 +62,16 @@ async fn health_check_in_process() {
         check(&mut client, "weir-cp").await,
         Ok(ServingStatus::Serving)
     );
-    // ADS is not served yet, so it must not be reported as SERVING.
     assert_eq!(
         check(
             &mut client,
             "envoy.service.discovery.v3.AggregatedDiscoveryService"
         )
         .await,
+        Ok(ServingStatus::Serving)
+    );
+    assert_eq!(
+        check(&mut client, "no.such.Service").await,
         Err(tonic::Code::NotFound)
     );
 
@@ -87,7 +100,13 @@ impl Drop for ChildGuard {
 async fn binary_serves_and_exits_zero_on_sigterm() {
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_weir-cp"))
-            .args(["serve", "--xds-address", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--xds-address",
+                "127.0.0.1:0",
+                "--api-address",
+                "127.0.0.1:0",
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -161,13 +180,21 @@ fn help_lists_serve() {
         .expect("run weir-cp --help");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("serve"), "{help}");
+    for cmd in ["serve", "config", "status"] {
+        assert!(help.contains(cmd), "{cmd} missing: {help}");
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_weir-cp"))
         .args(["serve", "--help"])
         .output()
         .expect("run weir-cp serve --help");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--xds-address", "--data-dir", "--config"] {
+    for flag in [
+        "--xds-address",
+        "--api-address",
+        "--data-dir",
+        "--config",
+        "--config-dir",
+    ] {
         assert!(help.contains(flag), "{flag} missing: {help}");
     }
 }

@@ -1,0 +1,469 @@
+//! The config API: HTTP/1.1 + JSON on `--api-address`, and the client the CLI uses.
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `POST /v1/config?target=T` | a document (YAML or JSON, see [`crate::validate`]) | `200` [`VersionInfo`]; `400` `{"error", "errors": [{path, message}]}` |
+//! | `GET /v1/config[?target=T]` | — | `{"targets": [{"target", "version", "document"}]}` (`document` re-appliable) |
+//! | `GET /v1/history` | — | `[VersionInfo]`, oldest first |
+//! | `POST /v1/rollback/N` | — | `200` [`VersionInfo`] of the new version; `404` unknown N; `400` no longer valid |
+//! | `GET /v1/status` | — | [`Status`]: config version, connected proxies, NACKs |
+//! | `GET /metrics` | — | Prometheus text ([`crate::metrics`]) |
+//! | `GET /healthz` | — | `200 ok` |
+//!
+//! `T` is `all` (default), `cluster:NAME` or `node:ID`. Request bodies are limited to
+//! [`MAX_BODY`]. An apply answers only after the version is committed to the store.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+use crate::ControlPlane;
+use crate::operator::{ApplyError, Target, VersionInfo};
+use crate::status::StatusReport;
+use crate::validate::FieldError;
+
+/// Largest request body accepted, bytes.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Latest applied config version (0: none).
+    pub config_version: u64,
+    /// Connected proxies and NACKs.
+    #[serde(flatten)]
+    pub report: StatusReport,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    /// Summary.
+    pub error: String,
+    /// Field errors, for a refused document.
+    #[serde(default)]
+    pub errors: Vec<FieldError>,
+}
+
+type Resp = hyper::Response<Full<Bytes>>;
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Resp {
+    let body = serde_json::to_vec_pretty(v)
+        .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes());
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: impl Into<String>, errors: Vec<FieldError>) -> Resp {
+    json(
+        status,
+        &ErrorBody {
+            error: msg.into(),
+            errors,
+        },
+    )
+}
+
+fn apply_error(e: ApplyError) -> Resp {
+    match e {
+        ApplyError::Invalid(errors) => error(StatusCode::BAD_REQUEST, "invalid config", errors),
+        ApplyError::BadTarget(m) => error(StatusCode::BAD_REQUEST, m, Vec::new()),
+        e @ ApplyError::NoSuchVersion(_) => error(StatusCode::NOT_FOUND, e.to_string(), Vec::new()),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), Vec::new()),
+    }
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+fn target_param(query: Option<&str>) -> Result<Option<Target>, String> {
+    match query_param(query, "target") {
+        None => Ok(None),
+        Some(raw) => percent_decode(raw)
+            .parse::<Target>()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Minimal `%XX` decoding for query values (targets are plain names in practice).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => match std::str::from_utf8(hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                }
+                None => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `%`-encode a query value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b':') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let query = query.as_deref();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            let mut r = hyper::Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            *r.status_mut() = StatusCode::OK;
+            r
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = hyper::Response::new(Full::new(Bytes::from(cp.metrics.render())));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (&Method::GET, "/v1/status") => json(
+            StatusCode::OK,
+            &Status {
+                config_version: cp.operator.latest_version(),
+                report: cp.status.report(),
+            },
+        ),
+        (&Method::GET, "/v1/history") => json(StatusCode::OK, &cp.operator.history()),
+        (&Method::GET, "/v1/config") => {
+            let filter = match target_param(query) {
+                Ok(t) => t,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e, Vec::new()),
+            };
+            let targets: Vec<serde_json::Value> = cp
+                .operator
+                .current()
+                .into_iter()
+                .filter(|(t, _, _)| filter.as_ref().is_none_or(|f| f == t))
+                .map(|(t, v, res)| {
+                    serde_json::json!({
+                        "target": t.to_string(),
+                        "version": v,
+                        "document": crate::validate::render_document(&v.to_string(), &res),
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "targets": targets }))
+        }
+        (&Method::POST, "/v1/config") => {
+            let target = match target_param(query) {
+                Ok(t) => t.unwrap_or(Target::All),
+                Err(e) => return error(StatusCode::BAD_REQUEST, e, Vec::new()),
+            };
+            let origin = query_param(query, "origin")
+                .map(percent_decode)
+                .unwrap_or_else(|| "api".into());
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("reading the body: {e}"),
+                        Vec::new(),
+                    );
+                }
+            };
+            let Ok(text) = String::from_utf8(body.to_vec()) else {
+                return error(StatusCode::BAD_REQUEST, "the body is not UTF-8", Vec::new());
+            };
+            let cp2 = cp.clone();
+            match tokio::task::spawn_blocking(move || cp2.apply_text(target, &text, &origin)).await
+            {
+                Ok(Ok(info)) => json(StatusCode::OK, &info),
+                Ok(Err(e)) => apply_error(e),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("apply task: {e}"),
+                    Vec::new(),
+                ),
+            }
+        }
+        (&Method::POST, p) if p.starts_with("/v1/rollback/") => {
+            let Ok(version) = p["/v1/rollback/".len()..].parse::<u64>() else {
+                return error(StatusCode::BAD_REQUEST, "bad version number", Vec::new());
+            };
+            let cp2 = cp.clone();
+            match tokio::task::spawn_blocking(move || cp2.rollback(version)).await {
+                Ok(Ok(info)) => json(StatusCode::OK, &info),
+                Ok(Err(e)) => apply_error(e),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("rollback task: {e}"),
+                    Vec::new(),
+                ),
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {method} {path}"),
+            Vec::new(),
+        ),
+    }
+}
+
+/// Serve the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    cp: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let cp = cp.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let cp = cp.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(cp, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "API connection error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// Errors of the API client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Could not reach the server.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The server.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// HTTP failure.
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    /// Building the request failed.
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+    /// The server refused.
+    #[error("{}", render_error(.0))]
+    Refused(ErrorBody),
+    /// The answer is not what was expected.
+    #[error("unexpected answer ({status}): {body}")]
+    Unexpected {
+        /// HTTP status.
+        status: StatusCode,
+        /// Body text.
+        body: String,
+    },
+}
+
+fn render_error(e: &ErrorBody) -> String {
+    let mut s = e.error.clone();
+    for fe in &e.errors {
+        s.push_str("\n  ");
+        s.push_str(&fe.to_string());
+    }
+    s
+}
+
+/// A client of the API at `addr` (`host:port`).
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: String,
+}
+
+impl Client {
+    /// A client for `addr`.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Client { addr: addr.into() }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let stream = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, self.addr.as_str())
+            .body(Full::new(body))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        conn.abort();
+        Ok((status, body))
+    }
+
+    async fn call_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let (status, body) = self.call(method, path_and_query, body).await?;
+        if status.is_success() {
+            serde_json::from_slice(&body).map_err(|_| ClientError::Unexpected {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            })
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(e) => Err(ClientError::Refused(e)),
+                Err(_) => Err(ClientError::Unexpected {
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                }),
+            }
+        }
+    }
+
+    /// Apply a document to `target`.
+    pub async fn apply(
+        &self,
+        target: &Target,
+        document: String,
+    ) -> Result<VersionInfo, ClientError> {
+        let path = format!("/v1/config?target={}", percent_encode(&target.to_string()));
+        self.call_json(Method::POST, &path, Bytes::from(document))
+            .await
+    }
+
+    /// The documents in force (all targets, or one).
+    pub async fn get(&self, target: Option<&Target>) -> Result<serde_json::Value, ClientError> {
+        let path = match target {
+            Some(t) => format!("/v1/config?target={}", percent_encode(&t.to_string())),
+            None => "/v1/config".into(),
+        };
+        self.call_json(Method::GET, &path, Bytes::new()).await
+    }
+
+    /// Every applied version.
+    pub async fn history(&self) -> Result<Vec<VersionInfo>, ClientError> {
+        self.call_json(Method::GET, "/v1/history", Bytes::new())
+            .await
+    }
+
+    /// Re-apply `version` as a new version.
+    pub async fn rollback(&self, version: u64) -> Result<VersionInfo, ClientError> {
+        self.call_json(
+            Method::POST,
+            &format!("/v1/rollback/{version}"),
+            Bytes::new(),
+        )
+        .await
+    }
+
+    /// Connected proxies and NACKs.
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.call_json(Method::GET, "/v1/status", Bytes::new())
+            .await
+    }
+
+    /// The Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let (status, body) = self.call(Method::GET, "/metrics", Bytes::new()).await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(text)
+        } else {
+            Err(ClientError::Unexpected { status, body: text })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_percent_coding() {
+        assert_eq!(
+            query_param(Some("a=1&target=cluster%3Ax"), "target"),
+            Some("cluster%3Ax")
+        );
+        assert_eq!(percent_decode("cluster%3Ax%20y"), "cluster:x y");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_encode("cluster:a b/c"), "cluster:a%20b%2Fc");
+        assert_eq!(percent_decode(&percent_encode("node:ü&=")), "node:ü&=");
+        assert_eq!(query_param(None, "x"), None);
+        assert_eq!(query_param(Some("x"), "x"), Some(""));
+    }
+}

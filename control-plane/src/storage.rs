@@ -1,0 +1,244 @@
+//! The embedded store under `--data-dir`: a thin, generic layer over [redb] that every
+//! weir-cp subsystem shares (xDS config and its history today; the service registry, KV and
+//! object metadata later).
+//!
+//! The model is deliberately small: named tables of byte keys to byte values, and
+//! transactions. Callers choose their own encodings (big-endian integers for ordered keys,
+//! JSON or protobuf values) and table names (prefix them with the subsystem: `xds.…`,
+//! `registry.…`). A write transaction either commits durably (redb's default
+//! `Durability::Immediate`: fsync before `commit` returns) or not at all, so a caller that
+//! acknowledges only after [`Store::write`] returns is safe against `kill -9` and power loss.
+//!
+//! [`Store::in_memory`] gives the same API without a file, for tests and for running without
+//! `--data-dir`.
+
+use std::path::Path;
+
+use redb::{ReadableTable as _, TableDefinition};
+
+/// The file inside `--data-dir` holding the database.
+pub const DB_FILE: &str = "weir-cp.redb";
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database failed (opening, a transaction, a table, an access or the commit).
+    #[error("store: {0}")]
+    Db(Box<redb::Error>),
+    /// Creating the data directory failed.
+    #[error("creating {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(Box::new(e.into()))
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+fn table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// The shared embedded database.
+pub struct Store {
+    db: redb::Database,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open (or create) the store in `dir`, creating the directory if missing.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let db = redb::Database::create(dir.join(DB_FILE))?;
+        Ok(Store { db })
+    }
+
+    /// A store that lives in memory only.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db =
+            redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Ok(Store { db })
+    }
+
+    /// Run `f` in a write transaction and commit durably. If `f` fails nothing is written.
+    pub fn write<T, E>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let mut w = Writer { txn: &txn };
+        let out = f(&mut w)?;
+        txn.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// A consistent read view.
+    pub fn read(&self) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
+    }
+}
+
+/// Writes inside [`Store::write`].
+pub struct Writer<'a> {
+    txn: &'a redb::WriteTransaction,
+}
+
+impl Writer<'_> {
+    /// Set `key` to `value` in `table` (created on first use).
+    pub fn put(&mut self, table_name: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut t = self.txn.open_table(table(table_name))?;
+        t.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Remove `key`; whether it was there.
+    pub fn delete(&mut self, table_name: &str, key: &[u8]) -> Result<bool, StoreError> {
+        let mut t = self.txn.open_table(table(table_name))?;
+        Ok(t.remove(key)?.is_some())
+    }
+
+    /// Read `key` as of this transaction (including its own writes).
+    pub fn get(&mut self, table_name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.txn.open_table(table(table_name))?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+}
+
+/// A read transaction.
+pub struct Reader {
+    txn: redb::ReadTransaction,
+}
+
+impl Reader {
+    /// The value of `key`; `None` when the key or the table does not exist.
+    pub fn get(&self, table_name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = match self.txn.open_table(table(table_name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every entry of `table` in key order (empty when the table does not exist).
+    pub fn scan(&self, table_name: &str) -> Result<Vec<Entry>, StoreError> {
+        let t = match self.txn.open_table(table(table_name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "weir-cp-store-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn write_read_scan_delete() {
+        let s = Store::in_memory().expect("store");
+        assert_eq!(s.read().expect("r").get("t", b"a").expect("get"), None);
+        assert!(s.read().expect("r").scan("t").expect("scan").is_empty());
+        s.write(|w| {
+            w.put("t", b"b", b"2")?;
+            w.put("t", b"a", b"1")?;
+            assert_eq!(w.get("t", b"a")?, Some(b"1".to_vec()));
+            Ok::<_, StoreError>(())
+        })
+        .expect("write");
+        let r = s.read().expect("r");
+        assert_eq!(
+            r.scan("t").expect("scan"),
+            vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ]
+        );
+        s.write(|w| w.delete("t", b"a")).expect("delete");
+        assert_eq!(s.read().expect("r").get("t", b"a").expect("get"), None);
+    }
+
+    #[test]
+    fn failed_transaction_writes_nothing() {
+        #[derive(Debug)]
+        struct Boom;
+        impl From<StoreError> for Boom {
+            fn from(_: StoreError) -> Self {
+                Boom
+            }
+        }
+        let s = Store::in_memory().expect("store");
+        let r: Result<(), Boom> = s.write(|w| {
+            w.put("t", b"k", b"v")?;
+            Err(Boom)
+        });
+        assert!(r.is_err());
+        assert_eq!(s.read().expect("r").get("t", b"k").expect("get"), None);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = temp_dir("reopen");
+        {
+            let s = Store::open(&dir).expect("open");
+            s.write(|w| w.put("t", b"k", b"v")).expect("write");
+        }
+        let s = Store::open(&dir).expect("reopen");
+        assert_eq!(
+            s.read().expect("r").get("t", b"k").expect("get"),
+            Some(b"v".to_vec())
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
