@@ -8,4 +8,9 @@ if ! command -v kill >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq procps) >/dev/null
   fi
 fi
+# gRPC's own xDS client (Python grpcio) is a real peer for weir-cp's xDS server test.
+if ! python3 -c 'import grpc' >/dev/null 2>&1; then
+  python3 -m pip install -q grpcio
+fi
+export WEIR_REQUIRE_GRPCIO=1
 cargo test --workspace --all-targets "$@"

@@ -87,6 +87,12 @@ fn wait_line(prefix: &str, rx: &std::sync::mpsc::Receiver<String>, err_log: &Log
 #[tokio::test]
 async fn grpc_python_xds_client_balances_through_weir_cp() {
     if !grpcio_available() {
+        // scripts/test.sh installs grpcio and sets this: in CI a missing client is a failure.
+        assert!(
+            std::env::var_os("WEIR_REQUIRE_GRPCIO").is_none(),
+            "WEIR_REQUIRE_GRPCIO is set but {} cannot import grpc",
+            python()
+        );
         eprintln!(
             "SKIPPED grpc_python_xds_client_balances_through_weir_cp: {} cannot import grpc \
              (pip install grpcio)",
