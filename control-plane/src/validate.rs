@@ -587,7 +587,9 @@ mod tests {
         let p = err_paths(&doc(&CLUSTER_EDS.replace("{ads: {}}", "{path: /tmp/x}")));
         assert_eq!(p, vec!["resources[0].eds_cluster_config.eds_config"]);
         // weir's own cluster checks still apply to EDS clusters.
-        let p = err_paths(&doc(&format!("{CLUSTER_EDS}  lb_policy: MAGLEV\n")));
+        let p = err_paths(&doc(&format!(
+            "{CLUSTER_EDS}  lb_policy: CLUSTER_PROVIDED\n"
+        )));
         assert!(p.contains(&"resources[0].lb_policy".to_string()), "{p:?}");
     }
 

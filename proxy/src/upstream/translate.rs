@@ -543,7 +543,15 @@ fn lb_endpoint(
     let apath = join(&epath, "address");
     let address = match discovery {
         DiscoveryType::Static => {
-            EndpointAddress::Ip(socket_address(ep.address.as_ref(), &apath, errs)?)
+            let a = socket_address(ep.address.as_ref(), &apath, errs)?;
+            if a.port() == 0 {
+                errs.add(
+                    join(&apath, "socket_address.port_value"),
+                    "an upstream endpoint needs a port (1..=65535)",
+                );
+                return None;
+            }
+            EndpointAddress::Ip(a)
         }
         DiscoveryType::StrictDns => dns_address(ep.address.as_ref(), &apath, errs)?,
     };
@@ -968,6 +976,19 @@ typed_extension_protocol_options:
         // idle_timeout 0 disables it.
         let c = ok("name: a\ncommon_http_protocol_options: {idle_timeout: 0s}\n");
         assert_eq!(c.idle_timeout, None);
+    }
+
+    #[test]
+    fn endpoint_port_zero_is_refused() {
+        let p = err_paths(
+            "name: a\nload_assignment:\n  cluster_name: a\n  endpoints:\n  - lb_endpoints:\n    - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 0}}}\n",
+        );
+        assert_eq!(
+            p,
+            vec![
+                "clusters[0].load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value"
+            ]
+        );
     }
 
     #[test]
