@@ -50,13 +50,15 @@ pub(super) fn is_websocket_upgrade(req: &http::request::Parts) -> bool {
 }
 
 /// Ends an upstream request: cluster/host gauges and the request time histogram.
-/// The `rq_active` gauges are released exactly once: by `done`, or on drop (a request that
-/// failed before its response, or a tunnel that ended).
+/// The `rq_active` gauges (and the request's circuit-breaker slot, so `max_requests` counts
+/// a request until its response body ends, as Envoy's does) are released exactly once: by
+/// `done`, or on drop (a request that failed before its response, or a tunnel that ended).
 struct UpstreamDone {
     cluster: Arc<Cluster>,
     host: Arc<Host>,
     start: Instant,
     open: bool,
+    slot: Option<crate::upstream::circuit::ResourceGuard>,
 }
 
 impl UpstreamDone {
@@ -66,10 +68,12 @@ impl UpstreamDone {
             host,
             start,
             open: true,
+            slot: None,
         }
     }
 
     fn release(&mut self) {
+        self.slot = None;
         if std::mem::replace(&mut self.open, false) {
             self.cluster.stats().upstream_rq_active.decrement(1.0);
             self.host.stats.rq_active.fetch_sub(1, Ordering::Relaxed);
@@ -514,7 +518,7 @@ pub(super) async fn forward(
         }) else {
             return Err(no_healthy_upstream());
         };
-        let Some(_rq_slot) = rm.requests.try_acquire() else {
+        let Some(rq_slot) = rm.requests.try_acquire() else {
             cs.upstream_rq_pending_overflow.increment(1);
             return Err(overloaded(cfg.suppress_envoy_headers));
         };
@@ -556,7 +560,8 @@ pub(super) async fn forward(
         host.stats.rq_total.fetch_add(1, Ordering::Relaxed);
         host.stats.rq_active.fetch_add(1, Ordering::Relaxed);
         let t0 = Instant::now();
-        let done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
+        let mut done = UpstreamDone::new(cluster.clone(), host.clone(), t0);
+        done.slot = Some(rq_slot);
 
         if websocket {
             return websocket_upgrade(req, h, uri, &cluster, &host, done, deadline, priority).await;

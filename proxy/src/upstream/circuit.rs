@@ -174,6 +174,10 @@ pub struct Resource {
     open: Gauge,
     /// `remaining_*` (with `track_remaining`).
     remaining: Option<Gauge>,
+    /// Serializes gauge updates: each update reads `current` under it, so the last one to run
+    /// always publishes the latest count (two workers publishing their own snapshots could
+    /// otherwise leave a stale value behind).
+    publishing: std::sync::Mutex<()>,
 }
 
 impl Resource {
@@ -183,12 +187,15 @@ impl Resource {
             max,
             open: scope.gauge(open),
             remaining: remaining.map(|n| scope.gauge(n)),
+            publishing: std::sync::Mutex::new(()),
         };
-        r.publish(0, max);
+        r.publish(max);
         r
     }
 
-    fn publish(&self, current: u64, max: u64) {
+    fn publish(&self, max: u64) {
+        let _g = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current.load(Ordering::Acquire);
         self.open.set(if current >= max { 1.0 } else { 0.0 });
         if let Some(g) = &self.remaining {
             g.set(max.saturating_sub(current) as f64);
@@ -215,7 +222,7 @@ impl Resource {
         let mut cur = self.current.load(Ordering::Relaxed);
         loop {
             if cur >= max {
-                self.publish(cur, max);
+                self.publish(max);
                 return None;
             }
             match self.current.compare_exchange_weak(
@@ -225,7 +232,7 @@ impl Resource {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    self.publish(cur + 1, max);
+                    self.publish(max);
                     return Some(ResourceGuard {
                         resource: self.clone(),
                         max,
@@ -244,8 +251,8 @@ impl Resource {
     /// Take a slot even past the limit (Envoy opens a connection to a host that has none even
     /// when the connection breaker is open, so pending requests cannot starve).
     pub fn acquire_forced(self: &Arc<Self>) -> ResourceGuard {
-        let cur = self.current.fetch_add(1, Ordering::AcqRel) + 1;
-        self.publish(cur, self.max);
+        self.current.fetch_add(1, Ordering::AcqRel);
+        self.publish(self.max);
         ResourceGuard {
             resource: self.clone(),
             max: self.max,
@@ -263,8 +270,8 @@ pub struct ResourceGuard {
 
 impl Drop for ResourceGuard {
     fn drop(&mut self) {
-        let prev = self.resource.current.fetch_sub(1, Ordering::AcqRel);
-        self.resource.publish(prev.saturating_sub(1), self.max);
+        self.resource.current.fetch_sub(1, Ordering::AcqRel);
+        self.resource.publish(self.max);
     }
 }
 

@@ -591,3 +591,80 @@ async fn max_stream_duration_ends_the_stream_with_408() {
     assert_eq!(p.stat("http.ingress.downstream_rq_max_duration_reached"), 1);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_holds_its_request_slot_until_the_body_ends() {
+    // A backend that sends headers at once and finishes the body only when released.
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let rx = release_rx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let mut rx = rx.clone();
+                    async move {
+                        let body =
+                            http_body_util::StreamBody::new(futures::stream::once(async move {
+                                let _ = rx.wait_for(|r| *r).await;
+                                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                                    b"done",
+                                )))
+                            }));
+                        Ok::<_, Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let p = Proxy::start(&http_bootstrap(
+        &vhost("{cluster: c}", ""),
+        &format!(
+            "{}    circuit_breakers: {{thresholds: [{{max_requests: 1}}]}}\n",
+            cluster("c", &[port])
+        ),
+        "",
+    ))
+    .await;
+    // The first request's headers arrive; its body is still streaming.
+    let s = tokio::net::TcpStream::connect(p.addr("http"))
+        .await
+        .expect("connect");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let first = tx
+        .send_request(
+            Request::get("/")
+                .header("host", "svc")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("headers");
+    assert_eq!(first.status(), StatusCode::OK);
+    let (status, h, _) = get(p.addr("http"), "svc", "/").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the slot is still taken"
+    );
+    assert_eq!(h["x-envoy-overloaded"], "true");
+    release_tx.send(true).expect("release");
+    let body = first.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "done");
+    eventually("the slot is free again", || {
+        p.stat("cluster.c.circuit_breakers.default.rq_open") == 0
+    })
+    .await;
+    let (status, _, body) = get(p.addr("http"), "svc", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "done");
+    p.stop().await;
+}
