@@ -410,3 +410,28 @@ pub fn http_bootstrap_filters(
         1,
     )
 }
+
+/// A bootstrap with one tcp_proxy listener `tcp` (port 0) to `cluster`, admin on port 0.
+/// `tcp_extra` is spliced into the TcpProxy config (10-space indent); `clusters` is the
+/// clusters YAML.
+pub fn tcp_bootstrap(stat_prefix: &str, cluster: &str, tcp_extra: &str, clusters: &str) -> String {
+    format!(
+        r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {stat_prefix}
+          cluster: {cluster}
+          {tcp_extra}
+  clusters:
+{clusters}"#
+    )
+}

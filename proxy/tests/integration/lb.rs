@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
-use crate::harness::{Backend, Proxy, all_to, http_bootstrap, send};
+use crate::harness::{Backend, Proxy, all_to, http_bootstrap, send, tcp_bootstrap};
 
 /// One endpoint of a test cluster.
 struct Ep {
@@ -433,28 +433,14 @@ async fn tcp_pick_spread(hash_policy: &str, n: usize) -> HashMap<String, usize> 
         tcp_namer("t3").await,
         tcp_namer("t4").await,
     ];
-    let yaml = format!(
-        r#"
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: tcp
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: t
-          cluster: c
-          {hash_policy}
-  clusters:
-{}"#,
-        lb_cluster(
+    let yaml = tcp_bootstrap(
+        "t",
+        "c",
+        hash_policy,
+        &lb_cluster(
             "    lb_policy: MAGLEV\n",
-            &[(0, None, ports.iter().map(|p| ep(*p, 1)).collect())]
-        )
+            &[(0, None, ports.iter().map(|p| ep(*p, 1)).collect())],
+        ),
     );
     let p = Proxy::start(&yaml).await;
     let mut m = HashMap::new();

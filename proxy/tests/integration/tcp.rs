@@ -9,25 +9,7 @@ use crate::harness::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_echo_large_transfer_byte_for_byte() {
     let echo = tcp_echo().await;
-    let yaml = format!(
-        r#"
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: tcp
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: echo
-          cluster: echo
-  clusters:
-{}"#,
-        cluster("echo", &[echo.port()])
-    );
+    let yaml = tcp_bootstrap("echo", "echo", "", &cluster("echo", &[echo.port()]));
     let p = Proxy::start(&yaml).await;
     let data: Vec<u8> = (0..8 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
@@ -64,25 +46,14 @@ static_resources:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_connection_breaker_closes_the_overflow() {
     let echo = tcp_echo().await;
-    let yaml = format!(
-        r#"
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: tcp
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: echo
-          cluster: echo
-  clusters:
-{}    circuit_breakers: {{thresholds: [{{max_connections: 1}}]}}
-"#,
-        cluster("echo", &[echo.port()])
+    let yaml = tcp_bootstrap(
+        "echo",
+        "echo",
+        "",
+        &format!(
+            "{}    circuit_breakers: {{thresholds: [{{max_connections: 1}}]}}\n",
+            cluster("echo", &[echo.port()])
+        ),
     );
     let p = Proxy::start(&yaml).await;
     let mut first = tokio::net::TcpStream::connect(p.addr("tcp"))
