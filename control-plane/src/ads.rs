@@ -270,7 +270,7 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(status) = run_sotw(inner, requests, tx.clone(), peer).await {
+            if let Err(status) = run::<Sotw>(inner, requests, tx.clone(), peer).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -286,7 +286,7 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(status) = run_delta(inner, requests, tx.clone(), peer).await {
+            if let Err(status) = run::<Delta>(inner, requests, tx.clone(), peer).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -310,22 +310,107 @@ struct SotwType {
     client_has: Option<String>,
 }
 
-async fn run_sotw(
+/// What differs between the state-of-the-world and the delta protocol; [`run`] is the stream
+/// loop both share.
+trait Flavor {
+    const PROTOCOL: Protocol;
+    type Req: FirstRequest + Send + 'static;
+    type Resp: Send + 'static;
+    /// Per-type subscription state.
+    type State: Default + Send;
+
+    /// Handle one request of the stream.
+    fn request<'a>(
+        ctx: &'a mut StreamCtx,
+        types: &'a mut HashMap<String, Self::State>,
+        req: Self::Req,
+        tx: &'a mpsc::Sender<Result<Self::Resp, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a;
+
+    /// Push what changed for one subscribed type after a config change.
+    fn respond<'a>(
+        ctx: &'a mut StreamCtx,
+        type_url: &'a str,
+        st: &'a mut Self::State,
+        snap: &'a Snapshot,
+        tx: &'a mpsc::Sender<Result<Self::Resp, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a;
+}
+
+/// State of the world (`StreamAggregatedResources`).
+struct Sotw;
+
+impl Flavor for Sotw {
+    const PROTOCOL: Protocol = Protocol::Sotw;
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    type State = SotwType;
+
+    fn request<'a>(
+        ctx: &'a mut StreamCtx,
+        types: &'a mut HashMap<String, SotwType>,
+        req: DiscoveryRequest,
+        tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
+        sotw_request(ctx, types, req, tx)
+    }
+
+    fn respond<'a>(
+        ctx: &'a mut StreamCtx,
+        type_url: &'a str,
+        st: &'a mut SotwType,
+        snap: &'a Snapshot,
+        tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
+        sotw_respond(ctx, type_url, st, snap, Trigger::Change, tx)
+    }
+}
+
+/// Incremental (`DeltaAggregatedResources`).
+struct Delta;
+
+impl Flavor for Delta {
+    const PROTOCOL: Protocol = Protocol::Delta;
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    type State = DeltaType;
+
+    fn request<'a>(
+        ctx: &'a mut StreamCtx,
+        types: &'a mut HashMap<String, DeltaType>,
+        req: DeltaDiscoveryRequest,
+        tx: &'a mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
+        delta_request(ctx, types, req, tx)
+    }
+
+    fn respond<'a>(
+        ctx: &'a mut StreamCtx,
+        type_url: &'a str,
+        st: &'a mut DeltaType,
+        snap: &'a Snapshot,
+        tx: &'a mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    ) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
+        delta_respond(ctx, type_url, st, snap, Trigger::Change, tx)
+    }
+}
+
+/// One ADS stream: the first request opens it (node, snapshot group), then requests and
+/// config changes are handled as they come until the client closes, the server shuts down or
+/// a read fails (e.g. a message over the size limit ends the stream with that status).
+async fn run<F: Flavor>(
     inner: Arc<Inner>,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    mut requests: Streaming<F::Req>,
+    tx: mpsc::Sender<Result<F::Resp, Status>>,
     peer: Option<String>,
 ) -> Result<(), Status> {
-    let Some((mut ctx, first)) = open(&inner, &mut requests, Protocol::Sotw, peer).await? else {
+    let Some((mut ctx, first)) = open(&inner, &mut requests, F::PROTOCOL, peer).await? else {
         return Ok(());
     };
     let mut gen_rx = inner.cache.subscribe();
     gen_rx.borrow_and_update();
-    let mut types: HashMap<String, SotwType> = HashMap::new();
-    if sotw_request(&mut ctx, &mut types, first, &tx)
-        .await
-        .is_err()
-    {
+    let mut types: HashMap<String, F::State> = HashMap::new();
+    if F::request(&mut ctx, &mut types, first, &tx).await.is_err() {
         return Ok(());
     }
     loop {
@@ -333,13 +418,12 @@ async fn run_sotw(
             _ = inner.shutdown.cancelled() => return Ok(()),
             m = requests.message() => match m {
                 Ok(Some(req)) => {
-                    if sotw_request(&mut ctx, &mut types, req, &tx).await.is_err() {
+                    if F::request(&mut ctx, &mut types, req, &tx).await.is_err() {
                         return Ok(());
                     }
                 }
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    // E.g. a message over the size limit: end the stream with that status.
                     tracing::debug!(node = %ctx.node.id, error = %e, "xDS stream read error");
                     return Err(e);
                 }
@@ -351,9 +435,7 @@ async fn run_sotw(
                 let snap = ctx.snapshot();
                 for t in PUSH_ORDER {
                     if let Some(st) = types.get_mut(*t)
-                        && sotw_respond(&mut ctx, t, st, &snap, Trigger::Change, &tx)
-                            .await
-                            .is_err()
+                        && F::respond(&mut ctx, t, st, &snap, &tx).await.is_err()
                     {
                         return Ok(());
                     }
@@ -481,59 +563,6 @@ struct DeltaType {
 impl DeltaType {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
-    }
-}
-
-async fn run_delta(
-    inner: Arc<Inner>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    peer: Option<String>,
-) -> Result<(), Status> {
-    let Some((mut ctx, first)) = open(&inner, &mut requests, Protocol::Delta, peer).await? else {
-        return Ok(());
-    };
-    let mut gen_rx = inner.cache.subscribe();
-    gen_rx.borrow_and_update();
-    let mut types: HashMap<String, DeltaType> = HashMap::new();
-    if delta_request(&mut ctx, &mut types, first, &tx)
-        .await
-        .is_err()
-    {
-        return Ok(());
-    }
-    loop {
-        tokio::select! {
-            _ = inner.shutdown.cancelled() => return Ok(()),
-            m = requests.message() => match m {
-                Ok(Some(req)) => {
-                    if delta_request(&mut ctx, &mut types, req, &tx).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    // E.g. a message over the size limit: end the stream with that status.
-                    tracing::debug!(node = %ctx.node.id, error = %e, "xDS stream read error");
-                    return Err(e);
-                }
-            },
-            changed = gen_rx.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                let snap = ctx.snapshot();
-                for t in PUSH_ORDER {
-                    if let Some(st) = types.get_mut(*t)
-                        && delta_respond(&mut ctx, t, st, &snap, Trigger::Change, &tx)
-                            .await
-                            .is_err()
-                    {
-                        return Ok(());
-                    }
-                }
-            }
-        }
     }
 }
 
