@@ -29,6 +29,7 @@ pub mod cache;
 pub mod configdir;
 pub mod metrics;
 pub mod operator;
+pub mod proto;
 pub mod resource;
 pub mod status;
 pub mod storage;
@@ -263,3 +264,4 @@ pub async fn serve(
     let cp = ControlPlane::open(None)?;
     run(cp, listener, RunOptions::default(), shutdown).await
 }
+
