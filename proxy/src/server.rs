@@ -1,5 +1,6 @@
-//! Process lifecycle: build the runtime state from a [`Snapshot`], bind listeners, start the
-//! worker threads and the admin server, then drain and stop on request.
+//! Process lifecycle: build the runtime state from a [`Snapshot`], add the static listeners
+//! to the [`ListenerManager`], start the worker threads and the admin server, then drain and
+//! stop on request. Listeners can change at runtime through `state.listener_manager`.
 //!
 //! Threads: the caller's tokio runtime is the *main* runtime (admin, DNS refresh, stats
 //! upkeep); each worker is a std thread running a single-threaded tokio runtime with its own
@@ -9,6 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -18,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::Options;
 use crate::config::Snapshot;
+use crate::listener::{ListenerError, ListenerManager};
 use crate::stats::Store;
 use crate::upstream::ClusterManager;
 
@@ -72,8 +75,8 @@ pub struct ServerState {
     pub server_stats: ServerStats,
     /// Clusters.
     pub clusters: Arc<ClusterManager>,
-    /// Bound listeners (set once binding succeeded).
-    pub listeners: OnceLock<Vec<BoundListener>>,
+    /// Listeners: the active ones with their bound addresses, runtime changes (LDS).
+    pub listener_manager: ListenerManager,
     /// Admin address as bound.
     pub admin_address: OnceLock<SocketAddr>,
     /// Start time.
@@ -108,21 +111,30 @@ impl ServerState {
         let server_stats = ServerStats::new(&stats);
         server_stats.state.set(3.0);
         server_stats.concurrency.set(concurrency as f64);
+        let draining = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let listener_manager = ListenerManager::new(
+            concurrency,
+            &stats,
+            &draining,
+            &hard_stop,
+            Duration::from_secs(options.drain_time_s),
+        );
         Arc::new(ServerState {
             options,
             snapshot: ArcSwap::from_pointee(snapshot),
             stats,
             server_stats,
             clusters,
-            listeners: OnceLock::new(),
+            listener_manager,
             admin_address: OnceLock::new(),
             started: SystemTime::now(),
             concurrency,
             healthy: AtomicBool::new(true),
             ready: AtomicBool::new(false),
-            draining: CancellationToken::new(),
+            draining,
             shutdown: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
             connections: TaskTracker::new(),
         })
     }
@@ -178,9 +190,9 @@ impl ServerHandle {
     /// Address of the named listener as bound.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.state
-            .listeners
-            .get()?
-            .iter()
+            .listener_manager
+            .listeners()
+            .into_iter()
             .find(|l| l.name == name)
             .map(|l| l.address)
     }
@@ -255,12 +267,27 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
 
     // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
     state.clusters.initialized().await;
-    let mut bound = crate::listener::bind_all(&listeners_cfg, concurrency)
-        .map_err(|(what, source)| StartError::Bind { what, source })?;
-    let _ = state.listeners.set(bound.addresses());
+    // Bind every static listener before the workers run: their commands wait in the
+    // workers' channels and the sockets queue connections meanwhile.
+    for l in listeners_cfg {
+        if let Err(e) = state.listener_manager.add_or_update(l) {
+            // Stop what started (admin, the listeners bound so far).
+            state.drain_listeners();
+            state.hard_stop.cancel();
+            return Err(match e {
+                ListenerError::Bind { name, source } => StartError::Bind { what: name, source },
+                ListenerError::Stopped => StartError::Bind {
+                    what: "listeners".into(),
+                    source: std::io::Error::other("server stopped while starting"),
+                },
+            });
+        }
+    }
     let mut workers = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
-        let w = bound.take_worker(i);
+        let Some(w) = state.listener_manager.take_worker(i) else {
+            continue;
+        };
         let st = state.clone();
         let t = std::thread::Builder::new()
             .name(format!("weir-worker-{i}"))
@@ -300,7 +327,7 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
     state.ready.store(true, Ordering::SeqCst);
     state.server_stats.state.set(0.0);
     state.server_stats.live.set(1.0);
-    for l in state.listeners.get().into_iter().flatten() {
+    for l in state.listener_manager.listeners() {
         tracing::info!(name = %l.name, address = %l.address, "listener ready");
     }
     Ok(ServerHandle { state, workers })

@@ -349,7 +349,7 @@ fn fill_host_defaults(v: &mut Value) {
 
 /// `GET /listeners`: `name::ip:port` lines, or Envoy's `Listeners` JSON.
 pub(super) fn listeners(state: &ServerState, q: &Query) -> Response<Body> {
-    let bound = state.listeners.get().map(Vec::as_slice).unwrap_or_default();
+    let bound = state.listener_manager.listeners();
     if q.wants_json() {
         let msg = Listeners {
             listener_statuses: bound

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::cli::Options;
-use crate::server::{BoundListener, ServerState};
+use crate::server::ServerState;
 use crate::stats::Store;
 use crate::upstream::ClusterManager;
 
@@ -113,10 +113,10 @@ impl TestAdmin {
 
     /// Mark the server as started, as `server::start` does once listeners accept.
     fn go_live(&self) {
-        let _ = self.state.listeners.set(vec![BoundListener {
-            name: "ingress".into(),
-            address: "127.0.0.1:10000".parse().expect("addr"),
-        }]);
+        let ingress = self.state.snapshot.load().listeners[0].clone();
+        self.state
+            .listener_manager
+            .record_for_tests(ingress, "127.0.0.1:10000".parse().expect("addr"));
         self.state.ready.store(true, Ordering::SeqCst);
     }
 

@@ -98,7 +98,7 @@ pub async fn serve_connection<I>(
     let framing = Arc::new(Verdicts::default());
     let conn = Arc::new(Conn {
         cfg: cfg.clone(),
-        info,
+        info: info.clone(),
         state: state.clone(),
         start: Instant::now(),
         active: AtomicUsize::new(0),
@@ -168,7 +168,7 @@ pub async fn serve_connection<I>(
                 }
                 break;
             }
-            _ = state.draining.cancelled(), if !closing => {
+            _ = info.drain.cancelled(), if !closing => {
                 closing = true;
                 cfg.stats.downstream_cx_drain_close.increment(1);
                 served.as_mut().graceful_shutdown();
@@ -190,7 +190,7 @@ pub async fn serve_connection<I>(
                     idle_sleep.as_mut().reset(Instant::now() + idle.saturating_sub(since).max(Duration::from_millis(10)));
                 }
             }
-            _ = state.hard_stop.cancelled() => break,
+            _ = info.hard_stop.cancelled() => break,
         }
     }
 }

@@ -927,7 +927,7 @@ pub(super) async fn connect(
         }
     };
     charge(&cluster, &host, 200);
-    let hard_stop = st.conn.state.hard_stop.clone();
+    let hard_stop = st.conn.info.hard_stop.clone();
     tokio::spawn(async move {
         // The connection guard lives as long as the tunnel.
         let (mut up, _cx) = (tcp.stream, tcp.guard);

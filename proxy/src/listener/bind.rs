@@ -3,80 +3,30 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::ListenerConfig;
-use crate::server::BoundListener;
 
-/// Listening sockets for every listener and worker.
-#[derive(Debug, Default)]
-pub struct BoundListeners {
-    addresses: Vec<BoundListener>,
-    workers: Vec<Option<WorkerListeners>>,
-}
-
-impl BoundListeners {
-    /// The bound address of each listener.
-    pub fn addresses(&self) -> Vec<BoundListener> {
-        self.addresses.clone()
-    }
-
-    /// Take worker `i`'s sockets (empty when taken already or out of range).
-    pub fn take_worker(&mut self, i: usize) -> WorkerListeners {
-        self.workers
-            .get_mut(i)
-            .and_then(Option::take)
-            .unwrap_or_default()
-    }
-}
-
-/// One worker's sockets: each listener's config with this worker's nonblocking socket.
-#[derive(Debug, Default)]
-pub struct WorkerListeners {
-    pub(crate) listeners: Vec<(Arc<ListenerConfig>, std::net::TcpListener)>,
-}
-
-impl WorkerListeners {
-    /// The local addresses of this worker's sockets, by listener name.
-    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners
-            .iter()
-            .filter_map(|(c, l)| l.local_addr().ok().map(|a| (c.name.clone(), a)))
-            .collect()
-    }
-}
-
-/// Bind every listener once per worker (SO_REUSEPORT). When a listener's port is 0, the
-/// first socket picks a free port and the others bind that one. The error names the listener.
-pub fn bind_all(
-    listeners: &[Arc<ListenerConfig>],
+/// Bind `cfg` once per worker (SO_REUSEPORT): the bound address (port resolved) and one
+/// nonblocking listening socket per worker. When the port is 0, the first socket picks a
+/// free port and the others bind that one. All or nothing: on error the sockets bound so
+/// far are closed.
+pub(crate) fn bind_listener(
+    cfg: &ListenerConfig,
     workers: usize,
-) -> Result<BoundListeners, (String, io::Error)> {
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let workers = workers.max(1);
-    let mut out = BoundListeners {
-        addresses: Vec::with_capacity(listeners.len()),
-        workers: (0..workers)
-            .map(|_| Some(WorkerListeners::default()))
-            .collect(),
-    };
-    for l in listeners {
-        let err = |e: io::Error| (l.name.clone(), e);
-        let mut addr = l.address;
-        for w in out.workers.iter_mut().flatten() {
-            let sock = bind_one(addr, l.backlog, l.ipv4_compat).map_err(err)?;
-            if addr.port() == 0 {
-                addr = sock.local_addr().map_err(err)?;
-            }
-            w.listeners.push((l.clone(), sock));
+    let mut addr = cfg.address;
+    let mut out = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let sock = bind_one(addr, cfg.backlog, cfg.ipv4_compat)?;
+        if addr.port() == 0 {
+            addr = sock.local_addr()?;
         }
-        out.addresses.push(BoundListener {
-            name: l.name.clone(),
-            address: addr,
-        });
+        out.push(sock);
     }
-    Ok(out)
+    Ok((addr, out))
 }
 
 /// A nonblocking listening socket with SO_REUSEADDR + SO_REUSEPORT (and IPV6_V6ONLY for v6
@@ -101,6 +51,8 @@ pub(crate) fn bind_one(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::listener::{ChainMatcher, DEFAULT_BACKLOG, DEFAULT_BUFFER_LIMIT, ListenerStats};
 
@@ -127,68 +79,58 @@ mod tests {
 
     #[tokio::test]
     async fn port_zero_two_workers_share_the_port() {
-        let mut b =
-            bind_all(&[cfg("a", "127.0.0.1:0"), cfg("b", "127.0.0.1:0")], 2).expect("binds");
-        let addrs = b.addresses();
-        assert_eq!(addrs.len(), 2);
-        assert_ne!(addrs[0].address.port(), 0);
-        assert_ne!(addrs[0].address.port(), addrs[1].address.port());
-        let w0 = b.take_worker(0);
-        let w1 = b.take_worker(1);
-        assert!(b.take_worker(0).listeners.is_empty());
-        assert!(b.take_worker(7).listeners.is_empty());
-        for w in [&w0, &w1] {
-            let local = w.local_addrs();
-            assert_eq!(local[0], ("a".to_string(), addrs[0].address));
-            assert_eq!(local[1], ("b".to_string(), addrs[1].address));
+        let (a, socks_a) = bind_listener(&cfg("a", "127.0.0.1:0"), 2).expect("binds");
+        let (b, socks_b) = bind_listener(&cfg("b", "127.0.0.1:0"), 2).expect("binds");
+        assert_ne!(a.port(), 0);
+        assert_ne!(a.port(), b.port());
+        assert_eq!(socks_a.len(), 2);
+        for s in &socks_a {
+            assert_eq!(s.local_addr().expect("addr"), a);
         }
+        for s in &socks_b {
+            assert_eq!(s.local_addr().expect("addr"), b);
+        }
+        // Zero workers still bind one socket.
+        let (_, one) = bind_listener(&cfg("c", "127.0.0.1:0"), 0).expect("binds");
+        assert_eq!(one.len(), 1);
         // Either worker's socket accepts connections to the shared port.
-        let c = tokio::net::TcpStream::connect(addrs[0].address)
-            .await
-            .expect("connects");
+        let c = tokio::net::TcpStream::connect(a).await.expect("connects");
         drop(c);
     }
 
     #[tokio::test]
     async fn ipv6_loopback_if_available() {
-        match bind_all(&[cfg("v6", "[::1]:0")], 2) {
-            Ok(b) => {
-                let a = b.addresses()[0].address;
+        match bind_listener(&cfg("v6", "[::1]:0"), 2) {
+            Ok((a, _socks)) => {
                 assert!(a.is_ipv6());
                 assert_ne!(a.port(), 0);
                 tokio::net::TcpStream::connect(a).await.expect("connects");
             }
-            Err((name, e)) => {
-                assert_eq!(name, "v6");
-                eprintln!("skipping: no IPv6 loopback ({e})");
-            }
+            Err(e) => eprintln!("skipping: no IPv6 loopback ({e})"),
         }
     }
 
     #[tokio::test]
     async fn ipv4_compat_is_dual_stack() {
-        let Ok(b) = bind_all(&[cfg_v("ds", "[::]:0", true)], 1) else {
+        let Ok((a, _socks)) = bind_listener(&cfg_v("ds", "[::]:0", true), 1) else {
             eprintln!("skipping: no IPv6");
             return;
         };
-        let port = b.addresses()[0].address.port();
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
+        tokio::net::TcpStream::connect(("127.0.0.1", a.port()))
             .await
             .expect("IPv4 reaches the dual-stack socket");
         // Without ipv4_compat the v6 socket is V6ONLY: IPv4 on that port is someone else's.
-        let v6only = bind_all(&[cfg("v6only", "[::]:0")], 1).expect("binds");
-        let port = v6only.addresses()[0].address.port();
-        let v4 = std::net::TcpListener::bind(("127.0.0.1", port));
+        let (a, _v6only) = bind_listener(&cfg("v6only", "[::]:0"), 1).expect("binds");
+        let v4 = std::net::TcpListener::bind(("127.0.0.1", a.port()));
         assert!(v4.is_ok(), "IPv4 port still free next to a V6ONLY socket");
     }
 
     #[test]
-    fn bind_error_names_the_listener() {
+    fn address_in_use_by_a_foreign_socket() {
         // A port held by a socket without SO_REUSEPORT cannot be shared.
         let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = held.local_addr().expect("addr").to_string();
-        let e = bind_all(&[cfg("busy", &addr)], 1).expect_err("in use");
-        assert_eq!(e.0, "busy");
-        assert_eq!(e.1.kind(), io::ErrorKind::AddrInUse);
+        let e = bind_listener(&cfg("busy", &addr), 2).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
     }
 }

@@ -5,17 +5,21 @@
 //! - [`translate`](translate_listener): `Listener` proto -> [`ListenerConfig`] (with stats
 //!   handles resolved and the chain matcher compiled).
 //! - [`chain_match`]: Envoy's filter-chain selection as a compiled tree.
-//! - `bind`: one SO_REUSEPORT socket per listener and worker ([`bind_all`]).
-//! - `worker`: accept loops and connection dispatch ([`run_worker`]); a chain's
+//! - [`manager`]: the [`ListenerManager`]: adds, replaces (in place or with new sockets) and
+//!   removes listeners at runtime; each listener *version* drains on its own tokens.
+//! - `bind`: one SO_REUSEPORT socket per listener and worker.
+//! - `worker`: a worker's accept loops, driven by the manager's commands, and connection
+//!   dispatch ([`run_worker`]); a chain's
 //!   `envoy.filters.network.local_ratelimit` filters (before the terminal filter) take a
 //!   token per new connection and close it at once when empty
 //!   ([`weir_filters::local_ratelimit::ConnectionLimiter`]).
 //! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
 //!   Linux, buffered copy elsewhere or as fallback).
 //!
-//! OWNER: listener helper. Interface used by `server`.
+//! OWNER: listener helper. Interface used by `server` and the xDS client (LDS).
 
 pub mod chain_match;
+pub mod manager;
 pub mod tcp_proxy;
 
 mod bind;
@@ -30,8 +34,8 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
 
-pub use bind::{BoundListeners, WorkerListeners, bind_all};
 pub use chain_match::{ChainInput, ChainMatch, ChainMatcher};
+pub use manager::{ListenerChange, ListenerError, ListenerManager};
 pub use translate::translate_listener;
 pub use worker::run_worker;
 
@@ -156,7 +160,7 @@ impl ListenerStats {
 }
 
 /// Information about an accepted downstream connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// Peer address.
     pub peer: SocketAddr,
@@ -164,4 +168,10 @@ pub struct ConnInfo {
     pub local: SocketAddr,
     /// `per_connection_buffer_limit_bytes` of the listener.
     pub buffer_limit: u32,
+    /// Fired when the connection's listener version drains (replaced, removed, or the
+    /// server drains): finish in-flight work and close (HTTP/1 `Connection: close`, HTTP/2
+    /// GOAWAY).
+    pub drain: tokio_util::sync::CancellationToken,
+    /// Fired when the version's drain time is over (or the server's): close now.
+    pub hard_stop: tokio_util::sync::CancellationToken,
 }

@@ -153,7 +153,7 @@ pub async fn serve(
         };
         let r = tokio::select! {
             r = cluster.connect_tcp(&host, crate::upstream::circuit::Priority::Default) => r,
-            _ = state.hard_stop.cancelled() => return,
+            _ = conn.hard_stop.cancelled() => return,
         };
         match r {
             Ok(s) => {
@@ -191,7 +191,7 @@ pub async fn serve(
         rx: cfg.stats.downstream_cx_rx_bytes_total.clone(),
         tx: cfg.stats.downstream_cx_tx_bytes_total.clone(),
     };
-    let out = proxy_streams(downstream, upstream, &opts, &counters, &state.hard_stop).await;
+    let out = proxy_streams(downstream, upstream, &opts, &counters, &conn.hard_stop).await;
     match &out.end {
         ProxyEnd::IdleTimeout => cfg.stats.idle_timeout.increment(1),
         ProxyEnd::MaxDuration => cfg.stats.max_downstream_connection_duration.increment(1),

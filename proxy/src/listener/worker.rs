@@ -1,34 +1,107 @@
-//! A worker's accept loops: accept, pick the filter chain, hand the connection to its
-//! terminal filter on this worker's runtime.
+//! A worker's listeners: it takes commands from the [`ListenerManager`](super::ListenerManager)
+//! (add an accept loop, swap the listener version an accept loop hands out, stop one) and
+//! runs one accept loop per listening socket: accept, pick the filter chain, hand the
+//! connection to its terminal filter on this worker's runtime.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use metrics::Gauge;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ChainInput, ConnInfo, ListenerConfig, ListenerStats, NetworkFilter, WorkerListeners};
+use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
+use super::{ChainInput, ConnInfo, ListenerStats, NetworkFilter};
 use crate::server::ServerState;
 
 /// Back-off after an accept error that is not about one connection (EMFILE, ENOBUFS, ...).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Run a worker's accept loops until draining starts, then wait for its connections
-/// (or `hard_stop`). Call it inside the worker's runtime.
-pub async fn run_worker(w: WorkerListeners, state: Arc<ServerState>) {
+/// One accept loop as the worker sees it.
+struct Loop {
+    /// The version new connections get (swapped in place).
+    current: Arc<ArcSwap<ListenerVersion>>,
+    /// Stops the loop (child of the server's `draining`).
+    stop: CancellationToken,
+    /// Ends when the loop ended (its socket is closed).
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Run a worker: follow the manager's commands until the server drains, then wait for its
+/// connections (or `hard_stop`). Call it inside the worker's (current-thread) runtime.
+pub async fn run_worker(mut cmds: WorkerCommands, state: Arc<ServerState>) {
     let local = TaskTracker::new();
-    let mut loops = Vec::with_capacity(w.listeners.len());
-    for (cfg, sock) in w.listeners {
-        match TcpListener::from_std(sock) {
-            Ok(l) => loops.push(accept_loop(l, cfg, state.clone(), local.clone())),
-            Err(e) => {
-                tracing::error!(listener = %cfg.name, error = %e, "cannot register listening socket")
+    let mut loops: HashMap<u64, Loop> = HashMap::new();
+    loop {
+        let cmd = tokio::select! {
+            biased;
+            _ = state.draining.cancelled() => break,
+            c = cmds.recv() => c,
+        };
+        let Some(cmd) = cmd else {
+            // The manager is gone; keep serving until the server drains.
+            state.draining.cancelled().await;
+            break;
+        };
+        match cmd {
+            WorkerCmd::Add {
+                id,
+                version,
+                socket,
+            } => {
+                let name = version.cfg.name.clone();
+                match TcpListener::from_std(socket) {
+                    Ok(l) => {
+                        let current = Arc::new(ArcSwap::new(version));
+                        let stop = state.draining.child_token();
+                        let (tx, done) = tokio::sync::oneshot::channel();
+                        let run = accept_loop(
+                            l,
+                            current.clone(),
+                            stop.clone(),
+                            state.clone(),
+                            local.clone(),
+                        );
+                        local.spawn(async move {
+                            run.await;
+                            let _ = tx.send(());
+                        });
+                        loops.insert(
+                            id,
+                            Loop {
+                                current,
+                                stop,
+                                done,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(listener = %name, error = %e, "cannot register listening socket")
+                    }
+                }
+            }
+            WorkerCmd::Swap { id, version, ack } => {
+                // Same thread as the accept loops: once stored, no connection of this worker
+                // gets the old version.
+                if let Some(l) = loops.get(&id) {
+                    l.current.store(version);
+                }
+                let _ = ack.send(());
+            }
+            WorkerCmd::Stop { id, ack } => {
+                if let Some(l) = loops.remove(&id) {
+                    l.stop.cancel();
+                    let _ = l.done.await;
+                }
+                let _ = ack.send(());
             }
         }
     }
-    futures::future::join_all(loops).await;
+    // Draining: every accept loop stops (their tokens are children of `draining`).
     local.close();
     tokio::select! {
         _ = local.wait() => {}
@@ -38,18 +111,19 @@ pub async fn run_worker(w: WorkerListeners, state: Arc<ServerState>) {
 
 async fn accept_loop(
     listener: TcpListener,
-    cfg: Arc<ListenerConfig>,
+    current: Arc<ArcSwap<ListenerVersion>>,
+    stop: CancellationToken,
     state: Arc<ServerState>,
     local: TaskTracker,
 ) {
     loop {
         let r = tokio::select! {
             biased;
-            _ = state.draining.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match r {
-            Ok((stream, peer)) => dispatch(stream, peer, &cfg, &state, &local),
+            Ok((stream, peer)) => dispatch(stream, peer, &current.load_full(), &state, &local),
             // About one connection that went away before we took it: next.
             Err(e)
                 if matches!(
@@ -59,9 +133,9 @@ async fn accept_loop(
                         | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
-                tracing::warn!(listener = %cfg.name, error = %e, "accept failed; retrying");
+                tracing::warn!(listener = %current.load().cfg.name, error = %e, "accept failed; retrying");
                 tokio::select! {
-                    _ = state.draining.cancelled() => break,
+                    _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
                 }
             }
@@ -74,10 +148,11 @@ async fn accept_loop(
 fn dispatch(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    cfg: &Arc<ListenerConfig>,
+    version: &Arc<ListenerVersion>,
     state: &Arc<ServerState>,
     local: &TaskTracker,
 ) {
+    let cfg = &version.cfg;
     let _ = stream.set_nodelay(true);
     // Dual-stack (`ipv4_compat`) sockets see IPv4 peers as `::ffff:a.b.c.d`; report IPv4 as
     // Envoy does.
@@ -106,6 +181,8 @@ fn dispatch(
         peer,
         local: local_addr,
         buffer_limit: cfg.per_connection_buffer_limit_bytes,
+        drain: version.drain.clone(),
+        hard_stop: version.hard_stop.clone(),
     };
     let st = state.clone();
     let conn = async move {
@@ -115,7 +192,9 @@ fn dispatch(
             NetworkFilter::TcpProxy(t) => super::tcp_proxy::serve(stream, t, info, st).await,
         }
     };
-    state.connections.spawn(local.track_future(conn));
+    state
+        .connections
+        .spawn(local.track_future(version.connections.track_future(conn)));
 }
 
 fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
@@ -160,7 +239,7 @@ impl Drop for ConnGuard {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::HashMap;
 
     use clap::Parser;
@@ -168,9 +247,14 @@ mod tests {
 
     use super::*;
     use crate::config::{Errors, TranslateCtx};
+    use crate::listener::ListenerConfig;
     use crate::stats::Store;
 
-    fn state(store: &Arc<Store>) -> Arc<ServerState> {
+    pub(crate) fn state(store: &Arc<Store>) -> Arc<ServerState> {
+        state_n(store, 1)
+    }
+
+    pub(crate) fn state_n(store: &Arc<Store>, workers: usize) -> Arc<ServerState> {
         let snapshot = crate::config::translate(Default::default(), store).expect("empty config");
         let pc = weir_xds_api::from_yaml(
             "name: backend\ntype: STATIC\nload_assignment: {cluster_name: backend}\n",
@@ -185,11 +269,11 @@ mod tests {
             crate::cli::Options::parse_from(["weir"]),
             snapshot,
             clusters,
-            1,
+            workers,
         )
     }
 
-    fn listener(store: &Arc<Store>, yaml: &str) -> Arc<ListenerConfig> {
+    pub(crate) fn listener(store: &Arc<Store>, yaml: &str) -> Arc<ListenerConfig> {
         let l = weir_xds_api::from_yaml(yaml).expect("yaml");
         let clusters = ["backend"].into_iter().collect();
         let ctx = TranslateCtx {
@@ -202,7 +286,7 @@ mod tests {
         Arc::new(l.expect("listener"))
     }
 
-    const YAML: &str = r#"
+    pub(crate) const YAML: &str = r#"
 name: w
 address: {socket_address: {address: 127.0.0.1, port_value: 0}}
 filter_chains:
@@ -215,11 +299,11 @@ filter_chains:
       cluster: backend
 "#;
 
-    fn stats(store: &Store) -> HashMap<String, String> {
+    pub(crate) fn stats(store: &Store) -> HashMap<String, String> {
         store.render_text().into_iter().collect()
     }
 
-    async fn closed_by_proxy(addr: std::net::SocketAddr) {
+    pub(crate) async fn closed_by_proxy(addr: std::net::SocketAddr) {
         let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut buf = Vec::new();
         let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
@@ -240,9 +324,11 @@ filter_chains:
                 "default_filter_chain:\n",
             ),
         );
-        let mut b = crate::listener::bind_all(&[no_match, with_default], 1).expect("bind");
-        let addrs = b.addresses();
-        let worker = tokio::spawn(run_worker(b.take_worker(0), st.clone()));
+        let m = &st.listener_manager;
+        m.add_or_update(no_match).expect("bind");
+        m.add_or_update(with_default).expect("bind");
+        let addrs = m.listeners();
+        let worker = tokio::spawn(run_worker(m.take_worker(0).expect("worker 0"), st.clone()));
 
         // No chain matches (source port is not 1), no default chain: closed and counted.
         closed_by_proxy(addrs[0].address).await;
@@ -277,8 +363,9 @@ filter_chains:
     async fn worker_without_listeners_returns_on_drain() {
         let store = Store::new();
         let st = state(&store);
-        let mut b = crate::listener::bind_all(&[], 1).expect("bind");
-        let worker = tokio::spawn(run_worker(b.take_worker(0), st.clone()));
+        let cmds = st.listener_manager.take_worker(0).expect("worker 0");
+        assert!(st.listener_manager.take_worker(0).is_none(), "taken once");
+        let worker = tokio::spawn(run_worker(cmds, st.clone()));
         st.drain_listeners();
         st.hard_stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), worker)
