@@ -10,6 +10,7 @@ mod hardening;
 mod health;
 mod lb;
 mod lifecycle;
+mod listeners;
 mod protocols;
 mod resilience;
 mod routing;
