@@ -100,7 +100,11 @@ pub struct ListenerVersion {
 }
 
 impl ListenerVersion {
-    fn new(cfg: Arc<ListenerConfig>, draining: &CancellationToken, hard: &CancellationToken) -> Self {
+    fn new(
+        cfg: Arc<ListenerConfig>,
+        draining: &CancellationToken,
+        hard: &CancellationToken,
+    ) -> Self {
         Self {
             cfg,
             drain: draining.child_token(),
@@ -464,7 +468,9 @@ impl ListenerManager {
             Err(_) => {
                 // No runtime to time the drain on: the old version stops at once (dropping
                 // the task fires its tokens).
-                tracing::warn!("listener change outside a tokio runtime; old version closed at once");
+                tracing::warn!(
+                    "listener change outside a tokio runtime; old version closed at once"
+                );
                 drop(task);
             }
         }
@@ -590,7 +596,8 @@ mod tests {
         // The bound address named explicitly is the same listener too.
         let explicit = format!("address: 127.0.0.1, port_value: {}", a0.port());
         assert_eq!(
-            m.add_or_update(tcp(&store, "a", &explicit, "")).expect("update"),
+            m.add_or_update(tcp(&store, "a", &explicit, ""))
+                .expect("update"),
             ListenerChange::Modified { in_place: true }
         );
 
@@ -687,8 +694,7 @@ mod tests {
             .expect("add");
         st.drain_listeners();
         assert!(matches!(
-            st.listener_manager
-                .add_or_update(tcp(&store, "b", ANY, "")),
+            st.listener_manager.add_or_update(tcp(&store, "b", ANY, "")),
             Err(ListenerError::Stopped)
         ));
         st.hard_stop.cancel();

@@ -192,10 +192,7 @@ async fn in_place_update_lets_the_slow_request_finish_and_closes_its_connection(
 
     // A slow request in flight on a keep-alive connection of the first version.
     let mut c = h1(addr).await;
-    let slow = tokio::spawn({
-        let f = c.send_request(req("/slow/1500"));
-        async move { f.await }
-    });
+    let slow = tokio::spawn(c.send_request(req("/slow/1500")));
     eventually("slow request reached the old backend", || old.hits() == 1).await;
 
     let cfg = translate(&p, &http_listener("http", 0, "new", "ingress2"));
@@ -234,7 +231,11 @@ async fn in_place_update_lets_the_slow_request_finish_and_closes_its_connection(
     assert_eq!(p.stat("listener_manager.listener_in_place_updated"), 1);
     assert_eq!(p.stat("listener_manager.total_listeners_active"), 1);
     assert_eq!(p.stat("http.ingress.downstream_cx_drain_close"), 1);
-    assert_eq!(p.stat("server.live"), 1, "only the listener version drained");
+    assert_eq!(
+        p.stat("server.live"),
+        1,
+        "only the listener version drained"
+    );
     p.stop().await;
 }
 
@@ -319,10 +320,7 @@ async fn remove_stops_accepting_and_lets_in_flight_finish() {
     let (p, old, _new) = two_backends(5).await;
     let addr = p.addr("http");
     let mut c = h1(addr).await;
-    let slow = tokio::spawn({
-        let f = c.send_request(req("/slow/1000"));
-        async move { f.await }
-    });
+    let slow = tokio::spawn(c.send_request(req("/slow/1000")));
     eventually("slow request in flight", || old.hits() == 1).await;
 
     let m = &p.handle.state.listener_manager;
@@ -331,7 +329,10 @@ async fn remove_stops_accepting_and_lets_in_flight_finish() {
     assert!(p.handle.listener_addr("http").is_none());
     refused(addr).await;
 
-    let resp = slow.await.expect("task").expect("in-flight request completes");
+    let resp = slow
+        .await
+        .expect("task")
+        .expect("in-flight request completes");
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-backend"], "old");
     resp.into_body().collect().await.expect("body");
@@ -363,10 +364,9 @@ async fn drain_time_over_closes_what_is_left_of_the_old_version() {
 
     // In place (same address, port 0): the tcp_proxy connection of the old version keeps
     // working while it drains...
-    let yaml = format!(
-        r#"
+    let yaml = r#"
 name: tcp
-address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+address: {socket_address: {address: 127.0.0.1, port_value: 0}}
 filter_chains:
 - filters:
   - name: envoy.filters.network.tcp_proxy
@@ -374,13 +374,12 @@ filter_chains:
       "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
       stat_prefix: t2
       cluster: echo
-"#
-    );
+"#;
     let change = p
         .handle
         .state
         .listener_manager
-        .add_or_update(translate(&p, &yaml));
+        .add_or_update(translate(&p, yaml));
     assert_eq!(
         change.expect("update"),
         ListenerChange::Modified { in_place: true }
@@ -414,10 +413,7 @@ async fn drain_time_over_resets_a_long_h2_stream_of_the_old_version() {
     let (p, old, _new) = two_backends(1).await;
     let addr = p.addr("http");
     let mut h2 = h2_client(addr).await;
-    let long = tokio::spawn({
-        let f = h2.send_request(req("/slow/8000"));
-        async move { f.await }
-    });
+    let long = tokio::spawn(h2.send_request(req("/slow/8000")));
     eventually("long stream reached the backend", || old.hits() == 1).await;
     let cfg = translate(&p, &http_listener("http", 0, "new", "ingress"));
     p.handle
