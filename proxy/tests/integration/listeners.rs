@@ -192,7 +192,7 @@ async fn in_place_update_lets_the_slow_request_finish_and_closes_its_connection(
 
     // A slow request in flight on a keep-alive connection of the first version.
     let mut c = h1(addr).await;
-    let slow = tokio::spawn(c.send_request(req("/slow/1500")));
+    let slow = tokio::spawn(c.send_request(req("/slow/3000")));
     eventually("slow request reached the old backend", || old.hits() == 1).await;
 
     let cfg = translate(&p, &http_listener("http", 0, "new", "ingress2"));
