@@ -36,6 +36,8 @@ fn route_table(n: usize) -> RouteTable {
     let ctx = TranslateCtx {
         clusters: &clusters,
         stats: &stats,
+        rds: None,
+        rds_table: false,
     };
     let mut errs = Errors::default();
     let t = RouteTable::translate(&rc, "", &ctx, &mut errs);
@@ -90,6 +92,8 @@ fn bench_chains(c: &mut Criterion) {
     let ctx = TranslateCtx {
         clusters: &clusters,
         stats: &stats,
+        rds: None,
+        rds_table: false,
     };
     let mut errs = Errors::default();
     let cfg = weir_proxy::listener::translate_listener(&l, "l", &ctx, &mut errs).expect("listener");

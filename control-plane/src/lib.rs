@@ -264,4 +264,3 @@ pub async fn serve(
     let cp = ControlPlane::open(None)?;
     run(cp, listener, RunOptions::default(), shutdown).await
 }
-

@@ -151,6 +151,8 @@ pub fn validate(resources: &[Any], ctx: &Context) -> Result<Vec<Arc<Resource>>, 
     let tctx = TranslateCtx {
         clusters: &cluster_refs,
         stats: &stats,
+        rds: None,
+        rds_table: false,
     };
 
     for (i, d) in &decoded {

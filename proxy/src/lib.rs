@@ -36,3 +36,4 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod upstream;
+pub mod xds;

@@ -96,6 +96,8 @@ pub struct ServerState {
     pub hard_stop: CancellationToken,
     /// Every downstream connection task, across workers.
     pub connections: TaskTracker,
+    /// The xDS client's state, when the bootstrap has dynamic resources.
+    pub xds: OnceLock<Arc<crate::xds::Dynamic>>,
 }
 
 impl ServerState {
@@ -136,6 +138,7 @@ impl ServerState {
             shutdown: CancellationToken::new(),
             hard_stop,
             connections: TaskTracker::new(),
+            xds: OnceLock::new(),
         })
     }
 
@@ -265,6 +268,12 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
         tokio::spawn(crate::admin::serve(l, state.clone()));
     }
 
+    // xDS: the initial fetch (CDS, EDS, LDS, RDS, each bounded by initial_fetch_timeout)
+    // completes before listeners accept, as Envoy's init manager does.
+    let dynamic = crate::xds::start(&state);
+    if let Some(d) = &dynamic {
+        d.initialized().await;
+    }
     // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
     state.clusters.initialized().await;
     // Bind every static listener before the workers run: their commands wait in the
@@ -324,6 +333,9 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
         }
     });
 
+    if let Some(d) = &dynamic {
+        d.enable_listeners();
+    }
     state.ready.store(true, Ordering::SeqCst);
     state.server_stats.state.set(0.0);
     state.server_stats.live.set(1.0);

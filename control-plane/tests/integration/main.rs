@@ -8,6 +8,7 @@
 mod cli;
 mod delta;
 mod harness;
+mod mesh;
 mod python_grpc;
 mod sotw;
 

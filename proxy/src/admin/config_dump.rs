@@ -12,8 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{Response, StatusCode};
 use serde_json::{Map, Value};
 use weir_xds_api::pb::envoy::admin::v3::{
-    BootstrapConfigDump, ClustersConfigDump, ListenersConfigDump, RoutesConfigDump,
-    SecretsConfigDump, clusters_config_dump, listeners_config_dump, routes_config_dump,
+    BootstrapConfigDump, ClustersConfigDump, EndpointsConfigDump, ListenersConfigDump,
+    RoutesConfigDump, SecretsConfigDump, clusters_config_dump, endpoints_config_dump,
+    listeners_config_dump, routes_config_dump,
 };
 use weir_xds_api::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
 use weir_xds_api::pb::envoy::config::route::v3::RouteConfiguration;
@@ -30,13 +31,15 @@ use crate::server::ServerState;
 struct Dumps {
     bootstrap: BootstrapConfigDump,
     clusters: ClustersConfigDump,
+    /// EDS assignments (only with `?include_eds`).
+    endpoints: Option<EndpointsConfigDump>,
     listeners: ListenersConfigDump,
     routes: RoutesConfigDump,
     secrets: SecretsConfigDump,
 }
 
 impl Dumps {
-    fn build(state: &ServerState) -> Self {
+    fn build(state: &ServerState, include_eds: bool) -> Self {
         let snap = state.snapshot.load();
         // Static resources were loaded when the server started.
         let ts = timestamp(state.started);
@@ -51,7 +54,8 @@ impl Dumps {
                 last_updated,
             })
             .collect();
-        Self {
+        let mut d = Self {
+            endpoints: None,
             bootstrap: BootstrapConfigDump {
                 bootstrap: Some(snap.bootstrap.clone()),
                 last_updated,
@@ -84,17 +88,86 @@ impl Dumps {
             },
             // Envoy never prints secret material; weir has no SDS secrets yet either.
             secrets: SecretsConfigDump::default(),
+        };
+        if let Some(x) = state.xds.get() {
+            d.add_dynamic(x, include_eds);
+        }
+        d
+    }
+
+    /// Dynamic resources with their version and update time, as Envoy shows them.
+    fn add_dynamic(&mut self, x: &crate::xds::Dynamic, include_eds: bool) {
+        use crate::xds::{CLUSTER, LISTENER};
+        let ts = |s: &crate::xds::Stored| Some(timestamp(s.last_updated));
+        self.clusters.version_info = x.version(CLUSTER).unwrap_or_default();
+        for (_, active, warming) in x.dump_clusters() {
+            let dc = |s: &crate::xds::Stored| clusters_config_dump::DynamicCluster {
+                version_info: s.version.clone(),
+                cluster: Some(s.body.clone()),
+                last_updated: ts(s),
+                ..Default::default()
+            };
+            if let Some(a) = &active {
+                self.clusters.dynamic_active_clusters.push(dc(a));
+            }
+            if let Some(w) = &warming {
+                self.clusters.dynamic_warming_clusters.push(dc(w));
+            }
+        }
+        self.listeners.version_info = x.version(LISTENER).unwrap_or_default();
+        for (name, active, warming) in x.dump_listeners() {
+            let st = |s: &crate::xds::Stored| listeners_config_dump::DynamicListenerState {
+                version_info: s.version.clone(),
+                listener: Some(s.body.clone()),
+                last_updated: ts(s),
+            };
+            self.listeners
+                .dynamic_listeners
+                .push(listeners_config_dump::DynamicListener {
+                    name,
+                    active_state: active.as_ref().map(st),
+                    warming_state: warming.as_ref().map(st),
+                    ..Default::default()
+                });
+        }
+        for s in x.dump_routes() {
+            self.routes
+                .dynamic_route_configs
+                .push(routes_config_dump::DynamicRouteConfig {
+                    version_info: s.version.clone(),
+                    route_config: Some(s.body.clone()),
+                    last_updated: ts(&s),
+                    ..Default::default()
+                });
+        }
+        if include_eds {
+            self.endpoints = Some(EndpointsConfigDump {
+                dynamic_endpoint_configs: x
+                    .dump_endpoints()
+                    .iter()
+                    .map(|s| endpoints_config_dump::DynamicEndpointConfig {
+                        version_info: s.version.clone(),
+                        endpoint_config: Some(s.body.clone()),
+                        last_updated: ts(s),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            });
         }
     }
 
     fn configs(&self) -> Vec<Any> {
-        vec![
-            pack(&self.bootstrap),
-            pack(&self.clusters),
+        let mut v = vec![pack(&self.bootstrap), pack(&self.clusters)];
+        if let Some(e) = &self.endpoints {
+            v.push(pack(e));
+        }
+        v.extend([
             pack(&self.listeners),
             pack(&self.routes),
             pack(&self.secrets),
-        ]
+        ]);
+        v
     }
 
     /// The elements of the repeated field `name` of any dump, or `None` if no dump has it.
@@ -114,6 +187,11 @@ impl Dumps {
             "dynamic_listeners" => all(&l.dynamic_listeners),
             "static_route_configs" => all(&r.static_route_configs),
             "dynamic_route_configs" => all(&r.dynamic_route_configs),
+            "dynamic_endpoint_configs" => self
+                .endpoints
+                .as_ref()
+                .map(|e| all(&e.dynamic_endpoint_configs))
+                .unwrap_or_default(),
             "static_secrets" => all(&s.static_secrets),
             "dynamic_active_secrets" => all(&s.dynamic_active_secrets),
             "dynamic_warming_secrets" => all(&s.dynamic_warming_secrets),
@@ -122,9 +200,9 @@ impl Dumps {
     }
 }
 
-/// `GET /config_dump` (`?include_eds` is accepted and ignored: weir has no EDS yet).
+/// `GET /config_dump` (`?include_eds` adds the EDS assignments).
 pub(super) fn config_dump(state: &ServerState, q: &Query) -> Response<Body> {
-    let dumps = Dumps::build(state);
+    let dumps = Dumps::build(state, q.get("include_eds").is_some());
     let configs = match q.get("resource").filter(|r| !r.is_empty()) {
         Some(r) => match dumps.resource(r) {
             Some(c) => c,

@@ -4,7 +4,6 @@
 //! Defaults follow Envoy, tightened where `HARDENING.md` asks for edge-safe values
 //! (documented per field).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -17,8 +16,8 @@ use weir_xds_api::pb::envoy::extensions::filters::network::http_connection_manag
 use weir_xds_api::type_urls;
 
 use crate::config::{Errors, TranslateCtx, duration_or, join};
-use crate::route::RouteTable;
 use crate::route::filters::{ProxyFactoryContext, merge_errors};
+use crate::route::{RouteHandle, RouteTable};
 use crate::stats::Scope;
 
 /// Downstream codec.
@@ -173,8 +172,8 @@ pub struct HcmConfig {
     pub stat_prefix: String,
     /// `codec_type`.
     pub codec: Codec,
-    /// Inline `route_config`.
-    pub routes: Arc<RouteTable>,
+    /// The route table: inline `route_config` (fixed) or an RDS slot updated in place.
+    pub routes: RouteHandle,
     /// Non-terminal HTTP filters, in order (the router is implicit and last).
     pub http_filters: weir_filters::FilterChain,
     /// Router `suppress_envoy_headers`.
@@ -237,6 +236,7 @@ const HCM_FIELDS: &[&str] = &[
     "stat_prefix",
     "http_filters",
     "route_config",
+    "rds",
     "common_http_protocol_options",
     "http_protocol_options",
     "http2_protocol_options",
@@ -284,19 +284,52 @@ pub fn translate_hcm(
             Codec::Auto
         }
     };
-    let routes = match &h.route_specifier {
+    let (routes, inline) = match &h.route_specifier {
         Some(hcm_enums::RouteSpecifier::RouteConfig(rc)) => {
-            RouteTable::translate(rc, &join(path, "route_config"), ctx, errs)
+            let t = RouteTable::translate(rc, &join(path, "route_config"), ctx, errs);
+            (RouteHandle::fixed(t), true)
+        }
+        Some(hcm_enums::RouteSpecifier::Rds(rds)) => {
+            let rpath = join(path, "rds");
+            errs.reject_unsupported(rds, &["config_source", "route_config_name"], &rpath);
+            if rds.route_config_name.is_empty() {
+                errs.add(
+                    join(&rpath, "route_config_name"),
+                    "route_config_name is required",
+                );
+            }
+            let source = match &rds.config_source {
+                Some(cs) => {
+                    crate::config::source::translate(cs, &join(&rpath, "config_source"), errs)?
+                }
+                None => {
+                    errs.add(join(&rpath, "config_source"), "config_source is required");
+                    return None;
+                }
+            };
+            let handle = match ctx.rds {
+                Some(reg) => reg.handle(&rds.route_config_name, &source, &h.stat_prefix, ctx.stats),
+                None => crate::route::RdsRegistry::default().handle(
+                    &rds.route_config_name,
+                    &source,
+                    &h.stat_prefix,
+                    ctx.stats,
+                ),
+            };
+            (handle, false)
         }
         Some(_) => {
             errs.add(
-                join(path, "rds"),
-                "only an inline route_config is supported",
+                join(path, "scoped_routes"),
+                "scoped_routes is not supported (use route_config or rds)",
             );
             return None;
         }
         None => {
-            errs.add(join(path, "route_config"), "route_config is required");
+            errs.add(
+                join(path, "route_config"),
+                "route_config or rds is required",
+            );
             return None;
         }
     };
@@ -305,7 +338,8 @@ pub fn translate_hcm(
         translate_http_filters(&h.http_filters, path, ctx, &h.stat_prefix, errs);
     // A per-route config under a filter's name must be that filter's type; otherwise the
     // filter could not use it.
-    for u in routes.filter_configs() {
+    let table = routes.slot().table();
+    for u in table.filter_configs().iter().filter(|_| inline) {
         if let Some(e) = http_filters.entries().iter().find(|e| e.name == u.name)
             && e.type_url != u.type_url
         {
@@ -505,7 +539,7 @@ pub fn translate_hcm(
     Some(HcmConfig {
         stat_prefix: h.stat_prefix.clone(),
         codec,
-        routes: Arc::new(routes),
+        routes,
         http_filters,
         suppress_envoy_headers,
         server_name,
@@ -679,6 +713,8 @@ mod tests {
         let ctx = TranslateCtx {
             clusters: &clusters,
             stats: &stats,
+            rds: None,
+            rds_table: false,
         };
         let mut errs = Errors::default();
         let out = translate_hcm(&h, "hcm", &ctx, &mut errs);

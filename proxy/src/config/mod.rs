@@ -5,6 +5,7 @@
 //! (`static_resources.listeners[0].filter_chains[1].filters[0]...`).
 
 pub mod hcm;
+pub mod source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -210,10 +211,14 @@ pub struct Snapshot {
     pub bootstrap: Bootstrap,
     /// The stats store every handle in this snapshot was registered in.
     pub stats: Arc<Store>,
+    /// `dynamic_resources`, translated (empty without).
+    pub xds: crate::xds::XdsConfig,
+    /// Route slots of connection managers using RDS (shared with the xDS client).
+    pub rds: Arc<crate::route::RdsRegistry>,
 }
 
 /// Bootstrap fields weir understands; anything else set is rejected.
-const BOOTSTRAP_FIELDS: &[&str] = &["node", "static_resources", "admin"];
+const BOOTSTRAP_FIELDS: &[&str] = &["node", "static_resources", "dynamic_resources", "admin"];
 
 /// Parse YAML or JSON text into a bootstrap proto.
 pub fn parse_bootstrap(text: &str) -> Result<Bootstrap, ConfigErrors> {
@@ -246,6 +251,8 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
     });
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
+    let rds = Arc::new(crate::route::RdsRegistry::default());
+    let mut xds = crate::xds::XdsConfig::default();
     if let Some(sr) = &bootstrap.static_resources {
         errs.reject_unsupported(sr, &["listeners", "clusters"], "static_resources");
         for (i, c) in sr.clusters.iter().enumerate() {
@@ -268,9 +275,14 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
         }
         let cluster_names: std::collections::HashSet<&str> =
             clusters.iter().map(|c| c.name.as_str()).collect();
+        if let Some(d) = &bootstrap.dynamic_resources {
+            xds = crate::xds::translate_dynamic(d, &cluster_names, &mut errs);
+        }
         let ctx = TranslateCtx {
             clusters: &cluster_names,
             stats,
+            rds: Some(&rds),
+            rds_table: false,
         };
         for (i, l) in sr.listeners.iter().enumerate() {
             if let Some(l) = crate::listener::translate_listener(
@@ -292,6 +304,9 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
             }
         }
     }
+    if let (None, Some(d)) = (&bootstrap.static_resources, &bootstrap.dynamic_resources) {
+        xds = crate::xds::translate_dynamic(d, &Default::default(), &mut errs);
+    }
     errs.into_result(Snapshot {
         node,
         admin_address,
@@ -299,6 +314,8 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
         clusters,
         bootstrap,
         stats: stats.clone(),
+        xds,
+        rds,
     })
 }
 
@@ -311,6 +328,12 @@ pub struct TranslateCtx<'a> {
     /// Where stats handles (`http.<prefix>.*`, `listener.<addr>.*`, `tcp.<prefix>.*`) are
     /// registered; translation resolves them once so the hot path only touches atomics.
     pub stats: &'a Arc<Store>,
+    /// Where connection managers with `rds` get their route slots; `None` gives each its own
+    /// unshared slot (validation only).
+    pub rds: Option<&'a crate::route::RdsRegistry>,
+    /// Translating a `RouteConfiguration` delivered by RDS: `validate_clusters` defaults to
+    /// false (Envoy's default for RDS), so a route may name a cluster CDS has not sent yet.
+    pub rds_table: bool,
 }
 
 /// Load the bootstrap named by the CLI (`-c` and/or `--config-yaml`), apply node overrides,

@@ -427,7 +427,8 @@ async fn process(
 
     let request_id = req.headers.get("x-request-id").cloned();
     // Route once, before the filters (Envoy's route cache); filters see the result.
-    let route = cfg.routes.route(&RouteRequest {
+    let routes = cfg.routes.load();
+    let route = routes.route(&RouteRequest {
         authority: &authority,
         path: &path,
         method: &req.method,

@@ -579,6 +579,8 @@ mod tests {
         let ctx = TranslateCtx {
             clusters: &clusters,
             stats: &stats,
+            rds: None,
+            rds_table: false,
         };
         let mut errs = Errors::default();
         let out = translate_listener(&l, "l", &ctx, &mut errs);

@@ -279,6 +279,8 @@ pub(super) mod tests {
         let ctx = TranslateCtx {
             clusters: &clusters,
             stats: store,
+            rds: None,
+            rds_table: false,
         };
         let mut errs = Errors::default();
         let l = crate::listener::translate_listener(&l, "l", &ctx, &mut errs);

@@ -87,10 +87,13 @@ pub mod filters;
 pub mod hash;
 mod header;
 mod matcher;
+pub mod rds;
 pub mod retry;
 #[cfg(test)]
 mod tests;
 mod translate;
+
+pub use rds::{RdsRegistry, RouteHandle};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

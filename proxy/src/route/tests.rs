@@ -20,6 +20,8 @@ fn translate_with(yaml: &str, clusters: &[&str]) -> (RouteTable, Vec<(String, St
     let ctx = TranslateCtx {
         clusters: &set,
         stats: &stats,
+        rds: None,
+        rds_table: false,
     };
     let mut errs = Errors::default();
     let t = RouteTable::translate(&rc, "rc", &ctx, &mut errs);

@@ -90,7 +90,10 @@ pub(super) fn route_table(
     );
     let tctx = TableCtx {
         ctx,
-        validate_clusters: rc.validate_clusters.as_ref().is_none_or(|b| b.value),
+        validate_clusters: rc
+            .validate_clusters
+            .as_ref()
+            .map_or(!ctx.rds_table, |b| b.value),
         max_body: rc
             .max_direct_response_body_size_bytes
             .as_ref()

@@ -196,6 +196,7 @@ mod tests {
             circuit_breakers: Default::default(),
             health_checks: Vec::new(),
             outlier: None,
+            eds: None,
         }
     }
 

@@ -2041,6 +2041,7 @@ mod tests {
             outlier: None,
             circuit_breakers: Default::default(),
             lb: Default::default(),
+            eds: None,
         });
         let store = Store::new();
         let cm = ClusterManager::new(&[c], &store);

@@ -20,6 +20,7 @@
 
 pub mod circuit;
 mod dns;
+mod eds;
 pub mod health;
 pub(crate) mod lb;
 pub mod outlier;
@@ -75,6 +76,17 @@ pub struct ClusterConfig {
     pub health_checks: Vec<HealthCheckConfig>,
     /// `outlier_detection`.
     pub outlier: Option<OutlierConfig>,
+    /// `eds_cluster_config` of an EDS cluster.
+    pub eds: Option<EdsClusterConfig>,
+}
+
+/// Where an EDS cluster's endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdsClusterConfig {
+    /// The `ClusterLoadAssignment` name: `service_name`, else the cluster's name.
+    pub service_name: String,
+    /// `eds_config`.
+    pub source: crate::config::source::ConfigSource,
 }
 
 /// `Cluster.type`.
@@ -85,6 +97,9 @@ pub enum DiscoveryType {
     /// `STRICT_DNS`: every address of every endpoint hostname is a host, re-resolved every
     /// `dns_refresh_rate`.
     StrictDns,
+    /// `EDS`: endpoints arrive as a `ClusterLoadAssignment` from `eds_cluster_config`; they
+    /// replace the host set in place ([`Cluster::set_endpoints`]).
+    Eds,
 }
 
 /// `Cluster.lb_policy` with its policy-specific settings.
@@ -418,6 +433,16 @@ impl Host {
         self.healthy_since.store(since_epoch(at), Ordering::Relaxed);
     }
 
+    /// The slow-start clock as stored (for a host that replaces this one).
+    pub(crate) fn healthy_since_nanos(&self) -> u64 {
+        self.healthy_since.load(Ordering::Relaxed)
+    }
+
+    /// Restore a slow-start clock read with [`Host::healthy_since_nanos`].
+    pub(crate) fn set_healthy_since_nanos(&self, n: u64) {
+        self.healthy_since.store(n, Ordering::Relaxed);
+    }
+
     /// How long the host has been healthy (or present) at `now`.
     pub fn healthy_for(&self, now: std::time::Instant) -> Duration {
         let since = Duration::from_nanos(self.healthy_since.load(Ordering::Relaxed));
@@ -612,7 +637,7 @@ impl Cluster {
         let breakers = circuit::CircuitBreakers::new(&config.circuit_breakers, &scope);
         let host_set = arc_swap::ArcSwap::from_pointee(dns::initial_set(&config));
         let warmed = tokio_util::sync::CancellationToken::new();
-        if !config.needs_dns() {
+        if !config.needs_dns() && config.discovery != DiscoveryType::Eds {
             warmed.cancel();
         }
         let health = config
@@ -767,11 +792,18 @@ impl Cluster {
 }
 
 /// All clusters.
+///
+/// Reads (`get`, once per request) are a lock-free `ArcSwap` load. Writes (static start-up,
+/// CDS) replace the whole map under `write`, a mutex only control-plane updates take. A
+/// cluster replaced or removed stays alive for as long as requests hold its `Arc` (they
+/// finish on it: Envoy's cluster drain); its background tasks end when the last `Arc` goes.
 #[derive(Debug)]
 pub struct ClusterManager {
     clusters: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<Cluster>>>,
-    /// `start` runs once; a second call would double the DNS loops.
-    started: std::sync::atomic::AtomicBool,
+    /// Serializes writers.
+    write: std::sync::Mutex<()>,
+    /// The runtime background tasks run on, once started.
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl ClusterManager {
@@ -783,28 +815,74 @@ impl ClusterManager {
             .collect();
         Arc::new(Self {
             clusters: arc_swap::ArcSwap::from_pointee(map),
-            started: std::sync::atomic::AtomicBool::new(false),
+            write: std::sync::Mutex::new(()),
+            runtime: std::sync::OnceLock::new(),
         })
     }
 
     /// Start background work on the main runtime: one DNS refresh loop per STRICT_DNS
     /// cluster, the health checker of clusters with `health_checks` and the outlier sweep of
-    /// clusters with `outlier_detection` (each ends when its cluster is dropped).
+    /// clusters with `outlier_detection` (each ends when its cluster is dropped). Clusters
+    /// added later start theirs in [`ClusterManager::start_cluster`].
     pub fn start(self: &Arc<Self>, rt: &tokio::runtime::Handle) {
-        if self.started.swap(true, Ordering::AcqRel) {
+        if self.runtime.set(rt.clone()).is_err() {
             return;
         }
         for c in self.clusters.load().values() {
-            if c.config.needs_dns() {
-                rt.spawn(dns::run(Arc::downgrade(c)));
-            }
-            if c.health.is_some() {
-                rt.spawn(health::run(Arc::downgrade(c)));
-            }
-            if c.outlier.is_some() {
-                rt.spawn(outlier::run(Arc::downgrade(c)));
-            }
+            Self::spawn_tasks(c, rt);
         }
+    }
+
+    fn spawn_tasks(c: &Arc<Cluster>, rt: &tokio::runtime::Handle) {
+        if c.config.needs_dns() {
+            rt.spawn(dns::run(Arc::downgrade(c)));
+        }
+        if c.health.is_some() {
+            rt.spawn(health::run(Arc::downgrade(c)));
+        }
+        if c.outlier.is_some() {
+            rt.spawn(outlier::run(Arc::downgrade(c)));
+        }
+    }
+
+    /// Start the background tasks of a cluster built outside the manager (a CDS cluster
+    /// warming before [`ClusterManager::insert`]); a no-op before [`ClusterManager::start`]
+    /// (`start` covers the clusters inserted by then).
+    pub fn start_cluster(&self, c: &Arc<Cluster>) {
+        if let Some(rt) = self.runtime.get() {
+            Self::spawn_tasks(c, rt);
+        }
+    }
+
+    /// Add or replace a cluster (by name); returns the one it replaced. New requests see it
+    /// at once; requests in flight finish on the old one.
+    pub fn insert(&self, c: Arc<Cluster>) -> Option<Arc<Cluster>> {
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = (**self.clusters.load()).clone();
+        let old = map.insert(c.name().to_string(), c);
+        self.clusters.store(Arc::new(map));
+        old
+    }
+
+    /// Remove a cluster by name; returns it. New requests for it get "no cluster" (503 NC).
+    pub fn remove(&self, name: &str) -> Option<Arc<Cluster>> {
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = (**self.clusters.load()).clone();
+        let old = map.remove(name);
+        if old.is_some() {
+            self.clusters.store(Arc::new(map));
+        }
+        old
+    }
+
+    /// Number of clusters.
+    pub fn len(&self) -> usize {
+        self.clusters.load().len()
+    }
+
+    /// No clusters.
+    pub fn is_empty(&self) -> bool {
+        self.clusters.load().is_empty()
     }
 
     /// Resolves once every cluster is warm: its first DNS resolution was attempted (whether or
@@ -815,11 +893,9 @@ impl ClusterManager {
     pub async fn initialized(&self) {
         let clusters = self.clusters.load_full();
         for c in clusters.values() {
-            c.warmed.cancelled().await;
-            c.hc_warmed.cancelled().await;
+            c.warm().await;
         }
     }
-
     /// Look up a cluster by name.
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters.load().get(name).cloned()

@@ -1265,6 +1265,7 @@ mod tests {
             circuit_breakers: Default::default(),
             health_checks: Vec::new(),
             outlier: None,
+            eds: None,
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }

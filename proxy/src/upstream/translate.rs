@@ -27,8 +27,9 @@ use weir_xds_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_opti
 };
 
 use super::{
-    ClusterConfig, DiscoveryType, DnsLookupFamily, EndpointAddress, EndpointConfig, Http2Settings,
-    LbConfig, LbPolicy, LocalityConfig, SlowStartConfig, UpstreamProtocol, health_flags,
+    ClusterConfig, DiscoveryType, DnsLookupFamily, EdsClusterConfig, EndpointAddress,
+    EndpointConfig, Http2Settings, LbConfig, LbPolicy, LocalityConfig, SlowStartConfig,
+    UpstreamProtocol, health_flags,
 };
 use crate::config::{Errors, duration_or, join, socket_address};
 
@@ -67,6 +68,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "circuit_breakers",
     "health_checks",
     "outlier_detection",
+    "eds_cluster_config",
     // Opaque to weir: only read by filters and subset LB (which is rejected).
     "metadata",
 ];
@@ -85,11 +87,12 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         Some(ClusterDiscoveryType::Type(t)) => match PbDiscoveryType::try_from(*t) {
             Ok(PbDiscoveryType::Static) => DiscoveryType::Static,
             Ok(PbDiscoveryType::StrictDns) => DiscoveryType::StrictDns,
+            Ok(PbDiscoveryType::Eds) => DiscoveryType::Eds,
             Ok(other) => {
                 errs.add(
                     join(path, "type"),
                     format!(
-                        "cluster type {} is not supported (use STATIC or STRICT_DNS)",
+                        "cluster type {} is not supported (use STATIC, STRICT_DNS or EDS)",
                         other.as_str_name()
                     ),
                 );
@@ -152,55 +155,53 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
 
     let (protocol, idle_timeout) = protocol_options(c, path, errs);
 
-    let mut endpoints = Vec::new();
-    if let Some(la) = &c.load_assignment {
-        let lpath = join(path, "load_assignment");
-        errs.reject_unsupported(la, &["cluster_name", "endpoints"], &lpath);
-        for (i, loc) in la.endpoints.iter().enumerate() {
-            let ppath = format!("{lpath}.endpoints[{i}]");
-            errs.reject_unsupported(
-                loc,
-                &[
-                    "locality",
-                    "lb_endpoints",
-                    "priority",
-                    // Used by `locality_weighted_lb_config` (ignored otherwise, as in Envoy).
-                    "load_balancing_weight",
-                    "metadata",
-                ],
-                &ppath,
-            );
-            let weight = match loc.load_balancing_weight {
-                Some(w) if w.value == 0 => {
-                    errs.add(
-                        join(&ppath, "load_balancing_weight"),
-                        "load_balancing_weight must be at least 1",
-                    );
+    let eds = match (&c.eds_cluster_config, discovery) {
+        (Some(e), DiscoveryType::Eds) => {
+            let epath = join(path, "eds_cluster_config");
+            errs.reject_unsupported(e, &["eds_config", "service_name"], &epath);
+            let source = match &e.eds_config {
+                Some(cs) => crate::config::source::translate(cs, &join(&epath, "eds_config"), errs),
+                None => {
+                    errs.add(join(&epath, "eds_config"), "eds_config is required");
                     None
                 }
-                w => w.map(|w| w.value),
             };
-            let locality = match (&loc.locality, weight) {
-                (None, None) => None,
-                (l, w) => Some(LocalityConfig {
-                    region: l.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
-                    zone: l.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
-                    sub_zone: l.as_ref().map(|l| l.sub_zone.clone()).unwrap_or_default(),
-                    load_balancing_weight: w,
-                }),
-            };
-            for (j, lb) in loc.lb_endpoints.iter().enumerate() {
-                let epath = format!("{ppath}.lb_endpoints[{j}]");
-                if let Some(ep) = lb_endpoint(lb, discovery, &epath, errs) {
-                    endpoints.push(EndpointConfig {
-                        priority: loc.priority,
-                        locality: locality.clone(),
-                        ..ep
-                    });
-                }
-            }
+            source.map(|source| EdsClusterConfig {
+                service_name: if e.service_name.is_empty() {
+                    c.name.clone()
+                } else {
+                    e.service_name.clone()
+                },
+                source,
+            })
         }
-    }
+        (None, DiscoveryType::Eds) => {
+            errs.add(
+                join(path, "eds_cluster_config"),
+                "an EDS cluster needs eds_cluster_config.eds_config",
+            );
+            None
+        }
+        (Some(_), _) => {
+            errs.add(
+                join(path, "eds_cluster_config"),
+                "eds_cluster_config is only valid with type: EDS",
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let endpoints = match &c.load_assignment {
+        Some(_) if discovery == DiscoveryType::Eds => {
+            errs.add(
+                join(path, "load_assignment"),
+                "an EDS cluster gets its endpoints from EDS; remove load_assignment",
+            );
+            Vec::new()
+        }
+        Some(la) => translate_load_assignment(la, discovery, &join(path, "load_assignment"), errs),
+        None => Vec::new(),
+    };
 
     let (health_checks, outlier) = health_and_outlier(c, &protocol, path, errs);
 
@@ -223,7 +224,66 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         ),
         health_checks,
         outlier,
+        eds,
     })
+}
+
+/// The endpoints of a `ClusterLoadAssignment` (inline `load_assignment`, or an EDS resource
+/// with `discovery` = [`DiscoveryType::Eds`]), flattened in order with each endpoint's
+/// priority and locality. `policy` (drop_overloads, overprovisioning) is refused by name.
+pub fn translate_load_assignment(
+    la: &weir_xds_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment,
+    discovery: DiscoveryType,
+    lpath: &str,
+    errs: &mut Errors,
+) -> Vec<EndpointConfig> {
+    errs.reject_unsupported(la, &["cluster_name", "endpoints"], lpath);
+    let mut endpoints = Vec::new();
+    for (i, loc) in la.endpoints.iter().enumerate() {
+        let ppath = format!("{lpath}.endpoints[{i}]");
+        errs.reject_unsupported(
+            loc,
+            &[
+                "locality",
+                "lb_endpoints",
+                "priority",
+                // Used by `locality_weighted_lb_config` (ignored otherwise, as in Envoy).
+                "load_balancing_weight",
+                "metadata",
+            ],
+            &ppath,
+        );
+        let weight = match loc.load_balancing_weight {
+            Some(w) if w.value == 0 => {
+                errs.add(
+                    join(&ppath, "load_balancing_weight"),
+                    "load_balancing_weight must be at least 1",
+                );
+                None
+            }
+            w => w.map(|w| w.value),
+        };
+        let locality = match (&loc.locality, weight) {
+            (None, None) => None,
+            (l, w) => Some(LocalityConfig {
+                region: l.as_ref().map(|l| l.region.clone()).unwrap_or_default(),
+                zone: l.as_ref().map(|l| l.zone.clone()).unwrap_or_default(),
+                sub_zone: l.as_ref().map(|l| l.sub_zone.clone()).unwrap_or_default(),
+                load_balancing_weight: w,
+            }),
+        };
+        for (j, lb) in loc.lb_endpoints.iter().enumerate() {
+            let epath = format!("{ppath}.lb_endpoints[{j}]");
+            if let Some(ep) = lb_endpoint(lb, discovery, &epath, errs) {
+                endpoints.push(EndpointConfig {
+                    priority: loc.priority,
+                    locality: locality.clone(),
+                    ..ep
+                });
+            }
+        }
+    }
+    endpoints
 }
 
 /// `health_checks` and `outlier_detection` (see [`super::health`] and [`super::outlier`]).
@@ -542,7 +602,7 @@ fn lb_endpoint(
     errs.reject_unsupported(ep, &["address", "hostname"], &epath);
     let apath = join(&epath, "address");
     let address = match discovery {
-        DiscoveryType::Static => {
+        DiscoveryType::Static | DiscoveryType::Eds => {
             let a = socket_address(ep.address.as_ref(), &apath, errs)?;
             if a.port() == 0 {
                 errs.add(
@@ -992,9 +1052,69 @@ typed_extension_protocol_options:
     }
 
     #[test]
+    fn eds_cluster_and_load_assignment() {
+        let c = ok(
+            "name: a\ntype: EDS\neds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}}\n",
+        );
+        assert_eq!(c.discovery, DiscoveryType::Eds);
+        let eds = c.eds.expect("eds");
+        assert_eq!(eds.service_name, "a");
+        assert_eq!(eds.source, crate::config::source::ConfigSource::ads());
+        let c = ok(
+            "name: a\ntype: EDS\neds_cluster_config: {service_name: svc, eds_config: {ads: {}}}\n",
+        );
+        assert_eq!(c.eds.expect("eds").service_name, "svc");
+
+        let la: weir_xds_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+            weir_xds_api::from_yaml(
+                "cluster_name: a\nendpoints:\n- locality: {zone: z1}\n  priority: 1\n  lb_endpoints:\n  - endpoint: {address: {socket_address: {address: 10.0.0.1, port_value: 80}}}\n    load_balancing_weight: 5\n    health_status: UNHEALTHY\n",
+            )
+            .expect("cla");
+        let mut errs = Errors::default();
+        let eps = translate_load_assignment(&la, DiscoveryType::Eds, "cla", &mut errs);
+        assert!(errs.is_empty(), "{:?}", errs.0);
+        assert_eq!(eps.len(), 1);
+        assert_eq!((eps[0].weight, eps[0].priority), (5, 1));
+        assert_eq!(eps[0].health, health_flags::FAILED_EDS_HEALTH);
+        assert_eq!(
+            eps[0].locality.as_ref().map(|l| l.zone.as_str()),
+            Some("z1")
+        );
+
+        let la: weir_xds_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+            weir_xds_api::from_yaml(
+                "cluster_name: a\npolicy: {drop_overloads: [{category: x, drop_percentage: {numerator: 1}}]}\nendpoints:\n- lb_endpoints:\n  - endpoint: {address: {socket_address: {address: my.host, port_value: 80}}}\n",
+            )
+            .expect("cla");
+        let mut errs = Errors::default();
+        translate_load_assignment(&la, DiscoveryType::Eds, "cla", &mut errs);
+        let paths: Vec<_> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "cla.policy",
+                "cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address"
+            ]
+        );
+    }
+
+    #[test]
     fn rejections_name_their_path() {
         let p = err_paths("name: a\ntype: EDS\n");
-        assert_eq!(p, vec!["clusters[0].type"]);
+        assert_eq!(p, vec!["clusters[0].eds_cluster_config"]);
+        let p = err_paths("name: a\neds_cluster_config: {eds_config: {ads: {}}}\n");
+        assert_eq!(p, vec!["clusters[0].eds_cluster_config"]);
+        let p = err_paths(
+            "name: a\ntype: EDS\neds_cluster_config: {eds_config: {ads: {}}}\nload_assignment: {cluster_name: a}\n",
+        );
+        assert_eq!(p, vec!["clusters[0].load_assignment"]);
+        let p = err_paths(
+            "name: a\ntype: EDS\neds_cluster_config: {eds_config: {api_config_source: {}}}\n",
+        );
+        assert_eq!(
+            p,
+            vec!["clusters[0].eds_cluster_config.eds_config.api_config_source"]
+        );
         let p = err_paths("name: a\ntype: LOGICAL_DNS\n");
         assert_eq!(p, vec!["clusters[0].type"]);
         assert_eq!(err_paths("name: ''\n"), vec!["clusters[0].name"]);

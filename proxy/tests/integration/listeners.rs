@@ -52,6 +52,8 @@ fn translate(p: &Proxy, yaml: &str) -> Arc<ListenerConfig> {
     let ctx = TranslateCtx {
         clusters: &clusters,
         stats: &p.handle.state.stats,
+        rds: None,
+        rds_table: false,
     };
     let mut errs = Errors::default();
     let cfg = translate_listener(&l, "listener", &ctx, &mut errs);

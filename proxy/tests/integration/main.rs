@@ -15,3 +15,4 @@ mod protocols;
 mod resilience;
 mod routing;
 mod tcp;
+mod xds;
