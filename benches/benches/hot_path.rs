@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-request decisions: route matching over 1,000 routes,
-//! filter-chain selection, and load-balancer picks. Run: `cargo bench -p weir-benches`.
+//! filter-chain selection, and load-balancer picks; plus the cost of applying a
+//! 10,000-endpoint EDS update. Run: `cargo bench -p weir-benches`.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -165,5 +166,86 @@ fn bench_lb(c: &mut Criterion) {
     }
 }
 
+/// A ClusterLoadAssignment for `svc` with `n` endpoints (10.x.y.z:80) of `weight`.
+fn cla(n: u32, weight: u32) -> weir_xds_api::Any {
+    use weir_xds_api::pb::envoy::config::core::v3 as core;
+    use weir_xds_api::pb::envoy::config::endpoint::v3 as ep;
+    let lb_endpoints = (0..n)
+        .map(|i| ep::LbEndpoint {
+            host_identifier: Some(ep::lb_endpoint::HostIdentifier::Endpoint(ep::Endpoint {
+                address: Some(core::Address {
+                    address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                        address: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                        port_specifier: Some(core::socket_address::PortSpecifier::PortValue(80)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            load_balancing_weight: Some(weir_xds_api::pb::google::protobuf::UInt32Value {
+                value: weight,
+            }),
+            ..Default::default()
+        })
+        .collect();
+    weir_xds_api::pack(&ep::ClusterLoadAssignment {
+        cluster_name: "svc".into(),
+        endpoints: vec![ep::LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// The whole EDS path for a 10,000-endpoint assignment, as the xDS client runs it: decode,
+/// translate, swap the cluster's hosts in place (every weight changes each time, so every
+/// host is rebuilt), then the first pick on the new set (which rebuilds the per-worker LB
+/// state). Runs a real server whose static EDS cluster takes its endpoints from the xDS
+/// client.
+fn bench_eds(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let yaml = "static_resources:\n  clusters:\n  - name: svc\n    type: EDS\n    connect_timeout: 1s\n    eds_cluster_config: {eds_config: {path_config_source: {path: /nonexistent/eds.yaml}, initial_fetch_timeout: 0.001s}}\n";
+    let opts = weir_proxy::cli::Options {
+        config_yaml: Some(yaml.into()),
+        concurrency: Some(1),
+        ..Default::default()
+    };
+    let snap = weir_proxy::config::load(&opts).expect("bench config");
+    let server = rt
+        .block_on(weir_proxy::server::start(opts, snap))
+        .expect("server");
+    let dynamic = server.state.xds.get().expect("xds client").clone();
+    let cluster_manager = server.state.clusters.clone();
+    let updates = [cla(10_000, 1), cla(10_000, 2)];
+    let mut i = 0usize;
+    c.bench_function("eds_apply_10000_endpoints", |b| {
+        b.iter(|| {
+            i += 1;
+            let r = weir_proxy::xds::Resource {
+                name: "svc".into(),
+                version: i.to_string(),
+                body: updates[i % 2].clone(),
+            };
+            let _guard = rt.enter();
+            dynamic
+                .apply(weir_proxy::xds::ENDPOINT, &i.to_string(), vec![r], &[], false)
+                .expect("applied");
+            let c = cluster_manager.get("svc").expect("cluster");
+            black_box(c.choose_host(&Default::default()).is_some())
+        })
+    });
+    rt.block_on(server.stop());
+}
+
 criterion_group!(benches, bench_routes, bench_chains, bench_lb);
-criterion_main!(benches);
+criterion_group! {
+    name = eds;
+    config = Criterion::default().sample_size(20);
+    targets = bench_eds
+}
+criterion_main!(benches, eds);

@@ -307,6 +307,30 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
     if let (None, Some(d)) = (&bootstrap.static_resources, &bootstrap.dynamic_resources) {
         xds = crate::xds::translate_dynamic(d, &Default::default(), &mut errs);
     }
+    // `ads: {}` sources need the bootstrap's ADS stream.
+    if xds.ads.is_none() {
+        let ads = |s: &source::ConfigSource| s.kind == source::SourceKind::Ads;
+        for (i, c) in clusters.iter().enumerate() {
+            if c.eds.as_ref().is_some_and(|e| ads(&e.source)) {
+                errs.add(
+                    format!("static_resources.clusters[{i}].eds_cluster_config.eds_config"),
+                    "`ads: {}` needs dynamic_resources.ads_config to name the ADS server",
+                );
+            }
+        }
+        for slot in rds.live() {
+            if slot.source.as_ref().is_some_and(ads) {
+                errs.add(
+                    "static_resources.listeners",
+                    format!(
+                        "rds route_config_name {:?} uses `ads: {{}}`, which needs \
+                         dynamic_resources.ads_config to name the ADS server",
+                        slot.name
+                    ),
+                );
+            }
+        }
+    }
     errs.into_result(Snapshot {
         node,
         admin_address,
@@ -416,6 +440,24 @@ mod tests {
         let e = parse_bootstrap("admin:\n  address:\n    socket_address: {port_value: nope}\n")
             .expect_err("bad");
         assert_eq!(e.0[0].path, "admin.address.socket_address.port_value");
+    }
+
+    #[test]
+    fn ads_sources_need_ads_config() {
+        let b = parse_bootstrap(
+            "static_resources:\n  clusters:\n  - name: e\n    type: EDS\n    eds_cluster_config: {eds_config: {ads: {}}}\n",
+        )
+        .expect("parses");
+        let e = translate(b, &Store::new()).expect_err("rejected");
+        assert_eq!(
+            e.0[0].path,
+            "static_resources.clusters[0].eds_cluster_config.eds_config"
+        );
+        let b = parse_bootstrap(
+            "static_resources:\n  clusters:\n  - name: e\n    type: EDS\n    eds_cluster_config: {eds_config: {path_config_source: {path: /x.yaml}}}\n",
+        )
+        .expect("parses");
+        assert!(translate(b, &Store::new()).is_ok());
     }
 
     #[test]
