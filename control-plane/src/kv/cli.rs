@@ -103,6 +103,11 @@ pub enum KvCommand {
     /// Grant, revoke, keep alive and inspect leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Drop the history before REVISION (reads and watches below it fail afterwards).
+    Compact {
+        /// The new compact revision.
+        revision: i64,
+    },
 }
 
 /// `weir-cp kv lease` subcommands.
@@ -261,6 +266,24 @@ pub async fn run(args: KvArgs) -> anyhow::Result<()> {
             prev_kv,
         } => watch(ch, key, prefix, start, prev_kv, json).await?,
         KvCommand::Lease(c) => lease(LeaseClient::new(ch), c, json).await?,
+        KvCommand::Compact { revision } => {
+            let r = kv
+                .compact(pb::CompactionRequest { revision })
+                .await
+                .map_err(|e| status_error("compact", e))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    json!({"compact_revision": revision, "revision": rev(&r.header)})
+                );
+            } else {
+                println!(
+                    "compacted to revision {revision} (current revision {})",
+                    rev(&r.header)
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -411,7 +411,8 @@ impl Tx<'_, '_> {
         for lk in keys {
             let key = lk.get(8..).unwrap_or_default().to_vec();
             self.w.delete(LEASE_KEYS, &lk)?;
-            let Some(prev) = self.get(&key)? else {
+            // Only keys still attached to this lease (a put moves a key off its old lease).
+            let Some(prev) = self.get(&key)?.filter(|p| p.lease == id) else {
                 continue;
             };
             self.w.delete(KEYS, &key)?;

@@ -260,3 +260,46 @@ impl<B: KvBackend> pb::lease_server::Lease for Grpc<B> {
         self.count(Op::LeaseLeases, r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_grpc_codes() {
+        let cases = [
+            (
+                KvError::InvalidArgument("x".into()),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                KvError::FailedPrecondition("x".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                KvError::FutureRevision {
+                    requested: 9,
+                    current: 3,
+                },
+                tonic::Code::OutOfRange,
+            ),
+            (KvError::LeaseNotFound(4), tonic::Code::NotFound),
+            (KvError::Internal("x".into()), tonic::Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(Status::from(e).code(), code);
+        }
+        let s = Status::from(KvError::Compacted {
+            requested: 2,
+            compact_revision: 5,
+        });
+        assert_eq!(s.code(), tonic::Code::OutOfRange);
+        assert!(s.message().contains("compact revision is 5"), "{s}");
+        assert_eq!(
+            s.metadata()
+                .get(COMPACT_REVISION_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
+    }
+}

@@ -558,6 +558,12 @@ async fn cli_put_get_watch_lease() {
     assert!(ok, "{err}");
     assert_eq!(out, "n/0\tv\nn/1\tv\nn/2\tv\n");
     assert!(err.contains("more keys"), "{err}");
+    let (ok, out, err) = kv(&["compact", "4"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("compacted to revision 4"), "{out}");
+    let (ok, _, err) = kv(&["get", "n/0", "--rev", "3"]);
+    assert!(!ok);
+    assert!(err.contains("compacted"), "{err}");
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
