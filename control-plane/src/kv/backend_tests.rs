@@ -592,7 +592,7 @@ async fn lagging_watcher_catches_up_from_the_log() {
         .await
         .expect("watch");
     // More revisions than the hub buffers, without reading: the watcher lags.
-    let n = HUB_CAPACITY_FOR_TESTS + 200;
+    let n = embedded::HUB_CAPACITY + 200;
     for i in 0..n {
         put(&kv, "k", &format!("{i}")).await;
     }
@@ -600,8 +600,6 @@ async fn lagging_watcher_catches_up_from_the_log() {
         assert_eq!(evs(&next_resp(&mut w).await)[0].0, r);
     }
 }
-
-const HUB_CAPACITY_FOR_TESTS: usize = 1024;
 
 #[tokio::test]
 async fn watch_from_now_and_progress_notifications() {

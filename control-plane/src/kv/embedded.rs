@@ -59,7 +59,7 @@ const META_NEXT_LEASE: &[u8] = b"next_lease";
 /// Log records a watcher reads from the store at a time while catching up.
 const HISTORY_PAGE: usize = 256;
 /// Batches the hub buffers for a slow watcher before it has to catch up from the log.
-const HUB_CAPACITY: usize = 1024;
+pub(crate) const HUB_CAPACITY: usize = 1024;
 /// Responses buffered per watch stream.
 const WATCH_BUFFER: usize = 64;
 /// Default idle time before a progress notification.

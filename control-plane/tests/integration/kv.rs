@@ -1,6 +1,6 @@
 //! The KV store (`weir.kv.v1`) over gRPC on a real weir-cp: put/get/CAS, txn, watch history
-//! then live and resumption, compaction errors, lease expiry, restart durability, and the
-//! `weir-cp kv` CLI.
+//! then live and resumption, compaction errors, lease expiry, restart durability (graceful and
+//! `kill -9` mid-write), and the `weir-cp kv` CLI.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -564,6 +564,79 @@ async fn cli_put_get_watch_lease() {
     let (ok, _, err) = kv(&["get", "n/0", "--rev", "3"]);
     assert!(!ok);
     assert!(err.contains("compacted"), "{err}");
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn kill_9_mid_write_loses_no_acknowledged_put() {
+    let dir = temp_dir("kv-kill9");
+    let data = dir.join("data");
+    let data_s = data.to_str().expect("utf8").to_string();
+    let mut b = spawn_binary(&["--data-dir", &data_s]).await;
+    let mut kv = KvClient::new(channel(b.xds).await);
+    // A writer that records every acknowledged put, killed while it runs.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, i64)>();
+    let writer = tokio::spawn(async move {
+        for i in 0u32..100_000 {
+            match kv
+                .put(put_req(&format!("crash/{i:06}"), &format!("{i}")))
+                .await
+            {
+                Ok(r) => {
+                    if acked_tx.send((i, rev(&r.into_inner().header))).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    // Wait (bounded) for some acknowledged writes, then kill -9 mid-loop.
+    let mut acked = Vec::new();
+    while acked.len() < 20 {
+        match tokio::time::timeout(WAIT, acked_rx.recv()).await {
+            Ok(Some(a)) => acked.push(a),
+            other => panic!("writer stalled: {other:?}"),
+        }
+    }
+    let pid = b.child.0.id().to_string();
+    let st = Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let _ = b.child.0.wait();
+    let _ = tokio::time::timeout(WAIT, writer)
+        .await
+        .expect("writer ends");
+    while let Ok(a) = acked_rx.try_recv() {
+        acked.push(a);
+    }
+
+    let b = spawn_binary(&["--data-dir", &data_s]).await;
+    let mut kv = KvClient::new(channel(b.xds).await);
+    for (i, r) in &acked {
+        let got = get(&mut kv, &format!("crash/{i:06}"))
+            .await
+            .unwrap_or_else(|| panic!("acknowledged put {i} lost"));
+        assert_eq!(got.mod_revision, *r);
+        assert_eq!(got.value, format!("{i}").into_bytes());
+    }
+    let (last_i, last_rev) = *acked.last().expect("some");
+    let all = kv
+        .range(pb::RangeRequest {
+            key: "crash/".into(),
+            prefix: true,
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("count")
+        .into_inner();
+    // At most the one put in flight at the kill may have landed unacknowledged.
+    assert!(all.count as u32 >= last_i + 1 && all.count as u32 <= last_i + 2);
+    assert!(rev(&all.header) >= last_rev);
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
