@@ -779,3 +779,94 @@ async fn lease_expiry_deletes_keys_as_events() {
         Err(KvError::LeaseNotFound(42))
     ));
 }
+
+#[tokio::test]
+async fn keys_move_between_leases_and_txn_ranges_read_own_state() {
+    let (kv, _, _) = open();
+    for id in [1, 2] {
+        kv.lease_grant(pb::LeaseGrantRequest { ttl: 60, id })
+            .await
+            .expect("grant");
+    }
+    kv.put(pb::PutRequest {
+        lease: 1,
+        ..put_req("m", "a")
+    })
+    .await
+    .expect("put"); // 2
+    kv.put(pb::PutRequest {
+        lease: 2,
+        ..put_req("m", "b")
+    })
+    .await
+    .expect("move"); // 3
+    let r = kv
+        .lease_revoke(pb::LeaseRevokeRequest { id: 1 })
+        .await
+        .expect("revoke 1");
+    assert_eq!(rev(&r.header), 3, "lease 1 has no keys left: no revision");
+    assert_eq!(get(&kv, "m").await.expect("m").lease, 2);
+    let ttl = kv
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id: 2, keys: true })
+        .await
+        .expect("ttl");
+    assert_eq!(ttl.keys, vec![b"m".to_vec()]);
+    // Detach by putting without a lease: revoking 2 leaves the key.
+    put(&kv, "m", "c").await; // 4
+    let r = kv
+        .lease_revoke(pb::LeaseRevokeRequest { id: 2 })
+        .await
+        .expect("revoke 2");
+    assert_eq!(rev(&r.header), 4);
+    assert_eq!(get(&kv, "m").await.expect("m").value, b"c");
+
+    // A range inside a txn cannot ask for another revision.
+    let e = kv
+        .txn(pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                    key: "m".into(),
+                    revision: 2,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("revision in txn");
+    assert!(matches!(e, KvError::InvalidArgument(_)), "{e}");
+    // Put and delete of the same key in one branch is refused.
+    let e = kv
+        .txn(pb::TxnRequest {
+            success: vec![
+                put_op("m", "x"),
+                pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestDeleteRange(
+                        pb::DeleteRangeRequest {
+                            key: "a".into(),
+                            range_end: "z".into(),
+                            ..Default::default()
+                        },
+                    )),
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect_err("put and delete");
+    assert!(matches!(e, KvError::InvalidArgument(_)), "{e}");
+    assert_eq!(kv.revision(), 4);
+
+    // DeleteRange over [a, n) deletes m and not n.
+    put(&kv, "n", "1").await; // 5
+    let d = kv
+        .delete_range(pb::DeleteRangeRequest {
+            key: "a".into(),
+            range_end: "n".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete range");
+    assert_eq!((d.deleted, rev(&d.header)), (1, 6));
+    assert!(get(&kv, "n").await.is_some());
+}

@@ -919,12 +919,14 @@ impl Inner {
     fn keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse {
         let ttl = {
             let mut leases = lock(&self.leases);
+            let now = Instant::now();
             match leases.get_mut(&id) {
-                Some(l) => {
-                    l.deadline = deadline_after(Instant::now(), l.ttl);
+                // Past its deadline the lease is expired, even if not revoked yet: no renewal.
+                Some(l) if l.deadline > now => {
+                    l.deadline = deadline_after(now, l.ttl);
                     l.ttl
                 }
-                None => 0,
+                _ => 0,
             }
         };
         self.lease_changed.notify_one();
