@@ -568,6 +568,16 @@ impl Inner {
         &self,
         f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, KvError>,
     ) -> Result<(T, i64), KvError> {
+        self.mutate_then(f, || {})
+    }
+
+    /// [`Inner::mutate`], running `committed` after the commit and before the events are
+    /// published (so a watcher seeing them also sees in-memory state updated).
+    fn mutate_then<T>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, KvError>,
+        committed: impl FnOnce(),
+    ) -> Result<(T, i64), KvError> {
         let _w = lock(&self.write);
         let (out, batch, keys_delta, revision) = self.store.write(|w| {
             let current = w
@@ -604,6 +614,7 @@ impl Inner {
                 revision,
             ))
         })?;
+        committed();
         if let Some(batch) = batch {
             self.revision.store(revision, SeqCst);
             self.metrics.kv.set_revision(revision);
@@ -886,14 +897,22 @@ impl Inner {
         })
     }
 
-    fn lease_revoke(&self, id: i64) -> Result<i64, KvError> {
-        let ((), revision) = self.mutate(|tx| tx.revoke(id))?;
-        let n = {
-            let mut leases = lock(&self.leases);
-            leases.remove(&id);
-            leases.len()
-        };
-        self.metrics.kv.set_leases(n as i64);
+    /// Revoke `id` (deleting its keys); `expired` counts it as an expiry.
+    fn lease_revoke(&self, id: i64, expired: bool) -> Result<i64, KvError> {
+        let ((), revision) = self.mutate_then(
+            |tx| tx.revoke(id),
+            || {
+                if expired {
+                    self.metrics.kv.lease_expired();
+                }
+                let n = {
+                    let mut leases = lock(&self.leases);
+                    leases.remove(&id);
+                    leases.len()
+                };
+                self.metrics.kv.set_leases(n as i64);
+            },
+        )?;
         self.lease_changed.notify_one();
         Ok(revision)
     }
@@ -907,10 +926,12 @@ impl Inner {
                 _ => return Ok(false),
             }
         }
-        match self.lease_revoke(id) {
-            Ok(_) | Err(KvError::LeaseNotFound(_)) => {
-                self.metrics.kv.lease_expired();
-                Ok(true)
+        match self.lease_revoke(id, true) {
+            Ok(_) => Ok(true),
+            // Revoked meanwhile: not an expiry; drop the stale deadline.
+            Err(KvError::LeaseNotFound(_)) => {
+                lock(&self.leases).remove(&id);
+                Ok(false)
             }
             Err(e) => Err(e),
         }
@@ -1219,7 +1240,9 @@ impl KvBackend for EmbeddedKv {
         &self,
         req: pb::LeaseRevokeRequest,
     ) -> Result<pb::LeaseRevokeResponse, KvError> {
-        let revision = self.blocking(move |i| i.lease_revoke(req.id)).await?;
+        let revision = self
+            .blocking(move |i| i.lease_revoke(req.id, false))
+            .await?;
         Ok(pb::LeaseRevokeResponse {
             header: header(revision),
         })

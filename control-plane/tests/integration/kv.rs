@@ -238,14 +238,20 @@ async fn watch_history_live_and_resume() {
     put(&mut kv, "svc/c", "after").await; // 11
     assert_eq!(one(&next_event(&mut w).await).0, 11);
 
-    let metrics = weir_control_plane::api::Client::new(s.api.to_string())
-        .metrics()
-        .await
-        .expect("metrics");
-    assert!(
-        metrics.lines().any(|l| l == "weir_cp_kv_watchers 1"),
-        "{metrics}"
-    );
+    // The server notices the first (dropped) stream asynchronously: poll, bounded.
+    let api = weir_control_plane::api::Client::new(s.api.to_string());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let metrics = loop {
+        let m = api.metrics().await.expect("metrics");
+        if m.lines().any(|l| l == "weir_cp_kv_watchers 1") {
+            break m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watchers gauge never 1:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert!(
         metrics.lines().any(|l| l == "weir_cp_kv_revision 11"),
         "{metrics}"
@@ -635,7 +641,7 @@ async fn kill_9_mid_write_loses_no_acknowledged_put() {
         .expect("count")
         .into_inner();
     // At most the one put in flight at the kill may have landed unacknowledged.
-    assert!(all.count as u32 >= last_i + 1 && all.count as u32 <= last_i + 2);
+    assert!(all.count as u32 > last_i && all.count as u32 <= last_i + 2);
     assert!(rev(&all.header) >= last_rev);
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
