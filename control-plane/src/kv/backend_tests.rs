@@ -870,3 +870,42 @@ async fn keys_move_between_leases_and_txn_ranges_read_own_state() {
     assert_eq!((d.deleted, rev(&d.header)), (1, 6));
     assert!(get(&kv, "n").await.is_some());
 }
+
+#[tokio::test]
+async fn lagging_watcher_behind_a_compaction_gets_compacted_error() {
+    let (kv, _, _) = open();
+    let mut w = kv
+        .watch(pb::WatchRequest {
+            key: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    let n = embedded::HUB_CAPACITY + 200;
+    for i in 0..n {
+        put(&kv, "k", &format!("{i}")).await;
+    }
+    let current = kv.revision();
+    kv.compact(pb::CompactionRequest { revision: current })
+        .await
+        .expect("compact");
+    // What was buffered arrives in order; then the watcher needs compacted history.
+    let mut expect = 2;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+            Ok(Some(Ok(r))) => {
+                assert_eq!(evs(&r)[0].0, expect);
+                expect += 1;
+            }
+            Ok(Some(Err(KvError::Compacted {
+                requested,
+                compact_revision,
+            }))) => {
+                assert_eq!((requested, compact_revision), (expect, current));
+                break;
+            }
+            other => panic!("expected events then a compacted error, got {other:?}"),
+        }
+    }
+    assert!(expect < current, "the watcher lagged behind the compaction");
+}
