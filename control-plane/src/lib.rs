@@ -15,18 +15,21 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
+//! - [`kv`]: the KV store (`weir.kv.v1`: KV, Watch, Lease), served on the gRPC server.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
 //! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
 //! [`SERVICE_NAME`] and the ADS service) and ADS, with the message limits below and HTTP/2
-//! keepalives so dead clients are noticed. Shutdown ends every ADS stream, then the server.
+//! keepalives so dead clients are noticed. The KV services (`weir.kv.v1.KV`, `Watch`, `Lease`)
+//! share it. Shutdown ends every ADS, watch and keep-alive stream, then the server.
 #![forbid(unsafe_code)]
 
 pub mod ads;
 pub mod api;
 pub mod cache;
 pub mod configdir;
+pub mod kv;
 pub mod metrics;
 pub mod operator;
 pub mod proto;
@@ -81,6 +84,9 @@ pub enum Error {
     /// The stored config could not be loaded.
     #[error("loading the stored config: {0}")]
     Load(#[from] ApplyError),
+    /// The KV store could not be opened.
+    #[error("KV store: {0}")]
+    Kv(#[from] kv::KvError),
 }
 
 /// The control plane's shared state.
@@ -96,6 +102,8 @@ pub struct ControlPlane {
     pub status: Arc<StatusRegistry>,
     /// The embedded store (shared with future subsystems).
     pub store: Arc<Store>,
+    /// The KV store (tables `kv.*` of `store`).
+    pub kv: Arc<kv::EmbeddedKv>,
 }
 
 impl ControlPlane {
@@ -118,12 +126,14 @@ impl ControlPlane {
         sources.push(operator.clone());
         let metrics = Arc::new(Metrics::default());
         metrics.set_config_version(operator.latest_version());
+        let kv = Arc::new(kv::EmbeddedKv::open(store.clone(), metrics.clone())?);
         Ok(Arc::new(ControlPlane {
             operator,
             cache: SnapshotCache::new(sources),
             metrics,
             status: Arc::new(StatusRegistry::default()),
             store,
+            kv,
         }))
     }
 
@@ -225,6 +235,9 @@ pub async fn run(
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
 
     let mut tasks = Vec::new();
+    // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
+    let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
+    tasks.push(cp.kv.spawn_expiry(token.clone()));
     if let Some(api) = opts.api {
         tasks.push(tokio::spawn(api::serve(cp.clone(), api, token.clone())));
     }
@@ -242,6 +255,9 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(ads)
+        .add_service(kv.kv)
+        .add_service(kv.watch)
+        .add_service(kv.lease)
         .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
             shutdown.await;
             stop.cancel();

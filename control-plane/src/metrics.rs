@@ -17,6 +17,8 @@
 //! | `weir_cp_config_applies_total` | counter | — |
 //! | `weir_cp_config_rejected_total` | counter | — |
 //! | `weir_cp_config_version` | gauge | — (latest applied version) |
+//!
+//! The KV store's metrics (`weir_cp_kv_…`) are listed in [`crate::kv::metrics`].
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -106,6 +108,8 @@ pub struct Metrics {
     config_applies: AtomicU64,
     config_rejected: AtomicU64,
     config_version: AtomicU64,
+    /// The KV store's metrics.
+    pub kv: crate::kv::metrics::KvMetrics,
 }
 
 /// The xDS protocol variant of a stream.
@@ -305,6 +309,7 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {v}");
         }
+        self.kv.render(&mut out);
         out
     }
 }

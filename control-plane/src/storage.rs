@@ -1,5 +1,5 @@
 //! The embedded store under `--data-dir`: a thin, generic layer over [redb] that every
-//! weir-cp subsystem shares (xDS config and its history today; the service registry, KV and
+//! weir-cp subsystem shares (xDS config and its history, the KV store; the service registry and
 //! object metadata later).
 //!
 //! The model is deliberately small: named tables of byte keys to byte values, and
@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use redb::{ReadableTable as _, TableDefinition};
+use redb::{ReadableTable as _, ReadableTableMetadata as _, TableDefinition};
 
 /// The file inside `--data-dir` holding the database.
 pub const DB_FILE: &str = "weir-cp.redb";
@@ -134,6 +134,19 @@ impl Writer<'_> {
         let t = self.txn.open_table(table(table_name))?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
+
+    /// Visit the entries of `table` with `start <= key < end` (`end` `None`: to the last key)
+    /// in key order, as of this transaction, until `f` returns `false`.
+    pub fn range_visit(
+        &mut self,
+        table_name: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let t = self.txn.open_table(table(table_name))?;
+        visit(&t, start, end, &mut f)
+    }
 }
 
 /// A read transaction.
@@ -166,6 +179,54 @@ impl Reader {
         }
         Ok(out)
     }
+
+    /// Visit the entries of `table` with `start <= key < end` (`end` `None`: to the last key)
+    /// in key order until `f` returns `false` (nothing when the table does not exist).
+    pub fn range_visit(
+        &self,
+        table_name: &str,
+        start: &[u8],
+        end: Option<&[u8]>,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let t = match self.txn.open_table(table(table_name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        visit(&t, start, end, &mut f)
+    }
+
+    /// Number of entries in `table` (0 when it does not exist).
+    pub fn len(&self, table_name: &str) -> Result<u64, StoreError> {
+        match self.txn.open_table(table(table_name)) {
+            Ok(t) => Ok(t.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn visit(
+    t: &impl redb::ReadableTable<&'static [u8], &'static [u8]>,
+    start: &[u8],
+    end: Option<&[u8]>,
+    f: &mut impl FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), StoreError> {
+    if end.is_some_and(|e| e <= start) {
+        return Ok(());
+    }
+    let iter = match end {
+        Some(e) => t.range::<&[u8]>(start..e)?,
+        None => t.range::<&[u8]>(start..)?,
+    };
+    for entry in iter {
+        let (k, v) = entry?;
+        if !f(k.value(), v.value()) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +266,17 @@ mod tests {
                 (b"b".to_vec(), b"2".to_vec())
             ]
         );
+        let mut seen = Vec::new();
+        s.read()
+            .expect("r")
+            .range_visit("t", b"a", Some(b"b"), |k, _| {
+                seen.push(k.to_vec());
+                true
+            })
+            .expect("range");
+        assert_eq!(seen, vec![b"a".to_vec()]);
+        assert_eq!(s.read().expect("r").len("t").expect("len"), 2);
+        assert_eq!(s.read().expect("r").len("none").expect("len"), 0);
         s.write(|w| w.delete("t", b"a")).expect("delete");
         assert_eq!(s.read().expect("r").get("t", b"a").expect("get"), None);
     }

@@ -3,11 +3,13 @@
 //!
 //! Modules: `harness` (servers, ADS clients, documents), `sotw` and `delta` (the ADS
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
-//! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio).
+//! `kv` (the KV store over gRPC and its CLI), `python_grpc` (gRPC's own xDS client resolving
+//! through weir-cp; skipped without grpcio).
 
 mod cli;
 mod delta;
 mod harness;
+mod kv;
 mod mesh;
 mod python_grpc;
 mod sotw;
