@@ -15,11 +15,13 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
+//! - [`registry`]: the service registry (gRPC `weir.registry.v1`), the first cache source,
+//!   turning registered services into EDS clusters.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
 //! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
-//! [`SERVICE_NAME`] and the ADS service) and ADS, with the message limits below and HTTP/2
+//! [`SERVICE_NAME`] and the ADS service), ADS and the registry, with the message limits below and HTTP/2
 //! keepalives so dead clients are noticed. Shutdown ends every ADS stream, then the server.
 #![forbid(unsafe_code)]
 
@@ -30,6 +32,7 @@ pub mod configdir;
 pub mod metrics;
 pub mod operator;
 pub mod proto;
+pub mod registry;
 pub mod resource;
 pub mod status;
 pub mod storage;
@@ -81,6 +84,9 @@ pub enum Error {
     /// The stored config could not be loaded.
     #[error("loading the stored config: {0}")]
     Load(#[from] ApplyError),
+    /// The service registry could not be loaded.
+    #[error("loading the service registry: {0}")]
+    Registry(#[from] registry::RegistryError),
 }
 
 /// The control plane's shared state.
@@ -96,6 +102,8 @@ pub struct ControlPlane {
     pub status: Arc<StatusRegistry>,
     /// The embedded store (shared with future subsystems).
     pub store: Arc<Store>,
+    /// The service registry (the first cache source).
+    pub registry: Arc<registry::Registry>,
 }
 
 impl ControlPlane {
@@ -108,15 +116,19 @@ impl ControlPlane {
         Self::with_sources(Arc::new(store), Vec::new())
     }
 
-    /// Open over `store`, with `sources` (e.g. the service registry) placed before the
-    /// operator's config, which therefore overrides resources of the same type and name.
+    /// Open over `store`, with the service registry (kept in `store`) first, then `sources`,
+    /// then the operator's config, which therefore overrides resources of the same type and
+    /// name.
     pub fn with_sources(
         store: Arc<Store>,
         mut sources: Vec<Arc<dyn Source>>,
     ) -> Result<Arc<Self>, Error> {
+        let registry = registry::Registry::embedded(store.clone())?;
+        sources.insert(0, registry.clone());
         let operator = Arc::new(OperatorConfig::open(store.clone())?);
         sources.push(operator.clone());
         let metrics = Arc::new(Metrics::default());
+        metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
         Ok(Arc::new(ControlPlane {
             operator,
@@ -124,6 +136,7 @@ impl ControlPlane {
             metrics,
             status: Arc::new(StatusRegistry::default()),
             store,
+            registry,
         }))
     }
 
@@ -223,6 +236,12 @@ pub async fn run(
     ))
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
+    // The service registry: health driver and checks, and its gRPC service.
+    cp.registry.start(token.clone());
+    reporter
+        .set_service_status(registry::SERVICE, ServingStatus::Serving)
+        .await;
+    let registry_service = registry::grpc::server(cp.registry.clone(), token.clone());
 
     let mut tasks = Vec::new();
     if let Some(api) = opts.api {
@@ -242,6 +261,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(ads)
+        .add_service(registry_service)
         .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
             shutdown.await;
             stop.cancel();

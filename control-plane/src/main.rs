@@ -1,6 +1,7 @@
 //! `weir-cp`: the weir control plane CLI. A thin layer over [`weir_control_plane`]:
 //! `serve` runs the server; `config …` and `status` are clients of its config API
-//! (`--server`, the `--api-address` of `serve`).
+//! (`--server`, the `--api-address` of `serve`); `registry …` is a gRPC client of the
+//! registry (`--server`, the `--xds-address` of `serve`).
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -37,6 +38,10 @@ enum Command {
     Config(ConfigCommand),
     /// List connected proxies with their ACKed version per type, and recorded NACKs.
     Status(StatusArgs),
+    /// The service registry: register, deregister, heartbeat, list, services, watch (gRPC
+    /// to --server, the xDS address).
+    #[command(subcommand)]
+    Registry(weir_control_plane::registry::cli::Command),
 }
 
 #[derive(Debug, clap::Args)]
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Config(c) => rt.block_on(config(c)),
         Command::Status(s) => rt.block_on(status(s)),
+        Command::Registry(c) => rt.block_on(weir_control_plane::registry::cli::run(c)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
