@@ -284,4 +284,3 @@ pub async fn serve(
     let cp = ControlPlane::open(None)?;
     run(cp, listener, RunOptions::default(), shutdown).await
 }
-

@@ -182,7 +182,7 @@ async fn client(server: &str) -> anyhow::Result<RegistryClient<tonic::transport:
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 fn health_name(s: pb::HealthStatus) -> &'static str {
@@ -320,7 +320,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 grpc_check.map(|service| pb::check_spec::Kind::Grpc(pb::GrpcCheck { service }))
             };
             if check_kind.is_none() && (interval.is_some() || timeout.is_some()) {
-                anyhow::bail!("--interval and --timeout need a check (--http-check, --tcp-check or --grpc-check)");
+                anyhow::bail!(
+                    "--interval and --timeout need a check (--http-check, --tcp-check or --grpc-check)"
+                );
             }
             let kind = match (ttl, check_kind) {
                 (Some(t), _) => Some(pb::health_spec::Kind::TtlMs(t.as_millis() as u64)),

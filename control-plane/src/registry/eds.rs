@@ -95,7 +95,11 @@ fn endpoint_of(i: &pb::Instance) -> LbEndpoint {
             "metadata".into(),
             Value {
                 kind: Some(value::Kind::StructValue(Struct {
-                    fields: i.metadata.iter().map(|(k, v)| (k.clone(), string(v))).collect(),
+                    fields: i
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), string(v)))
+                        .collect(),
                 })),
             },
         );
@@ -166,9 +170,7 @@ pub fn cla_for<'a>(
 }
 
 /// Every generated resource (clusters and load assignments) for `instances` sorted by service.
-pub fn resources_for(
-    instances: &mut dyn Iterator<Item = &pb::Instance>,
-) -> Vec<Arc<Resource>> {
+pub fn resources_for(instances: &mut dyn Iterator<Item = &pb::Instance>) -> Vec<Arc<Resource>> {
     let mut by_service: BTreeMap<&str, Vec<&pb::Instance>> = BTreeMap::new();
     for i in instances {
         by_service.entry(i.service.as_str()).or_default().push(i);

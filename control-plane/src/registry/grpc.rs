@@ -41,13 +41,13 @@ pub struct RegistryService {
 
 /// The gRPC service over `registry`, with weir-cp's message limits; watch streams end when
 /// `shutdown` is cancelled.
-pub fn server(registry: Arc<Registry>, shutdown: CancellationToken) -> RegistryServer<RegistryService> {
-    RegistryServer::new(RegistryService {
-        registry,
-        shutdown,
-    })
-    .max_decoding_message_size(crate::MAX_DECODING_MESSAGE_SIZE)
-    .max_encoding_message_size(crate::MAX_ENCODING_MESSAGE_SIZE)
+pub fn server(
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> RegistryServer<RegistryService> {
+    RegistryServer::new(RegistryService { registry, shutdown })
+        .max_decoding_message_size(crate::MAX_DECODING_MESSAGE_SIZE)
+        .max_encoding_message_size(crate::MAX_ENCODING_MESSAGE_SIZE)
 }
 
 impl RegistryService {
@@ -135,7 +135,9 @@ impl pb::registry_server::Registry for RegistryService {
         let r = req.into_inner();
         non_empty("service", &r.service)?;
         non_empty("instance_id", &r.instance_id)?;
-        Ok(Response::new(self.registry.get(&r.service, &r.instance_id)?))
+        Ok(Response::new(
+            self.registry.get(&r.service, &r.instance_id)?,
+        ))
     }
 
     async fn services(

@@ -82,7 +82,8 @@ pub fn normalize_check(c: &pb::CheckSpec, path: &str) -> Result<pb::CheckSpec, R
     let kind = match &c.kind {
         None => return Err(invalid(path, "needs one of http, tcp, grpc")),
         Some(Kind::Http(h)) => {
-            if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
+            if !h.path.starts_with('/')
+                || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
             {
                 return Err(invalid(
                     &format!("{path}.http.path"),

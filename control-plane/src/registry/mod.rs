@@ -297,9 +297,10 @@ pub fn normalize(inst: &pb::Instance) -> Result<pb::Instance, RegistryError> {
         address: ip.to_string(),
         port: inst.port,
         weight,
-        locality: inst.locality.clone().filter(|l| {
-            !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty())
-        }),
+        locality: inst
+            .locality
+            .clone()
+            .filter(|l| !(l.region.is_empty() && l.zone.is_empty() && l.sub_zone.is_empty())),
         metadata: inst.metadata.clone(),
         tags,
         health,
@@ -688,7 +689,11 @@ impl Registry {
     /// Deregister an instance; the new revision.
     pub fn deregister(&self, service: &str, instance_id: &str) -> Result<u64, RegistryError> {
         let mut st = self.lock();
-        self.remove(&mut st, &(service.into(), instance_id.into()), "deregistered")
+        self.remove(
+            &mut st,
+            &(service.into(), instance_id.into()),
+            "deregistered",
+        )
     }
 
     fn remove(&self, st: &mut State, key: &Key, reason: &str) -> Result<u64, RegistryError> {
@@ -836,7 +841,11 @@ impl Registry {
                 let flip = current == HealthStatus::Unknown
                     || (current == HealthStatus::Healthy && e.fails >= cfg.unhealthy_threshold);
                 (
-                    if flip { HealthStatus::Unhealthy } else { current },
+                    if flip {
+                        HealthStatus::Unhealthy
+                    } else {
+                        current
+                    },
                     msg,
                 )
             }
@@ -978,9 +987,7 @@ impl Registry {
             .log
             .iter()
             .filter(|e| e.revision >= from)
-            .filter(|e| {
-                service.is_none_or(|s| e.instance.as_ref().is_some_and(|i| i.service == s))
-            })
+            .filter(|e| service.is_none_or(|s| e.instance.as_ref().is_some_and(|i| i.service == s)))
             .cloned()
             .collect();
         Ok((events, st.revision))

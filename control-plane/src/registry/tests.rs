@@ -97,8 +97,14 @@ fn validation_and_normalization() {
     assert_eq!(bad(&|i| i.service = "a/b".into()), "instance.service");
     assert_eq!(bad(&|i| i.service = "x".repeat(201)), "instance.service");
     assert_eq!(bad(&|i| i.instance_id.clear()), "instance.instance_id");
-    assert_eq!(bad(&|i| i.instance_id = "a\nb".into()), "instance.instance_id");
-    assert_eq!(bad(&|i| i.address = "example.com".into()), "instance.address");
+    assert_eq!(
+        bad(&|i| i.instance_id = "a\nb".into()),
+        "instance.instance_id"
+    );
+    assert_eq!(
+        bad(&|i| i.address = "example.com".into()),
+        "instance.address"
+    );
     assert_eq!(bad(&|i| i.port = 0), "instance.port");
     assert_eq!(bad(&|i| i.port = 65_536), "instance.port");
     assert_eq!(bad(&|i| i.weight = MAX_WEIGHT + 1), "instance.weight");
@@ -215,7 +221,8 @@ fn revisions_events_and_history() {
     // History keeps the last 3 events (revisions 2..=4).
     let (events, rev) = reg.events_since(2, None).expect("kept");
     assert_eq!(rev, 4);
-    let kinds: Vec<(u64, pb::EventType)> = events.iter().map(|e| (e.revision, e.r#type())).collect();
+    let kinds: Vec<(u64, pb::EventType)> =
+        events.iter().map(|e| (e.revision, e.r#type())).collect();
     assert_eq!(
         kinds,
         [
@@ -251,7 +258,11 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
         .expect("register");
     reg.register(&ttl(inst("web", "b", 81), 1_000, 0))
         .expect("register");
-    assert_eq!(reg.list(Some("web"), true).0.len(), 2, "healthy on registration");
+    assert_eq!(
+        reg.list(Some("web"), true).0.len(),
+        2,
+        "healthy on registration"
+    );
 
     // Keep "b" alive while "a" misses its TTL.
     for _ in 0..3 {
@@ -262,7 +273,10 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
     let a = reg.get("web", "a").expect("a");
     assert_eq!(a.status(), HealthStatus::Unhealthy);
     assert!(a.status_note.contains("TTL expired"), "{}", a.status_note);
-    assert_eq!(reg.get("web", "b").expect("b").status(), HealthStatus::Healthy);
+    assert_eq!(
+        reg.get("web", "b").expect("b").status(),
+        HealthStatus::Healthy
+    );
     let healthy: Vec<String> = reg
         .list(Some("web"), true)
         .0
@@ -286,7 +300,10 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
 
     // "a" misses again and stays unhealthy past deregister_critical_after: reaped.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(reg.get("web", "a").expect("a").status(), HealthStatus::Unhealthy);
+    assert_eq!(
+        reg.get("web", "a").expect("a").status(),
+        HealthStatus::Unhealthy
+    );
     tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert!(matches!(
         reg.get("web", "a"),
@@ -324,7 +341,10 @@ fn check_thresholds() {
     let key: Key = ("db".into(), "p".into());
     reg.register(&tcp_check(inst("db", "p", 5432), 2, 3))
         .expect("register");
-    assert_eq!(reg.get("db", "p").expect("p").status(), HealthStatus::Unknown);
+    assert_eq!(
+        reg.get("db", "p").expect("p").status(),
+        HealthStatus::Unknown
+    );
     // Not started: no checker runs, so drive results by hand with its generation.
     let generation = {
         let mut st = reg.lock();
@@ -541,8 +561,7 @@ fn eds_source_output() {
         else {
             panic!("socket address")
         };
-        let Some(core::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier
-        else {
+        let Some(core::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
             panic!("port")
         };
         (
@@ -646,5 +665,9 @@ async fn the_operator_config_overrides_generated_resources() {
     let c: Cluster = decode(web);
     assert_eq!(c.connect_timeout.map(|d| d.seconds), Some(2));
     // The generated assignment is still served.
-    assert!(snap.of(type_urls::CLUSTER_LOAD_ASSIGNMENT).items.contains_key("web"));
+    assert!(
+        snap.of(type_urls::CLUSTER_LOAD_ASSIGNMENT)
+            .items
+            .contains_key("web")
+    );
 }

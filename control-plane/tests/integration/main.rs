@@ -3,12 +3,14 @@
 //!
 //! Modules: `harness` (servers, ADS clients, documents), `sotw` and `delta` (the ADS
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
-//! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio).
+//! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
+//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence).
 
 mod cli;
 mod delta;
 mod harness;
 mod python_grpc;
+mod registry;
 mod sotw;
 
 use std::io::{BufRead as _, BufReader};
