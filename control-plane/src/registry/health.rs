@@ -211,3 +211,185 @@ async fn grpc_check(addr: SocketAddr, service: &str, timeout: Duration) -> Resul
         other => Err(format!("grpc health {service:?}: {}", other.as_str_name())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn cfg(kind: Kind, timeout_ms: u64) -> CheckConfig {
+        CheckConfig {
+            kind,
+            interval: Duration::from_millis(timeout_ms),
+            timeout: Duration::from_millis(timeout_ms),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+        }
+    }
+
+    fn http(path: &str) -> Kind {
+        Kind::Http(pb::HttpCheck {
+            path: path.into(),
+            host: "svc.local".into(),
+        })
+    }
+
+    /// A server answering each request with `status`, recording the request head.
+    async fn http_server(
+        status: &'static str,
+    ) -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => n += m,
+                    }
+                }
+                let _ = tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn http_check_passes_on_2xx_only() {
+        let (ok, mut reqs) = http_server("204 No Content").await;
+        run_check(&cfg(http("/healthz?deep=1"), 2_000), ok)
+            .await
+            .expect("204 passes");
+        let head = reqs.recv().await.expect("request seen");
+        assert!(
+            head.starts_with("GET /healthz?deep=1 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase().contains("host: svc.local"),
+            "{head}"
+        );
+        let (bad, _reqs) = http_server("500 Internal Server Error").await;
+        let err = run_check(&cfg(http("/"), 2_000), bad)
+            .await
+            .expect_err("500 fails");
+        assert!(err.contains("500"), "{err}");
+        let (redirect, _reqs) = http_server("302 Found").await;
+        assert!(run_check(&cfg(http("/"), 2_000), redirect).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn refused_and_silent_peers_fail() {
+        // A port with nothing listening.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed = l.local_addr().expect("addr");
+        drop(l);
+        let err = run_check(&cfg(Kind::Tcp(pb::TcpCheck {}), 2_000), closed)
+            .await
+            .expect_err("refused");
+        assert!(err.contains("tcp connect"), "{err}");
+        assert!(run_check(&cfg(http("/"), 2_000), closed).await.is_err());
+        // A peer that accepts but never answers: the timeout bounds the check.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let err = run_check(&cfg(http("/"), 200), addr)
+            .await
+            .expect_err("timeout");
+        assert!(err.contains("timed out"), "{err}");
+        // TCP passes against the same peer (connect is all it needs).
+        run_check(&cfg(Kind::Tcp(pb::TcpCheck {}), 2_000), addr)
+            .await
+            .expect("tcp connect passes");
+        hold.abort();
+    }
+
+    #[tokio::test]
+    async fn grpc_check_follows_the_health_service() {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("db", tonic_health::ServingStatus::Serving)
+            .await;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l)),
+        );
+        let grpc = |s: &str| Kind::Grpc(pb::GrpcCheck { service: s.into() });
+        run_check(&cfg(grpc("db"), 5_000), addr)
+            .await
+            .expect("SERVING passes");
+        run_check(&cfg(grpc(""), 5_000), addr)
+            .await
+            .expect("the server itself");
+        reporter
+            .set_service_status("db", tonic_health::ServingStatus::NotServing)
+            .await;
+        let err = run_check(&cfg(grpc("db"), 5_000), addr)
+            .await
+            .expect_err("NOT_SERVING fails");
+        assert!(err.contains("NOT_SERVING"), "{err}");
+        let err = run_check(&cfg(grpc("unknown"), 5_000), addr)
+            .await
+            .expect_err("unknown service fails");
+        assert!(err.contains("grpc health"), "{err}");
+        server.abort();
+    }
+
+    #[test]
+    fn normalizes_defaults() {
+        let c = normalize_check(
+            &pb::CheckSpec {
+                kind: Some(Kind::Tcp(pb::TcpCheck {})),
+                interval_ms: 30_000,
+                ..Default::default()
+            },
+            "c",
+        )
+        .expect("valid");
+        assert_eq!((c.interval_ms, c.timeout_ms), (30_000, 5_000));
+        let c = normalize_check(
+            &pb::CheckSpec {
+                kind: Some(Kind::Tcp(pb::TcpCheck {})),
+                ..Default::default()
+            },
+            "c",
+        )
+        .expect("valid");
+        assert_eq!((c.interval_ms, c.timeout_ms), (10_000, 5_000));
+        assert!(
+            normalize_check(
+                &pb::CheckSpec {
+                    kind: Some(Kind::Tcp(pb::TcpCheck {})),
+                    interval_ms: 10,
+                    ..Default::default()
+                },
+                "c",
+            )
+            .is_err()
+        );
+    }
+}

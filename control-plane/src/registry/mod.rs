@@ -14,7 +14,8 @@
 //!
 //! ## Health state machine
 //! - static: `HEALTHY` forever.
-//! - TTL: `HEALTHY` on registration (registering is a sign of life) and on each heartbeat;
+//! - TTL: `HEALTHY` on registration (registering is a sign of life), on each heartbeat and
+//!   on an identical re-registration;
 //!   `UNHEALTHY` when a TTL passes without one, or when a heartbeat says so.
 //! - check: `UNKNOWN` until the first result (the first check runs at once), which decides
 //!   directly; then `healthy_threshold` consecutive passes / `unhealthy_threshold` consecutive
@@ -324,6 +325,12 @@ fn spec_of(i: &pb::Instance) -> pb::Instance {
     }
 }
 
+/// Whether `a` and `b` are checked the same way at the same place (so a status, a running
+/// checker and its counters carry over from one to the other).
+fn same_target(a: &pb::Instance, b: &pb::Instance) -> bool {
+    a.health == b.health && a.address == b.address && a.port == b.port
+}
+
 type Key = (String, String);
 
 #[derive(Debug)]
@@ -612,21 +619,33 @@ impl Registry {
         let created = existing.is_none();
         let keep_status = match &existing {
             Some(old) if spec_of(old) == spec => {
-                // Nothing changed: a re-registration renews a TTL lease like a heartbeat.
-                let revision = st.revision;
+                // Nothing changed: a re-registration renews a TTL lease like a heartbeat
+                // (and, like one, brings an expired instance back).
                 if let Some(e) = st.instances.get_mut(&key)
                     && let HealthMode::Ttl(ttl) = e.mode
                 {
                     e.ttl_deadline = Some(now + ttl);
                     self.wake.notify_one();
+                    self.set_status(
+                        &mut st,
+                        &key,
+                        HealthStatus::Healthy,
+                        "registered again".into(),
+                    )?;
                 }
+                let instance = st
+                    .instances
+                    .get(&key)
+                    .map_or_else(|| old.clone(), |e| e.inst.clone());
                 return Ok(Registered {
-                    instance: old.clone(),
-                    revision,
+                    instance,
+                    revision: st.revision,
                     created: false,
                 });
             }
-            Some(old) => (old.health == spec.health).then_some(old),
+            // The health verdict carries over only while it is about the same thing: the
+            // same health spec at the same address.
+            Some(old) => same_target(old, &spec).then_some(old),
             None => None,
         };
         let rev = st.revision + 1;
@@ -662,7 +681,7 @@ impl Registry {
             ..Default::default()
         };
         let revision = self.commit(&mut st, Change::Put(Box::new(new.clone())), ev)?;
-        let restart_check = existing.as_ref().is_none_or(|o| o.health != new.health);
+        let restart_check = existing.as_ref().is_none_or(|o| !same_target(o, &new));
         let mut entry = Entry::new(new.clone(), now);
         if let Some(mut old) = st.instances.remove(&key) {
             if restart_check {

@@ -290,6 +290,12 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
         .heartbeat("web", "a", HealthStatus::Healthy, "")
         .expect("heartbeat");
     assert_eq!(a.status(), HealthStatus::Healthy);
+    // Re-registering the same spec renews the lease too (no change while healthy).
+    let rev = reg.revision();
+    let again = reg
+        .register(&ttl(inst("web", "a", 80), 1_000, 3_000))
+        .expect("register again");
+    assert_eq!((again.created, again.revision), (false, rev));
     let (b, _) = reg
         .heartbeat("web", "b", HealthStatus::Unhealthy, "disk full")
         .expect("heartbeat");
@@ -299,6 +305,17 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
     );
 
     // "a" misses again and stays unhealthy past deregister_critical_after: reaped.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        reg.get("web", "a").expect("a").status(),
+        HealthStatus::Unhealthy
+    );
+    // An identical re-registration revives it like a heartbeat.
+    let back = reg
+        .register(&ttl(inst("web", "a", 80), 1_000, 3_000))
+        .expect("register again");
+    assert_eq!(back.instance.status(), HealthStatus::Healthy);
+    assert_eq!(back.instance.status_note, "registered again");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         reg.get("web", "a").expect("a").status(),
@@ -329,10 +346,18 @@ async fn ttl_expiry_heartbeat_and_reaping_with_paused_time() {
             (HealthChanged, String::new()),
             (HealthChanged, String::new()),
             (HealthChanged, String::new()),
+            (HealthChanged, String::new()),
+            (HealthChanged, String::new()),
             (Deregistered, "reaped".to_string()),
         ]
     );
     token.cancel();
+}
+
+fn tagged_at(port: u32) -> pb::Instance {
+    let mut i = tcp_check(inst("db", "p", port), 2, 3);
+    i.tags = vec!["primary".into()];
+    i
 }
 
 #[test]
@@ -353,6 +378,12 @@ fn check_thresholds() {
         7
     };
     let status = || reg.get("db", "p").expect("p").status();
+    // A metadata-only update keeps the checker (and its generation); a move restarts it.
+    let mut tagged = tcp_check(inst("db", "p", 5432), 2, 3);
+    tagged.tags = vec!["primary".into()];
+    reg.register(&tagged).expect("update");
+    let kept = reg.lock().instances[&key].check_gen;
+    assert_eq!(kept, generation);
     let fail = || Err("connection refused".to_string());
     // The first result decides from UNKNOWN.
     reg.check_result(&key, generation, health::CheckKind::Tcp, Ok(()));
@@ -381,6 +412,17 @@ fn check_thresholds() {
     }
     assert_eq!(status(), HealthStatus::Healthy);
     assert_eq!(reg.metrics.checks(health::CheckKind::Tcp), (4, 10));
+    // Moving the instance resets its verdict: the old address's result says nothing.
+    let moved = reg
+        .register(&tcp_check(inst("db", "p", 5433), 2, 3))
+        .expect("move");
+    assert_eq!(moved.instance.status(), HealthStatus::Unknown);
+    // A tags-only update at the same address keeps the verdict.
+    let current = reg.lock().instances[&key].check_gen;
+    reg.check_result(&key, current, health::CheckKind::Tcp, Ok(()));
+    assert_eq!(status(), HealthStatus::Healthy);
+    reg.register(&tagged_at(5433)).expect("update");
+    assert_eq!(status(), HealthStatus::Healthy);
 }
 
 #[tokio::test]
