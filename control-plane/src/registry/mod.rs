@@ -574,8 +574,15 @@ impl Registry {
                     o = health::run_check(&cfg, addr) => o,
                 };
                 let Some(reg) = weak.upgrade() else { return };
-                reg.check_result(&key, generation, cfg.kind(), outcome);
-                drop(reg);
+                // A status change commits durably: keep the fsync off the async workers.
+                let (k, kind) = (key.clone(), cfg.kind());
+                let recorded = tokio::task::spawn_blocking(move || {
+                    reg.check_result(&k, generation, kind, outcome);
+                })
+                .await;
+                if recorded.is_err() {
+                    return;
+                }
                 tokio::select! {
                     _ = child.cancelled() => return,
                     _ = tokio::time::sleep(cfg.interval) => {}
