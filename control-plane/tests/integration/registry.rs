@@ -588,6 +588,31 @@ async fn cli_register_list_and_kill9_restart_keeps_instances() {
         .await
         .expect_err("out of range");
     assert_eq!(err.code(), tonic::Code::OutOfRange);
+    let (ok, _, err) = cli(&["registry", "watch", "--rev", "1", "--server", &server]);
+    assert!(!ok);
+    assert!(err.contains("OutOfRange"), "{err}");
+    // A live CLI watch (JSON lines) sees the deregistration below.
+    let mut watcher = ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_weir-cp"))
+            .args([
+                "registry", "watch", "web", "--output", "json", "--server", &server,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn watch"),
+    );
+    let stdout = watcher.0.stdout.take().expect("stdout");
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     // Text listing and deregistration through the CLI.
     let (ok, out, err) = cli(&["registry", "list", "--server", &server]);
     assert!(ok, "{err}");
@@ -595,6 +620,31 @@ async fn cli_register_list_and_kill9_restart_keeps_instances() {
     let (ok, out, err) = cli(&["registry", "deregister", "web", "w1", "--server", &server]);
     assert!(ok, "{err}");
     assert!(out.contains("deregistered web/w1 at revision 3"), "{out}");
+    // The watcher may have connected after revision 3: re-register and deregister w1 until
+    // it reports a deregistration (bounded), then check the JSON shape.
+    let mut seen = None;
+    for round in 0..20 {
+        if let Ok(line) = line_rx.recv_timeout(Duration::from_millis(500)) {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+            if v["type"] == "deregistered" {
+                seen = Some(v);
+                break;
+            }
+            continue;
+        }
+        let port = format!("127.0.0.1:{}", 9200 + round);
+        let (ok, _, err) = cli(&[
+            "registry", "register", "web", "w1", &port, "--server", &server,
+        ]);
+        assert!(ok, "{err}");
+        let (ok, _, err) = cli(&["registry", "deregister", "web", "w1", "--server", &server]);
+        assert!(ok, "{err}");
+    }
+    let v = seen.expect("the CLI watch reported a deregistration");
+    assert_eq!(v["instance"]["instance_id"], "w1");
+    assert_eq!(v["reason"], "deregistered");
+    assert!(v["revision"].as_u64().is_some_and(|r| r >= 3));
+    drop(watcher);
     let (ok, out, _) = cli(&[
         "registry", "services", "--output", "json", "--server", &server,
     ]);
