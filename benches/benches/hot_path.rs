@@ -233,7 +233,13 @@ fn bench_eds(c: &mut Criterion) {
             };
             let _guard = rt.enter();
             dynamic
-                .apply(weir_proxy::xds::ENDPOINT, &i.to_string(), vec![r], &[], false)
+                .apply(
+                    weir_proxy::xds::ENDPOINT,
+                    &i.to_string(),
+                    vec![r],
+                    &[],
+                    false,
+                )
                 .expect("applied");
             let c = cluster_manager.get("svc").expect("cluster");
             black_box(c.choose_host(&Default::default()).is_some())

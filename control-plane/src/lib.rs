@@ -15,14 +15,18 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
-//! - [`kv`]: the KV store (`weir.kv.v1`: KV, Watch, Lease), served on the gRPC server.
+//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
+//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
+//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
+//! server.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
 //! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
-//! [`SERVICE_NAME`] and the ADS service) and ADS, with the message limits below and HTTP/2
-//! keepalives so dead clients are noticed. The KV services (`weir.kv.v1.KV`, `Watch`, `Lease`)
-//! share it. Shutdown ends every ADS, watch and keep-alive stream, then the server.
+//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
+//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
+//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
+//! server.
 #![forbid(unsafe_code)]
 
 pub mod ads;
@@ -33,6 +37,7 @@ pub mod kv;
 pub mod metrics;
 pub mod operator;
 pub mod proto;
+pub mod registry;
 pub mod resource;
 pub mod status;
 pub mod storage;
@@ -87,6 +92,9 @@ pub enum Error {
     /// The KV store could not be opened.
     #[error("KV store: {0}")]
     Kv(#[from] kv::KvError),
+    /// The service registry could not be loaded.
+    #[error("loading the service registry: {0}")]
+    Registry(#[from] registry::RegistryError),
 }
 
 /// The control plane's shared state.
@@ -104,6 +112,8 @@ pub struct ControlPlane {
     pub store: Arc<Store>,
     /// The KV store (tables `kv.*` of `store`).
     pub kv: Arc<kv::EmbeddedKv>,
+    /// The service registry (the first cache source).
+    pub registry: Arc<registry::Registry>,
 }
 
 impl ControlPlane {
@@ -116,15 +126,19 @@ impl ControlPlane {
         Self::with_sources(Arc::new(store), Vec::new())
     }
 
-    /// Open over `store`, with `sources` (e.g. the service registry) placed before the
-    /// operator's config, which therefore overrides resources of the same type and name.
+    /// Open over `store`, with the service registry (kept in `store`) first, then `sources`,
+    /// then the operator's config, which therefore overrides resources of the same type and
+    /// name.
     pub fn with_sources(
         store: Arc<Store>,
         mut sources: Vec<Arc<dyn Source>>,
     ) -> Result<Arc<Self>, Error> {
+        let registry = registry::Registry::embedded(store.clone())?;
+        sources.insert(0, registry.clone());
         let operator = Arc::new(OperatorConfig::open(store.clone())?);
         sources.push(operator.clone());
         let metrics = Arc::new(Metrics::default());
+        metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
         let kv = Arc::new(kv::EmbeddedKv::open(store.clone(), metrics.clone())?);
         Ok(Arc::new(ControlPlane {
@@ -134,6 +148,7 @@ impl ControlPlane {
             status: Arc::new(StatusRegistry::default()),
             store,
             kv,
+            registry,
         }))
     }
 
@@ -233,6 +248,12 @@ pub async fn run(
     ))
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
+    // The service registry: health driver and checks, and its gRPC service.
+    cp.registry.start(token.clone());
+    reporter
+        .set_service_status(registry::SERVICE, ServingStatus::Serving)
+        .await;
+    let registry_service = registry::grpc::server(cp.registry.clone(), token.clone());
 
     let mut tasks = Vec::new();
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
@@ -258,6 +279,7 @@ pub async fn run(
         .add_service(kv.kv)
         .add_service(kv.watch)
         .add_service(kv.lease)
+        .add_service(registry_service)
         .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
             shutdown.await;
             stop.cancel();

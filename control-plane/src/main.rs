@@ -1,7 +1,7 @@
 //! `weir-cp`: the weir control plane CLI. A thin layer over [`weir_control_plane`]:
 //! `serve` runs the server; `config …` and `status` are clients of its config API
-//! (`--server`, the `--api-address` of `serve`); `kv …` is a gRPC client of the KV store
-//! (`--server`, the `--xds-address` of `serve`).
+//! (`--server`, the `--api-address` of `serve`); `kv …` and `registry …` are gRPC clients of
+//! the KV store and the registry (`--server`, the `--xds-address` of `serve`).
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -41,6 +41,10 @@ enum Command {
     /// The KV store: get, put, del, list, watch, lease (over gRPC, `--server` = the
     /// --xds-address of serve).
     Kv(weir_control_plane::kv::cli::KvArgs),
+    /// The service registry: register, deregister, heartbeat, list, services, watch (gRPC
+    /// to --server, the xDS address).
+    #[command(subcommand)]
+    Registry(weir_control_plane::registry::cli::Command),
 }
 
 #[derive(Debug, clap::Args)]
@@ -169,6 +173,7 @@ fn main() -> ExitCode {
         Command::Config(c) => rt.block_on(config(c)),
         Command::Status(s) => rt.block_on(status(s)),
         Command::Kv(k) => rt.block_on(weir_control_plane::kv::cli::run(k)),
+        Command::Registry(c) => rt.block_on(weir_control_plane::registry::cli::run(c)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,8 @@
 //! | `weir_cp_config_version` | gauge | — (latest applied version) |
 //!
 //! The KV store's metrics (`weir_cp_kv_…`) are listed in [`crate::kv::metrics`].
+//! Subsystems with their own metrics (the service registry, `weir_cp_registry_*`) add a
+//! [`Collector`] with [`Metrics::add_collector`]; its output follows the families above.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -97,9 +99,16 @@ impl Histogram {
     }
 }
 
+/// A subsystem rendering its own metric families into the exposition.
+pub trait Collector: Send + Sync + std::fmt::Debug + 'static {
+    /// Append complete families (`# HELP`, `# TYPE`, samples) to `out`.
+    fn render(&self, out: &mut String);
+}
+
 /// Every weir-cp metric; see the module docs.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    collectors: std::sync::Mutex<Vec<std::sync::Arc<dyn Collector>>>,
     connected_sotw: AtomicI64,
     connected_delta: AtomicI64,
     types: [PerType; 5],
@@ -221,6 +230,14 @@ impl Metrics {
         self.config_version.store(version, Relaxed);
     }
 
+    /// Render `c`'s families after the built-in ones from now on.
+    pub fn add_collector(&self, c: std::sync::Arc<dyn Collector>) {
+        self.collectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -310,6 +327,14 @@ impl Metrics {
             let _ = writeln!(out, "{name} {v}");
         }
         self.kv.render(&mut out);
+        let collectors = self
+            .collectors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for c in collectors {
+            c.render(&mut out);
+        }
         out
     }
 }

@@ -6,3 +6,8 @@
 pub mod kv {
     tonic::include_proto!("weir.kv.v1");
 }
+
+/// `weir.registry.v1`: the service registry (see `crate::registry`).
+pub mod registry {
+    tonic::include_proto!("weir.registry.v1");
+}

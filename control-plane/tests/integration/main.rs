@@ -3,8 +3,9 @@
 //!
 //! Modules: `harness` (servers, ADS clients, documents), `sotw` and `delta` (the ADS
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
-//! `kv` (the KV store over gRPC and its CLI), `python_grpc` (gRPC's own xDS client resolving
-//! through weir-cp; skipped without grpcio).
+//! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
+//! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
+//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence).
 
 mod cli;
 mod delta;
@@ -12,6 +13,7 @@ mod harness;
 mod kv;
 mod mesh;
 mod python_grpc;
+mod registry;
 mod sotw;
 
 use std::io::{BufRead as _, BufReader};

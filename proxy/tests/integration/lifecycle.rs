@@ -198,7 +198,11 @@ fn every_example_config_validates() {
     // The mesh quickstart's bootstraps (its xDS documents are checked by weir-cp's tests).
     for f in ["mesh/weir.yaml", "mesh/upstreams.yaml"] {
         let out = validate(&dir.join(f));
-        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let bench = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/weir-bench.yaml");
     let out = validate(&bench);
