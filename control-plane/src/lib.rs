@@ -39,6 +39,7 @@ pub mod operator;
 pub mod proto;
 pub mod registry;
 pub mod resource;
+pub mod settings;
 pub mod status;
 pub mod storage;
 pub mod validate;
@@ -217,6 +218,8 @@ pub struct RunOptions {
     pub api: Option<tokio::net::TcpListener>,
     /// Poll this directory for config (see [`configdir`]), at this interval.
     pub config_dir: Option<(PathBuf, Duration)>,
+    /// The `--config` file's settings (auth, S3).
+    pub settings: settings::Settings,
 }
 
 /// Run the control plane: ADS and health on `xds`, plus whatever `opts` asks for, until

@@ -60,7 +60,8 @@ struct ServeArgs {
     /// memory and is lost on exit.
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
-    /// Control plane config file (must be readable; its contents are not interpreted yet).
+    /// weir-cp's config file (YAML): API auth tokens and S3 access keys (see
+    /// `weir_control_plane::settings`).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Watch this directory and apply its xDS files when they change (GitOps): `DIR/*.yaml`
@@ -196,11 +197,10 @@ fn init_logging(level: &str) {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(path) = &args.config {
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
-        tracing::warn!(config = %path.display(), "config file contents are not used yet");
-    }
+    let settings = match &args.config {
+        Some(path) => weir_control_plane::settings::Settings::load(path)?,
+        None => Default::default(),
+    };
     if let Some(dir) = &args.config_dir
         && !dir.is_dir()
     {
@@ -228,6 +228,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let opts = weir_control_plane::RunOptions {
         api: Some(api),
         config_dir: args.config_dir.map(|d| (d, args.config_dir_interval)),
+        settings,
     };
     weir_control_plane::run(cp, listener, opts, shutdown).await?;
     tracing::info!("weir-cp stopped");

@@ -57,6 +57,7 @@ impl Server {
             weir_control_plane::RunOptions {
                 api: Some(api),
                 config_dir: None,
+                settings: Default::default(),
             },
             async {
                 let _ = stopped.await;
