@@ -307,3 +307,83 @@ async fn quickstart_documents_apply() {
     }
     cp.stop().await;
 }
+
+/// A listener and route (operator config) sending everything to the registry-generated
+/// cluster `svc`.
+const REGISTRY_ROUTES: &str = r#"resources:
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: ingress
+  address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: ingress
+        route_config:
+          name: local
+          validate_clusters: false
+          virtual_hosts:
+          - name: all
+            domains: ["*"]
+            routes: [{match: {prefix: /}, route: {cluster: svc, timeout: 5s}}]
+        http_filters:
+        - name: envoy.filters.http.router
+          typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#;
+
+#[tokio::test]
+async fn registry_instances_become_weir_endpoints() {
+    use weir_control_plane::proto::registry::registry_client::RegistryClient;
+    use weir_control_plane::proto::registry::{DeregisterRequest, Instance, RegisterRequest};
+
+    let a = backend("a").await;
+    let b = backend("b").await;
+    let cp = Server::start().await;
+    cp.apply(REGISTRY_ROUTES);
+    let mut reg = RegistryClient::connect(format!("http://{}", cp.xds))
+        .await
+        .expect("registry client");
+    let register = |id: &str, port: u16| RegisterRequest {
+        instance: Some(Instance {
+            service: "svc".into(),
+            instance_id: id.into(),
+            address: "127.0.0.1".into(),
+            port: port.into(),
+            weight: 1,
+            ..Default::default()
+        }),
+    };
+    reg.register(register("a-1", a.port()))
+        .await
+        .expect("register a");
+    let proxy = start_proxy(&bootstrap(cp.xds, "DELTA_GRPC")).await;
+    let ingress = proxy.listener_addr("ingress").expect("ingress");
+    assert_eq!(get(ingress).await.1, "a", "the registered instance serves");
+
+    // A second instance joins: both serve.
+    reg.register(register("b-1", b.port()))
+        .await
+        .expect("register b");
+    until("b receives traffic", async || get(ingress).await.1 == "b").await;
+    // The first leaves: only b serves, with no failed request on the way.
+    reg.deregister(DeregisterRequest {
+        service: "svc".into(),
+        instance_id: "a-1".into(),
+    })
+    .await
+    .expect("deregister");
+    until("a no longer picked", async || {
+        let mut all_b = true;
+        for _ in 0..4 {
+            let (st, body, _) = get(ingress).await;
+            assert_eq!(st, 200);
+            all_b &= body == "b";
+        }
+        all_b
+    })
+    .await;
+    assert!(stat(&proxy, "cluster_manager.cluster_updated") >= 2);
+    proxy.stop().await;
+    cp.stop().await;
+}

@@ -138,6 +138,26 @@ async fn stream_once(
     }
 }
 
+/// The request stream with `initial_metadata` attached (validated at config time; a pair
+/// that still does not parse is skipped with a warning).
+fn with_metadata<S>(stream: S, ads: &AdsConfig) -> tonic::Request<S> {
+    let mut req = tonic::Request::new(stream);
+    for (k, v) in &ads.initial_metadata {
+        match (
+            k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+            v.parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>(),
+        ) {
+            (Ok(k), Ok(v)) => {
+                req.metadata_mut().insert(k, v);
+            }
+            _ => {
+                tracing::warn!(key = %k, "ADS initial_metadata entry skipped: not valid gRPC metadata")
+            }
+        }
+    }
+    req
+}
+
 /// Per-type state of a state-of-the-world stream.
 #[derive(Debug, Default)]
 struct SotwType {
@@ -181,7 +201,10 @@ async fn sotw(
     // The first requests go out before the call resolves (the server answers them).
     send_sotw_subscriptions(dynamic, &tx, &mut types, &mut node_tx);
     subs.mark_unchanged();
-    let mut responses = client.stream_aggregated_resources(rx).await?.into_inner();
+    let mut responses = client
+        .stream_aggregated_resources(with_metadata(rx, ads))
+        .await?
+        .into_inner();
     dynamic.stats().connected_state.set(1.0);
     tracing::info!(cluster = %ads.cluster, "ADS stream up (state of the world)");
     loop {
@@ -334,7 +357,10 @@ async fn delta(
     let mut subs = dynamic.subscribe();
     send_delta_subscriptions(dynamic, &tx, &mut sent, &mut node_tx);
     subs.mark_unchanged();
-    let mut responses = client.delta_aggregated_resources(rx).await?.into_inner();
+    let mut responses = client
+        .delta_aggregated_resources(with_metadata(rx, ads))
+        .await?
+        .into_inner();
     dynamic.stats().connected_state.set(1.0);
     tracing::info!(cluster = %ads.cluster, "ADS stream up (delta)");
     loop {

@@ -59,6 +59,9 @@ pub struct AdsConfig {
     pub delta: bool,
     /// `set_node_on_first_message_only`.
     pub set_node_on_first_message_only: bool,
+    /// `grpc_services[0].initial_metadata`: sent with the stream (e.g. `authorization:
+    /// Bearer ...` for a control plane that requires a token).
+    pub initial_metadata: Vec<(String, String)>,
 }
 
 /// The bootstrap's `dynamic_resources`, translated.
@@ -120,10 +123,31 @@ pub fn translate_dynamic(
                 "only the v3 transport is supported (transport_api_version: V3)",
             );
         }
+        let mut metadata = Vec::new();
         let cluster = match a.grpc_services.as_slice() {
             [g] => {
                 let gpath = format!("{apath}.grpc_services[0]");
-                errs.reject_unsupported(g, &["envoy_grpc", "timeout"], &gpath);
+                errs.reject_unsupported(g, &["envoy_grpc", "initial_metadata"], &gpath);
+                for (i, h) in g.initial_metadata.iter().enumerate() {
+                    let hpath = format!("{gpath}.initial_metadata[{i}]");
+                    errs.reject_unsupported(h, &["key", "value"], &hpath);
+                    let key_ok = !h.key.is_empty()
+                        && !h.key.starts_with(':')
+                        && !h.key.ends_with("-bin")
+                        && h.key.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                        });
+                    if !key_ok {
+                        errs.add(
+                            join(&hpath, "key"),
+                            "a gRPC metadata key: lowercase ASCII letters, digits, '-', '_', '.' (binary keys are not supported)",
+                        );
+                    }
+                    if !h.value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                        errs.add(join(&hpath, "value"), "a gRPC metadata value must be printable ASCII");
+                    }
+                    metadata.push((h.key.clone(), h.value.clone()));
+                }
                 match &g.target_specifier {
                     Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(e)) => {
                         errs.reject_unsupported(e, &["cluster_name"], &join(&gpath, "envoy_grpc"));
@@ -159,6 +183,7 @@ pub fn translate_dynamic(
             cluster,
             delta,
             set_node_on_first_message_only: a.set_node_on_first_message_only,
+            initial_metadata: metadata,
         })
     });
     let mut source_of = |cs: &Option<core::ConfigSource>, field: &str| {
@@ -319,7 +344,8 @@ mod tests {
             Some(AdsConfig {
                 cluster: "xds".into(),
                 delta: true,
-                set_node_on_first_message_only: true
+                set_node_on_first_message_only: true,
+                initial_metadata: Vec::new(),
             })
         );
         assert_eq!(c.lds, Some(ConfigSource::ads()));

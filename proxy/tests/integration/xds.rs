@@ -37,6 +37,8 @@ type RespTx<T> = mpsc::UnboundedSender<Result<T, Status>>;
 
 /// One SotW stream as the server sees it.
 struct SotwStream {
+    /// The stream's gRPC metadata (headers).
+    metadata: tonic::metadata::MetadataMap,
     requests: mpsc::UnboundedReceiver<DiscoveryRequest>,
     responses: RespTx<DiscoveryResponse>,
     stash: VecDeque<DiscoveryRequest>,
@@ -171,6 +173,7 @@ impl AggregatedDiscoveryService for FakeAds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
         let (rtx, rrx) = mpsc::unbounded();
         tokio::spawn(async move {
@@ -182,6 +185,7 @@ impl AggregatedDiscoveryService for FakeAds {
         });
         let (tx, rx) = mpsc::unbounded();
         let _ = self.sotw.unbounded_send(SotwStream {
+            metadata,
             requests: rrx,
             responses: tx,
             stash: VecDeque::new(),
@@ -278,7 +282,9 @@ dynamic_resources:
   ads_config:
     api_type: {api_type}
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+    grpc_services:
+    - envoy_grpc: {{cluster_name: xds}}
+      initial_metadata: [{{key: authorization, value: "Bearer test-token"}}]
   cds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 10s}}
   lds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 10s}}
 static_resources:
@@ -406,6 +412,13 @@ fn tag(h: &http::HeaderMap) -> String {
 /// Serve the initial fetch of a SotW stream: cluster `svc` (EDS, endpoints `eps`), listener
 /// `web` with RDS route `r1` (tag `v1`). Returns the stream after every ACK.
 async fn initial_sotw(s: &mut SotwStream, eps: &[(u16, u32)]) {
+    assert_eq!(
+        s.metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer test-token"),
+        "initial_metadata is sent with the stream"
+    );
     let r = s.expect(CDS).await;
     assert_eq!(r.version_info, "");
     let node = r.node.as_ref().expect("first request carries the node");
