@@ -15,10 +15,10 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
-//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
-//! server.
+//! - [`kv`]: the KV store (`weir.kv.v1`: KV, Watch, Lease), served on the gRPC server.
+//! - [`registry`]: the service registry (gRPC `weir.registry.v1`), the first cache source,
+//!   turning registered services into EDS clusters.
+//! - [`settings`]: the `--config` file (auth tokens, S3 access keys).
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
