@@ -2,7 +2,7 @@
 //!
 //! `weir-cp`, weir's companion control plane: an Envoy xDS v3 management server (ADS, state of
 //! the world and delta) fed by operator-applied Envoy config, with a config API, history and
-//! rollback, persistence, and Prometheus metrics. See `docs/arch-cp.md` for the design.
+//! rollback, persistence, and Prometheus metrics. See `docs/design/xds-server.md` for the design.
 //!
 //! ## Layout
 //! - [`resource`]: resources, content-hash versions, push order.

@@ -25,7 +25,7 @@
 //! - [`metrics`]: `weir_cp_kv_*` metrics.
 //! - [`cli`]: `weir-cp kv …` (a gRPC client).
 //!
-//! See `docs/arch-kv.md` for the storage layout, the watch seam and deviations from etcd.
+//! See `docs/design/kv.md` for the storage layout, the watch seam and deviations from etcd.
 
 pub mod cli;
 pub mod embedded;
