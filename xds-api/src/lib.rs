@@ -143,10 +143,52 @@ pub fn set_fields<T: prost::Message + prost::Name>(msg: &T) -> Vec<String> {
     let Some(desc) = pool().get_message_by_name(&T::full_name()) else {
         return Vec::new();
     };
-    let Ok(dm) = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()) else {
-        return Vec::new();
-    };
-    dm.fields().map(|(f, _)| f.name().to_string()).collect()
+    let bytes = msg.encode_to_vec();
+    // prost encodes exactly the set fields (proto3 scalars at their default are omitted,
+    // present messages and oneof members are written), so the top-level tags of the encoding
+    // name them. Reading only the tags (skipping values) keeps this cheap for messages that
+    // are translated by the thousand (EDS endpoints).
+    match top_level_field_numbers(&bytes) {
+        // In descriptor order, as DynamicMessage lists them.
+        Some(numbers) => desc
+            .fields()
+            .filter(|f| numbers.contains(&f.number()))
+            .map(|f| f.name().to_string())
+            .collect(),
+        None => match DynamicMessage::decode(desc, bytes.as_slice()) {
+            Ok(dm) => dm.fields().map(|(f, _)| f.name().to_string()).collect(),
+            Err(_) => Vec::new(),
+        },
+    }
+}
+
+/// The distinct field numbers of an encoded message's top level, in first-seen order, or
+/// `None` if the bytes are not a well-formed encoding without groups.
+fn top_level_field_numbers(mut buf: &[u8]) -> Option<Vec<u32>> {
+    use prost::encoding::decode_varint;
+    let mut out: Vec<u32> = Vec::new();
+    while !buf.is_empty() {
+        let key = decode_varint(&mut buf).ok()?;
+        let number = u32::try_from(key >> 3).ok()?;
+        let skip = match key & 7 {
+            0 => {
+                decode_varint(&mut buf).ok()?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(decode_varint(&mut buf).ok()?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        buf = buf.get(skip..)?;
+        if number == 0 {
+            return None;
+        }
+        if !out.contains(&number) {
+            out.push(number);
+        }
+    }
+    Some(out)
 }
 
 /// Pack a message into an `Any`.
@@ -258,6 +300,36 @@ static_resources:
             json["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
                 ["cluster"],
             "c"
+        );
+    }
+
+    #[test]
+    fn set_fields_matches_a_full_decode() {
+        use crate::pb::envoy::config::cluster::v3::Cluster;
+        use prost::Message as _;
+        let c: Cluster = from_yaml(
+            "name: c\ntype: EDS\nconnect_timeout: 0s\nlb_policy: RING_HASH\neds_cluster_config: {}\nper_connection_buffer_limit_bytes: 0\nload_assignment: {cluster_name: c, endpoints: [{lb_endpoints: [{}]}, {}]}\n",
+        )
+        .expect("cluster");
+        let desc = pool()
+            .get_message_by_name("envoy.config.cluster.v3.Cluster")
+            .expect("descriptor");
+        let full: Vec<String> = DynamicMessage::decode(desc, c.encode_to_vec().as_slice())
+            .expect("decode")
+            .fields()
+            .map(|(f, _)| f.name().to_string())
+            .collect();
+        assert_eq!(set_fields(&c), full);
+        assert!(full.contains(&"per_connection_buffer_limit_bytes".to_string()));
+        assert_eq!(top_level_field_numbers(&[0x08]), None, "truncated varint");
+        assert_eq!(
+            top_level_field_numbers(&[0x0a, 0x05, 0x01]),
+            None,
+            "short length"
+        );
+        assert_eq!(
+            top_level_field_numbers(&[0x08, 0x01, 0x08, 0x02]),
+            Some(vec![1])
         );
     }
 

@@ -20,6 +20,8 @@ impl Cluster {
     /// hosts: the set is swapped atomically; pickers holding the old set finish with it.
     pub fn set_endpoints(&self, endpoints: &[EndpointConfig]) -> bool {
         let old = self.host_set.load_full();
+        let by_address: std::collections::HashMap<std::net::SocketAddr, &Arc<Host>> =
+            old.hosts.iter().map(|h| (h.address, h)).collect();
         let hc = !self.config.health_checks.is_empty();
         let mut changed = false;
         let by_endpoint: Vec<Vec<Arc<Host>>> = endpoints
@@ -29,7 +31,7 @@ impl Cluster {
                     // EDS endpoints are translated as IPs; a DNS name has no host here.
                     return Vec::new();
                 };
-                let prev = old.hosts.iter().find(|h| h.address == addr);
+                let prev = by_address.get(&addr).copied();
                 let host = match prev {
                     Some(h)
                         if h.weight == e.weight

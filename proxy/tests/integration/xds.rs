@@ -687,10 +687,11 @@ async fn weight_changes_apply_in_place_under_load() {
     }
     let (d1, d2) = (b1.hits() - h1, b2.hits() - h2);
     assert_eq!(d1 + d2, 100);
-    assert_eq!(
-        (d1, d2),
-        (10, 90),
-        "smooth weighted round robin is exact over 100 picks"
+    // Smooth weighted round robin is exact per worker over each cycle of 10 picks; with two
+    // workers each may be part-way through a cycle.
+    assert!(
+        (8..=12).contains(&d1),
+        "about 1 in 10 picks to the weight-1 host: ({d1}, {d2})"
     );
     assert!(p.stat("cluster_manager.cluster_updated") >= 2);
     assert_eq!(
