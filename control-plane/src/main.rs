@@ -78,6 +78,14 @@ struct ServerArg {
     /// The weir-cp config API address (`serve --api-address`).
     #[arg(long, default_value = DEFAULT_API)]
     server: String,
+    #[command(flatten)]
+    auth: weir_control_plane::auth::client::ClientAuthArgs,
+}
+
+impl ServerArg {
+    fn client(&self) -> anyhow::Result<Client> {
+        self.auth.api_client(&self.server)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -288,7 +296,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?
             };
-            let info = Client::new(server.server).apply(&target, text).await?;
+            let info = server.client()?.apply(&target, text).await?;
             println!(
                 "applied version {} to {} ({} resources)",
                 info.version,
@@ -301,7 +309,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
                 (None, None) => None,
                 _ => Some(target_of(&target)?),
             };
-            let v = Client::new(server.server).get(filter.as_ref()).await?;
+            let v = server.client()?.get(filter.as_ref()).await?;
             let out = match &filter {
                 Some(t) => v["targets"]
                     .as_array()
@@ -313,7 +321,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         ConfigCommand::History { json, server } => {
-            let h = Client::new(server.server).history().await?;
+            let h = server.client()?.history().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&h)?);
             } else {
@@ -339,7 +347,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
             }
         }
         ConfigCommand::Rollback { version, server } => {
-            let info = Client::new(server.server).rollback(version).await?;
+            let info = server.client()?.rollback(version).await?;
             println!(
                 "rolled back to version {version}: applied as version {} to {}",
                 info.version, info.target
@@ -350,7 +358,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
 }
 
 async fn status(s: StatusArgs) -> anyhow::Result<()> {
-    let st = Client::new(s.server.server).status().await?;
+    let st = s.server.client()?.status().await?;
     if s.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());
