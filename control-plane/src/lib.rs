@@ -15,13 +15,13 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
+//! - [`kv`]: the KV store (`weir.kv.v1`: KV, Watch, Lease), served on the gRPC server.
+//! - [`registry`]: the service registry (gRPC `weir.registry.v1`), the first cache source,
+//!   turning registered services into EDS clusters.
+//! - [`settings`]: the `--config` file (auth tokens, S3 access keys).
 //! - [`auth`]: authentication (bearer tokens, mTLS client certificates) and scopes for every
 //!   API: one tower layer around the whole gRPC router, a check in the HTTP API; open mode
 //!   only on loopback.
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
-//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
-//! server.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server

@@ -140,8 +140,8 @@ pub struct TlsSettings {
     pub client_ca_file: Option<std::path::PathBuf>,
 }
 
-/// One bearer token.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// One bearer token (its `Debug` hides the token).
+#[derive(Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
     /// A name for logs and metrics (never the token itself).
@@ -154,6 +154,17 @@ pub struct TokenSettings {
     pub token_file: Option<std::path::PathBuf>,
     /// What it may do.
     pub scopes: Vec<Scope>,
+}
+
+impl std::fmt::Debug for TokenSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSettings")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// `s3:`.
@@ -262,5 +273,7 @@ mod tests {
             .expect_err("bad scope");
         assert!(e.to_string().contains("auth.tokens[0].scopes"), "{e}");
         assert!(Settings::parse("", "f").is_ok());
+        let dbg = format!("{:?}", s.auth.tokens[0]);
+        assert!(dbg.contains("redacted") && !dbg.contains("\"t\""), "{dbg}");
     }
 }

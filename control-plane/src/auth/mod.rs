@@ -426,7 +426,7 @@ impl Authenticator {
         let mut scopes = BTreeSet::new();
         let mut name = None;
         for rule in &self.cert_rules {
-            if sans.iter().any(|s| *s == rule.san) {
+            if sans.contains(&rule.san) {
                 scopes.extend(rule.scopes.iter().copied());
                 name.get_or_insert_with(|| rule.san.clone());
             }
