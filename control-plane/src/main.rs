@@ -61,8 +61,9 @@ struct ServeArgs {
     /// memory and is lost on exit.
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
-    /// weir-cp's config file (YAML): API auth tokens and S3 access keys (see
-    /// `weir_control_plane::settings`).
+    /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
+    /// S3 access keys (see `weir_control_plane::settings`, docs/arch-auth.md). Without auth
+    /// credentials weir-cp runs open, and only on loopback addresses.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Watch this directory and apply its xDS files when they change (GitOps): `DIR/*.yaml`

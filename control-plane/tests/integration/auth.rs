@@ -936,3 +936,47 @@ async fn open_mode_only_on_loopback() {
         .expect("open mode");
     let _ = b.child.0.kill();
 }
+
+#[tokio::test]
+async fn binary_logs_credential_names_never_tokens() {
+    let dir = temp_dir("auth-log");
+    let settings = dir.join("weir-cp.yaml");
+    write(&settings, &token_settings());
+    let b = spawn_binary(&["--config", settings.to_str().expect("utf-8")]).await;
+    let wrong = "wrong-secret-0123456789";
+    assert_eq!(
+        code(kv_put(channel(b.xds, &creds(Some(KVR))).await, "k", "v").await),
+        Err(tonic::Code::PermissionDenied)
+    );
+    assert_eq!(
+        code(kv_put(channel(b.xds, &creds(Some(wrong))).await, "k", "v").await),
+        Err(tonic::Code::Unauthenticated)
+    );
+    kv_put(channel(b.xds, &creds(Some(KVW))).await, "k", "v")
+        .await
+        .expect("writer puts");
+    // Read the log until both refusals are there (bounded), then check for secrets.
+    let deadline = Instant::now() + WAIT;
+    let mut lines = Vec::new();
+    let (mut denied, mut unauth) = (false, false);
+    while !(denied && unauth) {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        let Ok(line) = b.log.recv_timeout(left) else {
+            break;
+        };
+        denied |= line.contains("permission denied")
+            && line.contains("reader")
+            && line.contains("/weir.kv.v1.KV/Put");
+        unauth |= line.contains("unauthenticated") && line.contains("unknown token");
+        lines.push(line);
+    }
+    let log = lines.join("\n");
+    assert!(denied && unauth, "refusals not logged:\n{log}");
+    for secret in [KVR, KVW, wrong, XDS, CFG] {
+        assert!(!log.contains(secret), "a token reached the log:\n{log}");
+    }
+    // No open-mode warning with credentials configured.
+    assert!(!log.contains("WITHOUT authentication"), "{log}");
+}
