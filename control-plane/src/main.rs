@@ -229,6 +229,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener
         .local_addr()
         .context("reading the bound gRPC address")?;
+    // Refuse before announcing anything (run() checks again; this is for a clean log).
+    let authn = weir_control_plane::auth::Authenticator::from_settings(&settings.auth)?;
+    weir_control_plane::auth::open_mode(!authn.is_open(), &[address, api_address])?;
     tracing::info!(%api_address, "weir-cp config API and /metrics listening");
     tracing::info!(
         config_version = cp.operator.latest_version(),
