@@ -12,6 +12,13 @@
 //!
 //! `T` is `all` (default), `cluster:NAME` or `node:ID`. Request bodies are limited to
 //! [`MAX_BODY`]. An apply answers only after the version is committed to the store.
+//!
+//! ## Authentication
+//! Every endpoint but `/healthz` needs credentials ([`crate::auth`]): `POST`s need the
+//! `config:write` scope, `GET`s any authenticated identity ([`required`]). Refusals are
+//! `401` (with `www-authenticate: Bearer`) or `403`, JSON [`ErrorBody`], decided before the
+//! body is read. With `auth.tls` the API is served over TLS (HTTP/1.1, tokio-rustls) and
+//! client certificates are accepted as credentials.
 
 use std::sync::Arc;
 
@@ -23,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 use crate::ControlPlane;
+use crate::auth::{Authenticator, Required, Scope};
 use crate::operator::{ApplyError, Target, VersionInfo};
 use crate::status::StatusReport;
 use crate::validate::FieldError;
@@ -147,9 +155,35 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
-async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
+/// What `method path` needs: nothing for `/healthz`, `config:write` for every `POST` (apply,
+/// rollback, and unknown ones), any authenticated identity otherwise.
+pub fn required(method: &Method, path: &str) -> Required {
+    match (method, path) {
+        (&Method::GET, "/healthz") => Required::Nothing,
+        (&Method::GET | &Method::HEAD, _) => Required::Authenticated,
+        _ => Required::Scope(Scope::ConfigWrite),
+    }
+}
+
+/// The connection's verified client certificates (TLS with client CA only).
+type PeerCerts = Option<Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>>;
+
+async fn handle(
+    cp: Arc<ControlPlane>,
+    auth: Arc<Authenticator>,
+    peer_certs: PeerCerts,
+    req: hyper::Request<Incoming>,
+) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if let Err(denied) = auth.http(
+        req.headers(),
+        peer_certs.as_deref().map(|c| c.as_slice()),
+        required(&method, &path),
+        &format!("{method} {path}"),
+    ) {
+        return denied.to_http();
+    }
     let query = req.uri().query().map(str::to_string);
     let query = query.as_deref();
     match (&method, path.as_str()) {
@@ -250,10 +284,33 @@ async fn handle(cp: Arc<ControlPlane>, req: hyper::Request<Incoming>) -> Resp {
     }
 }
 
-/// Serve the API on `listener` until `shutdown` is cancelled.
+/// Serve the API on `listener` until `shutdown` is cancelled, open and without TLS (see
+/// [`serve_with`]).
 pub async fn serve(
     cp: Arc<ControlPlane>,
     listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    serve_with(
+        cp,
+        listener,
+        Arc::new(Authenticator::open()),
+        None,
+        shutdown,
+    )
+    .await
+}
+
+/// How long a client may take for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serve the API on `listener`, checking requests with `auth`, over TLS with `tls`, until
+/// `shutdown` is cancelled.
+pub async fn serve_with(
+    cp: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    auth: Arc<Authenticator>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -269,27 +326,67 @@ pub async fn serve(
             },
         };
         let cp = cp.clone();
+        let auth = auth.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let cp = cp.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(cp, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "API connection error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tls {
+                None => serve_connection(cp, auth, None, stream, shutdown).await,
+                Some(acceptor) => {
+                    let tls_stream = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
+                    };
+                    let stream = match tls_stream {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "API TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("API TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let certs = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                    serve_connection(cp, auth, certs, stream, shutdown).await
                 }
             }
         });
+    }
+}
+
+async fn serve_connection<IO>(
+    cp: Arc<ControlPlane>,
+    auth: Arc<Authenticator>,
+    peer_certs: PeerCerts,
+    io: IO,
+    shutdown: CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let cp = cp.clone();
+        let auth = auth.clone();
+        let certs = peer_certs.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(cp, auth, certs, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "API connection error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
@@ -297,6 +394,14 @@ pub async fn serve(
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
+    /// TLS to the server failed.
+    #[error("TLS to {addr}: {source}")]
+    Tls {
+        /// The server.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Could not reach the server.
     #[error("connecting to {addr}: {source}")]
     Connect {
@@ -334,15 +439,78 @@ fn render_error(e: &ErrorBody) -> String {
 }
 
 /// A client of the API at `addr` (`host:port`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     addr: String,
+    authorization: Option<http::HeaderValue>,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("token", &self.authorization.is_some())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// The host part of `host:port` / `[v6]:port`, as a TLS server name.
+fn server_name(
+    addr: &str,
+) -> Result<tokio_rustls::rustls::pki_types::ServerName<'static>, std::io::Error> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }
 
 impl Client {
-    /// A client for `addr`.
+    /// A client for `addr` (plain HTTP, no credentials).
     pub fn new(addr: impl Into<String>) -> Self {
-        Client { addr: addr.into() }
+        Client {
+            addr: addr.into(),
+            authorization: None,
+            tls: None,
+        }
+    }
+
+    /// Send a bearer token.
+    pub fn with_token(self, token: &str) -> Result<Self, http::header::InvalidHeaderValue> {
+        let mut v = http::HeaderValue::from_str(&format!("Bearer {token}"))?;
+        v.set_sensitive(true);
+        Ok(self.with_authorization(v))
+    }
+
+    /// Send this `authorization` header value.
+    pub fn with_authorization(mut self, mut value: http::HeaderValue) -> Self {
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        self
+    }
+
+    /// Connect over TLS with `config`.
+    pub fn with_tls(mut self, config: Arc<tokio_rustls::rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    async fn send<IO>(
+        &self,
+        io: IO,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), ClientError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        let conn = tokio::spawn(conn);
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        conn.abort();
+        Ok((status, body))
     }
 
     async fn call(
@@ -357,19 +525,29 @@ impl Client {
                 addr: self.addr.clone(),
                 source,
             })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(http::header::HOST, self.addr.as_str())
-            .body(Full::new(body))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
-        conn.abort();
-        Ok((status, body))
+            .header(http::header::HOST, self.addr.as_str());
+        if let Some(v) = &self.authorization {
+            req = req.header(http::header::AUTHORIZATION, v.clone());
+        }
+        let req = req.body(Full::new(body))?;
+        match &self.tls {
+            None => self.send(stream, req).await,
+            Some(config) => {
+                let tls_err = |source| ClientError::Tls {
+                    addr: self.addr.clone(),
+                    source,
+                };
+                let name = server_name(&self.addr).map_err(tls_err)?;
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(tls_err)?;
+                self.send(stream, req).await
+            }
+        }
     }
 
     async fn call_json<T: serde::de::DeserializeOwned>(

@@ -19,6 +19,9 @@
 //! - [`registry`]: the service registry (gRPC `weir.registry.v1`), the first cache source,
 //!   turning registered services into EDS clusters.
 //! - [`settings`]: the `--config` file (auth tokens, S3 access keys).
+//! - [`auth`]: authentication (bearer tokens, mTLS client certificates) and scopes for every
+//!   API: one tower layer around the whole gRPC router, a check in the HTTP API; open mode
+//!   only on loopback.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
@@ -26,11 +29,13 @@
 //! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
 //! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
 //! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
-//! server.
+//! server. Every call passes [`auth::grpc::AuthLayer`] first (health is open); with
+//! `auth.tls` the server speaks TLS (and accepts client certificates with a client CA).
 #![forbid(unsafe_code)]
 
 pub mod ads;
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod configdir;
 pub mod kv;
@@ -96,6 +101,12 @@ pub enum Error {
     /// The service registry could not be loaded.
     #[error("loading the service registry: {0}")]
     Registry(#[from] registry::RegistryError),
+    /// The `auth:` settings cannot be used, or no credentials on a non-loopback address.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthConfigError),
+    /// A listener's address could not be read.
+    #[error("reading a listening address: {0}")]
+    Listener(#[source] std::io::Error),
 }
 
 /// The control plane's shared state.
@@ -230,6 +241,34 @@ pub async fn run(
     opts: RunOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
+    // Authentication first: a server that may not run (open on a non-loopback address, bad
+    // credentials or TLS files) must not start anything.
+    let authn = Arc::new(auth::Authenticator::from_settings(&opts.settings.auth)?);
+    let server_tls = opts
+        .settings
+        .auth
+        .tls
+        .as_ref()
+        .map(auth::tls::ServerTls::load)
+        .transpose()?;
+    let mut addrs = vec![xds.local_addr().map_err(Error::Listener)?];
+    if let Some(api) = &opts.api {
+        addrs.push(api.local_addr().map_err(Error::Listener)?);
+    }
+    if auth::open_mode(!authn.is_open(), &addrs)? {
+        tracing::warn!(
+            addresses = ?addrs,
+            "weir-cp is running WITHOUT authentication: every API is open to anyone who can \
+             reach these loopback addresses; configure auth.tokens or auth.client_certs in \
+             the --config file before exposing it"
+        );
+    } else if server_tls.is_none() && addrs.iter().any(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            addresses = ?addrs,
+            "weir-cp auth is configured without auth.tls: bearer tokens travel in cleartext"
+        );
+    }
+    cp.metrics.add_collector(authn.clone());
     let token = CancellationToken::new();
     cp.cache.watch_sources();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -263,7 +302,17 @@ pub async fn run(
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
     tasks.push(cp.kv.spawn_expiry(token.clone()));
     if let Some(api) = opts.api {
-        tasks.push(tokio::spawn(api::serve(cp.clone(), api, token.clone())));
+        let tls = server_tls
+            .as_ref()
+            .map(auth::tls::ServerTls::http_acceptor)
+            .transpose()?;
+        tasks.push(tokio::spawn(api::serve_with(
+            cp.clone(),
+            api,
+            authn.clone(),
+            tls,
+            token.clone(),
+        )));
     }
     if let Some((dir, interval)) = opts.config_dir {
         tasks.push(tokio::spawn(configdir::watch(
@@ -274,9 +323,15 @@ pub async fn run(
         )));
     }
     let stop = token.clone();
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &server_tls {
+        builder = builder.tls_config(tls.tonic())?;
+    }
+    let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Every gRPC service below is behind this one layer (method -> scope table).
+        .layer(auth::grpc::AuthLayer::new(authn.clone()))
         .add_service(health)
         .add_service(ads)
         .add_service(kv.kv)

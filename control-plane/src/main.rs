@@ -29,6 +29,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Run the control plane: xDS (ADS) on --xds-address, config API and /metrics on
     /// --api-address.
@@ -60,8 +61,9 @@ struct ServeArgs {
     /// memory and is lost on exit.
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
-    /// weir-cp's config file (YAML): API auth tokens and S3 access keys (see
-    /// `weir_control_plane::settings`).
+    /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
+    /// S3 access keys (see `weir_control_plane::settings`, docs/arch-auth.md). Without auth
+    /// credentials weir-cp runs open, and only on loopback addresses.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Watch this directory and apply its xDS files when they change (GitOps): `DIR/*.yaml`
@@ -78,6 +80,14 @@ struct ServerArg {
     /// The weir-cp config API address (`serve --api-address`).
     #[arg(long, default_value = DEFAULT_API)]
     server: String,
+    #[command(flatten)]
+    auth: weir_control_plane::auth::client::ClientAuthArgs,
+}
+
+impl ServerArg {
+    fn client(&self) -> anyhow::Result<Client> {
+        self.auth.api_client(&self.server)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -219,6 +229,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener
         .local_addr()
         .context("reading the bound gRPC address")?;
+    // Refuse before announcing anything (run() checks again; this is for a clean log).
+    let authn = weir_control_plane::auth::Authenticator::from_settings(&settings.auth)?;
+    weir_control_plane::auth::open_mode(!authn.is_open(), &[address, api_address])?;
     tracing::info!(%api_address, "weir-cp config API and /metrics listening");
     tracing::info!(
         config_version = cp.operator.latest_version(),
@@ -288,7 +301,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
                 std::fs::read_to_string(&file)
                     .with_context(|| format!("reading {}", file.display()))?
             };
-            let info = Client::new(server.server).apply(&target, text).await?;
+            let info = server.client()?.apply(&target, text).await?;
             println!(
                 "applied version {} to {} ({} resources)",
                 info.version,
@@ -301,7 +314,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
                 (None, None) => None,
                 _ => Some(target_of(&target)?),
             };
-            let v = Client::new(server.server).get(filter.as_ref()).await?;
+            let v = server.client()?.get(filter.as_ref()).await?;
             let out = match &filter {
                 Some(t) => v["targets"]
                     .as_array()
@@ -313,7 +326,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         ConfigCommand::History { json, server } => {
-            let h = Client::new(server.server).history().await?;
+            let h = server.client()?.history().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&h)?);
             } else {
@@ -339,7 +352,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
             }
         }
         ConfigCommand::Rollback { version, server } => {
-            let info = Client::new(server.server).rollback(version).await?;
+            let info = server.client()?.rollback(version).await?;
             println!(
                 "rolled back to version {version}: applied as version {} to {}",
                 info.version, info.target
@@ -350,7 +363,7 @@ async fn config(c: ConfigCommand) -> anyhow::Result<()> {
 }
 
 async fn status(s: StatusArgs) -> anyhow::Result<()> {
-    let st = Client::new(s.server.server).status().await?;
+    let st = s.server.client()?.status().await?;
     if s.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());

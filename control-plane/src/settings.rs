@@ -6,6 +6,13 @@
 //!   - name: proxies
 //!     token_file: /etc/weir-cp/proxies.token   # or `token: ...` inline
 //!     scopes: [xds:read]
+//!   client_certs:            # mTLS: a verified client certificate's SAN -> scopes
+//!   - san: spiffe://example.org/weir/proxy
+//!     scopes: [xds:read]
+//!   tls:                     # TLS on the gRPC server and the HTTP API
+//!     cert_file: /etc/weir-cp/tls/server.pem
+//!     key_file: /etc/weir-cp/tls/server.key
+//!     client_ca_file: /etc/weir-cp/tls/clients-ca.pem
 //! s3:                        # the S3-compatible endpoint (see crate::objects)
 //!   region: us-east-1
 //!   access_keys:
@@ -59,17 +66,82 @@ pub enum Scope {
     ObjectsWrite,
 }
 
-/// `auth:`.
+impl Scope {
+    /// Every scope, in declaration order.
+    pub const ALL: [Scope; 7] = [
+        Scope::XdsRead,
+        Scope::ConfigWrite,
+        Scope::RegistryWrite,
+        Scope::KvRead,
+        Scope::KvWrite,
+        Scope::ObjectsRead,
+        Scope::ObjectsWrite,
+    ];
+
+    /// The name used in settings files, logs and metrics (`xds:read`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::XdsRead => "xds:read",
+            Scope::ConfigWrite => "config:write",
+            Scope::RegistryWrite => "registry:write",
+            Scope::KvRead => "kv:read",
+            Scope::KvWrite => "kv:write",
+            Scope::ObjectsRead => "objects:read",
+            Scope::ObjectsWrite => "objects:write",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `auth:` (see `crate::auth` and docs/arch-auth.md). With no `tokens` and no
+/// `client_certs`, weir-cp runs open, and only when every listening address is loopback.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// Bearer tokens and their scopes.
     #[serde(default)]
     pub tokens: Vec<TokenSettings>,
+    /// Client certificates (verified against `tls.client_ca_file`) whose SAN maps to scopes.
+    #[serde(default)]
+    pub client_certs: Vec<ClientCertSettings>,
+    /// TLS for the gRPC server and the HTTP API.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
 }
 
-/// One bearer token.
+/// One `auth.client_certs` rule.
 #[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertSettings {
+    /// A subject alternative name of the client's (leaf) certificate, matched exactly: a URI
+    /// (e.g. a SPIFFE id `spiffe://example.org/ns/mesh/sa/weir`) or a DNS name.
+    pub san: String,
+    /// What a certificate with that SAN may do.
+    pub scopes: Vec<Scope>,
+}
+
+/// `auth.tls`: server certificate and, optionally, the CA that client certificates must
+/// chain to (client certificates are then requested, but optional: token clients still
+/// connect).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key of the server.
+    pub key_file: std::path::PathBuf,
+    /// PEM CA certificate(s) client certificates are verified against.
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// One bearer token (its `Debug` hides the token).
+#[derive(Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
     /// A name for logs and metrics (never the token itself).
@@ -82,6 +154,17 @@ pub struct TokenSettings {
     pub token_file: Option<std::path::PathBuf>,
     /// What it may do.
     pub scopes: Vec<Scope>,
+}
+
+impl std::fmt::Debug for TokenSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSettings")
+            .field("name", &self.name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("scopes", &self.scopes)
+            .finish()
+    }
 }
 
 /// `s3:`.
@@ -190,5 +273,7 @@ mod tests {
             .expect_err("bad scope");
         assert!(e.to_string().contains("auth.tokens[0].scopes"), "{e}");
         assert!(Settings::parse("", "f").is_ok());
+        let dbg = format!("{:?}", s.auth.tokens[0]);
+        assert!(dbg.contains("redacted") && !dbg.contains("\"t\""), "{dbg}");
     }
 }

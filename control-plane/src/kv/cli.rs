@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+use crate::auth::client::AuthChannel as Channel;
 use anyhow::Context as _;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use super::prefix_end;
 use crate::proto::kv as pb;
@@ -26,6 +26,9 @@ pub struct KvArgs {
     /// The weir-cp gRPC address (`serve --xds-address`).
     #[arg(long, global = true, default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Credentials and TLS.
+    #[command(flatten)]
+    pub auth: crate::auth::client::ClientAuthArgs,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub output: Output,
@@ -166,23 +169,9 @@ fn status_error(what: &str, st: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {} ({:?})", st.message(), st.code())
 }
 
-async fn channel(server: &str) -> anyhow::Result<Channel> {
-    let url = if server.starts_with("http://") || server.starts_with("https://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("bad --server {server:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to weir-cp at {url}"))
-}
-
 /// Run a `weir-cp kv` command, printing to stdout.
 pub async fn run(args: KvArgs) -> anyhow::Result<()> {
-    let ch = channel(&args.server).await?;
+    let ch = args.auth.grpc_channel(&args.server).await?;
     let json = args.output == Output::Json;
     let mut kv = KvClient::new(ch.clone());
     match args.command {

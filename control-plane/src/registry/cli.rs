@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::pb;
+use crate::auth::client::AuthChannel;
 use pb::registry_client::RegistryClient;
 
 /// Default `--server`: the default `serve --xds-address`.
@@ -28,6 +28,9 @@ pub struct Common {
     /// The weir-cp gRPC address (`serve --xds-address`), `host:port` or a URL.
     #[arg(long, default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Credentials and TLS.
+    #[command(flatten)]
+    pub auth: crate::auth::client::ClientAuthArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
@@ -166,19 +169,10 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
-async fn client(server: &str) -> anyhow::Result<RegistryClient<tonic::transport::Channel>> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .with_context(|| format!("--server {server:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to weir-cp at {server}"))?;
-    Ok(RegistryClient::new(channel))
+async fn client(common: &Common) -> anyhow::Result<RegistryClient<AuthChannel>> {
+    Ok(RegistryClient::new(
+        common.auth.grpc_channel(&common.server).await?,
+    ))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -355,7 +349,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
                 health,
                 ..Default::default()
             };
-            let r = client(&common.server)
+            let r = client(&common)
                 .await?
                 .register(pb::RegisterRequest {
                     instance: Some(inst),
@@ -385,7 +379,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             id,
             common,
         } => {
-            let r = client(&common.server)
+            let r = client(&common)
                 .await?
                 .deregister(pb::DeregisterRequest {
                     service: service.clone(),
@@ -411,7 +405,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             } else {
                 pb::HealthStatus::Healthy
             };
-            let r = client(&common.server)
+            let r = client(&common)
                 .await?
                 .heartbeat(pb::HeartbeatRequest {
                     service,
@@ -441,7 +435,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             all,
             common,
         } => {
-            let r = client(&common.server)
+            let r = client(&common)
                 .await?
                 .list(pb::ListRequest {
                     service: service.unwrap_or_default(),
@@ -467,7 +461,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             }
         }
         Command::Services { common } => {
-            let r = client(&common.server)
+            let r = client(&common)
                 .await?
                 .services(pb::ServicesRequest {})
                 .await
@@ -493,7 +487,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
             rev,
             common,
         } => {
-            let mut stream = client(&common.server)
+            let mut stream = client(&common)
                 .await?
                 .watch(pb::WatchRequest {
                     service: service.unwrap_or_default(),

@@ -1,12 +1,14 @@
 //! weir-cp integration tests: the library server in-process, and the `weir-cp` binary as a
 //! child process, checked with real tonic clients (health, ADS) and the CLI over 127.0.0.1.
 //!
-//! Modules: `harness` (servers, ADS clients, documents), `sotw` and `delta` (the ADS
+//! Modules: `harness` (servers, ADS clients, documents), `auth` (tokens, scopes, mTLS, open
+//! mode), `sotw` and `delta` (the ADS
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
 //! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
 //! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence).
 
+mod auth;
 mod cli;
 mod delta;
 mod harness;
