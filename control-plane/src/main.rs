@@ -62,7 +62,7 @@ struct ServeArgs {
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
     /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
-    /// S3 access keys (see `weir_control_plane::settings`, docs/arch-auth.md). Without auth
+    /// S3 access keys (see `weir_control_plane::settings`, docs/design/auth.md). Without auth
     /// credentials weir-cp runs open, and only on loopback addresses.
     #[arg(long)]
     config: Option<PathBuf>,

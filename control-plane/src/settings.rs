@@ -98,7 +98,7 @@ impl std::fmt::Display for Scope {
     }
 }
 
-/// `auth:` (see `crate::auth` and docs/arch-auth.md). With no `tokens` and no
+/// `auth:` (see `crate::auth` and docs/design/auth.md). With no `tokens` and no
 /// `client_certs`, weir-cp runs open, and only when every listening address is loopback.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

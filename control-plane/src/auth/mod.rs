@@ -1,4 +1,4 @@
-//! Authentication and authorization of every weir-cp API (see docs/arch-auth.md).
+//! Authentication and authorization of every weir-cp API (see docs/design/auth.md).
 //!
 //! - Credentials: bearer tokens (`authorization: Bearer TOKEN`, HTTP header or gRPC
 //!   metadata) from `auth.tokens` in the settings file, and TLS client certificates verified
