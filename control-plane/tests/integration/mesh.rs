@@ -387,3 +387,75 @@ async fn registry_instances_become_weir_endpoints() {
     proxy.stop().await;
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn weir_authenticates_to_weir_cp_with_a_token() {
+    const TOKEN: &str = "mesh-proxy-token-0123456789";
+    let a = backend("a").await;
+    let settings = weir_control_plane::settings::Settings::parse(
+        &format!("auth:\n  tokens:\n  - {{name: proxies, token: {TOKEN}, scopes: ['xds:read']}}\n"),
+        "test",
+    )
+    .expect("settings");
+    let cp = ControlPlane::open(None).expect("cp");
+    cp.apply_text(
+        weir_control_plane::operator::Target::All,
+        &mesh_doc(&[(a.port(), 1)], "v1"),
+        "test",
+    )
+    .expect("apply");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let xds = l.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(weir_control_plane::run(
+        cp.clone(),
+        l,
+        weir_control_plane::RunOptions {
+            settings,
+            ..Default::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // Without the token weir is refused: it never connects and keeps retrying (the initial
+    // fetch gives up after its timeout, so the server still starts, with nothing dynamic).
+    let yaml = bootstrap(xds, "GRPC");
+    let no_token = yaml
+        .replace(
+            "cds_config: {ads: {}, resource_api_version: V3}",
+            "cds_config: {ads: {}, resource_api_version: V3, initial_fetch_timeout: 0.5s}",
+        )
+        .replace(
+            "lds_config: {ads: {}, resource_api_version: V3}",
+            "lds_config: {ads: {}, resource_api_version: V3, initial_fetch_timeout: 0.5s}",
+        );
+    let refused = start_proxy(&no_token).await;
+    assert!(refused.listener_addr("ingress").is_none());
+    assert_eq!(stat(&refused, "control_plane.connected_state"), 0);
+    assert_eq!(stat(&refused, "cluster_manager.cds.init_fetch_timeout"), 1);
+    until("stream failures counted", async || {
+        stat(&refused, "cluster_manager.cds.update_failure") >= 1
+    })
+    .await;
+    refused.stop().await;
+
+    // With it (Envoy's `initial_metadata`), the mesh comes up.
+    let with_token = yaml.replace(
+        "grpc_services: [{envoy_grpc: {cluster_name: weir-cp}}]",
+        &format!(
+            "grpc_services: [{{envoy_grpc: {{cluster_name: weir-cp}}, initial_metadata: [{{key: authorization, value: 'Bearer {TOKEN}'}}]}}]"
+        ),
+    );
+    assert_ne!(with_token, yaml, "bootstrap rewritten");
+    let proxy = start_proxy(&with_token).await;
+    let ingress = proxy.listener_addr("ingress").expect("ingress from LDS");
+    assert_eq!(get(ingress).await, (200, "a".into(), "v1".into()));
+    assert_eq!(stat(&proxy, "control_plane.connected_state"), 1);
+    proxy.stop().await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+}
