@@ -33,6 +33,14 @@ pub enum BackendError {
     /// The underlying store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A shared backend (etcd) holds a newer revision than the commit expected: another
+    /// replica committed first. Nothing was written; the registry catches up and the request
+    /// can be retried.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
     /// A stored record does not decode.
     #[error("corrupt registry record {key:?}: {msg}")]
     Corrupt {
@@ -150,10 +158,10 @@ impl Backend for EmbeddedBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn inst(service: &str, id: &str, port: u32) -> pb::Instance {
+    pub(crate) fn inst(service: &str, id: &str, port: u32) -> pb::Instance {
         pb::Instance {
             service: service.into(),
             instance_id: id.into(),
