@@ -150,7 +150,7 @@ impl Etcd {
             .map_err(|e| EtcdError::Conflict(format!("starting the etcd runtime: {e}")))?;
         let handle = runtime.handle().clone();
         let endpoints = url.endpoints.clone();
-        let client = run_on(&handle, async move {
+        let connected = run_on(&handle, async move {
             let opts = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(CONNECT_TIMEOUT)
                 .with_timeout(REQUEST_TIMEOUT)
@@ -160,7 +160,15 @@ impl Etcd {
             // Fail now, not on the first request, when etcd is not there.
             c.status().await?;
             Ok::<_, EtcdError>(c)
-        })??;
+        });
+        let client = match connected {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) | Err(e) => {
+                // Dropping a runtime blocks, which panics inside an async context.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Arc::new(Etcd {
             client,
             prefix: url.prefix.clone(),

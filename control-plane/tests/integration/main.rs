@@ -5,10 +5,12 @@
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
 //! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
-//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence).
+//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence),
+//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart).
 
 mod cli;
 mod delta;
+mod etcd;
 mod harness;
 mod kv;
 mod mesh;
