@@ -15,10 +15,8 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
-//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
-//! server.
+//! - [`etcd`]: the etcd backends of the registry, the KV store and the operator config
+//!   (`--store etcd://…`, [`ControlPlane::open_etcd`]); replicas on one etcd share state.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server

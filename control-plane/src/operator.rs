@@ -21,6 +21,11 @@
 //! - `xds.config.meta`: version (u64 big-endian) -> JSON [`VersionInfo`].
 //! - `xds.config.payload`: version -> the document as an encoded `DiscoveryResponse`.
 //! - `xds.config.heads`: target string -> version currently in force.
+//!
+//! With `--store etcd://…` ([`ConfigBackend::Etcd`]) the same records live under
+//! `<prefix>/config/`; versions are allocated by an etcd transaction on a counter key, so
+//! replicas never hand out the same number, and every replica reloads
+//! ([`OperatorConfig::reload`]) when its watch sees a change (see [`crate::etcd::config`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};

@@ -266,6 +266,97 @@ impl EtcdKv {
         }
         Ok(hi)
     }
+
+    async fn open_watch(&self, req: pb::WatchRequest) -> Result<WatchStream, KvError> {
+        let r = KeyRange::new(&req.key, &req.range_end, req.prefix)?;
+        let (key, end) = self.range(&r);
+        if req.start_revision < 0 {
+            return Err(KvError::InvalidArgument(
+                "start_revision is negative".into(),
+            ));
+        }
+        if req.start_revision > 0 {
+            // Refuse a compacted start up front, as the embedded backend does.
+            let probe = GetOptions::new()
+                .with_revision(req.start_revision)
+                .with_count_only();
+            if let Err(e) = self.etcd.client().get(key.clone(), Some(probe)).await {
+                match self.error(e, req.start_revision, 0).await {
+                    // A start after the current revision waits for it, as in etcd.
+                    KvError::FutureRevision { .. } => {}
+                    e => return Err(e),
+                }
+            }
+        }
+        let mut o = WatchOptions::new()
+            .with_range(end)
+            .with_start_revision(req.start_revision);
+        if req.prev_kv {
+            o = o.with_prev_key();
+        }
+        if req.progress_notify {
+            o = o.with_progress_notify();
+        }
+        let stream = match self.etcd.client().watch(key, Some(o)).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.error(e, req.start_revision, 0).await),
+        };
+        let me = self.clone();
+        let requested = req.start_revision;
+        let out = futures::stream::unfold(Some(stream), move |state| {
+            let me = me.clone();
+            async move {
+                let mut s = state?;
+                loop {
+                    let msg = match s.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return None,
+                        Err(e) => return Some((Err(me.error(e, requested, 0).await), None)),
+                    };
+                    let m = msg.0;
+                    if m.compact_revision > 0 {
+                        let err = KvError::Compacted {
+                            requested,
+                            compact_revision: m.compact_revision,
+                        };
+                        return Some((Err(err), None));
+                    }
+                    if m.canceled {
+                        let err = KvError::Unavailable(format!(
+                            "etcd cancelled the watch: {}",
+                            m.cancel_reason
+                        ));
+                        return Some((Err(err), None));
+                    }
+                    if m.created && m.events.is_empty() {
+                        continue;
+                    }
+                    let revision = m.header.map_or(0, |h| h.revision);
+                    let progress = m.events.is_empty();
+                    let events = m
+                        .events
+                        .into_iter()
+                        .map(|e| pb::Event {
+                            r#type: if e.r#type == EventType::Delete as i32 {
+                                pb::event::EventType::Delete
+                            } else {
+                                pb::event::EventType::Put
+                            } as i32,
+                            kv: e.kv.map(|kv| me.strip(kv)),
+                            prev_kv: e.prev_kv.map(|kv| me.strip(kv)),
+                        })
+                        .collect();
+                    let resp = pb::WatchResponse {
+                        header: header(revision),
+                        events,
+                        progress,
+                    };
+                    return Some((Ok(resp), Some(s)));
+                }
+            }
+        });
+        Ok(out.boxed())
+    }
 }
 
 impl KvBackend for EtcdKv {
@@ -447,94 +538,8 @@ impl KvBackend for EtcdKv {
     }
 
     async fn watch(&self, req: pb::WatchRequest) -> Result<WatchStream, KvError> {
-        let r = KeyRange::new(&req.key, &req.range_end, req.prefix)?;
-        let (key, end) = self.range(&r);
-        if req.start_revision < 0 {
-            return Err(KvError::InvalidArgument(
-                "start_revision is negative".into(),
-            ));
-        }
-        if req.start_revision > 0 {
-            // Refuse a compacted start up front, as the embedded backend does.
-            let probe = GetOptions::new()
-                .with_revision(req.start_revision)
-                .with_count_only();
-            if let Err(e) = self.etcd.client().get(key.clone(), Some(probe)).await {
-                match self.error(e, req.start_revision, 0).await {
-                    // A start after the current revision waits for it, as in etcd.
-                    KvError::FutureRevision { .. } => {}
-                    e => return Err(e),
-                }
-            }
-        }
-        let mut o = WatchOptions::new()
-            .with_range(end)
-            .with_start_revision(req.start_revision);
-        if req.prev_kv {
-            o = o.with_prev_key();
-        }
-        if req.progress_notify {
-            o = o.with_progress_notify();
-        }
-        let stream = match self.etcd.client().watch(key, Some(o)).await {
-            Ok(s) => s,
-            Err(e) => return Err(self.error(e, req.start_revision, 0).await),
-        };
-        let me = self.clone();
-        let requested = req.start_revision;
-        let out = futures::stream::unfold(Some(stream), move |state| {
-            let me = me.clone();
-            async move {
-                let mut s = state?;
-                loop {
-                    let msg = match s.message().await {
-                        Ok(Some(m)) => m,
-                        Ok(None) => return None,
-                        Err(e) => return Some((Err(me.error(e, requested, 0).await), None)),
-                    };
-                    let m = msg.0;
-                    if m.compact_revision > 0 {
-                        let err = KvError::Compacted {
-                            requested,
-                            compact_revision: m.compact_revision,
-                        };
-                        return Some((Err(err), None));
-                    }
-                    if m.canceled {
-                        let err = KvError::Unavailable(format!(
-                            "etcd cancelled the watch: {}",
-                            m.cancel_reason
-                        ));
-                        return Some((Err(err), None));
-                    }
-                    if m.created && m.events.is_empty() {
-                        continue;
-                    }
-                    let revision = m.header.map_or(0, |h| h.revision);
-                    let progress = m.events.is_empty();
-                    let events = m
-                        .events
-                        .into_iter()
-                        .map(|e| pb::Event {
-                            r#type: if e.r#type == EventType::Delete as i32 {
-                                pb::event::EventType::Delete
-                            } else {
-                                pb::event::EventType::Put
-                            } as i32,
-                            kv: e.kv.map(|kv| me.strip(kv)),
-                            prev_kv: e.prev_kv.map(|kv| me.strip(kv)),
-                        })
-                        .collect();
-                    let resp = pb::WatchResponse {
-                        header: header(revision),
-                        events,
-                        progress,
-                    };
-                    return Some((Ok(resp), Some(s)));
-                }
-            }
-        });
-        Ok(out.boxed())
+        // Several etcd round trips: keep the caller's future small.
+        Box::pin(self.open_watch(req)).await
     }
 
     async fn lease_grant(

@@ -6,6 +6,7 @@
 //! | --- | --- |
 //! | `instances/<service>\0<instance_id>` | protobuf `weir.registry.v1.Instance` |
 //! | `revision` | the registry revision, decimal ASCII |
+//! | `heartbeats/<service>\0<instance_id>` | empty; put on every TTL heartbeat |
 //!
 //! A commit is one etcd `Txn`: compare `revision` with the revision the replica believes
 //! current (absent for revision 1), then put/delete the instance keys and the new revision.
@@ -13,10 +14,11 @@
 //! registry reloads and retries. So the registry revision stays a gapless sequence across
 //! replicas and every committed change is ordered.
 //!
-//! The watch covers the whole `registry/` prefix from the revision seen at load; each
-//! response makes the replica reload the registry and [`Registry::resync`] to it (changes
-//! from other replicas become events, EDS pushes follow). A broken watch is re-established
-//! after a reload.
+//! The watch covers the whole `registry/` prefix from the revision seen at load. A
+//! heartbeat marker renews that instance's TTL on every replica ([`Registry::renew`]), so a
+//! TTL instance may heartbeat to any replica; any other change makes the replica reload the
+//! registry and [`Registry::resync`] to it (changes from other replicas become events, EDS
+//! pushes follow). A broken watch is re-established after a reload.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -52,6 +54,13 @@ impl EtcdRegistryBackend {
 
     fn instance(&self, service: &str, instance_id: &str) -> Vec<u8> {
         let mut k = self.instances_prefix();
+        k.extend_from_slice(&instance_key(service, instance_id));
+        k
+    }
+
+    fn heartbeat_key(&self, service: &str, instance_id: &str) -> Vec<u8> {
+        let mut k = self.ns.clone();
+        k.extend_from_slice(b"heartbeats/");
         k.extend_from_slice(&instance_key(service, instance_id));
         k
     }
@@ -161,6 +170,34 @@ impl EtcdRegistryBackend {
             if msg.events().is_empty() {
                 continue;
             }
+            // Heartbeats (another replica's, or our own) only renew TTLs; anything else is a
+            // registry change: reload.
+            let hb_prefix = self.heartbeat_key("", "");
+            let hb_prefix = &hb_prefix[..hb_prefix.len() - 1];
+            let mut changed = false;
+            for ev in msg.events() {
+                let Some(kv) = ev.kv() else { continue };
+                match kv.key().strip_prefix(hb_prefix) {
+                    Some(rest) if ev.event_type() == etcd_client::EventType::Put => {
+                        let mut parts = rest.splitn(2, |b| *b == 0);
+                        let (Some(svc), Some(id)) = (parts.next(), parts.next()) else {
+                            continue;
+                        };
+                        if let (Some(reg), Ok(svc), Ok(id)) = (
+                            registry.upgrade(),
+                            std::str::from_utf8(svc),
+                            std::str::from_utf8(id),
+                        ) {
+                            reg.renew(svc, id);
+                        }
+                    }
+                    Some(_) => {}
+                    None => changed = true,
+                }
+            }
+            if !changed {
+                continue;
+            }
             let me = self.clone();
             let loaded = tokio::task::spawn_blocking(move || me.load_at())
                 .await
@@ -179,6 +216,15 @@ impl EtcdRegistryBackend {
 impl Backend for EtcdRegistryBackend {
     fn load(&self) -> Result<Loaded, BackendError> {
         self.load_at().map(|(l, _)| l)
+    }
+
+    fn heartbeat(&self, service: &str, instance_id: &str) -> Result<(), BackendError> {
+        let key = self.heartbeat_key(service, instance_id);
+        self.etcd.block(move |mut c| async move {
+            c.put(key, Vec::new(), None).await?;
+            Ok::<_, EtcdError>(())
+        })?;
+        Ok(())
     }
 
     fn commit(&self, revision: u64, changes: &[Change]) -> Result<(), BackendError> {
@@ -201,6 +247,19 @@ impl Backend for EtcdRegistryBackend {
                 } => TxnOp::delete(self.instance(service, instance_id), None),
             })
             .collect();
+        // A deregistered instance's heartbeat marker goes with it.
+        for c in changes {
+            if let Change::Delete {
+                service,
+                instance_id,
+            } = c
+            {
+                ops.push(TxnOp::delete(
+                    self.heartbeat_key(service, instance_id),
+                    None,
+                ));
+            }
+        }
         ops.push(TxnOp::put(rev_key, revision.to_string(), None));
         let txn = Txn::new().when([guard]).and_then(ops);
         let ok = self

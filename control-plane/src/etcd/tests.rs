@@ -537,6 +537,47 @@ async fn registry_replicas_converge_through_the_watch() {
         .map(|i| i.instance_id)
         .collect();
     assert_eq!(ids, ["i2", "i3"]);
+
+    // A TTL heartbeat received by a renews the TTL on b too (b's next deadline moves later).
+    let mut ttl_inst = inst("ttl", "t1", 90);
+    ttl_inst.health = Some(crate::registry::pb::HealthSpec {
+        kind: Some(crate::registry::pb::health_spec::Kind::TtlMs(60_000)),
+        deregister_critical_after_ms: 0,
+    });
+    let a4 = a.clone();
+    let reg = tokio::task::spawn_blocking(move || a4.register(&ttl_inst))
+        .await
+        .expect("task")
+        .expect("register ttl via a");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        b_rev.wait_for(|r| *r >= reg.revision),
+    )
+    .await
+    .expect("b catches up")
+    .expect("channel");
+    let before = b.tick().expect("b has a TTL deadline");
+    let a5 = a.clone();
+    tokio::task::spawn_blocking(move || {
+        a5.heartbeat("ttl", "t1", crate::registry::pb::HealthStatus::Healthy, "")
+    })
+    .await
+    .expect("task")
+    .expect("heartbeat via a");
+    let mut renewed = false;
+    for _ in 0..200 {
+        if b.tick().is_some_and(|d| d > before) {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(renewed, "b never saw the heartbeat");
+    assert_eq!(
+        b.revision(),
+        a.revision(),
+        "a heartbeat is not a registry change"
+    );
     token.cancel();
 }
 

@@ -20,6 +20,8 @@
 //!   one to one).
 //! - [`embedded`]: [`embedded::EmbeddedKv`], the backend on weir-cp's redb
 //!   [`crate::storage::Store`] (tables `kv.*`), with the watch hub and lease expiry.
+//! - [`AnyKv`]: the backend a [`crate::ControlPlane`] serves: embedded, or
+//!   [`crate::etcd::kv::EtcdKv`] with `--store etcd://…`.
 //! - [`service`]: the tonic services (`KV`, `Watch`, `Lease`) over any backend, built in one
 //!   place ([`service::services`]) so an auth interceptor can wrap them.
 //! - [`metrics`]: `weir_cp_kv_*` metrics.

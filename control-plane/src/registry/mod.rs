@@ -928,6 +928,13 @@ impl Registry {
                 instance_id: key.1,
             });
         };
+        self.backend.heartbeat(service, instance_id)?;
+        let Some(e) = st.instances.get_mut(&key) else {
+            return Err(RegistryError::NotFound {
+                service: key.0,
+                instance_id: key.1,
+            });
+        };
         self.metrics.heartbeats.fetch_add(1, Relaxed);
         e.ttl_deadline = Some(Instant::now() + ttl);
         let (status, default_note) = if status == HealthStatus::Unhealthy {
@@ -944,6 +951,19 @@ impl Registry {
             .map(|e| e.inst.clone())
             .unwrap_or_default();
         Ok((inst, st.revision))
+    }
+
+    /// Another replica received a heartbeat for this TTL instance (seen through a shared
+    /// backend's watch): renew its TTL here too. Nothing is written.
+    pub fn renew(&self, service: &str, instance_id: &str) {
+        let mut st = self.lock();
+        let key: Key = (service.into(), instance_id.into());
+        if let Some(e) = st.instances.get_mut(&key)
+            && let HealthMode::Ttl(ttl) = e.mode
+        {
+            e.ttl_deadline = Some(Instant::now() + ttl);
+            self.wake.notify_one();
+        }
     }
 
     /// A check result from the checker of generation `generation`.
