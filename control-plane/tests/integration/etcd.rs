@@ -1,7 +1,8 @@
 //! Two in-process weir-cp replicas on one etcd (`--store etcd://…`, same prefix): config
 //! applied through one is served over ADS by the other, KV writes through one are read and
 //! watched through the other, registrations through one become the other's EDS, concurrent
-//! applies get distinct versions, and a restarted replica keeps the state. Skipped loudly
+//! applies get distinct versions, a restarted replica keeps the state, and with etcd gone
+//! writes fail cleanly while ADS keeps serving. Skipped loudly
 //! without an `etcd` binary unless `WEIR_REQUIRE_ETCD=1`.
 
 use std::net::SocketAddr;
@@ -298,4 +299,73 @@ async fn binary_serves_from_etcd_and_refuses_a_dead_one() {
         .output()
         .expect("run weir-cp");
     assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_fails_writes_cleanly_and_ads_keeps_serving() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let a = replica(&etcd.url("/weir-down")).await;
+    let cp = a.cp.clone();
+    let d = doc(&[static_cluster("kept", 9400)]);
+    tokio::task::spawn_blocking(move || {
+        cp.apply_text(weir_control_plane::operator::Target::All, &d, "test")
+    })
+    .await
+    .expect("task")
+    .expect("apply");
+    drop(etcd); // kills etcd
+
+    // KV: UNAVAILABLE, not a hang.
+    let mut kv = KvClient::new(channel(a.xds).await);
+    let err = tokio::time::timeout(
+        WAIT * 2,
+        kv.put(pb::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("bounded")
+    .expect_err("put with etcd down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    // Config: refused, nothing applied.
+    let cp = a.cp.clone();
+    let before = cp.operator.latest_version();
+    let d = doc(&[static_cluster("lost", 9401)]);
+    let r = tokio::task::spawn_blocking(move || {
+        cp.apply_text(weir_control_plane::operator::Target::All, &d, "test")
+    })
+    .await
+    .expect("task");
+    assert!(
+        matches!(r, Err(weir_control_plane::operator::ApplyError::Etcd(_))),
+        "{r:?}"
+    );
+    assert_eq!(a.cp.operator.latest_version(), before);
+    // Registry: UNAVAILABLE.
+    let mut rc = RegistryClient::new(channel(a.xds).await);
+    let err = rc
+        .register(rpb::RegisterRequest {
+            instance: Some(rpb::Instance {
+                service: "svc".into(),
+                instance_id: "i1".into(),
+                address: "127.0.0.1".into(),
+                port: 7001,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("register with etcd down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(a.cp.registry.list(None, false).0.is_empty());
+    // ADS still serves what it had.
+    let mut c = Sotw::connect(a.xds).await;
+    c.send_first(node("n1", "default"), req(CDS, &[], "", ""))
+        .await;
+    let r = c.recv().await;
+    assert_eq!(names(&r), ["kept"]);
+    a.stop().await;
 }
