@@ -13,4 +13,14 @@ if ! python3 -c 'import grpc' >/dev/null 2>&1; then
   python3 -m pip install -q grpcio
 fi
 export WEIR_REQUIRE_GRPCIO=1
+# weir-cp's etcd backend: `protoc` to build etcd-client, and a real etcd (Debian's
+# etcd-server) that the etcd tests start on free ports; WEIR_REQUIRE_ETCD=1 makes a
+# missing binary a failure instead of a skip.
+if ! command -v protoc >/dev/null 2>&1 || ! command -v etcd >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      protobuf-compiler etcd-server) >/dev/null
+  fi
+fi
+export WEIR_REQUIRE_ETCD=1
 cargo test --workspace --all-targets "$@"

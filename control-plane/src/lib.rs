@@ -22,6 +22,8 @@
 //! - [`auth`]: authentication (bearer tokens, mTLS client certificates) and scopes for every
 //!   API: one tower layer around the whole gRPC router, a check in the HTTP API; open mode
 //!   only on loopback.
+//! - [`etcd`]: the etcd backends of the registry, the KV store and the operator config
+//!   (`--store etcd://…`, [`ControlPlane::open_etcd`]); replicas on one etcd share state.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
@@ -38,6 +40,7 @@ pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod configdir;
+pub mod etcd;
 pub mod kv;
 pub mod metrics;
 pub mod operator;
@@ -107,6 +110,9 @@ pub enum Error {
     /// A listener's address could not be read.
     #[error("reading a listening address: {0}")]
     Listener(#[source] std::io::Error),
+    /// etcd could not be reached (`--store etcd://`).
+    #[error("{0}")]
+    Etcd(#[from] etcd::EtcdError),
 }
 
 /// The control plane's shared state.
@@ -122,10 +128,14 @@ pub struct ControlPlane {
     pub status: Arc<StatusRegistry>,
     /// The embedded store (shared with future subsystems).
     pub store: Arc<Store>,
-    /// The KV store (tables `kv.*` of `store`).
-    pub kv: Arc<kv::EmbeddedKv>,
+    /// The KV store (tables `kv.*` of `store`, or etcd with `--store etcd://`).
+    pub kv: Arc<kv::AnyKv>,
     /// The service registry (the first cache source).
     pub registry: Arc<registry::Registry>,
+    /// The etcd connection when state lives in etcd (`--store etcd://`).
+    pub etcd: Option<Arc<etcd::Etcd>>,
+    /// Cancels the etcd watches when the control plane is dropped.
+    _etcd_watches: Option<tokio_util::sync::DropGuard>,
 }
 
 impl ControlPlane {
@@ -152,7 +162,10 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::default());
         metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
-        let kv = Arc::new(kv::EmbeddedKv::open(store.clone(), metrics.clone())?);
+        let kv = Arc::new(kv::AnyKv::Embedded(kv::EmbeddedKv::open(
+            store.clone(),
+            metrics.clone(),
+        )?));
         Ok(Arc::new(ControlPlane {
             operator,
             cache: SnapshotCache::new(sources),
@@ -161,7 +174,69 @@ impl ControlPlane {
             store,
             kv,
             registry,
+            etcd: None,
+            _etcd_watches: None,
         }))
+    }
+
+    /// Open with registry, KV and config in etcd (`url` as `--store etcd://…`): several
+    /// replicas on the same etcd and prefix share one state. Blocking (connects to etcd).
+    /// The in-memory `store` is left for subsystems without an etcd backend.
+    pub fn open_etcd(url: &str) -> Result<Arc<Self>, Error> {
+        let url: etcd::EtcdUrl = url.parse()?;
+        let client = etcd::Etcd::connect(&url)?;
+        let store = Arc::new(Store::in_memory()?);
+        let reg_backend = etcd::registry::EtcdRegistryBackend::new(client.clone());
+        let registry = registry::Registry::open(Arc::new(reg_backend.clone()))?;
+        let config_store = etcd::config::EtcdConfigStore::new(client.clone());
+        let operator = Arc::new(OperatorConfig::open_backend(
+            operator::ConfigBackend::Etcd(config_store.clone()),
+        )?);
+        let sources: Vec<Arc<dyn Source>> = vec![registry.clone(), operator.clone()];
+        let metrics = Arc::new(Metrics::default());
+        metrics.add_collector(registry.clone());
+        metrics.set_config_version(operator.latest_version());
+        let kv = Arc::new(kv::AnyKv::Etcd(etcd::kv::EtcdKv::new(client.clone())));
+        let token = tokio_util::sync::CancellationToken::new();
+        let cp = Arc::new(ControlPlane {
+            operator,
+            cache: SnapshotCache::new(sources),
+            metrics,
+            status: Arc::new(StatusRegistry::default()),
+            store,
+            kv,
+            registry,
+            etcd: Some(client),
+            _etcd_watches: Some(token.clone().drop_guard()),
+        });
+        // Follow other replicas: registry changes resync the in-memory registry (EDS pushes
+        // follow its revision), config changes reload the operator config (the cache
+        // invalidates on its change counter). Both stop when the control plane is dropped
+        // (`etcd_watches`).
+        reg_backend.spawn_watch(Arc::downgrade(&cp.registry), token.clone());
+        let weak = Arc::downgrade(&cp);
+        let from = match cp.operator.reload()? {
+            Some(rev) => rev + 1,
+            None => 0,
+        };
+        config_store.spawn_watch(
+            from,
+            move || {
+                let cp = weak.upgrade()?;
+                match cp.operator.reload() {
+                    Ok(rev) => {
+                        cp.metrics.set_config_version(cp.operator.latest_version());
+                        rev
+                    }
+                    Err(e) => {
+                        tracing::warn!("reloading the config from etcd: {e}");
+                        None
+                    }
+                }
+            },
+            token.clone(),
+        );
+        Ok(cp)
     }
 
     fn outcome(
@@ -300,7 +375,7 @@ pub async fn run(
     let mut tasks = Vec::new();
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
-    tasks.push(cp.kv.spawn_expiry(token.clone()));
+    tasks.extend(cp.kv.spawn_expiry(token.clone()));
     if let Some(api) = opts.api {
         let tls = server_tls
             .as_ref()

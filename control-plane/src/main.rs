@@ -61,6 +61,11 @@ struct ServeArgs {
     /// memory and is lost on exit.
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
+    /// Keep the registry, KV and config in etcd instead:
+    /// `etcd://host:port[,host:port...][/prefix]` (prefix default `/weir`). Replicas on the
+    /// same etcd and prefix share one state. Conflicts with --data-dir.
+    #[arg(long = "store", conflicts_with = "data_dir")]
+    store: Option<String>,
     /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
     /// S3 access keys (see `weir_control_plane::settings`, docs/design/auth.md). Without auth
     /// credentials weir-cp runs open, and only on loopback addresses.
@@ -216,8 +221,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--config-dir {} is not a directory", dir.display());
     }
-    let cp = weir_control_plane::ControlPlane::open(args.data_dir.as_deref())
-        .context("opening the data dir")?;
+    let cp = match &args.store {
+        Some(url) => weir_control_plane::ControlPlane::open_etcd(url)
+            .with_context(|| format!("opening --store {url}"))?,
+        None => weir_control_plane::ControlPlane::open(args.data_dir.as_deref())
+            .context("opening the data dir")?,
+    };
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.xds_address)
         .await

@@ -21,6 +21,11 @@
 //! - `xds.config.meta`: version (u64 big-endian) -> JSON [`VersionInfo`].
 //! - `xds.config.payload`: version -> the document as an encoded `DiscoveryResponse`.
 //! - `xds.config.heads`: target string -> version currently in force.
+//!
+//! With `--store etcd://…` ([`ConfigBackend::Etcd`]) the same records live under
+//! `<prefix>/config/`; versions are allocated by an etcd transaction on a counter key, so
+//! replicas never hand out the same number, and every replica reloads
+//! ([`OperatorConfig::reload`]) when its watch sees a change (see [`crate::etcd::config`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -156,6 +161,19 @@ pub enum ApplyError {
     /// The store holds something this build cannot read.
     #[error("corrupt store entry: {0}")]
     Corrupt(String),
+    /// etcd failed (`--store etcd://`); nothing was applied.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
+}
+
+/// Where the config and its history live: the embedded store (tables `xds.config.*`) or
+/// etcd (keys `<prefix>/config/…`, see [`crate::etcd::config`]).
+#[derive(Debug, Clone)]
+pub enum ConfigBackend {
+    /// The embedded redb store.
+    Embedded(Arc<Store>),
+    /// etcd, shared with other replicas.
+    Etcd(crate::etcd::config::EtcdConfigStore),
 }
 
 #[derive(Debug, Default)]
@@ -173,7 +191,7 @@ struct Head {
 
 /// The operator config store and [`Source`]; see the module docs.
 pub struct OperatorConfig {
-    store: Arc<Store>,
+    backend: ConfigBackend,
     state: RwLock<State>,
     /// Serialises apply/rollback (validate, commit, publish) so versions are in commit order.
     apply_lock: Mutex<()>,
@@ -224,10 +242,81 @@ fn decode_payload(bytes: &[u8], version: u64) -> Result<Vec<Arc<Resource>>, Appl
 impl OperatorConfig {
     /// Load the config and history from `store`.
     pub fn open(store: Arc<Store>) -> Result<Self, ApplyError> {
-        let mut st = State {
-            next_version: 1,
-            ..Default::default()
-        };
+        Self::open_backend(ConfigBackend::Embedded(store))
+    }
+
+    /// Load the config and history from `backend`.
+    pub fn open_backend(backend: ConfigBackend) -> Result<Self, ApplyError> {
+        let (st, _) = load_state(&backend)?;
+        Ok(OperatorConfig {
+            backend,
+            state: RwLock::new(st),
+            apply_lock: Mutex::new(()),
+            tx: watch::channel(0).0,
+        })
+    }
+
+    /// Reload everything from the backend and publish it (another replica changed the
+    /// shared store); the etcd revision read at, for the etcd backend.
+    pub fn reload(&self) -> Result<Option<i64>, ApplyError> {
+        let (st, rev) = load_state(&self.backend)?;
+        {
+            let mut cur = self.state.write().unwrap_or_else(|p| p.into_inner());
+            if st.next_version < cur.next_version {
+                // Older than what this replica already committed: keep ours.
+                return Ok(rev);
+            }
+            *cur = st;
+        }
+        self.tx.send_modify(|g| *g += 1);
+        Ok(rev)
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &ConfigBackend {
+        &self.backend
+    }
+}
+
+fn load_state(backend: &ConfigBackend) -> Result<(State, Option<i64>), ApplyError> {
+    let mut st = State {
+        next_version: 1,
+        ..Default::default()
+    };
+    let store = match backend {
+        ConfigBackend::Embedded(store) => store,
+        ConfigBackend::Etcd(etcd) => {
+            let raw = etcd.load()?;
+            for (key_version, v) in raw.meta {
+                let info: VersionInfo = serde_json::from_slice(&v)
+                    .map_err(|e| ApplyError::Corrupt(format!("history entry: {e}")))?;
+                if key_version != info.version {
+                    return Err(ApplyError::Corrupt(format!(
+                        "history key {key_version} holds version {}",
+                        info.version
+                    )));
+                }
+                st.next_version = st.next_version.max(info.version + 1);
+                st.history.push(info);
+            }
+            for (target, version) in raw.heads {
+                let target: Target = target.parse()?;
+                let payload = etcd
+                    .payload(version)?
+                    .ok_or_else(|| ApplyError::Corrupt(format!("no payload for {version}")))?;
+                let resources = decode_payload(&payload, version)?;
+                st.heads.insert(
+                    target,
+                    Head {
+                        version,
+                        resources: Arc::new(resources),
+                    },
+                );
+            }
+            return Ok((st, Some(raw.revision)));
+        }
+    };
+    {
         {
             let r = store.read()?;
             for (k, v) in r.scan(META)? {
@@ -263,14 +352,11 @@ impl OperatorConfig {
                 );
             }
         }
-        Ok(OperatorConfig {
-            store,
-            state: RwLock::new(st),
-            apply_lock: Mutex::new(()),
-            tx: watch::channel(0).0,
-        })
     }
+    Ok((st, None))
+}
 
+impl OperatorConfig {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -330,33 +416,53 @@ impl OperatorConfig {
         validated: Vec<Arc<Resource>>,
         origin: &str,
     ) -> Result<VersionInfo, ApplyError> {
-        let version = self.read().next_version;
-        let info = VersionInfo {
-            version,
-            target: target.clone(),
-            applied_at_ms: now_ms(),
-            origin: origin.into(),
-            resources: summary(&validated),
+        let applied_at_ms = now_ms();
+        let summary = summary(&validated);
+        let build = |version: u64| {
+            let info = VersionInfo {
+                version,
+                target: target.clone(),
+                applied_at_ms,
+                origin: origin.into(),
+                resources: summary.clone(),
+            };
+            let meta = serde_json::to_vec(&info)
+                .map_err(|e| ApplyError::Corrupt(format!("encoding history entry: {e}")))?;
+            let payload = DiscoveryResponse {
+                version_info: version.to_string(),
+                resources: resources.clone(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            Ok::<_, ApplyError>((info, meta, payload))
         };
-        let meta = serde_json::to_vec(&info)
-            .map_err(|e| ApplyError::Corrupt(format!("encoding history entry: {e}")))?;
-        let payload = DiscoveryResponse {
-            version_info: version.to_string(),
-            resources,
-            ..Default::default()
-        }
-        .encode_to_vec();
-        let key = version.to_be_bytes();
-        self.store.write(|w| {
-            w.put(META, &key, &meta)?;
-            w.put(PAYLOAD, &key, &payload)?;
-            w.put(HEADS, target.to_string().as_bytes(), &key)?;
-            Ok::<_, ApplyError>(())
-        })?;
+        let info = match &self.backend {
+            ConfigBackend::Embedded(store) => {
+                let version = self.read().next_version;
+                let (info, meta, payload) = build(version)?;
+                let key = version.to_be_bytes();
+                store.write(|w| {
+                    w.put(META, &key, &meta)?;
+                    w.put(PAYLOAD, &key, &payload)?;
+                    w.put(HEADS, target.to_string().as_bytes(), &key)?;
+                    Ok::<_, ApplyError>(())
+                })?;
+                info
+            }
+            ConfigBackend::Etcd(etcd) => {
+                let version = etcd.commit(&target.to_string(), |v| {
+                    build(v).map(|(_, meta, payload)| (meta, payload))
+                })?;
+                build(version)?.0
+            }
+        };
+        let version = info.version;
         {
             let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
-            st.next_version = version + 1;
+            st.next_version = st.next_version.max(version + 1);
+            st.history.retain(|h| h.version != version);
             st.history.push(info.clone());
+            st.history.sort_by_key(|h| h.version);
             st.heads.insert(
                 target,
                 Head {
@@ -378,11 +484,11 @@ impl OperatorConfig {
             .find(|v| v.version == version)
             .map(|v| v.target.clone())
             .ok_or(ApplyError::NoSuchVersion(version))?;
-        let payload = self
-            .store
-            .read()?
-            .get(PAYLOAD, &version.to_be_bytes())?
-            .ok_or(ApplyError::NoSuchVersion(version))?;
+        let payload = match &self.backend {
+            ConfigBackend::Embedded(store) => store.read()?.get(PAYLOAD, &version.to_be_bytes())?,
+            ConfigBackend::Etcd(etcd) => etcd.payload(version)?,
+        }
+        .ok_or(ApplyError::NoSuchVersion(version))?;
         let d = DiscoveryResponse::decode(payload.as_slice())
             .map_err(|e| ApplyError::Corrupt(format!("payload of version {version}: {e}")))?;
         Ok((target, d.resources))

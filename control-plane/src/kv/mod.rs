@@ -20,6 +20,8 @@
 //!   one to one).
 //! - [`embedded`]: [`embedded::EmbeddedKv`], the backend on weir-cp's redb
 //!   [`crate::storage::Store`] (tables `kv.*`), with the watch hub and lease expiry.
+//! - [`AnyKv`]: the backend a [`crate::ControlPlane`] serves: embedded, or
+//!   [`crate::etcd::kv::EtcdKv`] with `--store etcd://…`.
 //! - [`service`]: the tonic services (`KV`, `Watch`, `Lease`) over any backend, built in one
 //!   place ([`service::services`]) so an auth interceptor can wrap them.
 //! - [`metrics`]: `weir_cp_kv_*` metrics.
@@ -41,6 +43,61 @@ use crate::proto::kv as pb;
 use crate::storage::StoreError;
 
 pub use embedded::EmbeddedKv;
+
+/// The backend a control plane serves: embedded (redb) or etcd.
+#[derive(Debug)]
+pub enum AnyKv {
+    /// [`EmbeddedKv`] in the shared store.
+    Embedded(EmbeddedKv),
+    /// [`crate::etcd::kv::EtcdKv`] under `<prefix>/kv/`.
+    Etcd(crate::etcd::kv::EtcdKv),
+}
+
+impl AnyKv {
+    /// The embedded backend's lease expiry task (etcd expires its own leases: `None`).
+    pub fn spawn_expiry(
+        &self,
+        token: tokio_util::sync::CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        match self {
+            AnyKv::Embedded(kv) => Some(kv.spawn_expiry(token)),
+            AnyKv::Etcd(_) => None,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($($name:ident($req:ty) -> $resp:ty;)*) => {$(
+        async fn $name(&self, req: $req) -> Result<$resp, KvError> {
+            match self {
+                AnyKv::Embedded(kv) => kv.$name(req).await,
+                AnyKv::Etcd(kv) => kv.$name(req).await,
+            }
+        }
+    )*};
+}
+
+impl KvBackend for AnyKv {
+    delegate! {
+        range(pb::RangeRequest) -> pb::RangeResponse;
+        put(pb::PutRequest) -> pb::PutResponse;
+        delete_range(pb::DeleteRangeRequest) -> pb::DeleteRangeResponse;
+        txn(pb::TxnRequest) -> pb::TxnResponse;
+        compact(pb::CompactionRequest) -> pb::CompactionResponse;
+        watch(pb::WatchRequest) -> WatchStream;
+        lease_grant(pb::LeaseGrantRequest) -> pb::LeaseGrantResponse;
+        lease_revoke(pb::LeaseRevokeRequest) -> pb::LeaseRevokeResponse;
+        lease_keep_alive(pb::LeaseKeepAliveRequest) -> pb::LeaseKeepAliveResponse;
+        lease_time_to_live(pb::LeaseTimeToLiveRequest) -> pb::LeaseTimeToLiveResponse;
+    }
+
+    async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse, KvError> {
+        match self {
+            AnyKv::Embedded(kv) => kv.lease_leases().await,
+            AnyKv::Etcd(kv) => kv.lease_leases().await,
+        }
+    }
+}
 
 /// Largest key, bytes (1.5 KiB).
 pub const MAX_KEY_BYTES: usize = 1536;
@@ -88,6 +145,9 @@ pub enum KvError {
     /// The store failed (`UNAVAILABLE`); nothing was acknowledged.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// etcd (`--store etcd://`) failed or could not be reached (`UNAVAILABLE`).
+    #[error("etcd: {0}")]
+    Unavailable(String),
     /// Corrupt stored data or a failed background task (`INTERNAL`).
     #[error("internal: {0}")]
     Internal(String),

@@ -47,7 +47,7 @@ impl From<KvError> for Status {
             }
             KvError::FutureRevision { .. } => Status::out_of_range(msg),
             KvError::LeaseNotFound(_) => Status::not_found(msg),
-            KvError::Store(_) => Status::unavailable(msg),
+            KvError::Store(_) | KvError::Unavailable(_) => Status::unavailable(msg),
             KvError::Internal(_) => Status::internal(msg),
         }
     }

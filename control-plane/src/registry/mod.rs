@@ -333,6 +333,21 @@ fn same_target(a: &pb::Instance, b: &pb::Instance) -> bool {
 
 type Key = (String, String);
 
+/// Commits that lose a race with another replica (shared backend) are retried this often.
+const CONFLICT_RETRIES: usize = 5;
+
+fn retry_conflicts<T>(mut f: impl FnMut() -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(RegistryError::Backend(BackendError::Conflict(_))) if tries < CONFLICT_RETRIES => {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     inst: pb::Instance,
@@ -600,22 +615,120 @@ impl Registry {
         mut ev: pb::Event,
     ) -> Result<u64, RegistryError> {
         let rev = st.revision + 1;
-        self.backend.commit(rev, &[change])?;
+        if let Err(e) = self.backend.commit(rev, &[change]) {
+            if matches!(e, BackendError::Conflict(_)) {
+                // Another replica committed first (shared backend): catch up, so a retry
+                // starts from the stored state.
+                if let Ok(loaded) = self.backend.load() {
+                    self.resync_locked(st, loaded);
+                }
+            }
+            return Err(e.into());
+        }
         st.revision = rev;
         ev.revision = rev;
+        self.log_event(st, ev);
+        self.rev_tx.send_replace(rev);
+        self.wake.notify_one();
+        Ok(rev)
+    }
+
+    fn log_event(&self, st: &mut State, ev: pb::Event) {
         st.log.push_back(ev);
         while st.log.len() > self.history {
             if let Some(old) = st.log.pop_front() {
                 st.compacted = old.revision;
             }
         }
-        self.rev_tx.send_replace(rev);
-        self.wake.notify_one();
-        Ok(rev)
     }
 
-    /// Register (or update) an instance. Durable before it returns.
+    /// Bring the in-memory view up to `loaded`, what a shared backend (etcd) holds after
+    /// other replicas' commits: instances that differ are replaced (their TTL and check timers
+    /// start afresh here), absent ones removed, each logged as an event at the loaded
+    /// revision, and the revision published (so EDS pushes follow). A `loaded` that is not
+    /// newer than the local view changes nothing.
+    pub fn resync(&self, loaded: store::Loaded) {
+        let mut st = self.lock();
+        self.resync_locked(&mut st, loaded);
+    }
+
+    fn resync_locked(&self, st: &mut State, loaded: store::Loaded) {
+        if loaded.revision <= st.revision {
+            return;
+        }
+        let rev = loaded.revision;
+        let now = Instant::now();
+        let mut present = std::collections::HashSet::new();
+        let mut events = Vec::new();
+        let mut restart = Vec::new();
+        for inst in loaded.instances {
+            let key: Key = (inst.service.clone(), inst.instance_id.clone());
+            present.insert(key.clone());
+            let ev = match st.instances.get(&key) {
+                Some(e) if e.inst == inst => continue,
+                Some(e) if spec_of(&e.inst) == spec_of(&inst) && e.inst.status != inst.status => {
+                    pb::Event {
+                        r#type: pb::EventType::HealthChanged as i32,
+                        instance: Some(inst.clone()),
+                        previous_status: e.inst.status,
+                        ..Default::default()
+                    }
+                }
+                Some(_) => pb::Event {
+                    r#type: pb::EventType::Updated as i32,
+                    instance: Some(inst.clone()),
+                    ..Default::default()
+                },
+                None => pb::Event {
+                    r#type: pb::EventType::Registered as i32,
+                    instance: Some(inst.clone()),
+                    ..Default::default()
+                },
+            };
+            events.push(ev);
+            let entry = Entry::new(inst, now);
+            if let Some(mut old) = st.instances.insert(key.clone(), entry) {
+                old.stop_checker();
+            }
+            restart.push(key);
+        }
+        let gone: Vec<Key> = st
+            .instances
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(mut e) = st.instances.remove(&key) {
+                e.stop_checker();
+                events.push(pb::Event {
+                    r#type: pb::EventType::Deregistered as i32,
+                    instance: Some(e.inst),
+                    reason: "deregistered through another replica".into(),
+                    ..Default::default()
+                });
+            }
+        }
+        for key in restart {
+            self.spawn_checker(st, &key);
+        }
+        for mut ev in events {
+            ev.revision = rev;
+            self.log_event(st, ev);
+        }
+        st.revision = rev;
+        self.rev_tx.send_replace(rev);
+        self.wake.notify_one();
+    }
+
+    /// Register (or update) an instance. Durable before it returns. On a shared backend a
+    /// commit that lost a race with another replica is retried (a few times) on the caught-up
+    /// state.
     pub fn register(&self, inst: &pb::Instance) -> Result<Registered, RegistryError> {
+        retry_conflicts(|| self.register_once(inst))
+    }
+
+    fn register_once(&self, inst: &pb::Instance) -> Result<Registered, RegistryError> {
         let spec = normalize(inst)?;
         let now = Instant::now();
         let key = (spec.service.clone(), spec.instance_id.clone());
@@ -714,6 +827,10 @@ impl Registry {
 
     /// Deregister an instance; the new revision.
     pub fn deregister(&self, service: &str, instance_id: &str) -> Result<u64, RegistryError> {
+        retry_conflicts(|| self.deregister_once(service, instance_id))
+    }
+
+    fn deregister_once(&self, service: &str, instance_id: &str) -> Result<u64, RegistryError> {
         let mut st = self.lock();
         self.remove(
             &mut st,
@@ -811,6 +928,13 @@ impl Registry {
                 instance_id: key.1,
             });
         };
+        self.backend.heartbeat(service, instance_id)?;
+        let Some(e) = st.instances.get_mut(&key) else {
+            return Err(RegistryError::NotFound {
+                service: key.0,
+                instance_id: key.1,
+            });
+        };
         self.metrics.heartbeats.fetch_add(1, Relaxed);
         e.ttl_deadline = Some(Instant::now() + ttl);
         let (status, default_note) = if status == HealthStatus::Unhealthy {
@@ -827,6 +951,19 @@ impl Registry {
             .map(|e| e.inst.clone())
             .unwrap_or_default();
         Ok((inst, st.revision))
+    }
+
+    /// Another replica received a heartbeat for this TTL instance (seen through a shared
+    /// backend's watch): renew its TTL here too. Nothing is written.
+    pub fn renew(&self, service: &str, instance_id: &str) {
+        let mut st = self.lock();
+        let key: Key = (service.into(), instance_id.into());
+        if let Some(e) = st.instances.get_mut(&key)
+            && let HealthMode::Ttl(ttl) = e.mode
+        {
+            e.ttl_deadline = Some(Instant::now() + ttl);
+            self.wake.notify_one();
+        }
     }
 
     /// A check result from the checker of generation `generation`.

@@ -1,11 +1,12 @@
 //! Registry storage: the [`Backend`] trait and its embedded implementation on the shared
 //! redb [`Store`].
 //!
-//! The trait is deliberately small so an etcd backend can implement it: load everything once
-//! at startup, then commit each change (instance puts and deletes plus the new registry
-//! revision) atomically and durably. An etcd implementation maps [`Backend::commit`] to one
-//! `Txn` (compare the stored revision, put/delete the instance keys and the revision key) and
-//! [`Backend::load`] to a prefix range read.
+//! The trait is deliberately small: load everything once at startup, then commit each change
+//! (instance puts and deletes plus the new registry revision) atomically and durably. The etcd
+//! implementation ([`crate::etcd::registry::EtcdRegistryBackend`]) maps [`Backend::commit`] to
+//! one `Txn` (compare the stored revision, put/delete the instance keys and the revision key;
+//! a lost race is [`BackendError::Conflict`]), [`Backend::load`] to a prefix range read, and
+//! [`Backend::heartbeat`] to a put that other replicas watch.
 //!
 //! ## Embedded layout
 //! | table | key | value |
@@ -33,6 +34,14 @@ pub enum BackendError {
     /// The underlying store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A shared backend (etcd) holds a newer revision than the commit expected: another
+    /// replica committed first. Nothing was written; the registry catches up and the request
+    /// can be retried.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// etcd failed.
+    #[error(transparent)]
+    Etcd(#[from] crate::etcd::EtcdError),
     /// A stored record does not decode.
     #[error("corrupt registry record {key:?}: {msg}")]
     Corrupt {
@@ -74,6 +83,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn load(&self) -> Result<Loaded, BackendError>;
     /// Apply `changes` and set the revision to `revision`, atomically and durably.
     fn commit(&self, revision: u64, changes: &[Change]) -> Result<(), BackendError>;
+    /// A TTL heartbeat that changed nothing else. The embedded backend keeps heartbeats in
+    /// memory only (no fsync per heartbeat); a shared backend publishes it so every replica
+    /// renews the instance's TTL, not only the one that received it.
+    fn heartbeat(&self, _service: &str, _instance_id: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// The key of an instance: `service 0x00 instance_id` (service names cannot contain NUL, so
@@ -150,10 +165,10 @@ impl Backend for EmbeddedBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn inst(service: &str, id: &str, port: u32) -> pb::Instance {
+    pub(crate) fn inst(service: &str, id: &str, port: u32) -> pb::Instance {
         pb::Instance {
             service: service.into(),
             instance_id: id.into(),

@@ -6,11 +6,13 @@
 //! protocols), `cli` (the binary: apply/history/rollback/status, persistence, --config-dir),
 //! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
-//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence).
+//! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence),
+//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart).
 
 mod auth;
 mod cli;
 mod delta;
+mod etcd;
 mod harness;
 mod kv;
 mod mesh;
