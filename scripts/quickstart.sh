@@ -4,12 +4,21 @@
 #   - weir-cp (xDS on :18000, config API on :18001, state in a temporary directory),
 #     loaded with examples/mesh/xds.yaml (listener :10000 -> routes by RDS -> EDS cluster),
 #   - weir (examples/mesh/weir.yaml), configured over ADS by weir-cp; admin on :9901.
-# Needs only a Rust toolchain. Ctrl-C stops everything.
+# Needs a Rust toolchain; installs protoc and curl (Debian packages) if missing. Ctrl-C stops
+# everything.
 #
 # `./scripts/quickstart.sh --static` runs the single-proxy example (examples/quickstart.yaml)
 # instead, with no control plane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# weir-cp's etcd backend (etcd-client) compiles etcd's protos at build time with `protoc`.
+if ! command -v protoc >/dev/null 2>&1; then
+  echo "quickstart: installing protobuf-compiler (protoc) for the build" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler) >/dev/null
+fi
+if ! command -v curl >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl) >/dev/null
+fi
 cargo build --release -p weir-proxy --bin weir -p weir-control-plane --bin weir-cp
 if [[ "${1:-}" == "--static" ]]; then
   shift

@@ -14,7 +14,7 @@
 //!   history, payloads, heads) and its watch.
 //! - [`testing`]: an etcd process for tests (`etcd` binary, temp dir, free ports).
 //!
-//! See `docs/arch-etcd.md` for the key layout, the consistency model and failure behaviour.
+//! See `docs/design/etcd.md` for the key layout, the consistency model and failure behaviour.
 
 pub mod config;
 pub mod kv;
