@@ -551,12 +551,12 @@ async fn cli_sends_tokens() {
 }
 
 /// A CA, a server certificate (localhost, 127.0.0.1) and client certificates, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    server: (PathBuf, PathBuf),
-    proxy: (PathBuf, PathBuf),
-    unmapped: (PathBuf, PathBuf),
-    rogue: (PathBuf, PathBuf),
+pub(crate) struct Pki {
+    pub(crate) ca: PathBuf,
+    pub(crate) server: (PathBuf, PathBuf),
+    pub(crate) proxy: (PathBuf, PathBuf),
+    pub(crate) unmapped: (PathBuf, PathBuf),
+    pub(crate) rogue: (PathBuf, PathBuf),
 }
 
 fn ca(name: &str) -> (rcgen::CertificateParams, rcgen::KeyPair, rcgen::Certificate) {
@@ -601,7 +601,7 @@ fn uri(u: &str) -> rcgen::SanType {
     rcgen::SanType::URI(u.try_into().expect("ia5"))
 }
 
-fn pki(tag: &str) -> Pki {
+pub(crate) fn pki(tag: &str) -> Pki {
     let dir = temp_dir(tag);
     let (params, key, cert) = ca("weir test CA");
     let ca_file = dir.join("ca.pem");
@@ -650,7 +650,7 @@ fn pki(tag: &str) -> Pki {
     }
 }
 
-fn tls_settings(p: &Pki) -> String {
+pub(crate) fn tls_settings(p: &Pki) -> String {
     format!(
         "auth:\n  tokens:\n  - {{name: operator, token: {CFG}, scopes: ['config:write']}}\n  \
          client_certs:\n  - {{san: 'spiffe://weir.test/proxy', scopes: ['xds:read', 'kv:read']}}\n  \

@@ -459,3 +459,70 @@ async fn weir_authenticates_to_weir_cp_with_a_token() {
     let _ = stop.send(());
     let _ = tokio::time::timeout(WAIT, task).await;
 }
+
+#[tokio::test]
+async fn weir_reaches_weir_cp_over_mtls() {
+    let pki = crate::auth::pki("mesh-mtls");
+    let settings =
+        weir_control_plane::settings::Settings::parse(&crate::auth::tls_settings(&pki), "test")
+            .expect("settings");
+    let a = backend("a").await;
+    let cp = ControlPlane::open(None).expect("cp");
+    cp.apply_text(
+        weir_control_plane::operator::Target::All,
+        &mesh_doc(&[(a.port(), 1)], "v1"),
+        "test",
+    )
+    .expect("apply");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let xds = l.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(weir_control_plane::run(
+        cp.clone(),
+        l,
+        weir_control_plane::RunOptions {
+            settings,
+            ..Default::default()
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // The ADS cluster speaks TLS with the proxy's client certificate (its SPIFFE SAN maps to
+    // xds:read in weir-cp's settings) and verifies weir-cp against the test CA.
+    let tls = format!(
+        r#"    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          tls_certificates:
+          - certificate_chain: {{filename: {chain}}}
+            private_key: {{filename: {key}}}
+          validation_context:
+            trusted_ca: {{filename: {ca}}}
+"#,
+        chain = pki.proxy.0.display(),
+        key = pki.proxy.1.display(),
+        ca = pki.ca.display()
+    );
+    let yaml = bootstrap(xds, "DELTA_GRPC").replace(
+        "    load_assignment:\n      cluster_name: weir-cp\n",
+        &format!("{tls}    load_assignment:\n      cluster_name: weir-cp\n"),
+    );
+    assert!(yaml.contains("UpstreamTlsContext"));
+    let proxy = start_proxy(&yaml).await;
+    let ingress = proxy
+        .listener_addr("ingress")
+        .expect("ingress over mTLS ADS");
+    assert_eq!(get(ingress).await, (200, "a".into(), "v1".into()));
+    // The TLS ADS cluster carries only the xDS stream: it is not routable.
+    assert!(proxy.state.clusters.get("weir-cp").is_none());
+    assert!(proxy.state.clusters.get_any("weir-cp").is_some());
+    proxy.stop().await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+}

@@ -78,6 +78,9 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// `eds_cluster_config` of an EDS cluster.
     pub eds: Option<EdsClusterConfig>,
+    /// The ADS cluster configured with TLS: it carries only the xDS stream and is hidden from
+    /// routing ([`ClusterManager::get`]) until upstream TLS exists for data-plane clusters.
+    pub xds_only: bool,
 }
 
 /// Where an EDS cluster's endpoints come from.
@@ -896,8 +899,17 @@ impl ClusterManager {
             c.warm().await;
         }
     }
-    /// Look up a cluster by name.
+    /// Look up a cluster for traffic by name (an xDS-only cluster is not found).
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters
+            .load()
+            .get(name)
+            .filter(|c| !c.config.xds_only)
+            .cloned()
+    }
+
+    /// Look up any cluster by name, including the xDS-only ADS cluster.
+    pub fn get_any(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters.load().get(name).cloned()
     }
 

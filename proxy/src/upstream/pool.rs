@@ -1266,6 +1266,7 @@ mod tests {
             health_checks: Vec::new(),
             outlier: None,
             eds: None,
+            xds_only: false,
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }

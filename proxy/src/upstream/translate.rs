@@ -225,6 +225,7 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         health_checks,
         outlier,
         eds,
+        xds_only: false,
     })
 }
 

@@ -103,20 +103,33 @@ async fn connect(
     clusters: &ClusterManager,
 ) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>, StreamError> {
     let cluster = clusters
-        .get(&ads.cluster)
+        .get_any(&ads.cluster)
         .ok_or_else(|| StreamError::NoHost(ads.cluster.clone()))?;
     let host = cluster
         .choose_host(&LbContext::default())
         .ok_or_else(|| StreamError::NoHost(ads.cluster.clone()))?;
-    let uri = format!("http://{}", host.address);
-    let channel = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(StreamError::Connect)?
-        .connect_timeout(cluster.config().connect_timeout)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let scheme = if ads.tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", host.address))
+            .map_err(StreamError::Connect)?
+            .connect_timeout(cluster.config().connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+    if let Some(tls) = &ads.tls {
+        let mut cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+        cfg = if tls.sni.is_empty() {
+            cfg.domain_name(host.address.ip().to_string())
+        } else {
+            cfg.domain_name(tls.sni.clone())
+        };
+        if let Some((chain, key)) = &tls.identity {
+            cfg = cfg.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
+        endpoint = endpoint.tls_config(cfg)?;
+    }
+    let channel = endpoint.connect().await?;
     tracing::info!(cluster = %ads.cluster, address = %host.address, delta = ads.delta, "ADS stream connecting");
     Ok(AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)

@@ -22,6 +22,7 @@
 pub mod ads;
 mod dynamic;
 pub mod fs;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -62,6 +63,8 @@ pub struct AdsConfig {
     /// `grpc_services[0].initial_metadata`: sent with the stream (e.g. `authorization:
     /// Bearer ...` for a control plane that requires a token).
     pub initial_metadata: Vec<(String, String)>,
+    /// TLS from the ADS cluster's `transport_socket` (see [`tls`]).
+    pub tls: Option<tls::AdsTls>,
 }
 
 /// The bootstrap's `dynamic_resources`, translated.
@@ -184,6 +187,7 @@ pub fn translate_dynamic(
             delta,
             set_node_on_first_message_only: a.set_node_on_first_message_only,
             initial_metadata: metadata,
+            tls: None,
         })
     });
     let mut source_of = |cs: &Option<core::ConfigSource>, field: &str| {
@@ -346,6 +350,7 @@ mod tests {
                 delta: true,
                 set_node_on_first_message_only: true,
                 initial_metadata: Vec::new(),
+                tls: None,
             })
         );
         assert_eq!(c.lds, Some(ConfigSource::ads()));
