@@ -35,6 +35,7 @@ pub mod cache;
 pub mod configdir;
 pub mod kv;
 pub mod metrics;
+pub mod objects;
 pub mod operator;
 pub mod proto;
 pub mod registry;
@@ -96,6 +97,9 @@ pub enum Error {
     /// The service registry could not be loaded.
     #[error("loading the service registry: {0}")]
     Registry(#[from] registry::RegistryError),
+    /// The object store could not be opened.
+    #[error("object store: {0}")]
+    Objects(#[from] objects::ObjError),
 }
 
 /// The control plane's shared state.
@@ -115,6 +119,10 @@ pub struct ControlPlane {
     pub kv: Arc<kv::EmbeddedKv>,
     /// The service registry (the first cache source).
     pub registry: Arc<registry::Registry>,
+    /// The object store (metadata in `store`, bytes under `<data-dir>/objects/`).
+    pub objects: Arc<dyn objects::ObjectBackend>,
+    /// The object store's metrics (also a collector of `metrics`).
+    pub objects_metrics: Arc<objects::metrics::ObjectsMetrics>,
 }
 
 impl ControlPlane {
@@ -124,7 +132,8 @@ impl ControlPlane {
             Some(d) => Store::open(d)?,
             None => Store::in_memory()?,
         };
-        Self::with_sources(Arc::new(store), Vec::new())
+        let objects_dir = data_dir.map(|d| d.join(objects::OBJECTS_DIR));
+        Self::build(Arc::new(store), Vec::new(), objects_dir.as_deref())
     }
 
     /// Open over `store`, with the service registry (kept in `store`) first, then `sources`,
@@ -132,7 +141,16 @@ impl ControlPlane {
     /// name.
     pub fn with_sources(
         store: Arc<Store>,
+        sources: Vec<Arc<dyn Source>>,
+    ) -> Result<Arc<Self>, Error> {
+        Self::build(store, sources, None)
+    }
+
+    /// [`Self::with_sources`], with object bytes under `objects_dir` (a temp dir when `None`).
+    fn build(
+        store: Arc<Store>,
         mut sources: Vec<Arc<dyn Source>>,
+        objects_dir: Option<&Path>,
     ) -> Result<Arc<Self>, Error> {
         let registry = registry::Registry::embedded(store.clone())?;
         sources.insert(0, registry.clone());
@@ -142,6 +160,10 @@ impl ControlPlane {
         metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
         let kv = Arc::new(kv::EmbeddedKv::open(store.clone(), metrics.clone())?);
+        let objects: Arc<dyn objects::ObjectBackend> =
+            Arc::new(objects::EmbeddedObjects::open(store.clone(), objects_dir)?);
+        let objects_metrics = Arc::new(objects::metrics::ObjectsMetrics::new(objects.clone()));
+        metrics.add_collector(objects_metrics.clone());
         Ok(Arc::new(ControlPlane {
             operator,
             cache: SnapshotCache::new(sources),
@@ -150,6 +172,8 @@ impl ControlPlane {
             store,
             kv,
             registry,
+            objects,
+            objects_metrics,
         }))
     }
 
@@ -220,6 +244,8 @@ pub struct RunOptions {
     pub config_dir: Option<(PathBuf, Duration)>,
     /// The `--config` file's settings (auth, S3).
     pub settings: settings::Settings,
+    /// Serve the S3-compatible object API here (see [`objects::s3`]).
+    pub s3: Option<tokio::net::TcpListener>,
 }
 
 /// Run the control plane: ADS and health on `xds`, plus whatever `opts` asks for, until
@@ -262,6 +288,20 @@ pub async fn run(
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
     tasks.push(cp.kv.spawn_expiry(token.clone()));
+    // The object store: its gRPC service (built in one place) and the S3 endpoint.
+    let objects_service = objects::grpc::server(cp.objects.clone(), cp.objects_metrics.clone());
+    if let Some(s3) = opts.s3 {
+        let endpoint = objects::s3::S3::new(
+            cp.objects.clone(),
+            &opts.settings.s3,
+            cp.objects_metrics.clone(),
+        );
+        tasks.push(tokio::spawn(objects::s3::serve(
+            endpoint,
+            s3,
+            token.clone(),
+        )));
+    }
     if let Some(api) = opts.api {
         tasks.push(tokio::spawn(api::serve(cp.clone(), api, token.clone())));
     }
@@ -283,6 +323,7 @@ pub async fn run(
         .add_service(kv.watch)
         .add_service(kv.lease)
         .add_service(registry_service)
+        .add_service(objects_service)
         .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
             shutdown.await;
             stop.cancel();
