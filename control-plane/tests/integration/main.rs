@@ -12,6 +12,7 @@ mod delta;
 mod harness;
 mod kv;
 mod mesh;
+mod objects;
 mod python_grpc;
 mod registry;
 mod sotw;
