@@ -13,4 +13,9 @@ if ! python3 -c 'import grpc' >/dev/null 2>&1; then
   python3 -m pip install -q grpcio
 fi
 export WEIR_REQUIRE_GRPCIO=1
+# boto3 is a real S3 client for weir-cp's S3 endpoint test.
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  python3 -m pip install -q boto3
+fi
+export WEIR_REQUIRE_BOTO3=1
 cargo test --workspace --all-targets "$@"

@@ -726,7 +726,8 @@ async fn grpc(addr: SocketAddr) -> ObjectsClient<tonic::transport::Channel> {
     ObjectsClient::new(ch)
 }
 
-#[tokio::test]
+// Multi-threaded: the CLI runs as a blocking child process while this runtime serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_and_cli_stream_a_large_object() {
     let srv = S3Server::start().await;
     let server = srv.xds.to_string();
