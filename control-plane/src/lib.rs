@@ -15,16 +15,14 @@
 //! - [`status`], [`metrics`]: connected proxies, ACK/NACK records, Prometheus text.
 //! - [`api`]: the HTTP/JSON config API and its client (used by the CLI).
 //! - [`configdir`]: `--config-dir` polling (GitOps).
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
-//! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
-//! server.
+//! - [`objects`]: the object store, its gRPC API and the S3-compatible endpoint
+//!   (`RunOptions::s3`).
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
 //! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
+//! [`SERVICE_NAME`] and the ADS service), ADS, the registry, the KV services
+//! (`weir.kv.v1.KV`, `Watch`, `Lease`) and `weir.objects.v1.Objects`, with the message limits below and HTTP/2 keepalives
 //! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
 //! server.
 #![forbid(unsafe_code)]

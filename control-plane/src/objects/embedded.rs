@@ -474,7 +474,7 @@ impl ObjectBackend for EmbeddedObjects {
         bucket: &'a str,
         key: &'a str,
         range: Option<ByteRange>,
-    ) -> BoxFut<'a, (ObjectInfo, Option<(u64, u64)>, ByteStream)> {
+    ) -> BoxFut<'a, GetResult> {
         Box::pin(async move {
             let rec = self.record(bucket, key)?;
             let resolved = range.map(|r| r.resolve(rec.info.size)).transpose()?;

@@ -244,6 +244,10 @@ pub struct PartInfo {
 /// A stream of body chunks (a put's input, a get's output).
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ObjError>> + Send>>;
 
+/// What a get returns: the metadata, the resolved inclusive range (when one was asked
+/// for) and the bytes.
+pub type GetResult = (ObjectInfo, Option<(u64, u64)>, ByteStream);
+
 /// A boxed future (the trait is object safe).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T, ObjError>> + Send + 'a>>;
 
@@ -273,7 +277,7 @@ pub trait ObjectBackend: Send + Sync + std::fmt::Debug + 'static {
         bucket: &'a str,
         key: &'a str,
         range: Option<ByteRange>,
-    ) -> BoxFut<'a, (ObjectInfo, Option<(u64, u64)>, ByteStream)>;
+    ) -> BoxFut<'a, GetResult>;
     /// An object's metadata.
     fn head_object<'a>(&'a self, bucket: &'a str, key: &'a str) -> BoxFut<'a, ObjectInfo>;
     /// Delete an object; whether it existed (deleting a missing key is not an error).
@@ -336,7 +340,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Decode hex (either case).
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
