@@ -596,7 +596,15 @@ async fn s3_raw_client_happy_paths_and_errors() {
     let r = send(a, "POST", &path, &[], complete(&etags, &[0, 2, 1]), rw()).await;
     assert_eq!(r.code(), "InvalidPartOrder");
     let wrong_etags = vec![etags[1].clone(), etags[1].clone(), etags[2].clone()];
-    let r = send(a, "POST", &path, &[], complete(&wrong_etags, &[0, 1, 2]), rw()).await;
+    let r = send(
+        a,
+        "POST",
+        &path,
+        &[],
+        complete(&wrong_etags, &[0, 1, 2]),
+        rw(),
+    )
+    .await;
     assert_eq!(
         (r.status, r.code().as_str()),
         (400, "InvalidPart"),
