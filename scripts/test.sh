@@ -23,4 +23,9 @@ if ! command -v protoc >/dev/null 2>&1 || ! command -v etcd >/dev/null 2>&1; the
   fi
 fi
 export WEIR_REQUIRE_ETCD=1
+# boto3 is a real S3 client for weir-cp's S3 endpoint test.
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  python3 -m pip install -q boto3
+fi
+export WEIR_REQUIRE_BOTO3=1
 cargo test --workspace --all-targets "$@"

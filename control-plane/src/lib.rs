@@ -24,12 +24,14 @@
 //!   only on loopback.
 //! - [`etcd`]: the etcd backends of the registry, the KV store and the operator config
 //!   (`--store etcd://…`, [`ControlPlane::open_etcd`]); replicas on one etcd share state.
+//! - [`objects`]: the object store, its gRPC API and the S3-compatible endpoint
+//!   (`RunOptions::s3`).
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
 //! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
-//! [`SERVICE_NAME`] and the ADS service), ADS, the registry and the KV services
-//! (`weir.kv.v1.KV`, `Watch`, `Lease`), with the message limits below and HTTP/2 keepalives
+//! [`SERVICE_NAME`] and the ADS service), ADS, the registry, the KV services
+//! (`weir.kv.v1.KV`, `Watch`, `Lease`) and `weir.objects.v1.Objects`, with the message limits below and HTTP/2 keepalives
 //! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
 //! server. Every call passes [`auth::grpc::AuthLayer`] first (health is open); with
 //! `auth.tls` the server speaks TLS (and accepts client certificates with a client CA).
@@ -43,6 +45,7 @@ pub mod configdir;
 pub mod etcd;
 pub mod kv;
 pub mod metrics;
+pub mod objects;
 pub mod operator;
 pub mod proto;
 pub mod registry;
@@ -113,6 +116,9 @@ pub enum Error {
     /// etcd could not be reached (`--store etcd://`).
     #[error("{0}")]
     Etcd(#[from] etcd::EtcdError),
+    /// The object store could not be opened.
+    #[error("object store: {0}")]
+    Objects(#[from] objects::ObjError),
 }
 
 /// The control plane's shared state.
@@ -136,6 +142,10 @@ pub struct ControlPlane {
     pub etcd: Option<Arc<etcd::Etcd>>,
     /// Cancels the etcd watches when the control plane is dropped.
     _etcd_watches: Option<tokio_util::sync::DropGuard>,
+    /// The object store (metadata in `store`, bytes under `<data-dir>/objects/`).
+    pub objects: Arc<dyn objects::ObjectBackend>,
+    /// The object store's metrics (also a collector of `metrics`).
+    pub objects_metrics: Arc<objects::metrics::ObjectsMetrics>,
 }
 
 impl ControlPlane {
@@ -145,7 +155,8 @@ impl ControlPlane {
             Some(d) => Store::open(d)?,
             None => Store::in_memory()?,
         };
-        Self::with_sources(Arc::new(store), Vec::new())
+        let objects_dir = data_dir.map(|d| d.join(objects::OBJECTS_DIR));
+        Self::build(Arc::new(store), Vec::new(), objects_dir.as_deref())
     }
 
     /// Open over `store`, with the service registry (kept in `store`) first, then `sources`,
@@ -153,7 +164,16 @@ impl ControlPlane {
     /// name.
     pub fn with_sources(
         store: Arc<Store>,
+        sources: Vec<Arc<dyn Source>>,
+    ) -> Result<Arc<Self>, Error> {
+        Self::build(store, sources, None)
+    }
+
+    /// [`Self::with_sources`], with object bytes under `objects_dir` (a temp dir when `None`).
+    fn build(
+        store: Arc<Store>,
         mut sources: Vec<Arc<dyn Source>>,
+        objects_dir: Option<&Path>,
     ) -> Result<Arc<Self>, Error> {
         let registry = registry::Registry::embedded(store.clone())?;
         sources.insert(0, registry.clone());
@@ -166,6 +186,10 @@ impl ControlPlane {
             store.clone(),
             metrics.clone(),
         )?));
+        let objects: Arc<dyn objects::ObjectBackend> =
+            Arc::new(objects::EmbeddedObjects::open(store.clone(), objects_dir)?);
+        let objects_metrics = Arc::new(objects::metrics::ObjectsMetrics::new(objects.clone()));
+        metrics.add_collector(objects_metrics.clone());
         Ok(Arc::new(ControlPlane {
             operator,
             cache: SnapshotCache::new(sources),
@@ -176,6 +200,8 @@ impl ControlPlane {
             registry,
             etcd: None,
             _etcd_watches: None,
+            objects,
+            objects_metrics,
         }))
     }
 
@@ -197,6 +223,16 @@ impl ControlPlane {
         metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
         let kv = Arc::new(kv::AnyKv::Etcd(etcd::kv::EtcdKv::new(client.clone())));
+        // Objects have no shared backend yet (the object_store/S3 backend is not built):
+        // with etcd they live in this replica's temporary directory and are not durable.
+        tracing::warn!(
+            "--store etcd: the object store is kept in a temporary directory on this replica \
+             (not shared, not durable)"
+        );
+        let objects: Arc<dyn objects::ObjectBackend> =
+            Arc::new(objects::EmbeddedObjects::open(store.clone(), None)?);
+        let objects_metrics = Arc::new(objects::metrics::ObjectsMetrics::new(objects.clone()));
+        metrics.add_collector(objects_metrics.clone());
         let token = tokio_util::sync::CancellationToken::new();
         let cp = Arc::new(ControlPlane {
             operator,
@@ -208,6 +244,8 @@ impl ControlPlane {
             registry,
             etcd: Some(client),
             _etcd_watches: Some(token.clone().drop_guard()),
+            objects,
+            objects_metrics,
         });
         // Follow other replicas: registry changes resync the in-memory registry (EDS pushes
         // follow its revision), config changes reload the operator config (the cache
@@ -306,6 +344,8 @@ pub struct RunOptions {
     pub config_dir: Option<(PathBuf, Duration)>,
     /// The `--config` file's settings (auth, S3).
     pub settings: settings::Settings,
+    /// Serve the S3-compatible object API here (see [`objects::s3`]).
+    pub s3: Option<tokio::net::TcpListener>,
 }
 
 /// Run the control plane: ADS and health on `xds`, plus whatever `opts` asks for, until
@@ -376,6 +416,20 @@ pub async fn run(
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
     tasks.extend(cp.kv.spawn_expiry(token.clone()));
+    // The object store: its gRPC service (built in one place) and the S3 endpoint.
+    let objects_service = objects::grpc::server(cp.objects.clone(), cp.objects_metrics.clone());
+    if let Some(s3) = opts.s3 {
+        let endpoint = objects::s3::S3::new(
+            cp.objects.clone(),
+            &opts.settings.s3,
+            cp.objects_metrics.clone(),
+        );
+        tasks.push(tokio::spawn(objects::s3::serve(
+            endpoint,
+            s3,
+            token.clone(),
+        )));
+    }
     if let Some(api) = opts.api {
         let tls = server_tls
             .as_ref()
@@ -413,6 +467,7 @@ pub async fn run(
         .add_service(kv.watch)
         .add_service(kv.lease)
         .add_service(registry_service)
+        .add_service(objects_service)
         .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
             shutdown.await;
             stop.cancel();

@@ -46,6 +46,8 @@ enum Command {
     /// to --server, the xDS address).
     #[command(subcommand)]
     Registry(weir_control_plane::registry::cli::Command),
+    /// The object store: mb, rb, ls, put, get, rm (gRPC to --server, the xDS address).
+    Objects(weir_control_plane::objects::cli::ObjectsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +80,10 @@ struct ServeArgs {
     /// How often --config-dir is polled (e.g. `2s`, `500ms`).
     #[arg(long = "config-dir-interval", default_value = "2s", value_parser = parse_duration)]
     config_dir_interval: Duration,
+    /// Serve the S3-compatible object API (path-style, SigV4 with the --config file's
+    /// `s3.access_keys`) here; port 0 picks a free port (logged as `s3_address=`).
+    #[arg(long = "s3-address")]
+    s3_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
         Command::Status(s) => rt.block_on(status(s)),
         Command::Kv(k) => rt.block_on(weir_control_plane::kv::cli::run(k)),
         Command::Registry(c) => rt.block_on(weir_control_plane::registry::cli::run(c)),
+        Command::Objects(o) => rt.block_on(weir_control_plane::objects::cli::run(o)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -247,10 +254,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "weir-cp loaded its config"
     );
     tracing::info!(%address, "weir-cp gRPC server listening");
+    let s3 = match args.s3_address {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --s3-address {a}"))?;
+            let s3_address = l.local_addr().context("reading the bound S3 address")?;
+            if settings.s3.access_keys.is_empty() {
+                tracing::warn!(
+                    "the S3 endpoint has no access keys (s3.access_keys in --config): every request is refused"
+                );
+            }
+            tracing::info!(%s3_address, "weir-cp S3 endpoint listening");
+            Some(l)
+        }
+        None => None,
+    };
     let opts = weir_control_plane::RunOptions {
         api: Some(api),
         config_dir: args.config_dir.map(|d| (d, args.config_dir_interval)),
         settings,
+        s3,
     };
     weir_control_plane::run(cp, listener, opts, shutdown).await?;
     tracing::info!("weir-cp stopped");

@@ -11,3 +11,8 @@ pub mod kv {
 pub mod registry {
     tonic::include_proto!("weir.registry.v1");
 }
+
+/// `weir.objects.v1`: the object store (see `crate::objects`).
+pub mod objects {
+    tonic::include_proto!("weir.objects.v1");
+}

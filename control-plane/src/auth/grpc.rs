@@ -96,6 +96,47 @@ pub const METHODS: &[(&str, &str, Required)] = &[
         "Watch",
         Required::Authenticated,
     ),
+    // Objects: reads need objects:read, writes objects:write.
+    (
+        "weir.objects.v1.Objects",
+        "CreateBucket",
+        Required::Scope(Scope::ObjectsWrite),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "DeleteBucket",
+        Required::Scope(Scope::ObjectsWrite),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "ListBuckets",
+        Required::Scope(Scope::ObjectsRead),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "PutObject",
+        Required::Scope(Scope::ObjectsWrite),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "GetObject",
+        Required::Scope(Scope::ObjectsRead),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "HeadObject",
+        Required::Scope(Scope::ObjectsRead),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "DeleteObject",
+        Required::Scope(Scope::ObjectsWrite),
+    ),
+    (
+        "weir.objects.v1.Objects",
+        "ListObjects",
+        Required::Scope(Scope::ObjectsRead),
+    ),
 ];
 
 /// What the gRPC call at `path` (`/package.Service/Method`) needs; [`Required::Unknown`] for

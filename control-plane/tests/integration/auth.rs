@@ -30,6 +30,8 @@ const KVR: &str = "kv-read-token-0123456789";
 const KVW: &str = "kv-write-token-0123456789";
 const REG: &str = "registry-token-0123456789";
 const CFG: &str = "config-token-0123456789";
+const OBR: &str = "objects-read-token-0123456789";
+const OBW: &str = "objects-write-token-0123456789";
 
 fn token_settings() -> String {
     format!(
@@ -37,7 +39,9 @@ fn token_settings() -> String {
          - {{name: reader, token: {KVR}, scopes: ['kv:read']}}\n  \
          - {{name: writer, token: {KVW}, scopes: ['kv:write', 'kv:read']}}\n  \
          - {{name: agent, token: {REG}, scopes: ['registry:write']}}\n  \
-         - {{name: operator, token: {CFG}, scopes: ['config:write']}}\n"
+         - {{name: operator, token: {CFG}, scopes: ['config:write']}}\n  \
+         - {{name: viewer, token: {OBR}, scopes: ['objects:read']}}\n  \
+         - {{name: uploader, token: {OBW}, scopes: ['objects:write', 'objects:read']}}\n"
     )
 }
 
@@ -75,6 +79,7 @@ async fn start(settings_yaml: &str) -> AuthServer {
             api: Some(api),
             config_dir: None,
             settings,
+            s3: None,
         },
         async {
             let _ = stopped.await;
@@ -979,4 +984,42 @@ async fn binary_logs_credential_names_never_tokens() {
     }
     // No open-mode warning with credentials configured.
     assert!(!log.contains("WITHOUT authentication"), "{log}");
+}
+
+#[tokio::test]
+async fn objects_grpc_needs_objects_scopes() {
+    use weir_control_plane::proto::objects::objects_client::ObjectsClient;
+    use weir_control_plane::proto::objects::{CreateBucketRequest, ListBucketsRequest};
+    let s = start(&token_settings()).await;
+    let mut none = ObjectsClient::new(channel(s.xds, &creds(None)).await);
+    let e = none
+        .list_buckets(ListBucketsRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut viewer = ObjectsClient::new(channel(s.xds, &creds(Some(OBR))).await);
+    let e = viewer
+        .create_bucket(CreateBucketRequest {
+            bucket: "denied".into(),
+        })
+        .await
+        .expect_err("read-only token");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let mut uploader = ObjectsClient::new(channel(s.xds, &creds(Some(OBW))).await);
+    uploader
+        .create_bucket(CreateBucketRequest {
+            bucket: "allowed".into(),
+        })
+        .await
+        .expect("objects:write creates");
+    let names: Vec<String> = viewer
+        .list_buckets(ListBucketsRequest {})
+        .await
+        .expect("objects:read lists")
+        .into_inner()
+        .buckets
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(names, ["allowed"], "the refused bucket was not created");
 }

@@ -58,6 +58,7 @@ impl Server {
                 api: Some(api),
                 config_dir: None,
                 settings: Default::default(),
+                s3: None,
             },
             async {
                 let _ = stopped.await;

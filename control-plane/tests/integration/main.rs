@@ -16,6 +16,7 @@ mod etcd;
 mod harness;
 mod kv;
 mod mesh;
+mod objects;
 mod python_grpc;
 mod registry;
 mod sotw;
