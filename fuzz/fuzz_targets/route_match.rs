@@ -140,6 +140,8 @@ fn table() -> &'static RouteTable {
         let ctx = TranslateCtx {
             clusters: &set,
             stats: &store,
+            rds: None,
+            rds_table: false,
         };
         let mut errs = Errors::default();
         let table = RouteTable::translate(&rc, "", &ctx, &mut errs);
