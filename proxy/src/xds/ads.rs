@@ -171,6 +171,12 @@ fn with_metadata<S>(stream: S, ads: &AdsConfig) -> tonic::Request<S> {
     req
 }
 
+/// The server accepted the stream.
+fn stream_up(dynamic: &Dynamic, ads: &AdsConfig, protocol: &str) {
+    dynamic.stats().connected_state.set(1.0);
+    tracing::info!(cluster = %ads.cluster, protocol, "ADS stream up");
+}
+
 /// Per-type state of a state-of-the-world stream.
 #[derive(Debug, Default)]
 struct SotwType {
@@ -186,7 +192,15 @@ struct NodeSender<'a> {
     sent: bool,
 }
 
-impl NodeSender<'_> {
+impl<'a> NodeSender<'a> {
+    fn new(node: &'a Node, ads: &AdsConfig) -> Self {
+        Self {
+            node,
+            once: ads.set_node_on_first_message_only,
+            sent: false,
+        }
+    }
+
     fn next(&mut self) -> Option<Node> {
         if self.once && self.sent {
             return None;
@@ -204,11 +218,7 @@ async fn sotw(
     healthy: &mut bool,
 ) -> Result<(), StreamError> {
     let (tx, rx) = mpsc::unbounded::<DiscoveryRequest>();
-    let mut node_tx = NodeSender {
-        node,
-        once: ads.set_node_on_first_message_only,
-        sent: false,
-    };
+    let mut node_tx = NodeSender::new(node, ads);
     let mut types: BTreeMap<&'static str, SotwType> = BTreeMap::new();
     let mut subs = dynamic.subscribe();
     // The first requests go out before the call resolves (the server answers them).
@@ -218,8 +228,7 @@ async fn sotw(
         .stream_aggregated_resources(with_metadata(rx, ads))
         .await?
         .into_inner();
-    dynamic.stats().connected_state.set(1.0);
-    tracing::info!(cluster = %ads.cluster, "ADS stream up (state of the world)");
+    stream_up(dynamic, ads, "state of the world");
     loop {
         tokio::select! {
             msg = responses.message() => {
@@ -360,11 +369,7 @@ async fn delta(
     healthy: &mut bool,
 ) -> Result<(), StreamError> {
     let (tx, rx) = mpsc::unbounded::<DeltaDiscoveryRequest>();
-    let mut node_tx = NodeSender {
-        node,
-        once: ads.set_node_on_first_message_only,
-        sent: false,
-    };
+    let mut node_tx = NodeSender::new(node, ads);
     // Per type: the subscription the server knows about.
     let mut sent: BTreeMap<&'static str, Subscription> = BTreeMap::new();
     let mut subs = dynamic.subscribe();
@@ -374,8 +379,7 @@ async fn delta(
         .delta_aggregated_resources(with_metadata(rx, ads))
         .await?
         .into_inner();
-    dynamic.stats().connected_state.set(1.0);
-    tracing::info!(cluster = %ads.cluster, "ADS stream up (delta)");
+    stream_up(dynamic, ads, "delta");
     loop {
         tokio::select! {
             msg = responses.message() => {

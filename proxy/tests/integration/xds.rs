@@ -35,6 +35,29 @@ const WAIT: Duration = Duration::from_secs(10);
 
 type RespTx<T> = mpsc::UnboundedSender<Result<T, Status>>;
 
+/// The next request of type `ty` from `requests`, keeping requests of other types in `stash`
+/// (and serving from it first).
+async fn next_of<R>(
+    requests: &mut mpsc::UnboundedReceiver<R>,
+    stash: &mut VecDeque<R>,
+    ty: &str,
+    type_of: fn(&R) -> &str,
+) -> R {
+    if let Some(i) = stash.iter().position(|r| type_of(r) == ty) {
+        return stash.remove(i).expect("stashed");
+    }
+    loop {
+        let r = tokio::time::timeout(WAIT, requests.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {ty} request within {WAIT:?}"))
+            .expect("stream open");
+        if type_of(&r) == ty {
+            return r;
+        }
+        stash.push_back(r);
+    }
+}
+
 /// One SotW stream as the server sees it.
 struct SotwStream {
     /// The stream's gRPC metadata (headers).
@@ -48,19 +71,7 @@ struct SotwStream {
 impl SotwStream {
     /// The next request of `ty` (requests of other types are kept for later).
     async fn expect(&mut self, ty: &str) -> DiscoveryRequest {
-        if let Some(i) = self.stash.iter().position(|r| r.type_url == ty) {
-            return self.stash.remove(i).expect("stashed");
-        }
-        loop {
-            let r = tokio::time::timeout(WAIT, self.requests.next())
-                .await
-                .unwrap_or_else(|_| panic!("no {ty} request within {WAIT:?}"))
-                .expect("stream open");
-            if r.type_url == ty {
-                return r;
-            }
-            self.stash.push_back(r);
-        }
+        next_of(&mut self.requests, &mut self.stash, ty, |r| &r.type_url).await
     }
 
     /// Send a response; returns its nonce.
@@ -106,19 +117,7 @@ struct DeltaStream {
 
 impl DeltaStream {
     async fn expect(&mut self, ty: &str) -> DeltaDiscoveryRequest {
-        if let Some(i) = self.stash.iter().position(|r| r.type_url == ty) {
-            return self.stash.remove(i).expect("stashed");
-        }
-        loop {
-            let r = tokio::time::timeout(WAIT, self.requests.next())
-                .await
-                .unwrap_or_else(|_| panic!("no {ty} delta request within {WAIT:?}"))
-                .expect("stream open");
-            if r.type_url == ty {
-                return r;
-            }
-            self.stash.push_back(r);
-        }
+        next_of(&mut self.requests, &mut self.stash, ty, |r| &r.type_url).await
     }
 
     async fn push_and_answer(
