@@ -143,6 +143,44 @@ impl ConnectionState {
     }
 }
 
+/// TLS facts of a downstream connection: what the TLS transport socket negotiated (or, for
+/// TLS passthrough, what the `tls_inspector` saw in the ClientHello). Shared by the
+/// connection's requests, RBAC, access logs, tracing and `x-forwarded-client-cert`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DownstreamTls {
+    /// SNI the client asked for.
+    pub sni: Option<String>,
+    /// ALPN protocol negotiated (terminated TLS) or offered first (passthrough).
+    pub alpn: Option<Vec<u8>>,
+    /// Whether weir terminated TLS (false: only inspected for passthrough).
+    pub terminated: bool,
+    /// Negotiated version, Envoy's spelling (`TLSv1.2`, `TLSv1.3`).
+    pub version: Option<&'static str>,
+    /// Negotiated cipher suite (IANA name).
+    pub cipher: Option<String>,
+    /// URI SANs of the certificate weir presented (its own SPIFFE ID in a mesh).
+    pub local_uri_sans: Vec<String>,
+    /// The validated client certificate, when the client presented one.
+    pub peer: Option<PeerCert>,
+}
+
+/// Facts of a validated peer certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerCert {
+    /// URI SANs (a SPIFFE ID is one), in certificate order.
+    pub uri_sans: Vec<String>,
+    /// DNS SANs, in certificate order.
+    pub dns_sans: Vec<String>,
+    /// Subject distinguished name, RFC 2253 form.
+    pub subject: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// Hex SHA-256 of the DER certificate (XFCC `Hash`).
+    pub sha256: String,
+    /// The certificate, PEM (XFCC `Cert`, `%DOWNSTREAM_PEER_CERT%`).
+    pub pem: String,
+}
+
 /// Per-request facts shared by all filters.
 pub struct StreamInfo<'a> {
     /// Downstream client address after XFF trust evaluation.
@@ -165,6 +203,9 @@ pub struct StreamInfo<'a> {
     pub server: &'a dyn ServerInfo,
     /// Per-connection filter state.
     pub connection: &'a ConnectionState,
+    /// TLS facts of the downstream connection (`None` for plain text); set with
+    /// [`StreamInfo::with_tls`].
+    pub tls: Option<&'a DownstreamTls>,
     /// SplitMix64 state for [`StreamInfo::roll`].
     rng: AtomicU64,
 }
@@ -207,8 +248,15 @@ impl<'a> StreamInfo<'a> {
             route,
             server,
             connection,
+            tls: None,
             rng: AtomicU64::new(seed),
         }
+    }
+
+    /// The downstream connection's TLS facts.
+    pub fn with_tls(mut self, tls: Option<&'a DownstreamTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The next random value of this request (SplitMix64; deterministic for a seed).

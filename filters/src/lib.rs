@@ -43,8 +43,8 @@ use weir_xds_api::Any;
 
 pub use body::{BoxBody, BoxError};
 pub use chain::{
-    ChainEntry, ChainState, ConnectionState, FilterChain, FilterContext, PerFilterConfig,
-    PerFilterConfigs, RouteFilterData, RouteView, ServerInfo, StreamInfo,
+    ChainEntry, ChainState, ConnectionState, DownstreamTls, FilterChain, FilterContext, PeerCert,
+    PerFilterConfig, PerFilterConfigs, RouteFilterData, RouteView, ServerInfo, StreamInfo,
 };
 pub use config::{ConfigErrors, FactoryContext, RequestHead, RequestMatcher, StatScope};
 pub use ratelimit::{Descriptor, RateLimitPolicy};

@@ -465,7 +465,8 @@ async fn process(
         conn.state.as_ref(),
         &conn.filter_state,
         rand::random(),
-    );
+    )
+    .with_tls(conn.info.tls.as_deref());
     let mut fstate = ChainState::default();
     let resp = match chain.decode(req, &info, &mut fstate).await {
         Err(reply) => render_local(reply, st),

@@ -174,4 +174,6 @@ pub struct ConnInfo {
     pub drain: tokio_util::sync::CancellationToken,
     /// Fired when the version's drain time is over (or the server's): close now.
     pub hard_stop: tokio_util::sync::CancellationToken,
+    /// TLS facts (terminated or inspected); `None` for plain text.
+    pub tls: Option<Arc<weir_filters::DownstreamTls>>,
 }

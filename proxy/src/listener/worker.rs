@@ -183,6 +183,7 @@ fn dispatch(
         buffer_limit: cfg.per_connection_buffer_limit_bytes,
         drain: version.drain.clone(),
         hard_stop: version.hard_stop.clone(),
+        tls: None,
     };
     let st = state.clone();
     let conn = async move {
