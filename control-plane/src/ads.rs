@@ -76,6 +76,8 @@ struct Inner {
     status: Arc<StatusRegistry>,
     shutdown: CancellationToken,
     next_stream: AtomicU64,
+    /// The mesh CA, deciding each stream's workload identity ([`NodeMeta::workload`]).
+    ca: Option<Arc<crate::ca::CaSource>>,
 }
 
 impl AdsService {
@@ -93,17 +95,55 @@ impl AdsService {
                 status,
                 shutdown,
                 next_stream: AtomicU64::new(1),
+                ca: None,
             }),
+        }
+    }
+
+    /// Let `ca` decide which workload identity each stream may obtain a certificate for
+    /// (call before cloning the service).
+    pub fn with_ca(mut self, ca: Arc<crate::ca::CaSource>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.ca = Some(ca);
+        }
+        self
+    }
+}
+
+/// Who opened a stream: its address and the credential the auth layer established.
+#[derive(Debug, Clone, Default)]
+struct Caller {
+    peer: Option<String>,
+    identity: Option<crate::auth::Identity>,
+}
+
+impl Caller {
+    fn of<T>(request: &Request<T>) -> Self {
+        Caller {
+            peer: request.remote_addr().map(|a| a.to_string()),
+            identity: request.extensions().get::<crate::auth::Identity>().cloned(),
         }
     }
 }
 
 type ResponseStream<T> = tonic::codegen::tokio_stream::wrappers::ReceiverStream<Result<T, Status>>;
 
-fn node_meta(node: &Node) -> NodeMeta {
+fn node_meta(node: &Node, inner: &Inner, caller: &Caller) -> NodeMeta {
+    // No auth layer in front (embedded uses, tests) counts as open.
+    let workload = inner.ca.as_ref().and_then(|ca| {
+        let (open, patterns) = match &caller.identity {
+            None => (true, &[][..]),
+            Some(id) => (
+                id.method == crate::auth::Method::Open,
+                id.workloads.as_slice(),
+            ),
+        };
+        ca.entitled(node.metadata.as_ref(), open, patterns, &node.id)
+    });
     NodeMeta {
         id: node.id.clone(),
         cluster: node.cluster.clone(),
+        workload,
     }
 }
 
@@ -188,8 +228,9 @@ async fn open<Req: FirstRequest>(
     inner: &Arc<Inner>,
     requests: &mut Streaming<Req>,
     protocol: Protocol,
-    peer: Option<String>,
+    caller: Caller,
 ) -> Result<Option<(StreamCtx, Req)>, Status> {
+    let peer = caller.peer.clone();
     let first = tokio::select! {
         _ = inner.shutdown.cancelled() => return Ok(None),
         m = requests.message() => match m? {
@@ -202,7 +243,7 @@ async fn open<Req: FirstRequest>(
             "the first request of an xDS stream must carry the node",
         ));
     };
-    let node = node_meta(node);
+    let node = node_meta(node, inner, &caller);
     let id = inner.next_stream.fetch_add(1, Ordering::Relaxed);
     let status = inner
         .status
@@ -213,6 +254,7 @@ async fn open<Req: FirstRequest>(
         cluster = %node.cluster,
         protocol = protocol.as_str(),
         peer = peer.as_deref().unwrap_or("-"),
+        workload = node.workload.as_deref().unwrap_or("-"),
         stream = id,
         "xDS client connected"
     );
@@ -265,12 +307,12 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let caller = Caller::of(&request);
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(status) = run::<Sotw>(inner, requests, tx.clone(), peer).await {
+            if let Err(status) = run::<Sotw>(inner, requests, tx.clone(), caller).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -281,12 +323,12 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let caller = Caller::of(&request);
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            if let Err(status) = run::<Delta>(inner, requests, tx.clone(), peer).await {
+            if let Err(status) = run::<Delta>(inner, requests, tx.clone(), caller).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -402,9 +444,9 @@ async fn run<F: Flavor>(
     inner: Arc<Inner>,
     mut requests: Streaming<F::Req>,
     tx: mpsc::Sender<Result<F::Resp, Status>>,
-    peer: Option<String>,
+    caller: Caller,
 ) -> Result<(), Status> {
-    let Some((mut ctx, first)) = open(&inner, &mut requests, F::PROTOCOL, peer).await? else {
+    let Some((mut ctx, first)) = open(&inner, &mut requests, F::PROTOCOL, caller).await? else {
         return Ok(());
     };
     let mut gen_rx = inner.cache.subscribe();

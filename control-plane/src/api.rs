@@ -208,6 +208,17 @@ async fn handle(
             },
         ),
         (&Method::GET, "/v1/history") => json(StatusCode::OK, &cp.operator.history()),
+        (&Method::GET, "/v1/ca/bundle") => match cp.ca.bundle_pem() {
+            Some(pem) => {
+                let mut r = hyper::Response::new(Full::new(Bytes::from(pem)));
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/x-pem-file"),
+                );
+                r
+            }
+            None => error(StatusCode::NOT_FOUND, "the mesh CA is disabled", Vec::new()),
+        },
         (&Method::GET, "/v1/config") => {
             let filter = match target_param(query) {
                 Ok(t) => t,
@@ -613,6 +624,19 @@ impl Client {
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call_json(Method::GET, "/v1/status", Bytes::new())
             .await
+    }
+
+    /// The mesh CA's trust bundle (PEM).
+    pub async fn ca_bundle(&self) -> Result<String, ClientError> {
+        let (status, body) = self
+            .call(Method::GET, "/v1/ca/bundle", Bytes::new())
+            .await?;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(text)
+        } else {
+            Err(ClientError::Unexpected { status, body: text })
+        }
     }
 
     /// The Prometheus text.

@@ -26,6 +26,9 @@ pub struct NodeMeta {
     pub id: String,
     /// `node.cluster`.
     pub cluster: String,
+    /// The workload identity (SPIFFE ID) the stream may obtain a certificate for: claimed in
+    /// the node's metadata and allowed for the stream's credential (see [`crate::ca`]).
+    pub workload: Option<String>,
 }
 
 /// A provider of xDS resources.
@@ -248,6 +251,7 @@ mod tests {
         NodeMeta {
             id: id.into(),
             cluster: cluster.into(),
+            workload: None,
         }
     }
 

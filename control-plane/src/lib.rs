@@ -26,6 +26,9 @@
 //!   (`--store etcd://…`, [`ControlPlane::open_etcd`]); replicas on one etcd share state.
 //! - [`objects`]: the object store, its gRPC API and the S3-compatible endpoint
 //!   (`RunOptions::s3`).
+//! - [`ca`]: the mesh CA: a cache source serving workload certificates (SPIFFE IDs from node
+//!   metadata) and the trust bundle as SDS secrets `default` / `ROOTCA`, rotated at half
+//!   life.
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
@@ -40,6 +43,7 @@
 pub mod ads;
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod cache;
 pub mod configdir;
 pub mod etcd;
@@ -119,6 +123,9 @@ pub enum Error {
     /// The object store could not be opened.
     #[error("object store: {0}")]
     Objects(#[from] objects::ObjError),
+    /// The mesh CA could not start (`ca:` settings, root).
+    #[error("{0}")]
+    Ca(#[from] ca::CaError),
 }
 
 /// The control plane's shared state.
@@ -146,6 +153,8 @@ pub struct ControlPlane {
     pub objects: Arc<dyn objects::ObjectBackend>,
     /// The object store's metrics (also a collector of `metrics`).
     pub objects_metrics: Arc<objects::metrics::ObjectsMetrics>,
+    /// The mesh CA (a cache source serving SDS secrets; configured by [`run`]).
+    pub ca: Arc<ca::CaSource>,
 }
 
 impl ControlPlane {
@@ -177,6 +186,8 @@ impl ControlPlane {
     ) -> Result<Arc<Self>, Error> {
         let registry = registry::Registry::embedded(store.clone())?;
         sources.insert(0, registry.clone());
+        let ca = Arc::new(ca::CaSource::default());
+        sources.insert(1, ca.clone());
         let operator = Arc::new(OperatorConfig::open(store.clone())?);
         sources.push(operator.clone());
         let metrics = Arc::new(Metrics::default());
@@ -202,6 +213,7 @@ impl ControlPlane {
             _etcd_watches: None,
             objects,
             objects_metrics,
+            ca,
         }))
     }
 
@@ -218,7 +230,8 @@ impl ControlPlane {
         let operator = Arc::new(OperatorConfig::open_backend(
             operator::ConfigBackend::Etcd(config_store.clone()),
         )?);
-        let sources: Vec<Arc<dyn Source>> = vec![registry.clone(), operator.clone()];
+        let ca = Arc::new(ca::CaSource::default());
+        let sources: Vec<Arc<dyn Source>> = vec![registry.clone(), ca.clone(), operator.clone()];
         let metrics = Arc::new(Metrics::default());
         metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
@@ -246,6 +259,7 @@ impl ControlPlane {
             _etcd_watches: Some(token.clone().drop_guard()),
             objects,
             objects_metrics,
+            ca,
         });
         // Follow other replicas: registry changes resync the in-memory registry (EDS pushes
         // follow its revision), config changes reload the operator config (the cache
@@ -384,6 +398,13 @@ pub async fn run(
         );
     }
     cp.metrics.add_collector(authn.clone());
+    // The mesh CA: load or create the root (shared through etcd with `--store etcd`).
+    let root_store = match &cp.etcd {
+        Some(etcd) => ca::RootStore::Etcd(etcd.clone()),
+        None => ca::RootStore::Embedded(cp.store.clone()),
+    };
+    cp.ca.configure(&opts.settings.ca, &root_store)?;
+    cp.metrics.add_collector(cp.ca.clone());
     let token = CancellationToken::new();
     cp.cache.watch_sources();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -397,12 +418,15 @@ pub async fn run(
     let health = health
         .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
-    let ads = AggregatedDiscoveryServiceServer::new(ads::AdsService::new(
-        cp.cache.clone(),
-        cp.metrics.clone(),
-        cp.status.clone(),
-        token.clone(),
-    ))
+    let ads = AggregatedDiscoveryServiceServer::new(
+        ads::AdsService::new(
+            cp.cache.clone(),
+            cp.metrics.clone(),
+            cp.status.clone(),
+            token.clone(),
+        )
+        .with_ca(cp.ca.clone()),
+    )
     .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
     .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE);
     // The service registry: health driver and checks, and its gRPC service.
@@ -413,6 +437,7 @@ pub async fn run(
     let registry_service = registry::grpc::server(cp.registry.clone(), token.clone());
 
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(cp.ca.clone().run_rotation(token.clone())));
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
     tasks.extend(cp.kv.spawn_expiry(token.clone()));

@@ -48,6 +48,21 @@ enum Command {
     Registry(weir_control_plane::registry::cli::Command),
     /// The object store: mb, rb, ls, put, get, rm (gRPC to --server, the xDS address).
     Objects(weir_control_plane::objects::cli::ObjectsArgs),
+    /// The mesh CA: `ca bundle` prints the trust bundle (PEM) proxies are given as ROOTCA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the mesh CA's trust bundle (PEM).
+    Bundle(CaArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CaArgs {
+    #[command(flatten)]
+    server: ServerArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +209,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Config(c) => rt.block_on(config(c)),
         Command::Status(s) => rt.block_on(status(s)),
+        Command::Ca(CaCommand::Bundle(a)) => rt.block_on(async move {
+            print!("{}", a.server.client()?.ca_bundle().await?);
+            Ok(())
+        }),
         Command::Kv(k) => rt.block_on(weir_control_plane::kv::cli::run(k)),
         Command::Registry(c) => rt.block_on(weir_control_plane::registry::cli::run(c)),
         Command::Objects(o) => rt.block_on(weir_control_plane::objects::cli::run(o)),

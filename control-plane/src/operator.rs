@@ -616,6 +616,7 @@ mod tests {
         NodeMeta {
             id: id.into(),
             cluster: cluster.into(),
+            workload: None,
         }
     }
 

@@ -13,6 +13,9 @@
 //!     cert_file: /etc/weir-cp/tls/server.pem
 //!     key_file: /etc/weir-cp/tls/server.key
 //!     client_ca_file: /etc/weir-cp/tls/clients-ca.pem
+//! ca:                        # the mesh CA issuing workload certificates (see crate::ca)
+//!   trust_domain: cluster.local
+//!   workload_cert_ttl: 24h
 //! s3:                        # the S3-compatible endpoint (see crate::objects)
 //!   region: us-east-1
 //!   access_keys:
@@ -36,6 +39,9 @@ pub struct Settings {
     /// The S3-compatible endpoint.
     #[serde(default)]
     pub s3: S3Settings,
+    /// The mesh CA (see `crate::ca`).
+    #[serde(default)]
+    pub ca: crate::ca::CaSettings,
 }
 
 /// A permission a credential carries.
@@ -123,6 +129,11 @@ pub struct ClientCertSettings {
     pub san: String,
     /// What a certificate with that SAN may do.
     pub scopes: Vec<Scope>,
+    /// Workload identities (SPIFFE IDs; `*` matches within one path segment, a lone `*` any
+    /// identity of the trust domain) this credential may obtain mesh certificates for over
+    /// SDS (see `crate::ca`). Default: none.
+    #[serde(default)]
+    pub workload_identities: Vec<String>,
 }
 
 /// `auth.tls`: server certificate and, optionally, the CA that client certificates must
@@ -154,6 +165,10 @@ pub struct TokenSettings {
     pub token_file: Option<std::path::PathBuf>,
     /// What it may do.
     pub scopes: Vec<Scope>,
+    /// Workload identities this token may obtain mesh certificates for (as
+    /// [`ClientCertSettings::workload_identities`]).
+    #[serde(default)]
+    pub workload_identities: Vec<String>,
 }
 
 impl std::fmt::Debug for TokenSettings {
@@ -163,6 +178,7 @@ impl std::fmt::Debug for TokenSettings {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("scopes", &self.scopes)
+            .field("workload_identities", &self.workload_identities)
             .finish()
     }
 }

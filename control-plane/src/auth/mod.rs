@@ -62,6 +62,8 @@ pub struct Identity {
     pub method: Method,
     /// Its scopes (every scope in open mode).
     pub scopes: BTreeSet<Scope>,
+    /// Workload identity patterns it may obtain mesh certificates for (`crate::ca`).
+    pub workloads: Vec<String>,
 }
 
 impl Identity {
@@ -71,6 +73,7 @@ impl Identity {
             name: name.into(),
             method: Method::Other,
             scopes: scopes.into_iter().collect(),
+            workloads: Vec::new(),
         }
     }
 
@@ -80,6 +83,7 @@ impl Identity {
             name: "anonymous".into(),
             method: Method::Open,
             scopes: Scope::ALL.into_iter().collect(),
+            workloads: Vec::new(),
         }
     }
 }
@@ -221,11 +225,13 @@ struct Token {
     name: String,
     secret: Vec<u8>,
     scopes: BTreeSet<Scope>,
+    workloads: Vec<String>,
 }
 
 struct CertRule {
     san: String,
     scopes: BTreeSet<Scope>,
+    workloads: Vec<String>,
 }
 
 /// Counters: `weir_cp_auth_denied_total{reason}`, `weir_cp_auth_allowed_total{scope}`.
@@ -331,6 +337,7 @@ impl Authenticator {
                 name: t.name.clone(),
                 secret: secret.into_bytes(),
                 scopes: t.scopes.iter().copied().collect(),
+                workloads: t.workload_identities.clone(),
             });
         }
         let mut cert_rules = Vec::new();
@@ -362,6 +369,7 @@ impl Authenticator {
             cert_rules.push(CertRule {
                 san: c.san.clone(),
                 scopes: c.scopes.iter().copied().collect(),
+                workloads: c.workload_identities.clone(),
             });
         }
         let open = tokens.is_empty() && cert_rules.is_empty();
@@ -415,6 +423,7 @@ impl Authenticator {
                 name: t.name.clone(),
                 method: Method::Token,
                 scopes: t.scopes.clone(),
+                workloads: t.workloads.clone(),
             }),
             None => Err(Denied::Unauthenticated("unknown token".into())),
         }
@@ -424,10 +433,12 @@ impl Authenticator {
         let sans = tls::subject_alt_names(leaf)
             .map_err(|e| Denied::Unauthenticated(format!("client certificate: {e}")))?;
         let mut scopes = BTreeSet::new();
+        let mut workloads = Vec::new();
         let mut name = None;
         for rule in &self.cert_rules {
             if sans.contains(&rule.san) {
                 scopes.extend(rule.scopes.iter().copied());
+                workloads.extend(rule.workloads.iter().cloned());
                 name.get_or_insert_with(|| rule.san.clone());
             }
         }
@@ -436,6 +447,7 @@ impl Authenticator {
                 name,
                 method: Method::ClientCert,
                 scopes,
+                workloads,
             }),
             // Verified by the CA, but mapped to nothing: authenticated, without scopes.
             None => Ok(Identity {
@@ -445,6 +457,7 @@ impl Authenticator {
                     .unwrap_or_else(|| "client certificate without SAN".into()),
                 method: Method::ClientCert,
                 scopes: BTreeSet::new(),
+                workloads: Vec::new(),
             }),
         }
     }

@@ -46,10 +46,10 @@ fn token_settings() -> String {
 }
 
 /// An in-process weir-cp with settings.
-struct AuthServer {
-    xds: SocketAddr,
-    api: SocketAddr,
-    cp: Arc<ControlPlane>,
+pub(crate) struct AuthServer {
+    pub(crate) xds: SocketAddr,
+    pub(crate) api: SocketAddr,
+    pub(crate) cp: Arc<ControlPlane>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -61,7 +61,7 @@ impl Drop for AuthServer {
     }
 }
 
-async fn start(settings_yaml: &str) -> AuthServer {
+pub(crate) async fn start(settings_yaml: &str) -> AuthServer {
     let settings = Settings::parse(settings_yaml, "test").expect("settings");
     let cp = ControlPlane::open(None).expect("control plane");
     let xds = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -93,14 +93,14 @@ async fn start(settings_yaml: &str) -> AuthServer {
     }
 }
 
-fn creds(token: Option<&str>) -> ClientAuthArgs {
+pub(crate) fn creds(token: Option<&str>) -> ClientAuthArgs {
     ClientAuthArgs {
         token: token.map(str::to_string),
         ..Default::default()
     }
 }
 
-async fn channel(addr: SocketAddr, auth: &ClientAuthArgs) -> AuthChannel {
+pub(crate) async fn channel(addr: SocketAddr, auth: &ClientAuthArgs) -> AuthChannel {
     auth.grpc_channel(&addr.to_string()).await.expect("connect")
 }
 
@@ -193,7 +193,7 @@ fn code<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Code> {
 }
 
 /// A metric's value in the Prometheus text (panics if absent).
-fn metric(text: &str, series: &str) -> u64 {
+pub(crate) fn metric(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))

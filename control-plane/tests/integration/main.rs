@@ -7,9 +7,11 @@
 //! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
 //! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence),
-//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart).
+//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart), `ca` (the
+//! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation).
 
 mod auth;
+mod ca;
 mod cli;
 mod delta;
 mod etcd;
