@@ -27,9 +27,12 @@ pub mod body;
 pub mod chain;
 pub mod config;
 pub mod fault;
+pub mod fetch;
 pub mod health_check;
+pub mod jwt_authn;
 pub mod local_ratelimit;
 pub mod ratelimit;
+pub mod rbac;
 pub mod token_bucket;
 
 use std::collections::HashMap;
@@ -64,6 +67,14 @@ pub mod type_urls {
     /// `envoy.filters.network.local_ratelimit`.
     pub const NETWORK_LOCAL_RATELIMIT: &str =
         "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit";
+    /// `envoy.filters.http.rbac`.
+    pub const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+    /// `envoy.filters.network.rbac`.
+    pub const NETWORK_RBAC: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    /// `envoy.filters.http.jwt_authn`.
+    pub const JWT_AUTHN: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
     /// `envoy.config.route.v3.FilterConfig` (wrapper in `typed_per_filter_config`).
     pub const FILTER_CONFIG: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 }
@@ -79,7 +90,15 @@ pub enum FilterAction {
     Respond(LocalReply),
     /// Wait for the future, then act on its output (which may pause again).
     Pause(PauseFuture),
+    /// Wait for the future, then call the same filter's `on_request` again with the request
+    /// (an async lookup, like a remote JWKS fetch, after which the filter decides and may
+    /// modify the request). The filter must not retry forever (remember what it waited for in
+    /// its per-request state).
+    Retry(WaitFuture),
 }
+
+/// A future a filter waits on before it runs again ([`FilterAction::Retry`]).
+pub type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl std::fmt::Debug for FilterAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +106,7 @@ impl std::fmt::Debug for FilterAction {
             FilterAction::Continue => f.write_str("Continue"),
             FilterAction::Respond(r) => f.debug_tuple("Respond").field(r).finish(),
             FilterAction::Pause(_) => f.write_str("Pause(..)"),
+            FilterAction::Retry(_) => f.write_str("Retry(..)"),
         }
     }
 }
@@ -232,7 +252,7 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in filters: router, local_ratelimit, fault, health_check.
+    /// The built-in filters: router, local_ratelimit, fault, health_check, rbac, jwt_authn.
     pub fn builtin() -> &'static Registry {
         static R: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
         R.get_or_init(|| {
@@ -241,6 +261,8 @@ impl Registry {
             r.register_http(Box::new(local_ratelimit::Factory));
             r.register_http(Box::new(fault::Factory));
             r.register_http(Box::new(health_check::Factory));
+            r.register_http(Box::new(rbac::Factory));
+            r.register_http(Box::new(jwt_authn::Factory));
             r
         })
     }
