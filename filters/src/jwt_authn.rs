@@ -1211,3 +1211,548 @@ impl HttpFilterFactory for Factory {
         Some(Arc::new(r))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::jwt::tests::{TestKey, jwks};
+    use super::*;
+    use base64::Engine;
+    use crate::chain::{
+        ChainEntry, ChainState, ConnectionState, FilterChain, PerFilterConfig, PerFilterConfigs,
+        RouteFilterData, RouteView, ServerInfo,
+    };
+    use crate::fetch::{FetchError, FetchFuture, FetchResponse};
+    use crate::rbac::tests::CountingCtx;
+    use serde_json::json;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    const NOW: u64 = 1_700_000_000;
+
+    /// Serves a JWKS (or fails), counting fetches; each fetch takes 50 ms (virtual).
+    #[derive(Debug, Default)]
+    struct FakeFetch {
+        body: Mutex<Option<String>>,
+        calls: AtomicUsize,
+        last: Mutex<Option<FetchRequest>>,
+    }
+
+    impl UpstreamFetch for FakeFetch {
+        fn fetch(&self, req: FetchRequest) -> FetchFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            *self.last.lock().expect("lock") = Some(req);
+            let body = self.body.lock().expect("lock").clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match body {
+                    Some(b) => Ok(FetchResponse {
+                        status: StatusCode::OK,
+                        body: b.into(),
+                    }),
+                    None => Err(FetchError::Timeout),
+                }
+            })
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Server(Arc<FakeFetch>);
+
+    impl ServerInfo for Server {
+        fn healthy(&self) -> bool {
+            true
+        }
+        fn cluster_health(&self, _name: &str) -> Option<(usize, usize)> {
+            None
+        }
+        fn upstream_fetch(&self) -> Option<Arc<dyn UpstreamFetch>> {
+            Some(self.0.clone())
+        }
+    }
+
+    fn build(yaml: &str, ctx: &CountingCtx) -> Result<Arc<JwtAuthnFilter>, Vec<(String, String)>> {
+        let c: pb::JwtAuthentication = weir_xds_api::from_yaml(yaml).expect("yaml");
+        let mut errs = ConfigErrors::default();
+        let f = JwtAuthnFilter::translate(&c, "jwt", ctx, &mut errs);
+        if errs.is_empty() {
+            Ok(Arc::new(f.expect("filter").with_clock(Arc::new(|| NOW))))
+        } else {
+            Err(errs.0)
+        }
+    }
+
+    struct Out {
+        reply: Option<LocalReply>,
+        headers: http::HeaderMap,
+    }
+
+    async fn run(
+        f: &Arc<JwtAuthnFilter>,
+        server: &Server,
+        path: &str,
+        headers: &[(&str, &str)],
+        route_cfg: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    ) -> Out {
+        let chain = FilterChain::new(vec![ChainEntry {
+            name: "jwt".into(),
+            filter: f.clone(),
+            disabled: false,
+            type_url: type_urls::JWT_AUTHN.into(),
+        }]);
+        let conn = ConnectionState::default();
+        let route = RouteFilterData {
+            per_filter: PerFilterConfigs(
+                route_cfg
+                    .into_iter()
+                    .map(|c| ("jwt".into(), PerFilterConfig::Config(c)))
+                    .collect(),
+            ),
+            rate_limits: vec![],
+        };
+        let vhost = RouteFilterData::default();
+        let view = RouteView {
+            route_name: "r",
+            route: &route,
+            vhost: &vhost,
+            route_rate_limits: &[],
+            include_vh_rate_limits: false,
+        };
+        let info = StreamInfo::new(
+            "10.0.0.1:1".parse().expect("a"),
+            "127.0.0.1:80".parse().expect("a"),
+            1,
+            false,
+            "api.example.com",
+            path,
+            "http",
+            Some(view),
+            server,
+            &conn,
+            1,
+        );
+        let mut req = http::Request::builder().uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (mut parts, _) = req.body(()).expect("req").into_parts();
+        let reply = chain
+            .decode(&mut parts, &info, &mut ChainState::default())
+            .await
+            .err();
+        Out {
+            reply,
+            headers: parts.headers,
+        }
+    }
+
+    fn bearer(t: &str) -> String {
+        format!("Bearer {t}")
+    }
+
+    fn local_config(k: &TestKey) -> String {
+        format!(
+            r#"
+providers:
+  issuer-a:
+    issuer: https://a.example.com
+    audiences: [api]
+    local_jwks: {{inline_string: '{}'}}
+    forward_payload_header: x-jwt-payload
+    claim_to_headers:
+    - {{header_name: x-sub, claim_name: sub}}
+    - {{header_name: x-tenant, claim_name: org.tenant}}
+    - {{header_name: x-admin, claim_name: admin}}
+rules:
+- match: {{prefix: /public}}
+- match: {{prefix: /optional}}
+  requires: {{requires_any: {{requirements: [{{provider_name: issuer-a}}, {{allow_missing: {{}}}}]}}}}
+- match: {{prefix: /}}
+  requires: {{provider_name: issuer-a}}
+requirement_map:
+  relaxed: {{allow_missing_or_failed: {{}}}}
+"#,
+            jwks(&[k])
+        )
+    }
+
+    fn good_claims() -> Value {
+        json!({"iss": "https://a.example.com", "aud": ["other", "api"], "sub": "alice",
+               "exp": NOW + 300, "org": {"tenant": "t1"}, "admin": true})
+    }
+
+    #[tokio::test]
+    async fn accepts_a_valid_token_and_writes_claims() {
+        let k = TestKey::es256("k1");
+        let ctx = CountingCtx::default();
+        let f = build(&local_config(&k), &ctx).expect("filter");
+        let s = Server::default();
+        let t = k.token(&good_claims());
+        let out = run(
+            &f,
+            &s,
+            "/api",
+            &[("authorization", &bearer(&t)), ("x-sub", "spoofed")],
+            None,
+        )
+        .await;
+        assert!(out.reply.is_none(), "{:?}", out.reply);
+        assert_eq!(out.headers["x-sub"], "alice");
+        assert_eq!(out.headers["x-tenant"], "t1");
+        assert_eq!(out.headers["x-admin"], "true");
+        let payload = out.headers["x-jwt-payload"].to_str().expect("str");
+        let decoded: Value =
+            serde_json::from_slice(&jwt::B64URL.decode(payload).expect("b64")).expect("json");
+        assert_eq!(decoded["sub"], "alice");
+        assert!(out.headers.get("authorization").is_none(), "not forwarded");
+        assert_eq!(ctx.get("jwt_authn.allowed"), 1);
+        // A spoofed claim header without a token on an open path is still stripped.
+        let out = run(&f, &s, "/public", &[("x-sub", "spoofed")], None).await;
+        assert!(out.reply.is_none());
+        assert!(out.headers.get("x-sub").is_none());
+        // From the access_token query parameter too.
+        let out = run(&f, &s, &format!("/api?access_token={t}"), &[], None).await;
+        assert!(out.reply.is_none());
+        assert_eq!(out.headers["x-sub"], "alice");
+    }
+
+    #[tokio::test]
+    async fn failures_answer_like_envoy() {
+        let k = TestKey::es256("k1");
+        let other = TestKey::es256("k1");
+        let ctx = CountingCtx::default();
+        let f = build(&local_config(&k), &ctx).expect("filter");
+        let s = Server::default();
+        let mut claims = good_claims();
+        let cases: Vec<(String, StatusCode, &str)> = vec![
+            {
+                claims["exp"] = json!(NOW - 61);
+                (k.token(&claims), StatusCode::UNAUTHORIZED, "Jwt is expired")
+            },
+            {
+                claims["exp"] = json!(NOW - 59); // within the default 60 s skew
+                claims["nbf"] = json!(NOW + 3600);
+                (k.token(&claims), StatusCode::UNAUTHORIZED, "Jwt not yet valid")
+            },
+            (
+                k.token(&json!({"iss": "https://evil", "aud": "api"})),
+                StatusCode::UNAUTHORIZED,
+                "Jwt issuer is not configured",
+            ),
+            (
+                other.token(&good_claims()),
+                StatusCode::UNAUTHORIZED,
+                "Jwt verification fails",
+            ),
+            (
+                k.token(&json!({"iss": "https://a.example.com", "aud": "billing"})),
+                StatusCode::FORBIDDEN,
+                "Audiences in Jwt are not allowed",
+            ),
+            (
+                "not-a-jwt".into(),
+                StatusCode::UNAUTHORIZED,
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+            ),
+        ];
+        for (t, code, body) in &cases {
+            let out = run(&f, &s, "/api?x=1", &[("authorization", &bearer(t))], None).await;
+            let r = out.reply.expect("denied");
+            assert_eq!(r.status, *code, "{body}");
+            assert_eq!(r.body, *body);
+            assert_eq!(
+                r.headers["www-authenticate"],
+                "Bearer realm=\"http://api.example.com/api?x=1\", error=\"invalid_token\""
+            );
+        }
+        // Missing: no `error`.
+        let r = run(&f, &s, "/api", &[], None).await.reply.expect("denied");
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.body, "Jwt is missing");
+        assert_eq!(
+            r.headers["www-authenticate"],
+            "Bearer realm=\"http://api.example.com/api\""
+        );
+        assert_eq!(ctx.get("jwt_authn.denied"), cases.len() as u64 + 1);
+        assert_eq!(ctx.get("jwt_authn.allowed"), 0);
+    }
+
+    #[tokio::test]
+    async fn requirements_any_missing_and_per_route() {
+        let k = TestKey::ed25519("k1");
+        let ctx = CountingCtx::default();
+        let f = build(&local_config(&k), &ctx).expect("filter");
+        let s = Server::default();
+        let good = k.token(&good_claims());
+        let expired = k.token(&json!({"iss": "https://a.example.com", "exp": 1}));
+        // requires_any [provider, allow_missing]: missing ok, valid ok, invalid fails.
+        assert!(run(&f, &s, "/optional", &[], None).await.reply.is_none());
+        let out = run(&f, &s, "/optional", &[("authorization", &bearer(&good))], None).await;
+        assert!(out.reply.is_none());
+        assert_eq!(out.headers["x-sub"], "alice");
+        let r = run(&f, &s, "/optional", &[("authorization", &bearer(&expired))], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is expired");
+        // No requirement on /public.
+        let r = run(&f, &s, "/public", &[("authorization", "Bearer junk")], None).await;
+        assert!(r.reply.is_none());
+        // Per route: disabled, and a requirement by name.
+        let disabled: Arc<dyn std::any::Any + Send + Sync> = Arc::new(JwtPerRoute::Disabled);
+        assert!(run(&f, &s, "/api", &[], Some(disabled)).await.reply.is_none());
+        let relaxed: Arc<dyn std::any::Any + Send + Sync> =
+            Arc::new(JwtPerRoute::Requirement("relaxed".into()));
+        let out = run(&f, &s, "/api", &[("authorization", &bearer(&expired))], Some(relaxed.clone())).await;
+        assert!(out.reply.is_none(), "allow_missing_or_failed");
+        assert!(out.headers.get("x-sub").is_none());
+        let out = run(&f, &s, "/api", &[("authorization", &bearer(&good))], Some(relaxed)).await;
+        assert_eq!(out.headers["x-sub"], "alice", "a valid token is still used");
+        let unknown: Arc<dyn std::any::Any + Send + Sync> =
+            Arc::new(JwtPerRoute::Requirement("nope".into()));
+        let r = run(&f, &s, "/api", &[], Some(unknown)).await.reply.expect("denied");
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn requires_all_and_custom_locations() {
+        let a = TestKey::es384("a");
+        let b = TestKey::rsa("b", "RS256");
+        let yaml = format!(
+            r#"
+providers:
+  pa:
+    issuer: ia
+    local_jwks: {{inline_string: '{}'}}
+    from_headers: [{{name: x-token-a}}]
+    forward: true
+  pb:
+    issuer: ib
+    local_jwks: {{inline_string: '{}'}}
+    from_headers: [{{name: x-auth, value_prefix: 'Token '}}]
+    from_params: [jwt_b]
+rules:
+- match: {{path: /both}}
+  requires: {{requires_all: {{requirements: [{{provider_name: pa}}, {{provider_name: pb}}]}}}}
+- match: {{safe_regex: {{regex: '/either/.*'}}, headers: [{{name: x-mode, exact_match: any}}]}}
+  requires: {{requires_any: {{requirements: [{{provider_name: pa}}, {{provider_name: pb}}]}}}}
+"#,
+            jwks(&[&a]),
+            jwks(&[&b])
+        );
+        let ctx = CountingCtx::default();
+        let f = build(&yaml, &ctx).expect("filter");
+        let s = Server::default();
+        let ta = a.token(&json!({"iss": "ia"}));
+        let tb = b.token(&json!({"iss": "ib"}));
+        let out = run(
+            &f,
+            &s,
+            "/both",
+            &[("x-token-a", &ta), ("x-auth", &format!("Token {tb}"))],
+            None,
+        )
+        .await;
+        assert!(out.reply.is_none(), "{:?}", out.reply);
+        assert!(out.headers.contains_key("x-token-a"), "pa forwards");
+        assert!(!out.headers.contains_key("x-auth"), "pb does not");
+        let r = run(&f, &s, "/both", &[("x-token-a", &ta)], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is missing");
+        let out = run(&f, &s, &format!("/both?jwt_b={tb}"), &[("x-token-a", &ta)], None).await;
+        assert!(out.reply.is_none());
+        // requires_any: the real failure is reported over "missing".
+        let r = run(&f, &s, "/either/x", &[("x-mode", "any"), ("x-token-a", &tb)], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt issuer is not configured");
+        let r = run(&f, &s, "/either/x", &[("x-mode", "any"), ("x-auth", &format!("Token {tb}"))], None).await;
+        assert!(r.reply.is_none());
+        // The header condition of the rule does not hold: no requirement.
+        assert!(run(&f, &s, "/either/x", &[], None).await.reply.is_none());
+    }
+
+    fn remote_config(cache: &str) -> String {
+        format!(
+            r#"
+providers:
+  remote:
+    issuer: ir
+    remote_jwks:
+      http_uri: {{uri: 'http://jwks.local/keys', cluster: jwks, timeout: 2s}}
+      cache_duration: {cache}
+    claim_to_headers: [{{header_name: x-sub, claim_name: sub}}]
+rules:
+- match: {{prefix: /}}
+  requires: {{provider_name: remote}}
+"#
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_jwks_is_fetched_once_shared_and_refreshed_on_expiry() {
+        let k1 = TestKey::es256("k1");
+        let k2 = TestKey::es256("k2");
+        let ctx = CountingCtx::default();
+        let f = build(&remote_config("60s"), &ctx).expect("filter");
+        let fake = Arc::new(FakeFetch::default());
+        *fake.body.lock().expect("lock") = Some(jwks(&[&k1]));
+        let s = Server(fake.clone());
+        let t1 = k1.token(&json!({"iss": "ir", "sub": "one"}));
+        let auth = bearer(&t1);
+        // Missing token: no fetch at all.
+        assert!(run(&f, &s, "/", &[], None).await.reply.is_some());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+        // Five concurrent requests share one fetch.
+        let hdrs = [("authorization", auth.as_str())];
+        let outs = futures::future::join_all((0..5).map(|_| run(&f, &s, "/", &hdrs, None)))
+        .await;
+        assert!(outs.iter().all(|o| o.reply.is_none()));
+        assert_eq!(outs[0].headers["x-sub"], "one");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        let req = fake.last.lock().expect("lock").clone().expect("request");
+        assert_eq!(req.cluster, "jwks");
+        assert_eq!(req.uri, "http://jwks.local/keys");
+        assert_eq!(req.timeout, Duration::from_secs(2));
+        // Cached afterwards.
+        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_none());
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(ctx.get("jwt_authn.jwks_fetch_success"), 1);
+        // Keys rotate: a k2 token fails until the cache expires, then the refetch finds k2.
+        *fake.body.lock().expect("lock") = Some(jwks(&[&k2]));
+        let t2 = bearer(&k2.token(&json!({"iss": "ir", "sub": "two"})));
+        let r = run(&f, &s, "/", &[("authorization", &t2)], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwks doesn't have key to match kid or alg from Jwt");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let out = run(&f, &s, "/", &[("authorization", &t2)], None).await;
+        assert!(out.reply.is_none());
+        assert_eq!(out.headers["x-sub"], "two");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remote_jwks_failures_fail_the_request_and_are_retried_later() {
+        let k = TestKey::es256("k1");
+        let ctx = CountingCtx::default();
+        let f = build(&remote_config("600s"), &ctx).expect("filter");
+        let fake = Arc::new(FakeFetch::default());
+        let s = Server(fake.clone());
+        let auth = bearer(&k.token(&json!({"iss": "ir"})));
+        let r = run(&f, &s, "/", &[("authorization", &auth)], None).await;
+        let r = r.reply.expect("denied");
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.body, "Jwks remote fetch is failed");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "one attempt per request");
+        assert_eq!(ctx.get("jwt_authn.jwks_fetch_failed"), 1);
+        // Not a JWKS: also a failure.
+        *fake.body.lock().expect("lock") = Some("<html>".into());
+        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_some());
+        assert_eq!(ctx.get("jwt_authn.jwks_fetch_failed"), 2);
+        // The next request fetches again and succeeds.
+        *fake.body.lock().expect("lock") = Some(jwks(&[&k]));
+        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_none());
+        assert_eq!(ctx.get("jwt_authn.jwks_fetch_success"), 1);
+        // A server without a fetcher fails cleanly.
+        let f = build(&remote_config("600s"), &ctx).expect("filter");
+        #[derive(Debug)]
+        struct NoFetch;
+        impl ServerInfo for NoFetch {
+            fn healthy(&self) -> bool {
+                true
+            }
+            fn cluster_health(&self, _: &str) -> Option<(usize, usize)> {
+                None
+            }
+        }
+        let chain = FilterChain::new(vec![ChainEntry {
+            name: "jwt".into(),
+            filter: f,
+            disabled: false,
+            type_url: String::new(),
+        }]);
+        let conn = ConnectionState::default();
+        let info = StreamInfo::new(
+            "10.0.0.1:1".parse().expect("a"),
+            "127.0.0.1:80".parse().expect("a"),
+            1,
+            false,
+            "a",
+            "/",
+            "http",
+            None,
+            &NoFetch,
+            &conn,
+            1,
+        );
+        let (mut parts, _) = http::Request::builder()
+            .header("authorization", &auth)
+            .body(())
+            .expect("req")
+            .into_parts();
+        let r = chain.decode(&mut parts, &info, &mut ChainState::default()).await;
+        assert_eq!(r.expect_err("denied").body, "Jwks remote fetch is failed");
+    }
+
+    #[test]
+    fn config_errors_name_fields() {
+        let ctx = CountingCtx::default();
+        let err = |y: &str| build(y, &ctx).expect_err("invalid");
+        let e = err("providers: {p: {issuer: x}}");
+        assert_eq!(e[0].0, "jwt.providers[p]");
+        let e = err("providers: {p: {local_jwks: {inline_string: '{}'}}}");
+        assert_eq!(e[0].0, "jwt.providers[p].local_jwks");
+        let e = err("providers: {p: {local_jwks: {filename: /nonexistent/jwks.json}}}");
+        assert_eq!(e[0].0, "jwt.providers[p].local_jwks.filename");
+        let e = err("providers: {p: {remote_jwks: {http_uri: {uri: /rel, cluster: c}}}}");
+        let paths: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["jwt.providers[p].remote_jwks.http_uri.uri", "jwt.providers[p].remote_jwks.http_uri.timeout"]
+        );
+        let e = err("providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}, retry_policy: {}}}}");
+        assert_eq!(e[0].0, "jwt.providers[p].remote_jwks.retry_policy");
+        let e = err("providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}}, from_cookies: [c]}}");
+        assert_eq!(e[0].0, "jwt.providers[p].from_cookies");
+        let e = err("rules: [{match: {prefix: /}, requires: {provider_name: nope}}]");
+        assert_eq!(e[0].0, "jwt.rules[0].requires.provider_name");
+        let e = err("rules: [{match: {prefix: /}, requirement_name: nope}]");
+        assert_eq!(e[0].0, "jwt.rules[0].requirement_name");
+        let e = err("rules: [{requires: {allow_missing: {}}}]");
+        assert_eq!(e[0].0, "jwt.rules[0].match");
+        let e = err("rules: [{match: {prefix: /, query_parameters: [{name: q}]}, requires: {allow_missing: {}}}]");
+        assert_eq!(e[0].0, "jwt.rules[0].match.query_parameters");
+        let e = err("requirement_map: {r: {requires_any: {requirements: [{allow_missing: {}}]}}}");
+        assert_eq!(e[0].0, "jwt.requirement_map[r].requires_any.requirements");
+        let e = err("filter_state_rules: {name: x}");
+        assert_eq!(e[0].0, "jwt.filter_state_rules");
+        // Stats under stat_prefix.
+        let k = TestKey::es256("k");
+        let ok = format!(
+            "stat_prefix: edge_\nproviders: {{p: {{local_jwks: {{inline_string: '{}'}}, payload_in_metadata: m}}}}",
+            jwks(&[&k])
+        );
+        build(&ok, &ctx).expect("valid");
+        assert!(ctx.names().contains(&"jwt_authn.edge_allowed".to_string()));
+        // Per-route configs.
+        let per = |y: &str| {
+            let c: pb::PerRouteConfig = weir_xds_api::from_yaml(y).expect("yaml");
+            let mut errs = ConfigErrors::default();
+            let r = Factory.create_route_config(&weir_xds_api::pack(&c), "r", &ctx, &mut errs);
+            (r.is_some(), errs.0)
+        };
+        assert!(per("disabled: true").0);
+        assert!(per("requirement_name: x").0);
+        assert_eq!(per("{}").1[0].0, "r");
+    }
+
+    #[test]
+    fn claim_values_and_audience_normalization() {
+        let p = json!({"a": {"b": "x"}, "n": 5, "l": ["p", "q"], "o": {"z": 1}});
+        let Value::Object(p) = p else { unreachable!() };
+        let path = |s: &str| s.split('.').map(Into::into).collect::<Vec<Box<str>>>();
+        assert_eq!(claim_value(&p, &path("a.b")).as_deref(), Some("x"));
+        assert_eq!(claim_value(&p, &path("n")).as_deref(), Some("5"));
+        assert_eq!(claim_value(&p, &path("l")).as_deref(), Some("p,q"));
+        assert_eq!(claim_value(&p, &path("o")), None);
+        assert_eq!(claim_value(&p, &path("a.c")), None);
+        let allowed = vec!["https://api.example.com/".to_string()];
+        assert!(audiences_allowed(&allowed, &["http://api.example.com".into()]));
+        assert!(audiences_allowed(&allowed, &["api.example.com".into()]));
+        assert!(!audiences_allowed(&allowed, &["api.example.org".into()]));
+        assert!(audiences_allowed(&[], &[]));
+        assert!(!audiences_allowed(&allowed, &[]));
+    }
+}
