@@ -1180,6 +1180,10 @@ impl HttpFilterFactory for Factory {
         JwtAuthnFilter::translate(&c, path, ctx, errs).map(|f| Arc::new(f) as Arc<dyn HttpFilter>)
     }
 
+    fn route_type_url(&self) -> Option<&'static str> {
+        Some(type_urls::JWT_AUTHN_PER_ROUTE)
+    }
+
     fn create_route_config(
         &self,
         config: &Any,

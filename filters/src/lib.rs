@@ -75,6 +75,12 @@ pub mod type_urls {
     /// `envoy.filters.http.jwt_authn`.
     pub const JWT_AUTHN: &str =
         "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+    /// `envoy.filters.http.rbac` per-route config.
+    pub const RBAC_PER_ROUTE: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+    /// `envoy.filters.http.jwt_authn` per-route config.
+    pub const JWT_AUTHN_PER_ROUTE: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig";
     /// `envoy.config.route.v3.FilterConfig` (wrapper in `typed_per_filter_config`).
     pub const FILTER_CONFIG: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 }
@@ -198,6 +204,11 @@ pub trait HttpFilterFactory: Send + Sync {
         ctx: &dyn FactoryContext,
         errs: &mut ConfigErrors,
     ) -> Option<Arc<dyn HttpFilter>>;
+    /// The type URL of this filter's per-route config when it differs from
+    /// [`HttpFilterFactory::type_url`] (`RBACPerRoute`, jwt_authn's `PerRouteConfig`).
+    fn route_type_url(&self) -> Option<&'static str> {
+        None
+    }
     /// Parse a per-route (`typed_per_filter_config`) config. Default: not supported.
     fn create_route_config(
         &self,
@@ -215,6 +226,8 @@ pub trait HttpFilterFactory: Send + Sync {
 #[derive(Default)]
 pub struct Registry {
     http: HashMap<&'static str, Box<dyn HttpFilterFactory>>,
+    /// Per-route config type URL -> the filter's type URL (when they differ).
+    route: HashMap<&'static str, &'static str>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -269,7 +282,17 @@ impl Registry {
 
     /// Add a factory (replacing any for the same type URL).
     pub fn register_http(&mut self, f: Box<dyn HttpFilterFactory>) {
+        if let Some(r) = f.route_type_url() {
+            self.route.insert(r, f.type_url());
+        }
         self.http.insert(f.type_url(), f);
+    }
+
+    /// The factory that parses a `typed_per_filter_config` of this type URL: the filter's own
+    /// config type, or its distinct per-route type.
+    pub fn http_for_route(&self, type_url: &str) -> Option<&dyn HttpFilterFactory> {
+        let filter = self.route.get(type_url).copied().unwrap_or(type_url);
+        self.http(filter)
     }
 
     /// Look up the factory for a type URL.
@@ -313,5 +336,27 @@ pub mod testing {
         fn on_response(&self, resp: &mut http::response::Parts, _ctx: &mut FilterContext<'_>) {
             resp.headers.append(self.name.clone(), self.value.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn per_route_types_map_to_their_filter() {
+        let r = Registry::builtin();
+        for (route, filter) in [
+            (type_urls::RBAC_PER_ROUTE, type_urls::RBAC),
+            (type_urls::JWT_AUTHN_PER_ROUTE, type_urls::JWT_AUTHN),
+            (type_urls::RBAC, type_urls::RBAC),
+            (type_urls::FAULT, type_urls::FAULT),
+        ] {
+            let f = r.http_for_route(route).expect("factory");
+            assert_eq!(f.type_url(), filter);
+        }
+        assert!(r.http_for_route("type.googleapis.com/x.Unknown").is_none());
+        // A per-route type is not itself a filter type.
+        assert!(r.http(type_urls::RBAC_PER_ROUTE).is_none());
     }
 }

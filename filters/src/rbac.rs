@@ -824,6 +824,10 @@ impl HttpFilterFactory for Factory {
         })
     }
 
+    fn route_type_url(&self) -> Option<&'static str> {
+        Some(type_urls::RBAC_PER_ROUTE)
+    }
+
     fn create_route_config(
         &self,
         config: &Any,
