@@ -494,22 +494,24 @@ impl<'f> Eval<'f, '_> {
             }
         }
         for (_, found) in tokens {
-            let r = Jwt::parse(&found.token).map_err(Stop::from).and_then(|jwt| {
-                // The provider whose issuer is the token's and which reads this location.
-                let idx = self
-                    .f
-                    .providers
-                    .iter()
-                    .position(|p| {
-                        (p.issuer.is_empty() || p.issuer == jwt.iss)
-                            && p
-                                .locations
-                                .iter()
-                                .any(|l| l.extract(self.req, self.path).is_some_and(|f| f.token == found.token))
-                    })
-                    .ok_or(Stop::Failed(Status::JwtUnknownIssuer))?;
-                self.verify(idx, jwt, found.clone(), None)
-            });
+            let r = Jwt::parse(&found.token)
+                .map_err(Stop::from)
+                .and_then(|jwt| {
+                    // The provider whose issuer is the token's and which reads this location.
+                    let idx = self
+                        .f
+                        .providers
+                        .iter()
+                        .position(|p| {
+                            (p.issuer.is_empty() || p.issuer == jwt.iss)
+                                && p.locations.iter().any(|l| {
+                                    l.extract(self.req, self.path)
+                                        .is_some_and(|f| f.token == found.token)
+                                })
+                        })
+                        .ok_or(Stop::Failed(Status::JwtUnknownIssuer))?;
+                    self.verify(idx, jwt, found.clone(), None)
+                });
             match r {
                 Ok(()) => {}
                 Err(Stop::NeedFetch(i)) => return Err(Stop::NeedFetch(i)),
@@ -574,7 +576,9 @@ impl JwtAuthnFilter {
     ) -> Result<Option<&'s Requirement>, ()> {
         match per_route {
             Some(JwtPerRoute::Disabled) => return Ok(None),
-            Some(JwtPerRoute::Requirement(n)) => return self.requirement_map.get(n).map(Some).ok_or(()),
+            Some(JwtPerRoute::Requirement(n)) => {
+                return self.requirement_map.get(n).map(Some).ok_or(());
+            }
             None => {}
         }
         for (m, r) in &self.rules {
@@ -667,8 +671,7 @@ impl HttpFilter for JwtAuthnFilter {
         for h in &self.output_headers {
             req.headers.remove(h);
         }
-        let requirement = match self.requirement(info, req, ctx.route_config_as::<JwtPerRoute>())
-        {
+        let requirement = match self.requirement(info, req, ctx.route_config_as::<JwtPerRoute>()) {
             Ok(Some(r)) => r,
             Ok(None) => return FilterAction::Continue,
             Err(()) => {
@@ -680,7 +683,10 @@ impl HttpFilter for JwtAuthnFilter {
                 ));
             }
         };
-        let fetched = ctx.state::<Fetched>().map(|f| f.0.clone()).unwrap_or_default();
+        let fetched = ctx
+            .state::<Fetched>()
+            .map(|f| f.0.clone())
+            .unwrap_or_default();
         let mut ev = Eval {
             f: self,
             req,
@@ -764,11 +770,19 @@ fn translate_requirement(
         Some(T::ProviderAndAudiences(pa)) => {
             let pp = join(path, "provider_and_audiences");
             errs.reject_unsupported(pa, &["provider_name", "audiences"], &pp);
-            provider(&pa.provider_name, "provider_and_audiences.provider_name", errs)
-                .map(|i| Requirement::Provider(i, Some(pa.audiences.clone())))
+            provider(
+                &pa.provider_name,
+                "provider_and_audiences.provider_name",
+                errs,
+            )
+            .map(|i| Requirement::Provider(i, Some(pa.audiences.clone())))
         }
-        Some(T::RequiresAny(l)) => list(&l.requirements, "requires_any", errs).map(Requirement::Any),
-        Some(T::RequiresAll(l)) => list(&l.requirements, "requires_all", errs).map(Requirement::All),
+        Some(T::RequiresAny(l)) => {
+            list(&l.requirements, "requires_any", errs).map(Requirement::Any)
+        }
+        Some(T::RequiresAll(l)) => {
+            list(&l.requirements, "requires_all", errs).map(Requirement::All)
+        }
         Some(T::AllowMissing(_)) => Some(Requirement::AllowMissing),
         Some(T::AllowMissingOrFailed(_)) => Some(Requirement::AllowMissingOrFailed),
         Some(T::ExtractOnlyWithoutValidation(_)) => None, // rejected by name
@@ -813,7 +827,10 @@ fn translate_rule_match(
         Some(P::SafeRegex(r)) => PathMatch::Regex(full_regex(r, &join(path, "safe_regex"), errs)?),
         Some(P::ConnectMatcher(_)) | Some(P::PathMatchPolicy(_)) => return None,
         None => {
-            errs.add(path, "one of prefix, path, safe_regex or path_separated_prefix is required");
+            errs.add(
+                path,
+                "one of prefix, path, safe_regex or path_separated_prefix is required",
+            );
             return None;
         }
     };
@@ -882,7 +899,10 @@ fn translate_provider(
                 },
                 Some(DsSpec::EnvironmentVariable(_)) => None, // rejected by name
                 None => {
-                    errs.add(&lp, "one of filename, inline_string or inline_bytes is required");
+                    errs.add(
+                        &lp,
+                        "one of filename, inline_string or inline_bytes is required",
+                    );
                     None
                 }
             };
@@ -983,7 +1003,10 @@ fn translate_provider(
     }
     if p.from_headers.is_empty() && p.from_params.is_empty() {
         // Envoy's defaults.
-        locations.push(Location::Header(http::header::AUTHORIZATION, "Bearer ".into()));
+        locations.push(Location::Header(
+            http::header::AUTHORIZATION,
+            "Bearer ".into(),
+        ));
         locations.push(Location::Param("access_token".into()));
     }
     let forward_payload_header = if p.forward_payload_header.is_empty() {
@@ -1220,13 +1243,13 @@ impl HttpFilterFactory for Factory {
 mod tests {
     use super::jwt::tests::{TestKey, jwks};
     use super::*;
-    use base64::Engine;
     use crate::chain::{
         ChainEntry, ChainState, ConnectionState, FilterChain, PerFilterConfig, PerFilterConfigs,
         RouteFilterData, RouteView, ServerInfo,
     };
     use crate::fetch::{FetchError, FetchFuture, FetchResponse};
     use crate::rbac::tests::CountingCtx;
+    use base64::Engine;
     use serde_json::json;
     use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
@@ -1435,7 +1458,11 @@ requirement_map:
             {
                 claims["exp"] = json!(NOW - 59); // within the default 60 s skew
                 claims["nbf"] = json!(NOW + 3600);
-                (k.token(&claims), StatusCode::UNAUTHORIZED, "Jwt not yet valid")
+                (
+                    k.token(&claims),
+                    StatusCode::UNAUTHORIZED,
+                    "Jwt not yet valid",
+                )
             },
             (
                 k.token(&json!({"iss": "https://evil", "aud": "api"})),
@@ -1490,27 +1517,63 @@ requirement_map:
         let expired = k.token(&json!({"iss": "https://a.example.com", "exp": 1}));
         // requires_any [provider, allow_missing]: missing ok, valid ok, invalid fails.
         assert!(run(&f, &s, "/optional", &[], None).await.reply.is_none());
-        let out = run(&f, &s, "/optional", &[("authorization", &bearer(&good))], None).await;
+        let out = run(
+            &f,
+            &s,
+            "/optional",
+            &[("authorization", &bearer(&good))],
+            None,
+        )
+        .await;
         assert!(out.reply.is_none());
         assert_eq!(out.headers["x-sub"], "alice");
-        let r = run(&f, &s, "/optional", &[("authorization", &bearer(&expired))], None).await;
+        let r = run(
+            &f,
+            &s,
+            "/optional",
+            &[("authorization", &bearer(&expired))],
+            None,
+        )
+        .await;
         assert_eq!(r.reply.expect("denied").body, "Jwt is expired");
         // No requirement on /public.
         let r = run(&f, &s, "/public", &[("authorization", "Bearer junk")], None).await;
         assert!(r.reply.is_none());
         // Per route: disabled, and a requirement by name.
         let disabled: Arc<dyn std::any::Any + Send + Sync> = Arc::new(JwtPerRoute::Disabled);
-        assert!(run(&f, &s, "/api", &[], Some(disabled)).await.reply.is_none());
+        assert!(
+            run(&f, &s, "/api", &[], Some(disabled))
+                .await
+                .reply
+                .is_none()
+        );
         let relaxed: Arc<dyn std::any::Any + Send + Sync> =
             Arc::new(JwtPerRoute::Requirement("relaxed".into()));
-        let out = run(&f, &s, "/api", &[("authorization", &bearer(&expired))], Some(relaxed.clone())).await;
+        let out = run(
+            &f,
+            &s,
+            "/api",
+            &[("authorization", &bearer(&expired))],
+            Some(relaxed.clone()),
+        )
+        .await;
         assert!(out.reply.is_none(), "allow_missing_or_failed");
         assert!(out.headers.get("x-sub").is_none());
-        let out = run(&f, &s, "/api", &[("authorization", &bearer(&good))], Some(relaxed)).await;
+        let out = run(
+            &f,
+            &s,
+            "/api",
+            &[("authorization", &bearer(&good))],
+            Some(relaxed),
+        )
+        .await;
         assert_eq!(out.headers["x-sub"], "alice", "a valid token is still used");
         let unknown: Arc<dyn std::any::Any + Send + Sync> =
             Arc::new(JwtPerRoute::Requirement("nope".into()));
-        let r = run(&f, &s, "/api", &[], Some(unknown)).await.reply.expect("denied");
+        let r = run(&f, &s, "/api", &[], Some(unknown))
+            .await
+            .reply
+            .expect("denied");
         assert_eq!(r.status, StatusCode::FORBIDDEN);
     }
 
@@ -1558,12 +1621,36 @@ rules:
         assert!(!out.headers.contains_key("x-auth"), "pb does not");
         let r = run(&f, &s, "/both", &[("x-token-a", &ta)], None).await;
         assert_eq!(r.reply.expect("denied").body, "Jwt is missing");
-        let out = run(&f, &s, &format!("/both?jwt_b={tb}"), &[("x-token-a", &ta)], None).await;
+        let out = run(
+            &f,
+            &s,
+            &format!("/both?jwt_b={tb}"),
+            &[("x-token-a", &ta)],
+            None,
+        )
+        .await;
         assert!(out.reply.is_none());
         // requires_any: the real failure is reported over "missing".
-        let r = run(&f, &s, "/either/x", &[("x-mode", "any"), ("x-token-a", &tb)], None).await;
-        assert_eq!(r.reply.expect("denied").body, "Jwt issuer is not configured");
-        let r = run(&f, &s, "/either/x", &[("x-mode", "any"), ("x-auth", &format!("Token {tb}"))], None).await;
+        let r = run(
+            &f,
+            &s,
+            "/either/x",
+            &[("x-mode", "any"), ("x-token-a", &tb)],
+            None,
+        )
+        .await;
+        assert_eq!(
+            r.reply.expect("denied").body,
+            "Jwt issuer is not configured"
+        );
+        let r = run(
+            &f,
+            &s,
+            "/either/x",
+            &[("x-mode", "any"), ("x-auth", &format!("Token {tb}"))],
+            None,
+        )
+        .await;
         assert!(r.reply.is_none());
         // The header condition of the rule does not hold: no requirement.
         assert!(run(&f, &s, "/either/x", &[], None).await.reply.is_none());
@@ -1602,8 +1689,7 @@ rules:
         assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
         // Five concurrent requests share one fetch.
         let hdrs = [("authorization", auth.as_str())];
-        let outs = futures::future::join_all((0..5).map(|_| run(&f, &s, "/", &hdrs, None)))
-        .await;
+        let outs = futures::future::join_all((0..5).map(|_| run(&f, &s, "/", &hdrs, None))).await;
         assert!(outs.iter().all(|o| o.reply.is_none()));
         assert_eq!(outs[0].headers["x-sub"], "one");
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
@@ -1612,14 +1698,22 @@ rules:
         assert_eq!(req.uri, "http://jwks.local/keys");
         assert_eq!(req.timeout, Duration::from_secs(2));
         // Cached afterwards.
-        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_none());
+        assert!(
+            run(&f, &s, "/", &[("authorization", &auth)], None)
+                .await
+                .reply
+                .is_none()
+        );
         assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
         assert_eq!(ctx.get("jwt_authn.jwks_fetch_success"), 1);
         // Keys rotate: a k2 token fails until the cache expires, then the refetch finds k2.
         *fake.body.lock().expect("lock") = Some(jwks(&[&k2]));
         let t2 = bearer(&k2.token(&json!({"iss": "ir", "sub": "two"})));
         let r = run(&f, &s, "/", &[("authorization", &t2)], None).await;
-        assert_eq!(r.reply.expect("denied").body, "Jwks doesn't have key to match kid or alg from Jwt");
+        assert_eq!(
+            r.reply.expect("denied").body,
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        );
         tokio::time::advance(Duration::from_secs(61)).await;
         let out = run(&f, &s, "/", &[("authorization", &t2)], None).await;
         assert!(out.reply.is_none());
@@ -1639,15 +1733,29 @@ rules:
         let r = r.reply.expect("denied");
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
         assert_eq!(r.body, "Jwks remote fetch is failed");
-        assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "one attempt per request");
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            1,
+            "one attempt per request"
+        );
         assert_eq!(ctx.get("jwt_authn.jwks_fetch_failed"), 1);
         // Not a JWKS: also a failure.
         *fake.body.lock().expect("lock") = Some("<html>".into());
-        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_some());
+        assert!(
+            run(&f, &s, "/", &[("authorization", &auth)], None)
+                .await
+                .reply
+                .is_some()
+        );
         assert_eq!(ctx.get("jwt_authn.jwks_fetch_failed"), 2);
         // The next request fetches again and succeeds.
         *fake.body.lock().expect("lock") = Some(jwks(&[&k]));
-        assert!(run(&f, &s, "/", &[("authorization", &auth)], None).await.reply.is_none());
+        assert!(
+            run(&f, &s, "/", &[("authorization", &auth)], None)
+                .await
+                .reply
+                .is_none()
+        );
         assert_eq!(ctx.get("jwt_authn.jwks_fetch_success"), 1);
         // A server without a fetcher fails cleanly.
         let f = build(&remote_config("600s"), &ctx).expect("filter");
@@ -1686,7 +1794,9 @@ rules:
             .body(())
             .expect("req")
             .into_parts();
-        let r = chain.decode(&mut parts, &info, &mut ChainState::default()).await;
+        let r = chain
+            .decode(&mut parts, &info, &mut ChainState::default())
+            .await;
         assert_eq!(r.expect_err("denied").body, "Jwks remote fetch is failed");
     }
 
@@ -1704,11 +1814,18 @@ rules:
         let paths: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
         assert_eq!(
             paths,
-            ["jwt.providers[p].remote_jwks.http_uri.uri", "jwt.providers[p].remote_jwks.http_uri.timeout"]
+            [
+                "jwt.providers[p].remote_jwks.http_uri.uri",
+                "jwt.providers[p].remote_jwks.http_uri.timeout"
+            ]
         );
-        let e = err("providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}, retry_policy: {}}}}");
+        let e = err(
+            "providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}, retry_policy: {}}}}",
+        );
         assert_eq!(e[0].0, "jwt.providers[p].remote_jwks.retry_policy");
-        let e = err("providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}}, from_cookies: [c]}}");
+        let e = err(
+            "providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}}, from_cookies: [c]}}",
+        );
         assert_eq!(e[0].0, "jwt.providers[p].from_cookies");
         let e = err("rules: [{match: {prefix: /}, requires: {provider_name: nope}}]");
         assert_eq!(e[0].0, "jwt.rules[0].requires.provider_name");
@@ -1716,7 +1833,9 @@ rules:
         assert_eq!(e[0].0, "jwt.rules[0].requirement_name");
         let e = err("rules: [{requires: {allow_missing: {}}}]");
         assert_eq!(e[0].0, "jwt.rules[0].match");
-        let e = err("rules: [{match: {prefix: /, query_parameters: [{name: q}]}, requires: {allow_missing: {}}}]");
+        let e = err(
+            "rules: [{match: {prefix: /, query_parameters: [{name: q}]}, requires: {allow_missing: {}}}]",
+        );
         assert_eq!(e[0].0, "jwt.rules[0].match.query_parameters");
         let e = err("requirement_map: {r: {requires_any: {requirements: [{allow_missing: {}}]}}}");
         assert_eq!(e[0].0, "jwt.requirement_map[r].requires_any.requirements");
@@ -1753,7 +1872,10 @@ rules:
         assert_eq!(claim_value(&p, &path("o")), None);
         assert_eq!(claim_value(&p, &path("a.c")), None);
         let allowed = vec!["https://api.example.com/".to_string()];
-        assert!(audiences_allowed(&allowed, &["http://api.example.com".into()]));
+        assert!(audiences_allowed(
+            &allowed,
+            &["http://api.example.com".into()]
+        ));
         assert!(audiences_allowed(&allowed, &["api.example.com".into()]));
         assert!(!audiences_allowed(&allowed, &["api.example.org".into()]));
         assert!(audiences_allowed(&[], &[]));

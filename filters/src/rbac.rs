@@ -202,7 +202,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -374,9 +376,8 @@ impl Permission {
             R::UrlPath(m) => {
                 path_matcher(m, &join(path, "url_path"), errs).map(Permission::UrlPath)
             }
-            R::DestinationIp(c) => {
-                Cidr::translate(c, &join(path, "destination_ip"), errs).map(Permission::DestinationIp)
-            }
+            R::DestinationIp(c) => Cidr::translate(c, &join(path, "destination_ip"), errs)
+                .map(Permission::DestinationIp),
             R::DestinationPort(port) => {
                 if *port > 65535 {
                     errs.add(join(path, "destination_port"), "must be at most 65535");
@@ -399,10 +400,7 @@ impl Permission {
                     .map(Permission::RequestedServerName)
             }
             // Rejected by name above.
-            R::Metadata(_)
-            | R::Matcher(_)
-            | R::UriTemplate(_)
-            | R::SourcedMetadata(_) => None,
+            R::Metadata(_) | R::Matcher(_) | R::UriTemplate(_) | R::SourcedMetadata(_) => None,
         }
     }
 }
@@ -410,7 +408,9 @@ impl Permission {
 fn path_matcher(m: &mpb::PathMatcher, path: &str, errs: &mut ConfigErrors) -> Option<StringMatch> {
     errs.reject_unsupported(m, &["path"], path);
     match &m.rule {
-        Some(mpb::path_matcher::Rule::Path(sm)) => StringMatch::translate(sm, &join(path, "path"), errs),
+        Some(mpb::path_matcher::Rule::Path(sm)) => {
+            StringMatch::translate(sm, &join(path, "path"), errs)
+        }
         None => {
             errs.add(join(path, "path"), "path is required");
             None
@@ -625,7 +625,10 @@ impl RbacEngine {
             let pp = format!("{path}.policies[{name}]");
             errs.reject_unsupported(p, &["permissions", "principals"], &pp);
             if p.permissions.is_empty() {
-                errs.add(join(&pp, "permissions"), "must have at least one permission");
+                errs.add(
+                    join(&pp, "permissions"),
+                    "must have at least one permission",
+                );
             }
             if p.principals.is_empty() {
                 errs.add(join(&pp, "principals"), "must have at least one principal");
@@ -883,7 +886,13 @@ pub(crate) mod tests {
                 .map_or(0, |c| c.load(Ordering::SeqCst))
         }
         pub(crate) fn names(&self) -> Vec<String> {
-            let mut v: Vec<String> = self.counters.lock().expect("lock").keys().cloned().collect();
+            let mut v: Vec<String> = self
+                .counters
+                .lock()
+                .expect("lock")
+                .keys()
+                .cloned()
+                .collect();
             v.sort();
             v
         }
@@ -1031,7 +1040,10 @@ pub(crate) mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         let v4 = c("10.1.0.0", 16).0.expect("cidr");
         assert!(v4.contains(ip("10.1.200.3")) && !v4.contains(ip("10.2.0.1")));
-        assert!(v4.contains(ip("::ffff:10.1.0.9")), "mapped IPv6 counts as IPv4");
+        assert!(
+            v4.contains(ip("::ffff:10.1.0.9")),
+            "mapped IPv6 counts as IPv4"
+        );
         assert!(!v4.contains(ip("::1")));
         let all = c("0.0.0.0", 0).0.expect("cidr");
         assert!(all.contains(ip("255.255.255.255")));
@@ -1046,15 +1058,17 @@ pub(crate) mod tests {
     #[test]
     fn authenticated_principal_follows_envoy_order() {
         let h = HeaderMap::new();
-        let spiffe = principal(
-            "authenticated: {principal_name: {exact: 'spiffe://td/ns/a/sa/front'}}",
-        );
+        let spiffe =
+            principal("authenticated: {principal_name: {exact: 'spiffe://td/ns/a/sa/front'}}");
         let any_auth = principal("authenticated: {}");
         let front = tls(&["spiffe://td/ns/a/sa/front"], &["front.local"], "CN=front");
         let back = tls(&["spiffe://td/ns/a/sa/back"], &[], "CN=back");
         assert!(spiffe.matches(&input("/", &h, Some(&front))));
         assert!(!spiffe.matches(&input("/", &h, Some(&back))));
-        assert!(!spiffe.matches(&input("/", &h, None)), "plain text is unauthenticated");
+        assert!(
+            !spiffe.matches(&input("/", &h, None)),
+            "plain text is unauthenticated"
+        );
         // Passthrough (not terminated) TLS has no peer identity.
         let mut passthrough = front.clone();
         passthrough.terminated = false;
@@ -1088,17 +1102,30 @@ pub(crate) mod tests {
         let i = input("/admin/x?debug=1", &h, None);
         let t = |y: &str| principal(y).matches(&i);
         assert!(t("any: true"));
-        assert!(t("direct_remote_ip: {address_prefix: 10.0.0.0, prefix_len: 8}"));
+        assert!(t(
+            "direct_remote_ip: {address_prefix: 10.0.0.0, prefix_len: 8}"
+        ));
         assert!(t("source_ip: {address_prefix: 10.0.0.1, prefix_len: 32}"));
         assert!(!t("remote_ip: {address_prefix: 10.0.0.0, prefix_len: 8}"));
-        assert!(t("remote_ip: {address_prefix: 192.168.0.0, prefix_len: 16}"));
+        assert!(t(
+            "remote_ip: {address_prefix: 192.168.0.0, prefix_len: 16}"
+        ));
         assert!(t("header: {name: x-user, exact_match: alice}"));
         assert!(!t("header: {name: x-user, exact_match: bob}"));
         assert!(t("url_path: {path: {prefix: /admin}}"));
-        assert!(t("url_path: {path: {exact: /admin/x}}"), "query is not part of the path");
-        assert!(t("and_ids: {ids: [{any: true}, {header: {name: x-user, exact_match: alice}}]}"));
-        assert!(!t("and_ids: {ids: [{any: true}, {header: {name: x-user, exact_match: bob}}]}"));
-        assert!(t("or_ids: {ids: [{header: {name: x-user, exact_match: bob}}, {any: true}]}"));
+        assert!(
+            t("url_path: {path: {exact: /admin/x}}"),
+            "query is not part of the path"
+        );
+        assert!(t(
+            "and_ids: {ids: [{any: true}, {header: {name: x-user, exact_match: alice}}]}"
+        ));
+        assert!(!t(
+            "and_ids: {ids: [{any: true}, {header: {name: x-user, exact_match: bob}}]}"
+        ));
+        assert!(t(
+            "or_ids: {ids: [{header: {name: x-user, exact_match: bob}}, {any: true}]}"
+        ));
         assert!(!t("not_id: {any: true}"));
         assert!(t("not_id: {header: {name: x-user, exact_match: bob}}"));
 
@@ -1108,16 +1135,29 @@ pub(crate) mod tests {
         assert!(t("any: true"));
         assert!(t("destination_port: 8080") && !t("destination_port: 80"));
         assert!(t("destination_port_range: {start: 8000, end: 8081}"));
-        assert!(!t("destination_port_range: {start: 8000, end: 8080}"), "end is exclusive");
-        assert!(t("destination_ip: {address_prefix: 127.0.0.0, prefix_len: 8}"));
-        assert!(!t("destination_ip: {address_prefix: 10.0.0.0, prefix_len: 8}"));
+        assert!(
+            !t("destination_port_range: {start: 8000, end: 8080}"),
+            "end is exclusive"
+        );
+        assert!(t(
+            "destination_ip: {address_prefix: 127.0.0.0, prefix_len: 8}"
+        ));
+        assert!(!t(
+            "destination_ip: {address_prefix: 10.0.0.0, prefix_len: 8}"
+        ));
         assert!(t("requested_server_name: {exact: api.example.com}"));
         assert!(!t("requested_server_name: {exact: other}"));
         assert!(t("url_path: {path: {safe_regex: {regex: '/admin/.*'}}}"));
         assert!(t("header: {name: x-user, exact_match: alice}"));
-        assert!(t("and_rules: {rules: [{destination_port: 8080}, {url_path: {path: {prefix: /admin}}}]}"));
-        assert!(!t("and_rules: {rules: [{destination_port: 80}, {url_path: {path: {prefix: /admin}}}]}"));
-        assert!(t("or_rules: {rules: [{destination_port: 80}, {url_path: {path: {prefix: /admin}}}]}"));
+        assert!(t(
+            "and_rules: {rules: [{destination_port: 8080}, {url_path: {path: {prefix: /admin}}}]}"
+        ));
+        assert!(!t(
+            "and_rules: {rules: [{destination_port: 80}, {url_path: {path: {prefix: /admin}}}]}"
+        ));
+        assert!(t(
+            "or_rules: {rules: [{destination_port: 80}, {url_path: {path: {prefix: /admin}}}]}"
+        ));
         assert!(t("not_rule: {destination_port: 80}"));
         // No SNI: the server name is empty.
         let i = input("/", &h, None);
@@ -1152,22 +1192,40 @@ policies:
         assert_eq!(names, ["a-local", "b-admin"]);
         // Both match /admin: the first by name wins.
         let d = allow.evaluate(&input("/admin", &h, None));
-        assert_eq!(d, Decision { allowed: true, policy: Some("a-local") });
+        assert_eq!(
+            d,
+            Decision {
+                allowed: true,
+                policy: Some("a-local")
+            }
+        );
         let other = RbacInput {
             direct_remote: sa("172.16.0.1:1"),
             ..input("/public", &h, None)
         };
-        assert_eq!(allow.evaluate(&other), Decision { allowed: false, policy: None });
+        assert_eq!(
+            allow.evaluate(&other),
+            Decision {
+                allowed: false,
+                policy: None
+            }
+        );
         let deny = engine(&format!("action: DENY\n{policies}")).expect("engine");
         assert_eq!(
             deny.evaluate(&input("/x", &h, None)),
-            Decision { allowed: false, policy: Some("a-local") }
+            Decision {
+                allowed: false,
+                policy: Some("a-local")
+            }
         );
         assert!(deny.evaluate(&other).allowed);
         let log = engine(&format!("action: LOG\n{policies}")).expect("engine");
         assert_eq!(
             log.evaluate(&input("/x", &h, None)),
-            Decision { allowed: true, policy: Some("a-local") }
+            Decision {
+                allowed: true,
+                policy: Some("a-local")
+            }
         );
         // No policies: ALLOW denies everything, DENY allows everything.
         assert!(!engine("action: ALLOW").expect("e").evaluate(&other).allowed);
@@ -1177,23 +1235,43 @@ policies:
     #[test]
     fn translation_errors_name_the_field() {
         let errs = |y: &str| engine(y).expect_err("invalid");
-        let e = errs("policies: {p: {permissions: [{metadata: {filter: x}}], principals: [{any: true}]}}");
+        let e = errs(
+            "policies: {p: {permissions: [{metadata: {filter: x}}], principals: [{any: true}]}}",
+        );
         assert_eq!(e[0].0, "rbac.policies[p].permissions[0].metadata");
-        let e = errs("policies: {p: {permissions: [{any: true}], principals: [{filter_state: {key: k}}]}}");
+        let e = errs(
+            "policies: {p: {permissions: [{any: true}], principals: [{filter_state: {key: k}}]}}",
+        );
         assert_eq!(e[0].0, "rbac.policies[p].principals[0].filter_state");
-        let e = errs("policies: {p: {permissions: [{any: true}], principals: [{any: true}], condition: {id: 1}}}");
+        let e = errs(
+            "policies: {p: {permissions: [{any: true}], principals: [{any: true}], condition: {id: 1}}}",
+        );
         assert_eq!(e[0].0, "rbac.policies[p].condition");
         let e = errs("policies: {p: {permissions: [], principals: [{any: true}]}}");
         assert_eq!(e[0].0, "rbac.policies[p].permissions");
         let e = errs("policies: {p: {permissions: [{}], principals: [{any: true}]}}");
         assert_eq!(e[0].0, "rbac.policies[p].permissions[0]");
-        let e = errs("policies: {p: {permissions: [{any: true}], principals: [{remote_ip: {address_prefix: x}}]}}");
-        assert_eq!(e[0].0, "rbac.policies[p].principals[0].remote_ip.address_prefix");
-        let e = errs("policies: {p: {permissions: [{and_rules: {rules: []}}], principals: [{any: true}]}}");
+        let e = errs(
+            "policies: {p: {permissions: [{any: true}], principals: [{remote_ip: {address_prefix: x}}]}}",
+        );
+        assert_eq!(
+            e[0].0,
+            "rbac.policies[p].principals[0].remote_ip.address_prefix"
+        );
+        let e = errs(
+            "policies: {p: {permissions: [{and_rules: {rules: []}}], principals: [{any: true}]}}",
+        );
         assert_eq!(e[0].0, "rbac.policies[p].permissions[0].and_rules.rules");
-        let e = errs("policies: {p: {permissions: [{not_rule: {destination_port: 70000}}], principals: [{any: true}]}}");
-        assert_eq!(e[0].0, "rbac.policies[p].permissions[0].not_rule.destination_port");
-        let e = errs("policies: {p: {permissions: [{any: true}], principals: [{authenticated: {principal_name: {safe_regex: {regex: '('}}}}]}}");
+        let e = errs(
+            "policies: {p: {permissions: [{not_rule: {destination_port: 70000}}], principals: [{any: true}]}}",
+        );
+        assert_eq!(
+            e[0].0,
+            "rbac.policies[p].permissions[0].not_rule.destination_port"
+        );
+        let e = errs(
+            "policies: {p: {permissions: [{any: true}], principals: [{authenticated: {principal_name: {safe_regex: {regex: '('}}}}]}}",
+        );
         assert_eq!(
             e[0].0,
             "rbac.policies[p].principals[0].authenticated.principal_name.safe_regex.regex"
@@ -1292,7 +1370,12 @@ shadow_rules_stat_prefix: dry_
         let f = filter(ADMIN_ONLY_FROM_10, &ctx).expect("filter");
         assert_eq!(
             ctx.names(),
-            ["rbac.allowed", "rbac.denied", "rbac.dry_shadow_allowed", "rbac.dry_shadow_denied"]
+            [
+                "rbac.allowed",
+                "rbac.denied",
+                "rbac.dry_shadow_allowed",
+                "rbac.dry_shadow_denied"
+            ]
         );
         assert!(run(&f, "/admin/x", None, None).await.is_none());
         let r = run(&f, "/public", None, None).await.expect("denied");
@@ -1313,10 +1396,20 @@ shadow_rules_stat_prefix: dry_
         ));
         assert!(run(&f, "/admin/x", Some(deny_all), None).await.is_some());
         let wrapper_disabled = PerFilterConfig::Disabled;
-        assert!(run(&f, "/public", Some(wrapper_disabled), None).await.is_none());
+        assert!(
+            run(&f, "/public", Some(wrapper_disabled), None)
+                .await
+                .is_none()
+        );
         assert_eq!(ctx.get("rbac.denied"), 2);
-        assert_eq!(RbacFilter::details(Some("p")), "rbac_access_denied_matched_policy[p]");
-        assert_eq!(RbacFilter::details(None), "rbac_access_denied_matched_policy[none]");
+        assert_eq!(
+            RbacFilter::details(Some("p")),
+            "rbac_access_denied_matched_policy[p]"
+        );
+        assert_eq!(
+            RbacFilter::details(None),
+            "rbac_access_denied_matched_policy[none]"
+        );
     }
 
     #[tokio::test]
@@ -1348,12 +1441,17 @@ rules_stat_prefix: mesh_
         let ctx = CountingCtx::default();
         let e = filter("matcher: {}", &ctx).expect_err("invalid");
         assert_eq!(e[0].0, "f.matcher");
-        let e = filter("rules: {policies: {p: {permissions: [{any: false}], principals: [{any: true}]}}}", &ctx)
-            .expect_err("invalid");
+        let e = filter(
+            "rules: {policies: {p: {permissions: [{any: false}], principals: [{any: true}]}}}",
+            &ctx,
+        )
+        .expect_err("invalid");
         assert_eq!(e[0].0, "f.rules.policies[p].permissions[0].any");
         // No rules: nothing enforced.
         let f = filter("{}", &ctx).expect("filter");
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
         assert!(rt.block_on(run(&f, "/", None, None)).is_none());
     }
 }

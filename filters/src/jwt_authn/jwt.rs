@@ -197,7 +197,8 @@ impl Jwt {
     /// Parse a compact JWS (`header.payload.signature`).
     pub fn parse(token: &str) -> Result<Jwt, Status> {
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(Status::JwtBadFormat);
         };
@@ -241,8 +242,14 @@ impl Jwt {
                 .ok_or(Status::JwtPayloadParseErrorAudNotString)?,
             Some(_) => return Err(Status::JwtPayloadParseErrorAudNotString),
         };
-        let exp = opt_u64(payload.get("exp"), Status::JwtPayloadParseErrorExpNotInteger)?;
-        let nbf = opt_u64(payload.get("nbf"), Status::JwtPayloadParseErrorNbfNotInteger)?;
+        let exp = opt_u64(
+            payload.get("exp"),
+            Status::JwtPayloadParseErrorExpNotInteger,
+        )?;
+        let nbf = opt_u64(
+            payload.get("nbf"),
+            Status::JwtPayloadParseErrorNbfNotInteger,
+        )?;
         let signature = B64URL
             .decode(s)
             .map_err(|_| Status::JwtSignatureParseErrorBadBase64)?;
@@ -287,7 +294,9 @@ impl Jwt {
                 continue;
             }
             kid_alg_matched = true;
-            if k.key.verify(self.alg, self.signed.as_bytes(), &self.signature) {
+            if k.key
+                .verify(self.alg, self.signed.as_bytes(), &self.signature)
+            {
                 return Ok(());
             }
         }
@@ -423,7 +432,8 @@ fn parse_jwk(k: &serde_json::Map<String, Value>) -> Option<Jwk> {
 impl Jwks {
     /// Parse a JWKS JSON document (`{"keys": [...]}`); unusable keys are skipped.
     pub fn parse(text: &[u8]) -> Result<Jwks, JwksError> {
-        let v: Value = serde_json::from_slice(text).map_err(|e| JwksError::BadJson(e.to_string()))?;
+        let v: Value =
+            serde_json::from_slice(text).map_err(|e| JwksError::BadJson(e.to_string()))?;
         let Some(keys) = v.get("keys").and_then(Value::as_array) else {
             return Err(JwksError::BadJson("[keys] is not an array".into()));
         };
@@ -444,11 +454,13 @@ pub(crate) mod tests {
     use ring::rand::SystemRandom;
     use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 
+    type Signer = Box<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
     /// A signing key for tests, with its JWK.
     pub(crate) struct TestKey {
         pub(crate) alg: &'static str,
         pub(crate) kid: &'static str,
-        sign: Box<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>,
+        sign: Signer,
         pub(crate) jwk: Value,
     }
 
@@ -535,7 +547,8 @@ pub(crate) mod tests {
                 kid,
                 sign: Box::new(move |m| {
                     let mut sig = vec![0; kp.public().modulus_len()];
-                    kp.sign(enc, &SystemRandom::new(), m, &mut sig).expect("sign");
+                    kp.sign(enc, &SystemRandom::new(), m, &mut sig)
+                        .expect("sign");
                     sig
                 }),
                 jwk,
@@ -592,7 +605,12 @@ pub(crate) mod tests {
             let other = B64URL.encode(r#"{"iss":"evil"}"#);
             parts[1] = &other;
             let jwt = Jwt::parse(&parts.join(".")).expect("parse");
-            assert_eq!(jwt.verify(&set), Err(Status::JwtVerificationFail), "{}", k.alg);
+            assert_eq!(
+                jwt.verify(&set),
+                Err(Status::JwtVerificationFail),
+                "{}",
+                k.alg
+            );
         }
     }
 
@@ -642,27 +660,69 @@ pub(crate) mod tests {
             ("a.b".into(), Status::JwtBadFormat),
             ("a.b.c.d".into(), Status::JwtBadFormat),
             ("!!.e30.e30".into(), Status::JwtHeaderParseErrorBadBase64),
-            (format!("{}.e30.", enc("not json")), Status::JwtHeaderParseErrorBadJson),
-            (format!("{}.e30.", enc("[1]")), Status::JwtHeaderParseErrorBadJson),
+            (
+                format!("{}.e30.", enc("not json")),
+                Status::JwtHeaderParseErrorBadJson,
+            ),
+            (
+                format!("{}.e30.", enc("[1]")),
+                Status::JwtHeaderParseErrorBadJson,
+            ),
             (format!("{}.e30.", enc("{}")), Status::JwtHeaderBadAlg),
-            (format!("{}.e30.", enc(r#"{"alg":5}"#)), Status::JwtHeaderBadAlg),
-            (format!("{}.e30.", enc(r#"{"alg":"none"}"#)), Status::JwtHeaderNotImplementedAlg),
-            (format!("{}.e30.", enc(r#"{"alg":"HS256"}"#)), Status::JwtHeaderNotImplementedAlg),
-            (format!("{}.e30.", enc(r#"{"alg":"RS256","kid":1}"#)), Status::JwtHeaderBadKid),
-            (format!("{}.!!.", enc(r#"{"alg":"RS256"}"#)), Status::JwtPayloadParseErrorBadBase64),
-            (format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc("x")), Status::JwtPayloadParseErrorBadJson),
-            (format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"iss":1}"#)), Status::JwtPayloadParseErrorIssNotString),
-            (format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"aud":[1]}"#)), Status::JwtPayloadParseErrorAudNotString),
-            (format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"exp":"x"}"#)), Status::JwtPayloadParseErrorExpNotInteger),
-            (format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"nbf":-1}"#)), Status::JwtPayloadParseErrorNbfNotInteger),
-            (format!("{}.{}.!!", enc(r#"{"alg":"RS256"}"#), enc("{}")), Status::JwtSignatureParseErrorBadBase64),
+            (
+                format!("{}.e30.", enc(r#"{"alg":5}"#)),
+                Status::JwtHeaderBadAlg,
+            ),
+            (
+                format!("{}.e30.", enc(r#"{"alg":"none"}"#)),
+                Status::JwtHeaderNotImplementedAlg,
+            ),
+            (
+                format!("{}.e30.", enc(r#"{"alg":"HS256"}"#)),
+                Status::JwtHeaderNotImplementedAlg,
+            ),
+            (
+                format!("{}.e30.", enc(r#"{"alg":"RS256","kid":1}"#)),
+                Status::JwtHeaderBadKid,
+            ),
+            (
+                format!("{}.!!.", enc(r#"{"alg":"RS256"}"#)),
+                Status::JwtPayloadParseErrorBadBase64,
+            ),
+            (
+                format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc("x")),
+                Status::JwtPayloadParseErrorBadJson,
+            ),
+            (
+                format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"iss":1}"#)),
+                Status::JwtPayloadParseErrorIssNotString,
+            ),
+            (
+                format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"aud":[1]}"#)),
+                Status::JwtPayloadParseErrorAudNotString,
+            ),
+            (
+                format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"exp":"x"}"#)),
+                Status::JwtPayloadParseErrorExpNotInteger,
+            ),
+            (
+                format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc(r#"{"nbf":-1}"#)),
+                Status::JwtPayloadParseErrorNbfNotInteger,
+            ),
+            (
+                format!("{}.{}.!!", enc(r#"{"alg":"RS256"}"#), enc("{}")),
+                Status::JwtSignatureParseErrorBadBase64,
+            ),
         ];
         for (t, want) in cases {
             assert_eq!(Jwt::parse(&t).err(), Some(want), "{t}");
         }
         // alg none with an empty signature is refused at parse time: never verified.
         let t = format!("{}.{}.", enc(r#"{"alg":"none"}"#), enc(r#"{"iss":"i"}"#));
-        assert_eq!(Jwt::parse(&t).err(), Some(Status::JwtHeaderNotImplementedAlg));
+        assert_eq!(
+            Jwt::parse(&t).err(),
+            Some(Status::JwtHeaderNotImplementedAlg)
+        );
         // Padded sections are accepted.
         let t = format!(
             "{}.{}.",

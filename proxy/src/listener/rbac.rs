@@ -263,7 +263,13 @@ enforcement_type: CONTINUOUS
             }),
             ..Default::default()
         };
-        assert!(admit(&[Arc::new(f)], &conn("127.0.0.1:1", "127.0.0.1:1", Some(front))).await);
+        assert!(
+            admit(
+                &[Arc::new(f)],
+                &conn("127.0.0.1:1", "127.0.0.1:1", Some(front))
+            )
+            .await
+        );
         assert_eq!(stat(&store, "tcp_in.rbac.allowed"), "3");
         assert_eq!(stat(&store, "tcp_in.rbac.denied"), "1");
         assert_eq!(stat(&store, "tcp_in.rbac.dry_shadow_allowed"), "1");

@@ -71,7 +71,11 @@ async fn get_from(
     (parts.status, parts.headers, body)
 }
 
-async fn get_h(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, Bytes) {
+async fn get_h(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, Bytes) {
     get_from("127.0.0.1", addr, path, headers).await
 }
 
@@ -267,7 +271,11 @@ rules:
     assert_eq!(echo_from("127.0.0.4", a).await, b"ping");
     assert_eq!(p.stat("tcp_in.rbac.allowed"), 2);
     assert_eq!(p.stat("tcp_in.rbac.denied"), 1);
-    assert_eq!(p.stat("tcp.echo.downstream_cx_total"), 2, "the denied one never reached tcp_proxy");
+    assert_eq!(
+        p.stat("tcp.echo.downstream_cx_total"),
+        2,
+        "the denied one never reached tcp_proxy"
+    );
     p.stop().await;
 }
 
@@ -483,12 +491,19 @@ requirement_map:
     let (s, h, body) = get_h(a, "/api", &[]).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(body, "Jwt is missing");
-    assert_eq!(h["www-authenticate"], "Bearer realm=\"http://api.local/api\"");
+    assert_eq!(
+        h["www-authenticate"],
+        "Bearer realm=\"http://api.local/api\""
+    );
     let (s, _, _) = get_h(a, "/optional", &[]).await;
     assert_eq!(s, StatusCode::OK);
     let expired = key.token(&claims("https://issuer.corp", "api.corp", -3600));
     let (s, _, _) = get_h(a, "/optional", &[("authorization", &bearer(&expired))]).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "present but invalid still fails");
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "present but invalid still fails"
+    );
     let (s, _, _) = get_h(a, "/open", &[("authorization", "Bearer garbage")]).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(b.hits(), 3);
@@ -517,18 +532,19 @@ impl JwksServer {
                 let Ok((s, _)) = l.accept().await else { return };
                 let (b, h) = (b.clone(), h.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (b, h) = (b.clone(), h.clone());
-                        async move {
-                            h.fetch_add(1, Ordering::SeqCst);
-                            let text = b.lock().expect("lock").clone();
-                            let mut r = Response::new(Full::new(Bytes::from(text)));
-                            if req.uri().path() != "/.well-known/jwks.json" {
-                                *r.status_mut() = StatusCode::NOT_FOUND;
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (b, h) = (b.clone(), h.clone());
+                            async move {
+                                h.fetch_add(1, Ordering::SeqCst);
+                                let text = b.lock().expect("lock").clone();
+                                let mut r = Response::new(Full::new(Bytes::from(text)));
+                                if req.uri().path() != "/.well-known/jwks.json" {
+                                    *r.status_mut() = StatusCode::NOT_FOUND;
+                                }
+                                Ok::<_, Infallible>(r)
                             }
-                            Ok::<_, Infallible>(r)
-                        }
-                    });
+                        });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(s), svc)
                         .await;
@@ -570,7 +586,11 @@ async fn jwt_remote_jwks_is_fetched_through_a_cluster_once_and_rotated_on_expiry
     let k1 = Key::new("k1");
     let k2 = Key::new("k2");
     let idp = JwksServer::start(jwks(&[&k1])).await;
-    let clusters = format!("{}{}", cluster("b", &[b.port()]), cluster("idp", &[idp.addr.port()]));
+    let clusters = format!(
+        "{}{}",
+        cluster("b", &[b.port()]),
+        cluster("idp", &[idp.addr.port()])
+    );
     let p = Proxy::start(&http_bootstrap_filters(
         &all_to("b", "5s"),
         &clusters,
@@ -591,7 +611,11 @@ async fn jwt_remote_jwks_is_fetched_through_a_cluster_once_and_rotated_on_expiry
         let (s, _, _) = get_h(a, "/", &[("authorization", &t1)]).await;
         assert_eq!(s, StatusCode::OK);
     }
-    assert_eq!(idp.hits(), 1, "fetched once, cached across requests and workers");
+    assert_eq!(
+        idp.hits(),
+        1,
+        "fetched once, cached across requests and workers"
+    );
     assert_eq!(p.stat("http.ingress.jwt_authn.jwks_fetch_success"), 1);
     assert_eq!(p.stat("cluster.idp.upstream_rq_total"), 1);
 
@@ -610,7 +634,10 @@ async fn jwt_remote_jwks_is_fetched_through_a_cluster_once_and_rotated_on_expiry
             break;
         }
     }
-    assert!(accepted, "the rotated key is picked up after cache_duration");
+    assert!(
+        accepted,
+        "the rotated key is picked up after cache_duration"
+    );
     assert_eq!(idp.hits(), 2);
     assert_eq!(p.stat("http.ingress.jwt_authn.jwks_fetch_success"), 2);
     p.stop().await;
@@ -635,7 +662,12 @@ async fn jwt_remote_jwks_failures_answer_401_and_count() {
         let (s, h, body) = get_h(p.addr("http"), "/", &[("authorization", &t)]).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert_eq!(body, "Jwks remote fetch is failed");
-        assert!(h["www-authenticate"].to_str().expect("v").contains("invalid_token"));
+        assert!(
+            h["www-authenticate"]
+                .to_str()
+                .expect("v")
+                .contains("invalid_token")
+        );
         assert_eq!(p.stat("http.ingress.jwt_authn.jwks_fetch_failed"), i);
     }
     assert_eq!(b.hits(), 0);
