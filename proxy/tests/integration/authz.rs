@@ -673,3 +673,37 @@ async fn jwt_remote_jwks_failures_answer_401_and_count() {
     assert_eq!(b.hits(), 0);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_remote_jwks_non_200_and_unknown_cluster_fail_the_fetch() {
+    let b = Backend::start("b").await;
+    let k = Key::new("k1");
+    let idp = JwksServer::start(jwks(&[&k])).await;
+    let t = bearer(&k.token(&claims("https://idp.test", "x", 300)));
+    // The JWKS server answers 404 on another path.
+    let not_found = remote_jwt_filter("600s").replace("/.well-known/jwks.json", "/missing");
+    // A cluster that does not exist.
+    let no_cluster = remote_jwt_filter("600s").replace("cluster: idp", "cluster: nowhere");
+    for (filter_yaml, idp_hits) in [(not_found, 1), (no_cluster, 1)] {
+        let clusters = format!(
+            "{}{}",
+            cluster("b", &[b.port()]),
+            cluster("idp", &[idp.addr.port()])
+        );
+        let p = Proxy::start(&http_bootstrap_filters(
+            &all_to("b", "5s"),
+            &clusters,
+            "",
+            &filter_yaml,
+        ))
+        .await;
+        let (s, _, body) = get_h(p.addr("http"), "/", &[("authorization", &t)]).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, "Jwks remote fetch is failed");
+        assert_eq!(p.stat("http.ingress.jwt_authn.jwks_fetch_failed"), 1);
+        assert_eq!(p.stat("http.ingress.jwt_authn.jwks_fetch_success"), 0);
+        assert_eq!(idp.hits(), idp_hits);
+        p.stop().await;
+    }
+    assert_eq!(b.hits(), 0);
+}
