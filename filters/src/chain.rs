@@ -4,7 +4,7 @@
 //! route = RouteTable::route(req)                  // once, before filters
 //! info  = StreamInfo { addresses, is_grpc, route view, server health, rolls }
 //! chain.decode(&mut parts, &info, &mut state)    // filters in order; Pause awaits
-//!   -> Err(LocalReply) stops the chain
+//!   -> Err(LocalReply) stops the chain; Retry(wait) awaits, then calls the filter again
 //! ... router / 404 / local reply ...
 //! chain.encode(response, &info, &mut state)      // on_response + wrap_response_body, reverse
 //! ```
@@ -93,6 +93,10 @@ pub trait ServerInfo: Send + Sync {
     fn healthy(&self) -> bool;
     /// `(healthy hosts, all hosts)` of a cluster; `None` when it does not exist.
     fn cluster_health(&self, name: &str) -> Option<(usize, usize)>;
+    /// HTTP fetches through a named cluster (remote JWKS); `None` when the server has none.
+    fn upstream_fetch(&self) -> Option<Arc<dyn crate::fetch::UpstreamFetch>> {
+        None
+    }
 }
 
 /// An always-healthy server without clusters (tests, tools).
@@ -185,6 +189,9 @@ pub struct PeerCert {
 pub struct StreamInfo<'a> {
     /// Downstream client address after XFF trust evaluation.
     pub downstream_remote: SocketAddr,
+    /// The connection's peer address (before XFF); defaults to `downstream_remote`, set with
+    /// [`StreamInfo::with_direct_remote`].
+    pub direct_remote: SocketAddr,
     /// Local address the connection was accepted on.
     pub downstream_local: SocketAddr,
     /// Downstream connection id (per-connection rate limit buckets).
@@ -239,6 +246,7 @@ impl<'a> StreamInfo<'a> {
     ) -> Self {
         Self {
             downstream_remote,
+            direct_remote: downstream_remote,
             downstream_local,
             connection_id,
             is_grpc,
@@ -256,6 +264,12 @@ impl<'a> StreamInfo<'a> {
     /// The downstream connection's TLS facts.
     pub fn with_tls(mut self, tls: Option<&'a DownstreamTls>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    /// The connection's peer address (RBAC `direct_remote_ip` / `source_ip`).
+    pub fn with_direct_remote(mut self, peer: SocketAddr) -> Self {
+        self.direct_remote = peer;
         self
     }
 
@@ -414,6 +428,10 @@ impl FilterChain {
                     FilterAction::Continue => break,
                     FilterAction::Respond(r) => return Err(r),
                     FilterAction::Pause(f) => action = f.await,
+                    FilterAction::Retry(f) => {
+                        f.await;
+                        action = e.filter.on_request(req, &mut ctx);
+                    }
                 }
             }
         }

@@ -27,9 +27,12 @@ pub mod body;
 pub mod chain;
 pub mod config;
 pub mod fault;
+pub mod fetch;
 pub mod health_check;
+pub mod jwt_authn;
 pub mod local_ratelimit;
 pub mod ratelimit;
+pub mod rbac;
 pub mod token_bucket;
 
 use std::collections::HashMap;
@@ -64,6 +67,20 @@ pub mod type_urls {
     /// `envoy.filters.network.local_ratelimit`.
     pub const NETWORK_LOCAL_RATELIMIT: &str =
         "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit";
+    /// `envoy.filters.http.rbac`.
+    pub const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+    /// `envoy.filters.network.rbac`.
+    pub const NETWORK_RBAC: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    /// `envoy.filters.http.jwt_authn`.
+    pub const JWT_AUTHN: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+    /// `envoy.filters.http.rbac` per-route config.
+    pub const RBAC_PER_ROUTE: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+    /// `envoy.filters.http.jwt_authn` per-route config.
+    pub const JWT_AUTHN_PER_ROUTE: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig";
     /// `envoy.config.route.v3.FilterConfig` (wrapper in `typed_per_filter_config`).
     pub const FILTER_CONFIG: &str = "type.googleapis.com/envoy.config.route.v3.FilterConfig";
 }
@@ -79,7 +96,15 @@ pub enum FilterAction {
     Respond(LocalReply),
     /// Wait for the future, then act on its output (which may pause again).
     Pause(PauseFuture),
+    /// Wait for the future, then call the same filter's `on_request` again with the request
+    /// (an async lookup, like a remote JWKS fetch, after which the filter decides and may
+    /// modify the request). The filter must not retry forever (remember what it waited for in
+    /// its per-request state).
+    Retry(WaitFuture),
 }
+
+/// A future a filter waits on before it runs again ([`FilterAction::Retry`]).
+pub type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl std::fmt::Debug for FilterAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +112,7 @@ impl std::fmt::Debug for FilterAction {
             FilterAction::Continue => f.write_str("Continue"),
             FilterAction::Respond(r) => f.debug_tuple("Respond").field(r).finish(),
             FilterAction::Pause(_) => f.write_str("Pause(..)"),
+            FilterAction::Retry(_) => f.write_str("Retry(..)"),
         }
     }
 }
@@ -178,6 +204,11 @@ pub trait HttpFilterFactory: Send + Sync {
         ctx: &dyn FactoryContext,
         errs: &mut ConfigErrors,
     ) -> Option<Arc<dyn HttpFilter>>;
+    /// The type URL of this filter's per-route config when it differs from
+    /// [`HttpFilterFactory::type_url`] (`RBACPerRoute`, jwt_authn's `PerRouteConfig`).
+    fn route_type_url(&self) -> Option<&'static str> {
+        None
+    }
     /// Parse a per-route (`typed_per_filter_config`) config. Default: not supported.
     fn create_route_config(
         &self,
@@ -195,6 +226,8 @@ pub trait HttpFilterFactory: Send + Sync {
 #[derive(Default)]
 pub struct Registry {
     http: HashMap<&'static str, Box<dyn HttpFilterFactory>>,
+    /// Per-route config type URL -> the filter's type URL (when they differ).
+    route: HashMap<&'static str, &'static str>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -232,7 +265,7 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in filters: router, local_ratelimit, fault, health_check.
+    /// The built-in filters: router, local_ratelimit, fault, health_check, rbac, jwt_authn.
     pub fn builtin() -> &'static Registry {
         static R: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
         R.get_or_init(|| {
@@ -241,13 +274,25 @@ impl Registry {
             r.register_http(Box::new(local_ratelimit::Factory));
             r.register_http(Box::new(fault::Factory));
             r.register_http(Box::new(health_check::Factory));
+            r.register_http(Box::new(rbac::Factory));
+            r.register_http(Box::new(jwt_authn::Factory));
             r
         })
     }
 
     /// Add a factory (replacing any for the same type URL).
     pub fn register_http(&mut self, f: Box<dyn HttpFilterFactory>) {
+        if let Some(r) = f.route_type_url() {
+            self.route.insert(r, f.type_url());
+        }
         self.http.insert(f.type_url(), f);
+    }
+
+    /// The factory that parses a `typed_per_filter_config` of this type URL: the filter's own
+    /// config type, or its distinct per-route type.
+    pub fn http_for_route(&self, type_url: &str) -> Option<&dyn HttpFilterFactory> {
+        let filter = self.route.get(type_url).copied().unwrap_or(type_url);
+        self.http(filter)
     }
 
     /// Look up the factory for a type URL.
@@ -291,5 +336,27 @@ pub mod testing {
         fn on_response(&self, resp: &mut http::response::Parts, _ctx: &mut FilterContext<'_>) {
             resp.headers.append(self.name.clone(), self.value.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn per_route_types_map_to_their_filter() {
+        let r = Registry::builtin();
+        for (route, filter) in [
+            (type_urls::RBAC_PER_ROUTE, type_urls::RBAC),
+            (type_urls::JWT_AUTHN_PER_ROUTE, type_urls::JWT_AUTHN),
+            (type_urls::RBAC, type_urls::RBAC),
+            (type_urls::FAULT, type_urls::FAULT),
+        ] {
+            let f = r.http_for_route(route).expect("factory");
+            assert_eq!(f.type_url(), filter);
+        }
+        assert!(r.http_for_route("type.googleapis.com/x.Unknown").is_none());
+        // A per-route type is not itself a filter type.
+        assert!(r.http(type_urls::RBAC_PER_ROUTE).is_none());
     }
 }

@@ -466,7 +466,8 @@ async fn process(
         &conn.filter_state,
         rand::random(),
     )
-    .with_tls(conn.info.tls.as_deref());
+    .with_tls(conn.info.tls.as_deref())
+    .with_direct_remote(conn.info.peer);
     let mut fstate = ChainState::default();
     let resp = match chain.decode(req, &info, &mut fstate).await {
         Err(reply) => render_local(reply, st),
@@ -572,5 +573,9 @@ impl weir_filters::ServerInfo for ServerState {
         let c = self.clusters.get(name)?;
         let hosts = c.hosts();
         Some((hosts.iter().filter(|h| h.is_healthy()).count(), hosts.len()))
+    }
+
+    fn upstream_fetch(&self) -> Option<Arc<dyn weir_filters::fetch::UpstreamFetch>> {
+        Some(crate::upstream::fetch::fetcher(&self.clusters))
     }
 }

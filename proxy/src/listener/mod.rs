@@ -13,6 +13,8 @@
 //!   `envoy.filters.network.local_ratelimit` filters (before the terminal filter) take a
 //!   token per new connection and close it at once when empty
 //!   ([`weir_filters::local_ratelimit::ConnectionLimiter`]).
+//! - [`rbac`]: `envoy.filters.network.rbac` (before the terminal filter), evaluated once per
+//!   connection after the TLS handshake; a denied connection is closed.
 //! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
 //!   Linux, buffered copy elsewhere or as fallback).
 //!
@@ -20,6 +22,7 @@
 
 pub mod chain_match;
 pub mod manager;
+pub mod rbac;
 pub mod tcp_proxy;
 
 mod bind;
@@ -107,6 +110,10 @@ pub struct FilterChain {
     /// `envoy.filters.network.local_ratelimit` filters before the terminal one, in order: a
     /// new connection takes a token from each; the first without one closes it at once.
     pub rate_limits: Vec<Arc<weir_filters::local_ratelimit::ConnectionLimiter>>,
+    /// `envoy.filters.network.rbac` filters before the terminal one, in order: evaluated once
+    /// per connection after the TLS handshake; the first that denies closes it
+    /// ([`rbac::admit`]).
+    pub rbac: Vec<Arc<rbac::NetworkRbac>>,
     /// The terminal network filter.
     pub filter: NetworkFilter,
 }

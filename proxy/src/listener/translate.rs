@@ -240,6 +240,7 @@ fn filter_chain(
     };
     let mut terminal = None;
     let mut rate_limits = Vec::new();
+    let mut rbac = Vec::new();
     if fc.filters.is_empty() {
         errs.add(
             join(path, "filters"),
@@ -277,6 +278,24 @@ fn filter_chain(
             }
             continue;
         }
+        // envoy.filters.network.rbac (authz): before the terminal filter.
+        if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
+            && any.type_url == weir_filters::type_urls::NETWORK_RBAC
+        {
+            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
+            if j + 1 == fc.filters.len() {
+                errs.add(
+                    &fp,
+                    "envoy.filters.network.rbac is not terminal: a tcp_proxy or \
+                     http_connection_manager must follow it",
+                );
+            }
+            let tp = join(&fp, "typed_config");
+            if let Some(r) = super::rbac::NetworkRbac::translate(any, &tp, ctx, errs) {
+                rbac.push(Arc::new(r));
+            }
+            continue;
+        }
         let Some(nf) = network_filter(f, &fp, ctx, errs) else {
             continue;
         };
@@ -296,6 +315,7 @@ fn filter_chain(
         name: fc.name.clone(),
         filter_chain_match,
         rate_limits,
+        rbac,
         filter: terminal?,
     })
 }
@@ -344,6 +364,7 @@ fn network_filter(
                 tpath,
                 format!(
                     "network filter {} is not supported (weir has envoy.filters.network.local_ratelimit, \
+                     envoy.filters.network.rbac, \
                      {TCP_PROXY_FILTER} and \
                      {HCM_FILTER})",
                     weir_xds_api::type_name(other)
@@ -832,7 +853,8 @@ mod tests {
             err_paths(&y),
             vec![
                 "l.filter_chains[0].filters",
-                "l.filter_chains[1].filters[0].typed_config",
+                // network rbac is supported, but not terminal
+                "l.filter_chains[1].filters[0]",
                 "l.filter_chains[2].transport_socket",
                 "l.filter_chains[2].filters[0].typed_config",
                 "l.filter_chains[3].filters[0]",

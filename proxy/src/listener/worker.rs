@@ -186,8 +186,13 @@ fn dispatch(
         tls: None,
     };
     let st = state.clone();
+    let rbac = chain.rbac.clone();
     let conn = async move {
         let _guard = guard;
+        // Network RBAC: after the TLS handshake (ConnInfo complete), before the terminal filter.
+        if !rbac.is_empty() && !super::rbac::admit(&rbac, &info).await {
+            return;
+        }
         match filter {
             NetworkFilter::Http(h) => crate::http::serve_connection(stream, h, info, st).await,
             NetworkFilter::TcpProxy(t) => super::tcp_proxy::serve(stream, t, info, st).await,

@@ -142,7 +142,7 @@ pub(super) fn per_filter_configs(
         } else {
             (std::borrow::Cow::Borrowed(any), false)
         };
-        let Some(factory) = weir_filters::Registry::builtin().http(&any.type_url) else {
+        let Some(factory) = weir_filters::Registry::builtin().http_for_route(&any.type_url) else {
             if !optional {
                 errs.add(
                     &p,
@@ -161,7 +161,8 @@ pub(super) fn per_filter_configs(
         if let Some(c) = cfg {
             seen.borrow_mut().push(FilterConfigUse {
                 name: name.clone(),
-                type_url: any.type_url.clone(),
+                // The filter's type (a distinct per-route type maps to its filter's).
+                type_url: factory.type_url().to_string(),
                 path: p,
             });
             out.push((name.as_str().into(), PerFilterConfig::Config(c)));

@@ -21,6 +21,7 @@
 pub mod circuit;
 mod dns;
 mod eds;
+pub mod fetch;
 pub mod health;
 pub(crate) mod lb;
 pub mod outlier;
