@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir_proxy::trace::otlp::{ExportTraceServiceRequest, Span};
+use weir_proxy::trace::otlp::{ExportTraceServiceRequest, KeyValue, Span};
 
 use crate::harness::*;
 
@@ -496,7 +496,7 @@ async fn sampling_decisions_follow_hcm_settings() {
 /// An OTLP/gRPC trace collector (h2c): records every exported span, answers OK.
 struct Collector {
     addr: SocketAddr,
-    spans: Arc<Mutex<Vec<(Vec<weir_proxy::trace::otlp::KeyValue>, Span)>>>,
+    spans: Arc<Spans>,
     paths: Arc<Mutex<Vec<String>>>,
 }
 
@@ -527,12 +527,13 @@ impl Collector {
         Collector { addr, spans, paths }
     }
 
-    fn spans(&self) -> Vec<(Vec<weir_proxy::trace::otlp::KeyValue>, Span)> {
+    fn spans(&self) -> Vec<(Vec<KeyValue>, Span)> {
         self.spans.lock().expect("lock").clone()
     }
 }
 
-type Spans = Mutex<Vec<(Vec<weir_proxy::trace::otlp::KeyValue>, Span)>>;
+/// Exported spans with their resource attributes.
+type Spans = Mutex<Vec<(Vec<KeyValue>, Span)>>;
 
 async fn export(
     req: Request<Incoming>,
@@ -708,6 +709,16 @@ async fn reopen_logs_admin_endpoint_follows_rotation() {
     .await;
     assert_eq!(get(p.addr("http"), "x", "/one").await.0, StatusCode::OK);
     assert_eq!(lines(&path, 1).await, ["/one"]);
+    // The access log config shows in /config_dump as configured.
+    let (s, _, dump) = get(p.admin(), "admin", "/config_dump").await;
+    assert_eq!(s, StatusCode::OK);
+    let dump = String::from_utf8_lossy(&dump);
+    assert!(
+        dump.contains("envoy.extensions.access_loggers.file.v3.FileAccessLog")
+            && dump.contains(&path)
+            && dump.contains("%REQ(:PATH)%"),
+        "{dump}"
+    );
     let rotated = format!("{path}.1");
     std::fs::rename(&path, &rotated).expect("rotate");
     let (s, _, _) = send(
