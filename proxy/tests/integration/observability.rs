@@ -738,3 +738,36 @@ async fn reopen_logs_admin_endpoint_follows_rotation() {
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&rotated);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_mid_body_is_downstream_termination() {
+    let b = Backend::start("b").await;
+    let path = log_path("dc");
+    let p = Proxy::start(&http_bootstrap(
+        &all_to("b", "15s"),
+        &cluster("b", &[b.port()]),
+        &access_log(
+            &path,
+            "log_format: {text_format_source: {inline_string: \"%RESPONSE_CODE% %RESPONSE_FLAGS% %REQ(:PATH)%\\n\"}}",
+            "",
+        ),
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("http"))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /big/50000000 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(s);
+    let got = lines(&path, 1).await;
+    assert_eq!(got[0], "200 DC /big/50000000");
+    p.stop().await;
+    let _ = std::fs::remove_file(&path);
+}
