@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request decisions: route matching over 1,000 routes,
 //! filter-chain selection, and load-balancer picks; plus the cost of applying a
-//! 10,000-endpoint EDS update. Run: `cargo bench -p weir-benches`.
+//! 10,000-endpoint EDS update; and the per-request observability work (access log line
+//! formatting, trace header extraction/injection). Run: `cargo bench -p weir-benches`.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -248,7 +249,87 @@ fn bench_eds(c: &mut Criterion) {
     rt.block_on(server.stop());
 }
 
-criterion_group!(benches, bench_routes, bench_chains, bench_lb);
+/// Per-request observability: render Envoy's default access log line and a JSON line from a
+/// full record, and continue a W3C trace (extract, decide, inject traceparent + B3).
+fn bench_obs(c: &mut Criterion) {
+    use weir_proxy::access_log::format::DEFAULT_FORMAT;
+    use weir_proxy::access_log::{Format, JsonFormat, LogRecord, ResponseFlags};
+    use weir_proxy::trace::{Sampling, SpanContext, context};
+    let mut req = HeaderMap::new();
+    req.insert("user-agent", "wrk/4.2".parse().expect("v"));
+    req.insert(
+        "x-request-id",
+        "6a1c43f2-51e1-4a0c-9b62-0c1f0a43a1f1".parse().expect("v"),
+    );
+    req.insert("x-forwarded-for", "10.0.0.1".parse().expect("v"));
+    let mut resp = HeaderMap::new();
+    resp.insert("x-envoy-upstream-service-time", "1".parse().expect("v"));
+    let rec = LogRecord {
+        start_time: std::time::SystemTime::now(),
+        request_headers: Some(&req),
+        method: Some(&Method::GET),
+        path: Some("/api/v1/items?page=2"),
+        authority: Some("svc.example.com"),
+        response_headers: Some(&resp),
+        protocol: Some("HTTP/1.1"),
+        response_code: 200,
+        flags: ResponseFlags::default(),
+        bytes_sent: 612,
+        duration: Some(std::time::Duration::from_micros(950)),
+        upstream_host: Some("127.0.0.1:18080".parse().expect("addr")),
+        upstream_cluster: Some("backend"),
+        downstream_remote: Some("127.0.0.1:40000".parse().expect("addr")),
+        ..Default::default()
+    };
+    let text = Format::parse(DEFAULT_FORMAT).expect("default format");
+    let json = JsonFormat::parse(&serde_json_value()).expect("json format");
+    let mut g = c.benchmark_group("observability");
+    g.bench_function("access_log_default_format", |b| {
+        b.iter(|| black_box(text.render(black_box(&rec))))
+    });
+    g.bench_function("access_log_json_format", |b| {
+        b.iter(|| {
+            let mut s = String::with_capacity(256);
+            json.render_into(black_box(&rec), &mut s);
+            black_box(s)
+        })
+    });
+    let mut incoming = HeaderMap::new();
+    incoming.insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .expect("v"),
+    );
+    incoming.insert(
+        "x-b3-traceid",
+        "4bf92f3577b34da6a3ce929d0e0e4736".parse().expect("v"),
+    );
+    incoming.insert("x-b3-spanid", "00f067aa0ba902b7".parse().expect("v"));
+    let sampling = Sampling::default();
+    g.bench_function("trace_continue_and_inject", |b| {
+        b.iter(|| {
+            let mut h = incoming.clone();
+            let (parent, seen) = context::extract(&h);
+            let d = sampling.decide(false, false, (7, 9));
+            let sc = SpanContext::new(parent, None, d, (11, 13));
+            sc.inject(&mut h, seen);
+            black_box(h)
+        })
+    });
+    g.finish();
+}
+
+fn serde_json_value() -> serde_json::Value {
+    serde_json::json!({
+        "start": "%START_TIME%", "method": "%REQ(:METHOD)%", "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "protocol": "%PROTOCOL%", "code": "%RESPONSE_CODE%", "flags": "%RESPONSE_FLAGS%",
+        "rx": "%BYTES_RECEIVED%", "tx": "%BYTES_SENT%", "duration": "%DURATION%",
+        "upstream": "%UPSTREAM_HOST%", "cluster": "%UPSTREAM_CLUSTER%", "rid": "%REQ(X-REQUEST-ID)%"
+    })
+}
+
+criterion_group!(benches, bench_routes, bench_chains, bench_lb, bench_obs);
 criterion_group! {
     name = eds;
     config = Criterion::default().sample_size(20);

@@ -215,6 +215,16 @@ pub struct StreamInfo<'a> {
     pub tls: Option<&'a DownstreamTls>,
     /// SplitMix64 state for [`StreamInfo::roll`].
     rng: AtomicU64,
+    /// Facts filters report for access logs and tracing (health check, injected delay).
+    marks: std::sync::atomic::AtomicU8,
+}
+
+/// [`StreamInfo::mark`] bits.
+pub mod marks {
+    /// The health check filter handled the request (`not_health_check_filter`).
+    pub const HEALTH_CHECK: u8 = 1;
+    /// The fault filter delayed the request (response flag `DI`).
+    pub const DELAY_INJECTED: u8 = 2;
 }
 
 impl std::fmt::Debug for StreamInfo<'_> {
@@ -258,6 +268,7 @@ impl<'a> StreamInfo<'a> {
             connection,
             tls: None,
             rng: AtomicU64::new(seed),
+            marks: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -271,6 +282,16 @@ impl<'a> StreamInfo<'a> {
     pub fn with_direct_remote(mut self, peer: SocketAddr) -> Self {
         self.direct_remote = peer;
         self
+    }
+
+    /// Record a fact for access logs / tracing ([`marks`] bits).
+    pub fn mark(&self, bit: u8) {
+        self.marks.fetch_or(bit, Ordering::Relaxed);
+    }
+
+    /// The recorded [`marks`] bits.
+    pub fn marks(&self) -> u8 {
+        self.marks.load(Ordering::Relaxed)
     }
 
     /// The next random value of this request (SplitMix64; deterministic for a seed).

@@ -404,6 +404,7 @@ impl HttpFilter for FaultFilter {
         match plan.delay {
             Some(d) => {
                 self.stats.delays_injected.increment(1);
+                ctx.stream.mark(crate::chain::marks::DELAY_INJECTED);
                 let aborts = self.stats.aborts_injected.clone();
                 FilterAction::Pause(Box::pin(async move {
                     tokio::time::sleep(d).await;

@@ -76,6 +76,7 @@ impl HttpFilter for HealthCheckFilter {
             return FilterAction::Continue;
         }
         ctx.set_state(IsHealthCheck);
+        s.mark(crate::chain::marks::HEALTH_CHECK);
         if self.pass_through {
             if !s.server.healthy() {
                 return FilterAction::Respond(LocalReply::new(

@@ -27,6 +27,7 @@
 //! accepted with.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
@@ -35,5 +36,6 @@ pub mod listener;
 pub mod route;
 pub mod server;
 pub mod stats;
+pub mod trace;
 pub mod upstream;
 pub mod xds;

@@ -251,6 +251,8 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
     let admin_address = snapshot.admin_address;
     let listeners_cfg = snapshot.listeners.clone();
     let state = ServerState::new(options, snapshot, clusters, concurrency);
+    // Access log rotation (Envoy's SIGUSR1).
+    crate::access_log::spawn_reopen_on_sigusr1();
 
     if let Some(addr) = admin_address {
         let l = tokio::net::TcpListener::bind(addr)

@@ -98,6 +98,11 @@ const ENDPOINTS: &[Endpoint] = &[
         mutates: false,
     },
     Endpoint {
+        path: "/reopen_logs",
+        help: "reopen access logs",
+        mutates: true,
+    },
+    Endpoint {
         path: "/server_info",
         help: "print server version/status information",
         mutates: false,
@@ -196,6 +201,10 @@ fn handle<B>(state: &ServerState, req: &Request<B>) -> Response<Body> {
         "/healthcheck/ok" => lifecycle::healthcheck(state, true),
         "/drain_listeners" => lifecycle::drain_listeners(state, &query),
         "/quitquitquit" => lifecycle::quitquitquit(state),
+        "/reopen_logs" => {
+            crate::access_log::sink::reopen_all();
+            text(StatusCode::OK, TEXT, "OK\n")
+        }
         _ => index(StatusCode::NOT_FOUND, "invalid path. admin commands are:\n"),
     }
 }

@@ -229,6 +229,10 @@ pub struct HcmConfig {
     pub strip_matching_host_port: bool,
     /// Stats.
     pub stats: HcmStats,
+    /// `access_log` (observability block).
+    pub access_logs: crate::access_log::AccessLogs,
+    /// `tracing` (observability block); `None`: no trace headers touched, no spans.
+    pub tracing: Option<crate::trace::TracingConfig>,
 }
 
 const HCM_FIELDS: &[&str] = &[
@@ -259,6 +263,9 @@ const HCM_FIELDS: &[&str] = &[
     "merge_slashes",
     "path_with_escaped_slashes_action",
     "strip_matching_host_port",
+    // Observability block.
+    "access_log",
+    "tracing",
 ];
 
 /// Translate an HCM `typed_config` (already unpacked) at `path`.
@@ -566,6 +573,17 @@ pub fn translate_hcm(
         connect,
         strip_matching_host_port: h.strip_matching_host_port,
         stats: HcmStats::new(&ctx.stats.http(&h.stat_prefix)),
+        // Observability block.
+        access_logs: crate::access_log::translate(
+            &h.access_log,
+            &join(path, "access_log"),
+            ctx,
+            errs,
+        ),
+        tracing: h
+            .tracing
+            .as_ref()
+            .map(|t| crate::trace::translate(t, &join(path, "tracing"), ctx, errs)),
     })
 }
 
@@ -777,7 +795,7 @@ mod tests {
         )
         .expect_err("invalid");
         let paths: Vec<_> = e.iter().map(|(p, _)| p.as_str()).collect();
-        assert!(paths.contains(&"hcm.access_log"), "{e:?}");
+        assert!(paths.contains(&"hcm.access_log[0].typed_config"), "{e:?}");
         assert!(paths.contains(&"hcm.http_filters"), "{e:?}");
         let e = hcm(&format!(
             "{BASE}upgrade_configs: [{{upgrade_type: h2c}}]\nmax_request_headers_kb: 9000\n"

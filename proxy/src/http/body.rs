@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pin_project_lite::pin_project! {
         active: bool,
         fired: Option<Arc<AtomicBool>>,
         errored: Option<Arc<AtomicBool>>,
+        // Data bytes passed through (access logs: bytes sent / received).
+        bytes: Option<Arc<AtomicU64>>,
         done: Option<D>,
     }
 
@@ -88,6 +90,7 @@ impl<B, D: OnDone> Timed<B, D> {
             active: false,
             fired: None,
             errored: None,
+            bytes: None,
             done: Some(done),
         }
     }
@@ -107,6 +110,12 @@ impl<B, D: OnDone> Timed<B, D> {
     /// Set `flag` when the inner body fails (e.g. a malformed chunked request body).
     pub fn error_flag(mut self, flag: Arc<AtomicBool>) -> Self {
         self.errored = Some(flag);
+        self
+    }
+
+    /// Add the size of every data frame to `n`.
+    pub fn count(mut self, n: Option<Arc<AtomicU64>>) -> Self {
+        self.bytes = n;
         self
     }
 
@@ -134,6 +143,9 @@ where
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 *this.active = true;
+                if let (Some(n), Some(d)) = (this.bytes.as_ref(), frame.data_ref()) {
+                    n.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(Some(Err(e))) => {
@@ -244,6 +256,11 @@ mod tests {
         );
         assert_eq!(collect(b).await.expect("body"), b"hi");
         assert_eq!(n.load(Ordering::SeqCst), 1);
+        let bytes = Arc::new(AtomicU64::new(0));
+        let b = Timed::new(http_body_util::Full::new(Bytes::from_static(b"hello")), ())
+            .count(Some(bytes.clone()));
+        assert_eq!(collect(b).await.expect("body"), b"hello");
+        assert_eq!(bytes.load(Ordering::SeqCst), 5);
         assert!(ok.load(Ordering::SeqCst));
     }
 

@@ -9,6 +9,13 @@
 //! hooks and body wrappers (also on local replies) -> response headers (server, service time,
 //! mutations) -> body streamed through [`body::Timed`]. With no filters configured the chain
 //! is skipped entirely.
+//!
+//! Observability: every request collects its response flags (local reply codes, `URX`, `DC`,
+//! `DI`), upstream cluster and host in [`Observed`]. When the connection manager has access
+//! logs or tracing, the trace context is continued or started before routing
+//! ([`crate::trace`]), and at the end of the response body ([`DownstreamDone`]) one access log
+//! line per logger ([`crate::access_log`]) and, when sampled, one span are emitted. Without
+//! either, nothing is captured beyond a few words on the stack.
 
 pub mod body;
 pub mod h1_observer;
@@ -20,7 +27,7 @@ pub mod sanitize;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, LOCATION, SERVER};
@@ -33,12 +40,14 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use weir_filters::{ChainState, ConnectionState, LocalReply, StreamInfo};
 
+use crate::access_log::{Flag, LogRecord, ResponseFlags};
 use crate::config::hcm::{Codec, HcmConfig, ServerHeader};
 use crate::listener::ConnInfo;
 use crate::route::{HeaderContext, RouteAction, RouteMatch, RouteRequest};
 use crate::server::ServerState;
 use crate::stats::class_index;
-use crate::upstream::UpstreamBody;
+use crate::trace::SpanContext;
+use crate::upstream::{Cluster, UpstreamBody};
 use body::{OnDone, Outcome, Timed};
 use h1_observer::{Observer, Verdict, Verdicts};
 use sanitize::Reject;
@@ -195,14 +204,155 @@ pub async fn serve_connection<I>(
     }
 }
 
-/// Ends a downstream request: gauges, time histogram, connection idle bookkeeping.
+/// Ends a downstream request: gauges, time histogram, connection idle bookkeeping, and the
+/// access log lines and span of the request.
 struct DownstreamDone {
     conn: Arc<Conn>,
     start: Instant,
+    log: Option<Box<PendingLog>>,
+}
+
+/// What the request end needs to log it and record its span (owned: the request is gone).
+struct PendingLog {
+    start_time: SystemTime,
+    method: http::Method,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    request_headers: Option<http::HeaderMap>,
+    response_headers: http::HeaderMap,
+    status: u16,
+    details: Option<&'static str>,
+    flags: ResponseFlags,
+    cluster: Option<Arc<Cluster>>,
+    host: Option<std::net::SocketAddr>,
+    downstream_remote: std::net::SocketAddr,
+    response_duration: Option<Duration>,
+    bytes_received: Option<Arc<AtomicU64>>,
+    bytes_sent: Arc<AtomicU64>,
+    route_name: Option<String>,
+    is_health_check: bool,
+    span: Option<SpanContext>,
+    trace: TraceHeaders,
+}
+
+/// Request headers the span reports.
+#[derive(Default)]
+struct TraceHeaders {
+    request_id: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    tracestate: Option<HeaderValue>,
+}
+
+fn hv(v: &Option<HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
+}
+
+impl PendingLog {
+    fn emit(self, conn: &Conn, start: Instant, outcome: Outcome) {
+        let cfg = &conn.cfg;
+        let mut flags = self.flags;
+        let bytes_sent = self.bytes_sent.load(Ordering::Relaxed);
+        // hyper drops a body whose Content-Length is fully written without polling its end:
+        // only a short body is a downstream termination.
+        let short = self
+            .response_headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_none_or(|len| bytes_sent < len);
+        match outcome {
+            Outcome::Dropped if short => flags.set(Flag::DownstreamConnectionTermination),
+            Outcome::Error if flags.is_empty() => flags.set(Flag::UpstreamRemoteReset),
+            _ => {}
+        }
+        let end = SystemTime::now();
+        let duration = start.elapsed();
+        let bytes_received = self
+            .bytes_received
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed));
+        let trace_id = self.span.filter(|s| s.sampled).map(|s| s.trace_id_hex());
+        if !cfg.access_logs.is_empty() {
+            let details = match self.details {
+                Some(d) => crate::access_log::flags::local_reply_details(d),
+                None if self.status != 0 => "via_upstream",
+                None => "-",
+            };
+            let rec = LogRecord {
+                start_time: self.start_time,
+                request_headers: self.request_headers.as_ref(),
+                method: Some(&self.method),
+                path: Some(&self.path),
+                authority: Some(&self.authority),
+                scheme: Some("http"),
+                response_headers: Some(&self.response_headers),
+                response_trailers: None,
+                protocol: Some(self.protocol),
+                response_code: self.status,
+                response_code_details: Some(details),
+                flags,
+                bytes_received,
+                bytes_sent,
+                duration: Some(duration),
+                response_duration: self.response_duration,
+                upstream_host: self.host,
+                upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
+                upstream_local: None,
+                upstream_failure_reason: None,
+                downstream_remote: Some(self.downstream_remote),
+                downstream_local: Some(conn.info.local),
+                tls: conn.info.tls.as_deref(),
+                trace_id: trace_id.as_deref(),
+                route_name: self.route_name.as_deref(),
+                is_health_check: self.is_health_check,
+            };
+            cfg.access_logs.log(&rec);
+        }
+        if let (Some(tc), Some(sc)) = (&cfg.tracing, self.span)
+            && sc.sampled
+            && tc.provider.is_some()
+        {
+            let snap = conn.state.snapshot.load();
+            let tls = conn.info.tls.as_deref();
+            let peer = tls.and_then(|t| t.peer.as_ref());
+            let facts = crate::trace::SpanFacts {
+                ctx: sc,
+                tracestate: hv(&self.trace.tracestate),
+                start: self.start_time,
+                end,
+                authority: &self.authority,
+                path: &self.path,
+                method: self.method.as_str(),
+                scheme: "http",
+                protocol: self.protocol,
+                status: self.status,
+                flags: flags.to_string_envoy(),
+                upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
+                upstream_host: self.host.map(|h| h.to_string()),
+                request_id: hv(&self.trace.request_id),
+                user_agent: hv(&self.trace.user_agent),
+                peer_address: self.downstream_remote.ip().to_string(),
+                peer_uri_san: peer
+                    .filter(|p| !p.uri_sans.is_empty())
+                    .map(|p| p.uri_sans.join(",")),
+                peer_subject: peer.map(|p| p.subject.as_str()).filter(|s| !s.is_empty()),
+                node_id: &snap.node.id,
+                request_size: bytes_received,
+                response_size: bytes_sent,
+            };
+            tc.record(
+                crate::trace::build_span(&facts, tc.max_path_tag_length),
+                &conn.state.clusters,
+            );
+        }
+    }
 }
 
 impl OnDone for DownstreamDone {
     fn done(&mut self, outcome: Outcome) {
+        if let Some(p) = self.log.take() {
+            p.emit(&self.conn, self.start, outcome);
+        }
         let s = &self.conn.cfg.stats;
         s.downstream_rq_active.decrement(1.0);
         s.downstream_rq_time
@@ -217,6 +367,38 @@ impl OnDone for DownstreamDone {
     }
 }
 
+/// What the request learned on its way, for access logs and spans.
+#[derive(Default)]
+pub(crate) struct Observed {
+    /// Response flags so far.
+    pub(crate) flags: ResponseFlags,
+    /// The local reply code (`NR`, `UH`, ...) when weir answered itself.
+    pub(crate) details: Option<&'static str>,
+    /// The upstream cluster chosen.
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The upstream host of the last attempt.
+    pub(crate) host: Option<std::net::SocketAddr>,
+    /// When response headers were ready.
+    pub(crate) response_at: Option<Instant>,
+    /// Request body bytes (counted only when observed).
+    pub(crate) bytes_received: Option<Arc<AtomicU64>>,
+    /// The trace span of the request (HCM `tracing`).
+    span: Option<SpanContext>,
+    /// Request headers as routed (access logs reading `%REQ%` or header filters).
+    request_headers: Option<http::HeaderMap>,
+    trace: TraceHeaders,
+    route_name: Option<String>,
+    is_health_check: bool,
+}
+
+impl Observed {
+    /// Record a local reply's flag.
+    fn local_reply(&mut self, reply: &LocalReply) {
+        self.flags.set_code(reply.flag);
+        self.details = Some(reply.flag);
+    }
+}
+
 /// What a request handler needs beyond the request.
 pub(crate) struct Stream<'a> {
     conn: &'a Arc<Conn>,
@@ -226,6 +408,8 @@ pub(crate) struct Stream<'a> {
     hctx: HeaderContext,
     /// Close the HTTP/1 connection after this response.
     close: bool,
+    /// Observability facts.
+    pub(crate) obs: Observed,
 }
 
 async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBody> {
@@ -248,9 +432,27 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
             s.downstream_cx_http1_total.increment(1)
         }
     }
-    let done = DownstreamDone {
+    let observe = !cfg.access_logs.is_empty() || cfg.tracing.is_some();
+    let head = observe.then(|| {
+        let authority = match req.uri().authority() {
+            Some(a) => a.as_str().to_string(),
+            None => req
+                .headers()
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        };
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        (SystemTime::now(), req.method().clone(), path, authority)
+    });
+    let mut done = DownstreamDone {
         conn: conn.clone(),
         start,
+        log: None,
     };
     let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let mut close = false;
@@ -279,6 +481,10 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
             },
         },
         close,
+        obs: Observed {
+            bytes_received: observe.then(|| Arc::new(AtomicU64::new(0))),
+            ..Default::default()
+        },
     };
     let framing = if h2 {
         Verdict::Clean
@@ -289,11 +495,39 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
     let resp = match process(&mut parts, body, &mut st, framing).await {
         Ok(r) => r,
         Err(reply) => {
+            st.obs.local_reply(&reply);
             let close = st.close || (!h2 && reply.status == StatusCode::BAD_REQUEST);
             local_reply::render(reply, st.is_grpc, close)
         }
     };
-    finish(resp, &st, done)
+    let bytes_sent = head.map(|(start_time, method, path, authority)| {
+        let sent = Arc::new(AtomicU64::new(0));
+        let o = std::mem::take(&mut st.obs);
+        done.log = Some(Box::new(PendingLog {
+            start_time,
+            method,
+            path,
+            authority,
+            protocol: st.hctx.protocol,
+            request_headers: o.request_headers,
+            response_headers: resp.headers().clone(),
+            status: resp.status().as_u16(),
+            details: o.details,
+            flags: o.flags,
+            cluster: o.cluster,
+            host: o.host,
+            downstream_remote: st.hctx.downstream_remote,
+            response_duration: Some(o.response_at.unwrap_or_else(Instant::now) - start),
+            bytes_received: o.bytes_received,
+            bytes_sent: sent.clone(),
+            route_name: o.route_name,
+            is_health_check: o.is_health_check,
+            span: o.span,
+            trace: o.trace,
+        }));
+        sent
+    });
+    finish(resp, &st, done, bytes_sent)
 }
 
 /// Response headers common to every response, status stats, body wrapping.
@@ -301,6 +535,7 @@ fn finish(
     mut resp: Response<UpstreamBody>,
     st: &Stream<'_>,
     done: DownstreamDone,
+    bytes_sent: Option<Arc<AtomicU64>>,
 ) -> Response<UpstreamBody> {
     let cfg = &st.conn.cfg;
     cfg.stats.downstream_rq_xx[class_index(resp.status().as_u16())].increment(1);
@@ -320,7 +555,9 @@ fn finish(
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     let (parts, body) = resp.into_parts();
-    let body = Timed::new(body, done).idle(cfg.stream_idle_timeout);
+    let body = Timed::new(body, done)
+        .idle(cfg.stream_idle_timeout)
+        .count(bytes_sent);
     Response::from_parts(parts, body.boxed_unsync())
 }
 
@@ -426,6 +663,9 @@ async fn process(
         std::net::SocketAddr::new(fwd.remote, st.hctx.downstream_remote.port());
 
     let request_id = req.headers.get("x-request-id").cloned();
+    if st.obs.bytes_received.is_some() {
+        observe_request(req, st, &cfg);
+    }
     // Route once, before the filters (Envoy's route cache); filters see the result.
     let routes = cfg.routes.load();
     let route = routes.route(&RouteRequest {
@@ -435,6 +675,14 @@ async fn process(
         headers: &req.headers,
         scheme: "http",
     });
+    if st.obs.bytes_received.is_some()
+        && let Some(m) = &route
+    {
+        let name = m.filter_view().route_name;
+        if !name.is_empty() {
+            st.obs.route_name = Some(name.to_string());
+        }
+    }
     let target = Target {
         authority: &authority,
         path: &path,
@@ -482,7 +730,39 @@ async fn process(
             },
         },
     };
-    Ok(chain.encode(resp, &info, &mut fstate))
+    let resp = chain.encode(resp, &info, &mut fstate);
+    let marks = info.marks();
+    if marks & weir_filters::chain::marks::DELAY_INJECTED != 0 {
+        st.obs.flags.set(Flag::DelayInjected);
+    }
+    st.obs.is_health_check = marks & weir_filters::chain::marks::HEALTH_CHECK != 0;
+    Ok(resp)
+}
+
+/// Tracing (continue or start the trace, inject the upstream headers) and the request facts
+/// access logs and spans read. Runs only when the connection manager observes requests.
+fn observe_request(req: &mut http::request::Parts, st: &mut Stream<'_>, cfg: &HcmConfig) {
+    if let Some(tc) = &cfg.tracing {
+        let (parent, seen) = crate::trace::context::extract(&req.headers);
+        let lone = crate::trace::context::lone_decision(&req.headers);
+        // `x-envoy-force-trace` survives sanitizing only on internal requests.
+        let force = req.headers.contains_key("x-envoy-force-trace");
+        let client = req.headers.contains_key("x-client-trace-id");
+        let decision = tc
+            .sampling
+            .decide(force, client, (rand::random(), rand::random()));
+        let sc = SpanContext::new(parent, lone, decision, (rand::random(), rand::random()));
+        sc.inject(&mut req.headers, seen);
+        st.obs.span = Some(sc);
+        st.obs.trace = TraceHeaders {
+            request_id: req.headers.get("x-request-id").cloned(),
+            user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
+            tracestate: req.headers.get("tracestate").cloned(),
+        };
+    }
+    if cfg.access_logs.needs_request_headers() {
+        st.obs.request_headers = Some(req.headers.clone());
+    }
 }
 
 /// What `respond` needs besides the route.
@@ -495,7 +775,8 @@ struct Target<'a> {
 }
 
 /// Render a local reply as `handle` does (HTTP/1 400s close the connection).
-fn render_local(reply: LocalReply, st: &Stream<'_>) -> Response<UpstreamBody> {
+fn render_local(reply: LocalReply, st: &mut Stream<'_>) -> Response<UpstreamBody> {
+    st.obs.local_reply(&reply);
     let close = st.close || (!st.h2 && reply.status == StatusCode::BAD_REQUEST);
     local_reply::render(reply, st.is_grpc, close)
 }
@@ -515,6 +796,7 @@ async fn respond(
     let mut resp = match m.action() {
         RouteAction::Direct(d) => {
             cfg.stats.rq_direct_response.increment(1);
+            st.obs.details = Some("direct_response");
             let body = d.body.clone().unwrap_or_default();
             let len = body.len();
             let mut r = Response::new(local_reply::full(body));
@@ -554,6 +836,7 @@ async fn respond(
             router::forward(req, body, st, &m, f, authority, path, t.ws).await?
         }
     };
+    st.obs.response_at = Some(Instant::now());
     m.apply_response_headers(resp.headers_mut(), &st.hctx);
     if cfg.always_set_request_id_in_response
         && let Some(id) = &t.request_id

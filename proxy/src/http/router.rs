@@ -1,6 +1,9 @@
 //! The router (`envoy.filters.http.router`): cluster selection, host selection, upstream
 //! request construction, the route timeout, upstream failure -> local reply mapping,
 //! WebSocket upgrades and CONNECT termination (TCP tunnels).
+//!
+//! For access logs and spans it records the chosen cluster and host and the `URX` flag (retries
+//! exhausted) in the stream's [`super::Observed`]; local replies carry their own flag.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +17,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use weir_filters::LocalReply;
+
+use crate::access_log::Flag;
 
 use super::Stream;
 use super::body::{OnDone, Outcome, Timed, TimerError};
@@ -384,6 +389,7 @@ pub(super) async fn forward(
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     let cfg = st.conn.cfg.clone();
     let cluster = pick_cluster(&req.headers, st, f)?;
+    st.obs.cluster = Some(cluster.clone());
     let priority = f.policy.priority;
     // The route's hash_policy (RING_HASH / MAGLEV), computed once for all attempts.
     let hash = f.hash(
@@ -455,6 +461,7 @@ pub(super) async fn forward(
     let req_timed_out = Arc::new(AtomicBool::new(false));
     let down_failed = Arc::new(AtomicBool::new(false));
     let down_body = Timed::new(body, ())
+        .count(st.obs.bytes_received.clone())
         .idle(cfg.stream_idle_timeout)
         .deadline(
             cfg.request_timeout.map(|t| st.start + t),
@@ -518,6 +525,7 @@ pub(super) async fn forward(
         }) else {
             return Err(no_healthy_upstream());
         };
+        st.obs.host = Some(host.address);
         let Some(rq_slot) = rm.requests.try_acquire() else {
             cs.upstream_rq_pending_overflow.increment(1);
             return Err(overloaded(cfg.suppress_envoy_headers));
@@ -714,6 +722,9 @@ pub(super) async fn forward(
                     backoff_sleep(retry_policy, attempt, deadline, cs).await;
                     continue;
                 }
+                if retriable && attempt > retry.max {
+                    st.obs.flags.set(Flag::UpstreamRetryLimitExceeded);
+                }
                 if retried {
                     cs.upstream_rq_retry_success.increment(1);
                 }
@@ -749,6 +760,9 @@ pub(super) async fn forward(
             _retry_slot = Some(slot);
             backoff_sleep(retry_policy, attempt, deadline, cs).await;
             continue;
+        }
+        if retriable && attempt > retry.max {
+            st.obs.flags.set(Flag::UpstreamRetryLimitExceeded);
         }
         return Err(reply);
     }
@@ -892,7 +906,7 @@ async fn websocket_upgrade(
 /// the upgraded downstream connection with the TCP stream until either side closes.
 pub(super) async fn connect(
     req: &mut http::request::Parts,
-    st: &Stream<'_>,
+    st: &mut Stream<'_>,
     f: &ForwardAction,
 ) -> Result<Response<UpstreamBody>, LocalReply> {
     if !f.connect_terminate() {
@@ -900,6 +914,8 @@ pub(super) async fn connect(
         return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
     }
     let (cluster, host) = pick_host(&req.headers, st, f)?;
+    st.obs.cluster = Some(cluster.clone());
+    st.obs.host = Some(host.address);
     let Some(down_upgrade) = req.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         return Err(LocalReply::new(
             StatusCode::BAD_REQUEST,

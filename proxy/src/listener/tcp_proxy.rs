@@ -6,6 +6,10 @@
 //! works everywhere. Both propagate half-close (a FIN from one side becomes a `shutdown(Write)`
 //! on the other), end on the idle timeout, the max connection duration or cancellation, and
 //! count `downstream_cx_rx_bytes_total` / `downstream_cx_tx_bytes_total` as bytes move.
+//!
+//! Access logs (`access_log`): one line per connection when it ends, with bytes both ways,
+//! the upstream cluster/host/local address and the response flags weir set (`NR` no cluster,
+//! `UH` no healthy host, `UF` connect failures, `UO` connection breaker open).
 
 use std::io;
 use std::pin::Pin;
@@ -47,6 +51,8 @@ pub struct TcpProxyConfig {
     /// `hash_policy: [{source_ip: {}}]`: RING_HASH / MAGLEV clusters pick by the downstream
     /// source IP (xxHash64 of its text form, as Envoy).
     pub hash_source_ip: bool,
+    /// `access_log`.
+    pub access_logs: crate::access_log::AccessLogs,
 }
 
 impl TcpProxyConfig {
@@ -69,6 +75,7 @@ impl TcpProxyConfig {
             max_connect_attempts,
             stats,
             hash_source_ip: false,
+            access_logs: crate::access_log::AccessLogs::default(),
         }
     }
 
@@ -125,6 +132,18 @@ impl TcpProxyStats {
     }
 }
 
+/// What a tcp_proxy connection did, for its access log line.
+#[derive(Debug, Default)]
+struct ConnLog {
+    flags: crate::access_log::ResponseFlags,
+    cluster: Option<Arc<crate::upstream::Cluster>>,
+    host: Option<std::net::SocketAddr>,
+    upstream_local: Option<std::net::SocketAddr>,
+    failure: Option<String>,
+    received: u64,
+    sent: u64,
+}
+
 /// Serve one downstream connection with the tcp_proxy filter.
 pub async fn serve(
     downstream: TcpStream,
@@ -132,12 +151,46 @@ pub async fn serve(
     conn: ConnInfo,
     state: Arc<ServerState>,
 ) {
+    let start = (std::time::SystemTime::now(), Instant::now());
+    let mut log = ConnLog::default();
+    serve_inner(downstream, &cfg, &conn, &state, &mut log).await;
+    if cfg.access_logs.is_empty() {
+        return;
+    }
+    let rec = crate::access_log::LogRecord {
+        start_time: start.0,
+        flags: log.flags,
+        bytes_received: log.received,
+        bytes_sent: log.sent,
+        duration: Some(start.1.elapsed()),
+        upstream_host: log.host,
+        upstream_cluster: log.cluster.as_ref().map(|c| c.name()),
+        upstream_local: log.upstream_local,
+        upstream_failure_reason: log.failure.as_deref(),
+        downstream_remote: Some(conn.peer),
+        downstream_local: Some(conn.local),
+        tls: conn.tls.as_deref(),
+        ..Default::default()
+    };
+    cfg.access_logs.log(&rec);
+}
+
+async fn serve_inner(
+    downstream: TcpStream,
+    cfg: &TcpProxyConfig,
+    conn: &ConnInfo,
+    state: &ServerState,
+    log: &mut ConnLog,
+) {
+    use crate::access_log::Flag;
     cfg.stats.downstream_cx_total.increment(1);
     let Some(cluster) = cfg.pick_cluster().and_then(|n| state.clusters.get(n)) else {
         cfg.stats.downstream_cx_no_route.increment(1);
+        log.flags.set(Flag::NoRouteFound);
         tracing::debug!(peer = %conn.peer, prefix = %cfg.stat_prefix, "tcp_proxy: no cluster");
         return;
     };
+    log.cluster = Some(cluster.clone());
     let mut upstream = None;
     let ctx = crate::upstream::LbContext {
         hash: cfg
@@ -148,9 +201,11 @@ pub async fn serve(
     for attempt in 1..=cfg.max_connect_attempts {
         // choose_host counts upstream_cx_none_healthy itself.
         let Some(host) = cluster.choose_host(&ctx) else {
+            log.flags.set(Flag::NoHealthyUpstream);
             tracing::debug!(cluster = cluster.name(), "tcp_proxy: no healthy upstream");
             return;
         };
+        log.host = Some(host.address);
         let r = tokio::select! {
             r = cluster.connect_tcp(&host, crate::upstream::circuit::Priority::Default) => r,
             _ = conn.hard_stop.cancelled() => return,
@@ -162,9 +217,14 @@ pub async fn serve(
                 break;
             }
             // The connection breaker is open (counted as upstream_cx_overflow): close.
-            Err(crate::upstream::UpstreamError::Overflow) => return,
+            Err(crate::upstream::UpstreamError::Overflow) => {
+                log.flags.set(Flag::UpstreamOverflow);
+                return;
+            }
             Err(e) => {
                 cluster.report(&host, crate::upstream::HostResult::ConnectFailed);
+                log.flags.set(Flag::UpstreamConnectionFailure);
+                log.failure = Some(e.to_string());
                 tracing::debug!(
                     cluster = cluster.name(),
                     host = %host.address,
@@ -180,6 +240,10 @@ pub async fn serve(
     };
     // The guard keeps the cluster's upstream_cx_active right until the copy ends.
     let (upstream, _cx_guard) = (upstream.stream, upstream.guard);
+    // A later attempt connected: the failures before it are not the connection's outcome.
+    log.flags = Default::default();
+    log.failure = None;
+    log.upstream_local = upstream.local_addr().ok();
     let _ = upstream.set_nodelay(true);
     let opts = ProxyOptions {
         engine: Engine::default(),
@@ -192,6 +256,8 @@ pub async fn serve(
         tx: cfg.stats.downstream_cx_tx_bytes_total.clone(),
     };
     let out = proxy_streams(downstream, upstream, &opts, &counters, &conn.hard_stop).await;
+    log.received = out.downstream_to_upstream;
+    log.sent = out.upstream_to_downstream;
     match &out.end {
         ProxyEnd::IdleTimeout => cfg.stats.idle_timeout.increment(1),
         ProxyEnd::MaxDuration => cfg.stats.max_downstream_connection_duration.increment(1),

@@ -63,6 +63,8 @@ const TCP_PROXY_FIELDS: &[&str] = &[
     "max_connect_attempts",
     "max_downstream_connection_duration",
     "hash_policy",
+    // Observability (tcp_proxy access logs).
+    "access_log",
 ];
 
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
@@ -442,6 +444,8 @@ fn tcp_proxy(
         Some(n) => n,
     };
     let hash_source_ip = tcp_hash_policy(&t.hash_policy, &join(path, "hash_policy"), errs);
+    let access_logs =
+        crate::access_log::translate(&t.access_log, &join(path, "access_log"), ctx, errs);
     if errs.0.len() != before {
         return None;
     }
@@ -454,6 +458,7 @@ fn tcp_proxy(
         TcpProxyStats::new(&ctx.stats.tcp(&t.stat_prefix)),
     );
     cfg.hash_source_ip = hash_source_ip;
+    cfg.access_logs = access_logs;
     Some(cfg)
 }
 

@@ -12,6 +12,7 @@ mod health;
 mod lb;
 mod lifecycle;
 mod listeners;
+mod observability;
 mod protocols;
 mod resilience;
 mod routing;

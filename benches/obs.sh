@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# What access logs plus tracing cost: weir plain (benches/weir-bench.yaml, port 18083) beside
+# weir with a file access log (Envoy's default format) and every request traced and exported
+# by OTLP/gRPC (benches/weir-bench-obs.yaml, port 18085) to a stub collector (nginx h2c on
+# 18095 answering grpc-status 0), same backend, one worker each, interleaved rounds. Reports
+# medians of requests per proxy CPU-second and their ratio (target: obs/plain >= 0.90).
+#   benches/obs.sh [ROUNDS]     (default 5 rounds)
+# Needs: nginx-light wrk nghttp2-client bc (installed if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${1:-5}
+SHARED=${SHARED:-$ROOT/../shared/bench}
+[ -d "$SHARED" ] || { echo "need ../shared/bench (backend config)"; exit 1; }
+need=""
+for b in nginx wrk h2load bc; do command -v $b >/dev/null || need=1; done
+if [ -n "$need" ]; then
+  apt-get update -qq && apt-get install -y -qq nginx-light wrk nghttp2-client bc >/dev/null
+fi
+cargo build --release -q -p weir-proxy --bin weir
+OUT=$(mktemp -d)
+cat > "$OUT/collector.conf" <<NGX
+worker_processes 1;
+pid $OUT/collector.pid;
+error_log $OUT/collector.err;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:18095 http2;
+    location / { default_type application/grpc; add_header grpc-status 0; return 200 ""; }
+  }
+}
+NGX
+pids=()
+cleanup() {
+  [ -f /tmp/bench-backend.pid ] && kill "$(cat /tmp/bench-backend.pid)" 2>/dev/null || true
+  [ -f "$OUT/collector.pid" ] && kill "$(cat "$OUT/collector.pid")" 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -f /tmp/weir-bench-access.log
+}
+trap cleanup EXIT
+nginx -c "$SHARED/backend-nginx.conf"
+nginx -c "$OUT/collector.conf"
+./target/release/weir -c benches/weir-bench.yaml --concurrency 1 --log-level warn & PLAIN=$!; pids+=($PLAIN)
+./target/release/weir -c benches/weir-bench-obs.yaml --concurrency 1 --log-level warn & OBS=$!; pids+=($OBS)
+sleep 2
+
+cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
+h2() { # name port pid
+  local c0 c1 out total cpus
+  c0=$(cpu_of "$3"); out=$(h2load -D 6 -c 10 -m 32 -t 1 "http://127.0.0.1:$2/" 2>&1); c1=$(cpu_of "$3")
+  total=$(echo "$out" | awk '/^requests:/{print $8}')
+  cpus=$(echo "scale=3; ($c1-$c0)/$(getconf CLK_TCK)" | bc)
+  echo "$1 req_per_cpu_s=$(echo "scale=0; $total/$cpus" | bc 2>/dev/null || echo 0)"
+}
+for r in $(seq 1 "$ROUNDS"); do
+  echo "== round $r"
+  bash "$SHARED/measure.sh" plain 18083 "$PLAIN" | tee -a "$OUT/h1"
+  bash "$SHARED/measure.sh" obs 18085 "$OBS" | tee -a "$OUT/h1"
+  h2 plain 18083 "$PLAIN" | tee -a "$OUT/h2"
+  h2 obs 18085 "$OBS" | tee -a "$OUT/h2"
+done
+echo "== access log lines and spans (sent / dropped):"
+wc -l < /tmp/weir-bench-access.log || true
+curl -s http://127.0.0.1:18993/stats | grep -E 'tracing.opentelemetry|filesystem' || true
+python3 - "$OUT" <<'PY'
+import re, statistics, sys, collections
+out = sys.argv[1]
+def med(file):
+    vals = collections.defaultdict(list)
+    for line in open(f"{out}/{file}"):
+        m = re.match(r"(\w+) .*\breq_per_cpu_s=([0-9.]+)", line)
+        if m: vals[m.group(1)].append(float(m.group(2)))
+    return {k: statistics.median(v) for k, v in vals.items()}
+print("\n| req per proxy CPU-s | plain | access log + tracing | obs/plain |")
+print("|---|---|---|---|")
+for name, f in [("HTTP/1.1", "h1"), ("HTTP/2", "h2")]:
+    d = med(f)
+    print(f"| {name} | {d['plain']:.0f} | {d['obs']:.0f} | {d['obs']/d['plain']:.3f} |")
+PY
+echo "raw results in $OUT"
