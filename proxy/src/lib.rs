@@ -35,5 +35,6 @@ pub mod listener;
 pub mod route;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 pub mod xds;

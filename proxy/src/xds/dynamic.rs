@@ -147,6 +147,10 @@ pub fn resource_name(type_url: &str, body: &Any) -> Result<String, String> {
         CLUSTER => weir_xds_api::unpack::<PbCluster>(body).map(|c| c.name),
         ROUTE => weir_xds_api::unpack::<RouteConfiguration>(body).map(|r| r.name),
         ENDPOINT => weir_xds_api::unpack::<ClusterLoadAssignment>(body).map(|c| c.cluster_name),
+        weir_xds_api::type_urls::SECRET => weir_xds_api::unpack::<
+            weir_xds_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+        >(body)
+        .map(|s| s.name),
         other => return Err(format!("resource type {other} is not supported")),
     };
     name.map_err(|e| format!("cannot decode {type_url}: {e}"))

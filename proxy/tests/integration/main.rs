@@ -15,4 +15,5 @@ mod protocols;
 mod resilience;
 mod routing;
 mod tcp;
+mod tls;
 mod xds;
