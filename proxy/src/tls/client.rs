@@ -131,6 +131,8 @@ pub struct ClientTls {
     alpn: std::sync::atomic::AtomicU8,
     /// Shared across rebuilds: session resumption to the upstream.
     sessions: Arc<dyn rustls::client::ClientSessionStore>,
+    /// Keeps this context's ADS secrets subscribed.
+    _wants: Vec<Arc<()>>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -151,14 +153,9 @@ impl ClientTls {
         registry: Arc<SecretRegistry>,
         stats: Arc<SslStats>,
     ) -> Self {
-        for c in &cfg.common.certs {
-            if let super::config::CertSource::Sds(r) = c {
-                registry.watch(r);
-            }
-        }
-        if let Some(super::config::ValidationSource::Sds { sds, .. }) = &cfg.common.validation {
-            registry.watch(sds);
-        }
+        let wants = super::sds_refs(&cfg.common)
+            .map(|r| registry.want(r))
+            .collect();
         Self {
             cfg,
             registry,
@@ -166,6 +163,7 @@ impl ClientTls {
             built: ArcSwapOption::empty(),
             alpn: std::sync::atomic::AtomicU8::new(0),
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(256)),
+            _wants: wants,
         }
     }
 

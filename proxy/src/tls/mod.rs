@@ -96,6 +96,20 @@ impl SslStats {
     }
 }
 
+/// The SDS secrets a context uses.
+fn sds_refs(c: &config::CommonTls) -> impl Iterator<Item = &config::SdsRef> {
+    c.certs
+        .iter()
+        .filter_map(|c| match c {
+            config::CertSource::Sds(r) => Some(r),
+            config::CertSource::Static(_) => None,
+        })
+        .chain(c.validation.iter().filter_map(|v| match v {
+            config::ValidationSource::Sds { sds, .. } => Some(sds),
+            config::ValidationSource::Static(_) => None,
+        }))
+}
+
 /// Install ring as rustls' process default provider (tonic and tests build configs without
 /// naming one). Idempotent.
 pub fn install_default_provider() {

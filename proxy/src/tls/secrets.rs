@@ -35,6 +35,8 @@ pub struct SecretRegistry {
     /// Watched files -> hash of the content last applied.
     files: Mutex<HashMap<PathBuf, u64>>,
     watcher_started: std::sync::atomic::AtomicBool,
+    /// ADS secret names TLS contexts use, alive while their context is.
+    wanted: Mutex<Vec<(String, Weak<()>)>>,
 }
 
 fn registries() -> &'static Mutex<Vec<(Weak<Store>, Arc<SecretRegistry>)>> {
@@ -81,6 +83,30 @@ impl SecretRegistry {
         }
         m.insert(key, Arc::new(v));
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Register interest in an SDS secret: ADS names are subscribed while the returned
+    /// token lives; file sources start being watched.
+    pub fn want(self: &Arc<Self>, r: &SdsRef) -> Arc<()> {
+        let token = Arc::new(());
+        match &r.source {
+            crate::config::source::SourceKind::Ads => {
+                let mut w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                w.retain(|(_, t)| t.strong_count() > 0);
+                w.push((r.name.clone(), Arc::downgrade(&token)));
+            }
+            crate::config::source::SourceKind::Path { .. } => self.watch(r),
+        }
+        token
+    }
+
+    /// ADS secret names some live TLS context uses (the SDS subscription).
+    pub fn wanted_ads(&self) -> std::collections::BTreeSet<String> {
+        let w = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        w.iter()
+            .filter(|(_, t)| t.strong_count() > 0)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Remove an ADS secret (removed by the server).

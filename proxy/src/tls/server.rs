@@ -240,6 +240,8 @@ pub struct ServerTls {
     /// Shared across rebuilds so resumption survives a certificate rotation.
     session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    /// Keeps this context's ADS secrets subscribed.
+    _wants: Vec<Arc<()>>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -273,14 +275,9 @@ impl ServerTls {
         stats: Arc<SslStats>,
         handshake_timeout: Duration,
     ) -> Self {
-        for c in &cfg.common.certs {
-            if let CertSource::Sds(r) = c {
-                registry.watch(r);
-            }
-        }
-        if let Some(ValidationSource::Sds { sds, .. }) = &cfg.common.validation {
-            registry.watch(sds);
-        }
+        let wants = super::sds_refs(&cfg.common)
+            .map(|r| registry.want(r))
+            .collect();
         let session_cache: Arc<dyn rustls::server::StoresServerSessions> = if cfg.session_cache {
             rustls::server::ServerSessionMemoryCache::new(1024)
         } else {
@@ -305,6 +302,7 @@ impl ServerTls {
             built: ArcSwapOption::empty(),
             session_cache,
             ticketer,
+            _wants: wants,
         }
     }
 

@@ -855,3 +855,211 @@ async fn tls_inspector_timeout_closes_or_continues() {
         p.stop().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SDS over ADS (Istio's secret names: `default` = workload certificate, `ROOTCA` = trust
+// bundle), against a minimal scripted ADS server.
+
+mod ads {
+    use std::pin::Pin;
+
+    use futures::channel::mpsc;
+    use futures::{Stream, StreamExt};
+    use tonic::{Request, Response, Status, Streaming};
+    use weir_xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    };
+    use weir_xds_api::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    };
+
+    pub type Requests = mpsc::UnboundedReceiver<DiscoveryRequest>;
+    pub type Responses = mpsc::UnboundedSender<Result<DiscoveryResponse, Status>>;
+
+    struct Fake(mpsc::UnboundedSender<(Requests, Responses)>);
+
+    type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl AggregatedDiscoveryService for Fake {
+        type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+        type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+        async fn stream_aggregated_resources(
+            &self,
+            req: Request<Streaming<DiscoveryRequest>>,
+        ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+            let mut inbound = req.into_inner();
+            let (rtx, rrx) = mpsc::unbounded();
+            tokio::spawn(async move {
+                while let Ok(Some(m)) = inbound.message().await {
+                    if rtx.unbounded_send(m).is_err() {
+                        return;
+                    }
+                }
+            });
+            let (tx, rx) = mpsc::unbounded();
+            let _ = self.0.unbounded_send((rrx, tx));
+            Ok(Response::new(Box::pin(rx)))
+        }
+
+        async fn delta_aggregated_resources(
+            &self,
+            _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+            Err(Status::unimplemented("delta"))
+        }
+    }
+
+    /// Start the server; streams arrive on the returned receiver.
+    pub async fn start() -> (
+        std::net::SocketAddr,
+        mpsc::UnboundedReceiver<(Requests, Responses)>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, rx) = mpsc::unbounded();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(Fake(tx)))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
+                .await;
+        });
+        (addr, rx)
+    }
+
+    /// The next request (bounded wait).
+    pub async fn next(r: &mut Requests) -> DiscoveryRequest {
+        tokio::time::timeout(std::time::Duration::from_secs(10), r.next())
+            .await
+            .expect("a request")
+            .expect("stream open")
+    }
+}
+
+fn secret_any(v: Value) -> weir_xds_api::Any {
+    let s: weir_xds_api::pb::envoy::extensions::transport_sockets::tls::v3::Secret =
+        weir_xds_api::from_yaml(&v.to_string()).expect("secret");
+    weir_xds_api::pack(&s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sds_over_ads_serves_mtls_and_rotates() {
+    const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let pki = Pki::new("mesh ca");
+    let backend = Backend::start("plain").await;
+    let (ads_addr, mut streams) = ads::start().await;
+    let ads_sds =
+        |name: &str| json!({"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}});
+    let ts = downstream(
+        json!({
+            "tls_certificate_sds_secret_configs": [ads_sds("default")],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/ns/default/"}}
+                ]},
+                "validation_context_sds_secret_config": ads_sds("ROOTCA"),
+            },
+        }),
+        json!({"require_client_certificate": true}),
+    );
+    let mut boot: Value = serde_json::from_str(&bootstrap(
+        vec![listener(vec![json!({"filters": [hcm("plain")], "transport_socket": ts})], json!({}))],
+        vec![
+            cluster("plain", backend.addr, None),
+            {
+                let mut c = cluster("xds", ads_addr, None);
+                c["typed_extension_protocol_options"] = json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}}
+                    }
+                });
+                c
+            },
+        ],
+    ))
+    .expect("json");
+    boot["node"] =
+        json!({"id": "sidecar~10.0.0.1~a.default~default.svc.cluster.local", "cluster": "a"});
+    boot["dynamic_resources"] = json!({"ads_config": {
+        "api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]
+    }});
+    let p = Proxy::start(&boot.to_string()).await;
+    let addr = p.addr("tls");
+
+    let (mut reqs, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut streams),
+    )
+    .await
+    .expect("ADS stream")
+    .expect("server");
+    let mut r = ads::next(&mut reqs).await;
+    while r.type_url != SECRET {
+        r = ads::next(&mut reqs).await;
+    }
+    let mut names = r.resource_names.clone();
+    names.sort();
+    assert_eq!(names, ["ROOTCA", "default"]);
+
+    // Before the secrets arrive, handshakes fail (the context is warming).
+    let client = pki.leaf(&[], &["spiffe://cluster.local/ns/default/sa/client"]);
+    let ccfg = client_config(&pki, Some(&client), &[]);
+    assert!(tls_get(addr, "a.test", ccfg.clone()).await.is_err());
+
+    let push = |version: &str, leaf: &Leaf| {
+        resp.unbounded_send(Ok(weir_xds_api::pb::envoy::service::discovery::v3::DiscoveryResponse {
+            version_info: version.into(),
+            type_url: SECRET.into(),
+            nonce: version.into(),
+            resources: vec![
+                secret_any(json!({"name": "default", "tls_certificate": cert_json(leaf)})),
+                secret_any(json!({"name": "ROOTCA", "validation_context": {"trusted_ca": inline(&pki.ca_pem())}})),
+            ],
+            ..Default::default()
+        }))
+        .expect("send");
+    };
+    let v1 = pki.leaf(&["a.test"], &["spiffe://cluster.local/ns/default/sa/a-v1"]);
+    push("s1", &v1);
+    let ack = loop {
+        let r = ads::next(&mut reqs).await;
+        if r.type_url == SECRET && r.response_nonce == "s1" {
+            break r;
+        }
+    };
+    assert_eq!(ack.version_info, "s1");
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    let (status, _) = tls_get(addr, "a.test", ccfg.clone())
+        .await
+        .expect("mTLS with ADS secrets");
+    assert_eq!(status, StatusCode::OK);
+    // A client outside the namespace prefix is refused.
+    let other = pki.leaf(&[], &["spiffe://cluster.local/ns/other/sa/x"]);
+    assert!(
+        tls_get(addr, "a.test", client_config(&pki, Some(&other), &[]))
+            .await
+            .is_err()
+    );
+
+    // Rotation: the next handshake presents the new workload certificate.
+    let v2 = pki.leaf(&["a.test"], &["spiffe://cluster.local/ns/default/sa/a-v2"]);
+    push("s2", &v2);
+    let mut rotated = false;
+    for _ in 0..100 {
+        let t = tls_connect(addr, "a.test", ccfg.clone())
+            .await
+            .expect("handshake");
+        if peer_sans(&t).iter().any(|s| s.ends_with("a-v2")) {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated);
+    p.stop().await;
+}
