@@ -453,9 +453,12 @@ async fn passthrough_by_sni_reaches_the_backend_that_terminates() {
 }
 
 fn mtls_listener(pki: &Pki, server: &Leaf, san_matchers: Value, cluster_name: &str) -> Value {
+    let mut h = hcm(cluster_name);
+    h["typed_config"]["forward_client_cert_details"] = json!("SANITIZE_SET");
+    h["typed_config"]["set_current_client_cert_details"] = json!({"uri": true, "subject": true});
     listener(
         vec![json!({
-            "filters": [hcm(cluster_name)],
+            "filters": [h],
             "transport_socket": downstream(
                 json!({
                     "tls_certificates": [cert_json(server)],
@@ -518,13 +521,31 @@ async fn mtls_requires_a_client_certificate_with_a_matching_san() {
     })
     .await;
 
-    // The right identities (exact, and prefix): accepted.
+    // The right identities (exact, and prefix): accepted, and the backend learns the
+    // client's identity from x-forwarded-client-cert (SANITIZE_SET).
     for id in ["spiffe://td/ns/default/sa/good", "spiffe://td/ns/ops/sa/x"] {
         let good = pki.leaf(&[], &[id]);
-        let (status, _) = tls_get(addr, "a.test", client_config(&pki, Some(&good), &[]))
+        let (status, body) = tls_get(addr, "a.test", client_config(&pki, Some(&good), &[]))
             .await
             .expect("accepted");
         assert_eq!(status, StatusCode::OK);
+        let v = crate::harness::json(&body);
+        let xfcc = v["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .expect("xfcc");
+        let der = CertificateDer::pem_slice_iter(good.cert.as_bytes())
+            .next()
+            .expect("pem")
+            .expect("der");
+        let hash: String = {
+            use sha2::Digest;
+            sha2::Sha256::digest(der.as_ref())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(xfcc, format!("Hash={hash};Subject=\"CN=leaf\";URI={id}"));
+        assert_eq!(v["headers"]["x-forwarded-proto"], "https");
     }
     assert_eq!(p.stat(&format!("{L}ssl.handshake")), 2);
     assert_eq!(p.stat(&format!("{L}ssl.connection_error")), 3);
