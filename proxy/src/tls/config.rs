@@ -874,3 +874,285 @@ pub fn file_path(r: &SdsRef) -> Option<&PathBuf> {
         SourceKind::Ads => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["a.test".into()]).expect("cert");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    fn ts(ty: &str, ctx: serde_json::Value) -> core::TransportSocket {
+        let mut ctx = ctx;
+        ctx["@type"] = serde_json::Value::String(format!(
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{ty}"
+        ));
+        weir_xds_api::from_yaml(
+            &serde_json::json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+                .to_string(),
+        )
+        .expect("transport socket")
+    }
+
+    fn down(ctx: serde_json::Value) -> (Option<DownstreamTlsConfig>, Vec<String>) {
+        let mut errs = Errors::default();
+        let c = downstream(&ts("DownstreamTlsContext", ctx), "ts", &mut errs);
+        (c, errs.0.into_iter().map(|e| e.path).collect())
+    }
+
+    fn up(ctx: serde_json::Value) -> (Option<UpstreamTlsConfig>, Vec<String>) {
+        let mut errs = Errors::default();
+        let c = upstream(&ts("UpstreamTlsContext", ctx), "ts", &mut errs);
+        (c, errs.0.into_iter().map(|e| e.path).collect())
+    }
+
+    fn certs_json(cert: &str, key: &str) -> serde_json::Value {
+        serde_json::json!([{"certificate_chain": {"inline_string": cert},
+                            "private_key": {"inline_string": key}}])
+    }
+
+    #[test]
+    fn downstream_good() {
+        let (cert, key) = pair();
+        let (c, errs) = down(serde_json::json!({
+            "common_tls_context": {
+                "tls_certificates": certs_json(&cert, &key),
+                "validation_context": {
+                    "trusted_ca": {"inline_string": cert},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"prefix": "spiffe://td/"}},
+                        {"san_type": "DNS", "matcher": {"safe_regex": {"regex": "[a-z]+\\.test"}}},
+                    ],
+                },
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {
+                    "tls_minimum_protocol_version": "TLSv1_2",
+                    "tls_maximum_protocol_version": "TLSv1_3",
+                    "cipher_suites": ["[ECDHE-RSA-AES128-GCM-SHA256|ECDHE-ECDSA-AES128-GCM-SHA256]", "TLS_AES_128_GCM_SHA256"],
+                },
+            },
+            "require_client_certificate": true,
+            "disable_stateless_session_resumption": true,
+        }));
+        assert!(errs.is_empty(), "{errs:?}");
+        let c = c.expect("config");
+        assert!(c.require_client_certificate);
+        assert!(!c.session_tickets);
+        assert!(c.session_cache);
+        assert_eq!(c.common.alpn, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(c.common.params.min, Some(TlsVersion::V12));
+        assert_eq!(
+            c.common.params.cipher_suites.as_ref().map(Vec::len),
+            Some(3)
+        );
+        let Some(ValidationSource::Static(v)) = &c.common.validation else {
+            panic!("static validation")
+        };
+        assert_eq!(v.sans.len(), 2);
+    }
+
+    #[test]
+    fn downstream_errors_name_their_paths() {
+        let (cert, key) = pair();
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                serde_json::json!({"common_tls_context": {}}),
+                "ts.typed_config.common_tls_context.tls_certificates",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key)},
+                                   "require_client_certificate": true}),
+                "ts.typed_config.require_client_certificate",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "tls_params": {"cipher_suites": ["RC4-MD5"]}}}),
+                "ts.typed_config.common_tls_context.tls_params.cipher_suites[0]",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_2"}}}),
+                "ts.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_0"}}}),
+                "ts.typed_config.common_tls_context.tls_params.tls_minimum_protocol_version",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json("not a pem", &key)}}),
+                "ts.typed_config.common_tls_context.tls_certificates[0]",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key)},
+                                   "ocsp_staple_policy": "MUST_STAPLE"}),
+                "ts.typed_config.ocsp_staple_policy",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "validation_context": {"trusted_ca": {"inline_string": cert},
+                        "match_typed_subject_alt_names": [{"matcher": {"exact": "x"}}]}}}),
+                "ts.typed_config.common_tls_context.validation_context.match_typed_subject_alt_names[0].san_type",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "validation_context": {"trusted_ca": {"inline_string": cert},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"safe_regex": {"regex": "("}}}]}}}),
+                "ts.typed_config.common_tls_context.validation_context.match_typed_subject_alt_names[0].matcher.safe_regex.regex",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                    "validation_context": {"trusted_ca": {"filename": "/nonexistent/ca.pem"}}}}),
+                "ts.typed_config.common_tls_context.validation_context.trusted_ca.filename",
+            ),
+            (
+                serde_json::json!({"common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": "x"}]}}),
+                "ts.typed_config.common_tls_context.tls_certificate_sds_secret_configs[0].sds_config",
+            ),
+        ];
+        for (ctx, want) in cases {
+            let (_, errs) = down(ctx.clone());
+            assert!(
+                errs.iter().any(|e| e == want),
+                "{ctx}: want {want}, got {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_transport_sockets() {
+        let mut errs = Errors::default();
+        let raw: core::TransportSocket =
+            weir_xds_api::from_yaml("name: envoy.transport_sockets.raw_buffer").expect("raw");
+        assert!(downstream(&raw, "ts", &mut errs).is_none());
+        assert!(errs.is_empty());
+        let alts: core::TransportSocket = weir_xds_api::from_yaml(
+            "name: x\ntyped_config: {'@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext}",
+        )
+        .expect("wrong type");
+        assert!(downstream(&alts, "ts", &mut errs).is_none());
+        assert_eq!(errs.0[0].path, "ts.typed_config");
+    }
+
+    #[test]
+    fn upstream_rules() {
+        let (cert, key) = pair();
+        let (c, errs) = up(serde_json::json!({
+            "sni": "backend.test", "auto_sni_san_validation": true,
+            "common_tls_context": {"tls_certificates": certs_json(&cert, &key),
+                                   "validation_context": {"trusted_ca": {"inline_string": cert}}},
+        }));
+        assert!(errs.is_empty(), "{errs:?}");
+        let c = c.expect("config");
+        assert_eq!(c.sni, "backend.test");
+        assert!(c.auto_sni_san_validation);
+        let (_, errs) = up(serde_json::json!({"common_tls_context": {}}));
+        assert_eq!(
+            errs,
+            ["ts.typed_config.common_tls_context.validation_context"]
+        );
+        let (_, errs) = up(serde_json::json!({"sni": "bad name!",
+            "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": cert}}}}));
+        assert_eq!(errs, ["ts.typed_config.sni"]);
+        let (_, errs) = up(serde_json::json!({"allow_renegotiation": true,
+            "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": cert}}}}));
+        assert_eq!(errs, ["ts.typed_config.allow_renegotiation"]);
+    }
+
+    #[test]
+    fn san_matching() {
+        let m = |t, s: StrMatch| SanMatcher {
+            san_type: t,
+            matcher: s,
+        };
+        let sans = Sans {
+            dns: vec!["*.example.com".into(), "api.test".into()],
+            uri: vec!["spiffe://td/ns/a/sa/b".into()],
+            ..Default::default()
+        };
+        assert!(sans_match(&[], &sans));
+        assert!(sans_match(
+            &[m(
+                SanType::Uri,
+                StrMatch::Exact("spiffe://td/ns/a/sa/b".into(), false)
+            )],
+            &sans
+        ));
+        assert!(!sans_match(
+            &[m(
+                SanType::Dns,
+                StrMatch::Exact("spiffe://td/ns/a/sa/b".into(), false)
+            )],
+            &sans
+        ));
+        // A wildcard SAN covers one label for exact DNS matchers.
+        assert!(sans_match(
+            &[m(
+                SanType::Dns,
+                StrMatch::Exact("www.example.com".into(), false)
+            )],
+            &sans
+        ));
+        assert!(!sans_match(
+            &[m(
+                SanType::Dns,
+                StrMatch::Exact("a.b.example.com".into(), false)
+            )],
+            &sans
+        ));
+        assert!(sans_match(
+            &[m(SanType::Dns, StrMatch::Suffix(".TEST".into(), true))],
+            &sans
+        ));
+        assert!(!sans_match(
+            &[m(SanType::Dns, StrMatch::Suffix(".TEST".into(), false))],
+            &sans
+        ));
+        assert!(sans_match(
+            &[m(SanType::Uri, StrMatch::Contains("/ns/a/".into(), false))],
+            &sans
+        ));
+        let re =
+            StrMatch::Regex(regex::Regex::new("^(?:spiffe://td/ns/[a-z]+/sa/b)$").expect("re"));
+        assert!(sans_match(&[m(SanType::Uri, re)], &sans));
+        // Any matcher suffices.
+        assert!(sans_match(
+            &[
+                m(
+                    SanType::Uri,
+                    StrMatch::Prefix("spiffe://other/".into(), false)
+                ),
+                m(SanType::Dns, StrMatch::Exact("api.test".into(), false)),
+            ],
+            &sans
+        ));
+        assert!(!sans_match(
+            &[m(SanType::Email, StrMatch::Contains("@".into(), false))],
+            &sans
+        ));
+    }
+
+    #[test]
+    fn secrets_translate() {
+        let (cert, key) = pair();
+        let s: pb::Secret = weir_xds_api::from_yaml(
+            &serde_json::json!({"name": "default", "tls_certificate": certs_json(&cert, &key)[0]})
+                .to_string(),
+        )
+        .expect("secret");
+        let mut errs = Errors::default();
+        let (name, v) = secret(&s, "s", &mut errs).expect("valid");
+        assert_eq!(name, "default");
+        assert!(matches!(v, SecretValue::Certificate(_)));
+        let s: pb::Secret =
+            weir_xds_api::from_yaml("name: x\nsession_ticket_keys: {keys: [{inline_string: k}]}")
+                .expect("secret");
+        assert!(secret(&s, "s", &mut errs).is_none());
+        assert!(
+            errs.0.iter().any(|e| e.path == "s.session_ticket_keys"),
+            "{errs:?}"
+        );
+    }
+}

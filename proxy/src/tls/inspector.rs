@@ -420,4 +420,23 @@ mod tests {
             h[i] = orig;
         }
     }
+
+    #[test]
+    fn prefixes_never_decide_differently() {
+        let h = rustls_hello("c.test", &["h2"]);
+        let full = parse_client_hello(&h);
+        // Mutations of every byte, then all prefixes of each: a decided prefix agrees.
+        for i in 0..h.len() {
+            let mut m = h.clone();
+            m[i] = m[i].wrapping_add(0x41);
+            let whole = parse_client_hello(&m);
+            for cut in (0..m.len()).step_by(7) {
+                match parse_client_hello(&m[..cut]) {
+                    Hello::NeedMore => {}
+                    v => assert_eq!(v, whole, "byte {i} cut {cut}"),
+                }
+            }
+        }
+        assert!(matches!(full, Hello::Tls { .. }));
+    }
 }
