@@ -746,16 +746,12 @@ pub fn downstream(
         Some(c) => common(c, &cpath, errs),
         None => CommonTls::default(),
     };
-    if common.certs.is_empty() && ctx.common_tls_context.is_some()
-        || ctx.common_tls_context.is_none()
-    {
-        if common.certs.is_empty() {
-            errs.add(
-                join(&cpath, "tls_certificates"),
-                "a server needs at least one certificate (tls_certificates or \
-                 tls_certificate_sds_secret_configs)",
-            );
-        }
+    if common.certs.is_empty() {
+        errs.add(
+            join(&cpath, "tls_certificates"),
+            "a server needs at least one certificate (tls_certificates or \
+             tls_certificate_sds_secret_configs)",
+        );
     }
     let require_client_certificate = ctx.require_client_certificate.is_some_and(|b| b.value);
     if require_client_certificate && common.validation.is_none() {

@@ -328,9 +328,7 @@ mod tests {
     fn rustls_hello(sni: &str, alpn: &[&str]) -> Vec<u8> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
-        let ca = rcgen::CertifiedKey::from(
-            rcgen::generate_simple_self_signed(vec!["x".into()]).expect("cert"),
-        );
+        let ca = rcgen::generate_simple_self_signed(vec!["x".into()]).expect("cert");
         roots.add(ca.cert.der().clone()).expect("root");
         let mut cfg = rustls::ClientConfig::builder()
             .with_root_certificates(roots)

@@ -39,9 +39,11 @@ pub struct SecretRegistry {
     wanted: Mutex<Vec<(String, Weak<()>)>>,
 }
 
-fn registries() -> &'static Mutex<Vec<(Weak<Store>, Arc<SecretRegistry>)>> {
-    static R: std::sync::OnceLock<Mutex<Vec<(Weak<Store>, Arc<SecretRegistry>)>>> =
-        std::sync::OnceLock::new();
+/// Registries by the stats store of their proxy.
+type Registries = Mutex<Vec<(Weak<Store>, Arc<SecretRegistry>)>>;
+
+fn registries() -> &'static Registries {
+    static R: std::sync::OnceLock<Registries> = std::sync::OnceLock::new();
     R.get_or_init(Default::default)
 }
 
