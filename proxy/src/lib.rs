@@ -37,5 +37,6 @@ pub mod route;
 pub mod server;
 pub mod stats;
 pub mod trace;
+pub mod tls;
 pub mod upstream;
 pub mod xds;

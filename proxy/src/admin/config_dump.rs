@@ -224,7 +224,7 @@ pub(super) fn config_dump(state: &ServerState, q: &Query) -> Response<Body> {
         .filter(|p| !p.is_empty())
         .map(|p| p.split('.').collect())
         .collect();
-    let configs: Vec<Value> = configs
+    let mut configs: Vec<Value> = configs
         .iter()
         .map(|a| {
             let v = any_to_json(a);
@@ -235,6 +235,16 @@ pub(super) fn config_dump(state: &ServerState, q: &Query) -> Response<Body> {
             }
         })
         .collect();
+    // SDS secrets (names and kinds only; TLS helper's block).
+    if q.get("resource").is_none() && mask.is_empty() {
+        let secrets = crate::tls::admin::secrets_dump(&state.stats);
+        if secrets["dynamic_active_secrets"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+        {
+            configs.push(secrets);
+        }
+    }
     json(StatusCode::OK, &serde_json::json!({ "configs": configs }))
 }
 

@@ -58,6 +58,11 @@ const ENDPOINTS: &[Endpoint] = &[
         mutates: false,
     },
     Endpoint {
+        path: "/certs",
+        help: "print certificate info (TLS contexts)",
+        mutates: false,
+    },
+    Endpoint {
         path: "/clusters",
         help: "upstream cluster status (?format=json)",
         mutates: false,
@@ -190,6 +195,7 @@ fn handle<B>(state: &ServerState, req: &Request<B>) -> Response<Body> {
     }
     match ep.path {
         "/" => index(StatusCode::OK, "admin commands are:\n"),
+        "/certs" => json(StatusCode::OK, &crate::tls::admin::certs(state)),
         "/clusters" => clusters::clusters(state, &query),
         "/config_dump" => config_dump::config_dump(state, &query),
         "/listeners" => clusters::listeners(state, &query),

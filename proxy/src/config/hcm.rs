@@ -227,6 +227,8 @@ pub struct HcmConfig {
     pub connect: bool,
     /// `strip_matching_host_port`.
     pub strip_matching_host_port: bool,
+    /// `forward_client_cert_details` / `set_current_client_cert_details` (XFCC).
+    pub xfcc: crate::http::sanitize::XfccConfig,
     /// Stats.
     pub stats: HcmStats,
     /// `access_log` (observability block).
@@ -266,7 +268,50 @@ const HCM_FIELDS: &[&str] = &[
     // Observability block.
     "access_log",
     "tracing",
+    // XFCC (TLS helper's block, see `xfcc_config`).
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
 ];
+
+// ---- XFCC (TLS helper's block) ----
+
+/// `forward_client_cert_details` and `set_current_client_cert_details`.
+fn xfcc_config(
+    h: &HttpConnectionManager,
+    path: &str,
+    errs: &mut Errors,
+) -> crate::http::sanitize::XfccConfig {
+    use crate::http::sanitize::{ForwardClientCert as F, XfccConfig, XfccDetails};
+    use hcm_enums::ForwardClientCertDetails as P;
+    let mode = match P::try_from(h.forward_client_cert_details) {
+        Ok(P::Sanitize) => F::Sanitize,
+        Ok(P::ForwardOnly) => F::ForwardOnly,
+        Ok(P::AppendForward) => F::AppendForward,
+        Ok(P::SanitizeSet) => F::SanitizeSet,
+        Ok(P::AlwaysForwardOnly) => F::AlwaysForwardOnly,
+        Err(_) => {
+            errs.add(
+                join(path, "forward_client_cert_details"),
+                "unknown forward_client_cert_details",
+            );
+            F::Sanitize
+        }
+    };
+    let details = match &h.set_current_client_cert_details {
+        None => XfccDetails::default(),
+        Some(d) => {
+            let p = join(path, "set_current_client_cert_details");
+            errs.reject_unsupported(d, &["subject", "cert", "uri", "dns"], &p);
+            XfccDetails {
+                subject: d.subject.is_some_and(|b| b.value),
+                uri: d.uri,
+                cert: d.cert,
+                dns: d.dns,
+            }
+        }
+    };
+    XfccConfig { mode, details }
+}
 
 /// Translate an HCM `typed_config` (already unpacked) at `path`.
 pub fn translate_hcm(
@@ -572,6 +617,7 @@ pub fn translate_hcm(
         websocket,
         connect,
         strip_matching_host_port: h.strip_matching_host_port,
+        xfcc: xfcc_config(h, path, errs),
         stats: HcmStats::new(&ctx.stats.http(&h.stat_prefix)),
         // Observability block.
         access_logs: crate::access_log::translate(

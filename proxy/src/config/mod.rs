@@ -253,39 +253,11 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
     let mut clusters = Vec::new();
     let rds = Arc::new(crate::route::RdsRegistry::default());
     let mut xds = crate::xds::XdsConfig::default();
-    let mut ads_tls = None;
     if let Some(sr) = &bootstrap.static_resources {
         errs.reject_unsupported(sr, &["listeners", "clusters"], "static_resources");
-        // The ADS cluster may carry TLS for the xDS stream only (see xds::tls).
-        let ads_cluster = bootstrap
-            .dynamic_resources
-            .as_ref()
-            .and_then(|d| d.ads_config.as_ref())
-            .and_then(|a| a.grpc_services.first())
-            .and_then(|g| match &g.target_specifier {
-                Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(e)) => {
-                    Some(e.cluster_name.clone())
-                }
-                _ => None,
-            });
         for (i, c) in sr.clusters.iter().enumerate() {
             let path = format!("static_resources.clusters[{i}]");
-            let mut xds_only = false;
-            let stripped;
-            let c = match &c.transport_socket {
-                Some(ts) if ads_cluster.as_deref() == Some(c.name.as_str()) => {
-                    ads_tls =
-                        crate::xds::tls::translate(ts, &join(&path, "transport_socket"), &mut errs);
-                    xds_only = true;
-                    let mut owned = c.clone();
-                    owned.transport_socket = None;
-                    stripped = owned;
-                    &stripped
-                }
-                _ => c,
-            };
-            if let Some(mut c) = crate::upstream::translate_cluster(c, &path, &mut errs) {
-                c.xds_only = xds_only;
+            if let Some(c) = crate::upstream::translate_cluster(c, &path, &mut errs) {
                 clusters.push(Arc::new(c));
             }
         }
@@ -298,18 +270,23 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
                 );
             }
         }
-        // A TLS ADS cluster serves only the xDS stream: routes may not name it.
-        let cluster_names: std::collections::HashSet<&str> = clusters
-            .iter()
-            .filter(|c| !c.xds_only)
-            .map(|c| c.name.as_str())
-            .collect();
-        let all_cluster_names: std::collections::HashSet<&str> =
+        let cluster_names: std::collections::HashSet<&str> =
             clusters.iter().map(|c| c.name.as_str()).collect();
         if let Some(d) = &bootstrap.dynamic_resources {
-            xds = crate::xds::translate_dynamic(d, &all_cluster_names, &mut errs);
-            if let Some(a) = &mut xds.ads {
-                a.tls = ads_tls.take();
+            xds = crate::xds::translate_dynamic(d, &cluster_names, &mut errs);
+            // The ADS stream uses its cluster's TLS (see xds::tls).
+            if let Some(a) = &mut xds.ads
+                && let Some((i, c)) = clusters
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| c.name == a.cluster)
+                && let Some(t) = &c.tls
+            {
+                a.tls = crate::xds::tls::from_cluster(
+                    t,
+                    &format!("static_resources.clusters[{i}].transport_socket"),
+                    &mut errs,
+                );
             }
         }
         let ctx = TranslateCtx {
@@ -495,28 +472,24 @@ mod tests {
     }
 
     #[test]
-    fn tls_only_on_the_ads_cluster_and_it_is_not_routable() {
-        let ts = "    transport_socket:\n      name: tls\n      typed_config:\n        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: cp.example\n        common_tls_context: {validation_context: {trusted_ca: {inline_string: PEM}}}\n";
+    fn tls_clusters_are_normal_clusters_and_the_ads_stream_uses_its_tls() {
+        let ca = rcgen::generate_simple_self_signed(vec!["cp.example".into()]).expect("ca");
+        let pem = ca.cert.pem().replace('\n', "\\n");
+        let ts = format!(
+            "    transport_socket:\n      name: tls\n      typed_config:\n        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        sni: cp.example\n        common_tls_context: {{validation_context: {{trusted_ca: {{inline_string: \"{pem}\"}}}}}}\n"
+        );
         let ads = "dynamic_resources:\n  ads_config: {api_type: GRPC, grpc_services: [{envoy_grpc: {cluster_name: xds}}]}\n";
         let b = parse_bootstrap(&format!(
             "{ads}static_resources:\n  clusters:\n  - name: xds\n{ts}  - name: other\n{ts}"
-        ))
-        .expect("parses");
-        let e = translate(b, &Store::new()).expect_err("rejected");
-        let paths: Vec<_> = e.0.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["static_resources.clusters[1].transport_socket"]);
-
-        let b = parse_bootstrap(&format!(
-            "{ads}static_resources:\n  clusters:\n  - name: xds\n{ts}"
         ))
         .expect("parses");
         let snap = translate(b, &Store::new()).expect("valid");
         let tls = snap.xds.ads.and_then(|a| a.tls).expect("ads tls");
         assert_eq!(
             (tls.sni.as_str(), tls.ca_pem.as_slice()),
-            ("cp.example", &b"PEM"[..])
+            ("cp.example", ca.cert.pem().as_bytes())
         );
-        assert!(snap.clusters[0].xds_only);
+        assert!(snap.clusters.iter().all(|c| c.tls.is_some()));
 
         let b = parse_bootstrap(&format!(
             "{ads}static_resources:\n  clusters:\n  - name: xds\n    transport_socket:\n      name: tls\n      typed_config:\n        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        common_tls_context: {{}}\n"

@@ -658,7 +658,14 @@ async fn process(
         return Err(LocalReply::new(StatusCode::FORBIDDEN, "", "UAEX"));
     }
     sanitize::strip_hop_by_hop(&mut req.headers, ws);
-    let fwd = sanitize::forwarded_headers(&cfg, &mut req.headers, st.conn.info.peer, "http");
+    let tls = st.conn.info.tls.as_deref();
+    let scheme = if tls.is_some_and(|t| t.terminated) {
+        "https"
+    } else {
+        "http"
+    };
+    let fwd = sanitize::forwarded_headers(&cfg, &mut req.headers, st.conn.info.peer, scheme);
+    sanitize::client_cert_header(&cfg.xfcc, &mut req.headers, tls);
     st.hctx.downstream_remote =
         std::net::SocketAddr::new(fwd.remote, st.hctx.downstream_remote.port());
 

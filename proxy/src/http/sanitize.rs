@@ -404,6 +404,122 @@ pub fn forwarded_headers(
     fwd
 }
 
+// ---------------------------------------------------------------------------------------------
+// x-forwarded-client-cert (TLS helper's block)
+
+/// `forward_client_cert_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    /// `SANITIZE` (default): remove the header.
+    #[default]
+    Sanitize,
+    /// `FORWARD_ONLY`: keep the header on mTLS connections, else remove it.
+    ForwardOnly,
+    /// `APPEND_FORWARD`: on mTLS connections append this hop's element, else remove.
+    AppendForward,
+    /// `SANITIZE_SET`: on mTLS connections replace the header with this hop's element,
+    /// else remove.
+    SanitizeSet,
+    /// `ALWAYS_FORWARD_ONLY`: keep the header whatever the connection.
+    AlwaysForwardOnly,
+}
+
+/// `set_current_client_cert_details` (what this hop's element carries besides `By` and
+/// `Hash`), in Envoy's order: Subject, URI, Cert, DNS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XfccDetails {
+    /// `subject`.
+    pub subject: bool,
+    /// `uri`.
+    pub uri: bool,
+    /// `cert`.
+    pub cert: bool,
+    /// `dns`.
+    pub dns: bool,
+}
+
+/// The HCM's XFCC settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XfccConfig {
+    /// `forward_client_cert_details`.
+    pub mode: ForwardClientCert,
+    /// `set_current_client_cert_details`.
+    pub details: XfccDetails,
+}
+
+/// Characters Envoy keeps unescaped in the XFCC `Cert` value.
+const XFCC_CERT_ESCAPE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// This hop's XFCC element for a client certificate (Envoy's format:
+/// `By=<local URI SAN>;Hash=<sha256>;Subject="...";URI=...;Cert="...";DNS=...`).
+pub fn xfcc_element(
+    details: &XfccDetails,
+    tls: &weir_filters::DownstreamTls,
+    peer: &weir_filters::PeerCert,
+) -> String {
+    let mut parts: Vec<String> = tls
+        .local_uri_sans
+        .iter()
+        .map(|u| format!("By={u}"))
+        .collect();
+    parts.push(format!("Hash={}", peer.sha256));
+    if details.subject {
+        parts.push(format!("Subject=\"{}\"", peer.subject.replace('"', "\\\"")));
+    }
+    if details.uri {
+        parts.extend(peer.uri_sans.iter().map(|u| format!("URI={u}")));
+    }
+    if details.cert {
+        parts.push(format!(
+            "Cert=\"{}\"",
+            percent_encoding::utf8_percent_encode(&peer.pem, XFCC_CERT_ESCAPE)
+        ));
+    }
+    if details.dns {
+        parts.extend(peer.dns_sans.iter().map(|d| format!("DNS={d}")));
+    }
+    parts.join(";")
+}
+
+/// Apply `forward_client_cert_details` to a request from a connection with `tls` facts.
+pub fn client_cert_header(
+    cfg: &XfccConfig,
+    headers: &mut HeaderMap,
+    tls: Option<&weir_filters::DownstreamTls>,
+) {
+    const XFCC: &str = "x-forwarded-client-cert";
+    let mtls = tls
+        .filter(|t| t.terminated)
+        .and_then(|t| t.peer.as_ref().map(|p| (t, p)));
+    match (cfg.mode, mtls) {
+        (ForwardClientCert::AlwaysForwardOnly, _) | (ForwardClientCert::ForwardOnly, Some(_)) => {}
+        (ForwardClientCert::AppendForward, Some((t, p))) => {
+            let mine = xfcc_element(&cfg.details, t, p);
+            let v = match headers.get(XFCC).and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.is_empty() => format!("{prev},{mine}"),
+                _ => mine,
+            };
+            headers.remove(XFCC);
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                headers.insert(XFCC, v);
+            }
+        }
+        (ForwardClientCert::SanitizeSet, Some((t, p))) => {
+            headers.remove(XFCC);
+            if let Ok(v) = HeaderValue::from_str(&xfcc_element(&cfg.details, t, p)) {
+                headers.insert(XFCC, v);
+            }
+        }
+        _ => {
+            headers.remove(XFCC);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,5 +646,114 @@ mod tests {
         assert!(is_internal("fd00::1".parse().expect("ip")));
         assert!(!is_internal("8.8.8.8".parse().expect("ip")));
         assert!(!is_internal("2001:db8::1".parse().expect("ip")));
+    }
+
+    // ---- x-forwarded-client-cert ----
+
+    fn mtls() -> weir_filters::DownstreamTls {
+        weir_filters::DownstreamTls {
+            terminated: true,
+            local_uri_sans: vec!["spiffe://td/ns/a/sa/server".into()],
+            peer: Some(weir_filters::PeerCert {
+                uri_sans: vec!["spiffe://td/ns/b/sa/client".into()],
+                dns_sans: vec!["client.test".into()],
+                subject: "CN=client".into(),
+                serial: "01".into(),
+                sha256: "ab".repeat(32),
+                pem: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn xfcc(
+        mode: ForwardClientCert,
+        details: XfccDetails,
+        tls: Option<&weir_filters::DownstreamTls>,
+        incoming: Option<&str>,
+    ) -> Option<String> {
+        let mut h = HeaderMap::new();
+        if let Some(v) = incoming {
+            h.insert(
+                "x-forwarded-client-cert",
+                HeaderValue::from_str(v).expect("v"),
+            );
+        }
+        client_cert_header(&XfccConfig { mode, details }, &mut h, tls);
+        h.get("x-forwarded-client-cert")
+            .map(|v| v.to_str().expect("ascii").to_string())
+    }
+
+    #[test]
+    fn xfcc_element_format() {
+        let t = mtls();
+        let all = XfccDetails {
+            subject: true,
+            uri: true,
+            cert: true,
+            dns: true,
+        };
+        let e = xfcc_element(&all, &t, t.peer.as_ref().expect("peer"));
+        assert_eq!(
+            e,
+            format!(
+                "By=spiffe://td/ns/a/sa/server;Hash={};Subject=\"CN=client\";URI=spiffe://td/ns/b/sa/client;\
+                 Cert=\"-----BEGIN%20CERTIFICATE-----%0AAA%3D%3D%0A-----END%20CERTIFICATE-----%0A\";DNS=client.test",
+                "ab".repeat(32)
+            )
+        );
+        let none = xfcc_element(&XfccDetails::default(), &t, t.peer.as_ref().expect("peer"));
+        assert_eq!(
+            none,
+            format!("By=spiffe://td/ns/a/sa/server;Hash={}", "ab".repeat(32))
+        );
+    }
+
+    #[test]
+    fn xfcc_modes() {
+        use ForwardClientCert::*;
+        let t = mtls();
+        let plain = weir_filters::DownstreamTls {
+            terminated: true,
+            ..Default::default()
+        };
+        let uri = XfccDetails {
+            uri: true,
+            ..Default::default()
+        };
+        let mine = format!(
+            "By=spiffe://td/ns/a/sa/server;Hash={};URI=spiffe://td/ns/b/sa/client",
+            "ab".repeat(32)
+        );
+        // SANITIZE always removes.
+        assert_eq!(xfcc(Sanitize, uri, Some(&t), Some("By=x")), None);
+        // FORWARD_ONLY keeps it on mTLS only.
+        assert_eq!(
+            xfcc(ForwardOnly, uri, Some(&t), Some("By=x")).as_deref(),
+            Some("By=x")
+        );
+        assert_eq!(xfcc(ForwardOnly, uri, Some(&plain), Some("By=x")), None);
+        assert_eq!(xfcc(ForwardOnly, uri, None, Some("By=x")), None);
+        // APPEND_FORWARD appends this hop.
+        assert_eq!(
+            xfcc(AppendForward, uri, Some(&t), Some("By=x")),
+            Some(format!("By=x,{mine}"))
+        );
+        assert_eq!(xfcc(AppendForward, uri, Some(&t), None), Some(mine.clone()));
+        assert_eq!(xfcc(AppendForward, uri, None, Some("By=x")), None);
+        // SANITIZE_SET replaces.
+        assert_eq!(xfcc(SanitizeSet, uri, Some(&t), Some("By=x")), Some(mine));
+        assert_eq!(xfcc(SanitizeSet, uri, Some(&plain), Some("By=x")), None);
+        // ALWAYS_FORWARD_ONLY keeps whatever came.
+        assert_eq!(
+            xfcc(AlwaysForwardOnly, uri, None, Some("By=x")).as_deref(),
+            Some("By=x")
+        );
+        // Passthrough (not terminated) is not mTLS.
+        let pass = weir_filters::DownstreamTls {
+            terminated: false,
+            ..mtls()
+        };
+        assert_eq!(xfcc(AppendForward, uri, Some(&pass), Some("By=x")), None);
     }
 }

@@ -70,6 +70,7 @@ mod tests {
             ipv4_compat,
             backlog: DEFAULT_BACKLOG,
             listener_filters: Vec::new(),
+            tls_inspector: None,
             listener_filters_timeout: std::time::Duration::from_secs(15),
             continue_on_listener_filters_timeout: false,
             matcher: ChainMatcher::default(),

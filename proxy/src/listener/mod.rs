@@ -69,8 +69,12 @@ pub struct ListenerConfig {
     pub ipv4_compat: bool,
     /// `tcp_backlog_size` (default 1024).
     pub backlog: u32,
-    /// Listener filters, in order (only the TLS inspector is known; it does not run yet).
+    /// Listener filters, in order (only the TLS inspector is known).
     pub listener_filters: Vec<ListenerFilter>,
+    /// The TLS inspector's stats when it runs on this listener (configured, or added because
+    /// a filter chain matches on `server_names` / `transport_protocol: tls` /
+    /// `application_protocols`, as Envoy does).
+    pub tls_inspector: Option<Arc<crate::tls::inspector::InspectorStats>>,
     /// `listener_filters_timeout` (default 15 s), for when listener filters run.
     pub listener_filters_timeout: Duration,
     /// `continue_on_listener_filters_timeout`.
@@ -96,7 +100,7 @@ impl ListenerConfig {
 /// Known listener filters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerFilter {
-    /// `envoy.filters.listener.tls_inspector` (recorded; SNI/ALPN detection comes with TLS).
+    /// `envoy.filters.listener.tls_inspector`: SNI/ALPN/transport protocol for chain matching.
     TlsInspector,
 }
 
@@ -116,6 +120,9 @@ pub struct FilterChain {
     pub rbac: Vec<Arc<rbac::NetworkRbac>>,
     /// The terminal network filter.
     pub filter: NetworkFilter,
+    /// `transport_socket` `envoy.transport_sockets.tls`: TLS is terminated before the filter
+    /// runs (`None`: plain text or passthrough).
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// Terminal network filters.
@@ -140,6 +147,8 @@ pub struct ListenerStats {
     pub no_filter_chain_match: Counter,
     /// `downstream_cx_length_ms`.
     pub downstream_cx_length_ms: Histogram,
+    /// `downstream_pre_cx_timeout`: listener filters timed out.
+    pub downstream_pre_cx_timeout: Counter,
 }
 
 impl ListenerStats {
@@ -151,6 +160,7 @@ impl ListenerStats {
             downstream_cx_destroy: scope.counter("downstream_cx_destroy"),
             no_filter_chain_match: scope.counter("no_filter_chain_match"),
             downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
+            downstream_pre_cx_timeout: scope.counter("downstream_pre_cx_timeout"),
         }
     }
 
@@ -162,6 +172,7 @@ impl ListenerStats {
             downstream_cx_destroy: Counter::noop(),
             no_filter_chain_match: Counter::noop(),
             downstream_cx_length_ms: Histogram::noop(),
+            downstream_pre_cx_timeout: Counter::noop(),
         }
     }
 }

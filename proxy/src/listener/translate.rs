@@ -41,7 +41,18 @@ const LISTENER_FIELDS: &[&str] = &[
     "bind_to_port",
 ];
 
-const CHAIN_FIELDS: &[&str] = &["name", "filter_chain_match", "filters", "metadata"];
+const CHAIN_FIELDS: &[&str] = &[
+    "name",
+    "filter_chain_match",
+    "filters",
+    "metadata",
+    "transport_socket",
+    "transport_socket_connect_timeout",
+];
+
+/// Handshake timeout when `transport_socket_connect_timeout` is unset. Envoy has none by
+/// default; weir bounds a silent client's handshake (see docs/arch-tls.md).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const MATCH_FIELDS: &[&str] = &[
     "destination_port",
@@ -111,7 +122,7 @@ pub fn translate_listener(
         }
         Some(v) => v.min(i32::MAX as u32),
     };
-    let listener_filters = l
+    let listener_filters: Vec<ListenerFilter> = l
         .listener_filters
         .iter()
         .enumerate()
@@ -124,19 +135,27 @@ pub fn translate_listener(
         errs,
     );
 
+    // `listener.<address>.ssl.*`, shared by the listener's TLS chains.
+    let ssl_stats = address.map(|a| Arc::new(crate::tls::SslStats::new(&ctx.stats.listener(a))));
     let mut filter_chains = Vec::with_capacity(l.filter_chains.len());
     let mut chain_paths = Vec::with_capacity(l.filter_chains.len());
     for (i, fc) in l.filter_chains.iter().enumerate() {
         let p = format!("{path}.filter_chains[{i}]");
-        if let Some(c) = filter_chain(fc, &p, true, ctx, errs) {
+        if let Some(c) = filter_chain(fc, &p, true, ctx, &ssl_stats, errs) {
             filter_chains.push(c);
             chain_paths.push(p);
         }
     }
-    let default_filter_chain = l
-        .default_filter_chain
-        .as_ref()
-        .and_then(|fc| filter_chain(fc, &join(path, "default_filter_chain"), false, ctx, errs));
+    let default_filter_chain = l.default_filter_chain.as_ref().and_then(|fc| {
+        filter_chain(
+            fc,
+            &join(path, "default_filter_chain"),
+            false,
+            ctx,
+            &ssl_stats,
+            errs,
+        )
+    });
     if l.filter_chains.is_empty() && l.default_filter_chain.is_none() {
         errs.add(
             join(path, "filter_chains"),
@@ -172,6 +191,16 @@ pub fn translate_listener(
         return None;
     }
     let address = address?;
+    // Envoy adds the TLS inspector when a chain matches on what only it can see.
+    let needs_inspector = filter_chains.iter().any(|c| {
+        let m = &c.filter_chain_match;
+        !m.server_names.is_empty()
+            || m.transport_protocol == "tls"
+            || !m.application_protocols.is_empty()
+    });
+    let tls_inspector = (needs_inspector
+        || listener_filters.contains(&ListenerFilter::TlsInspector))
+    .then(|| Arc::new(crate::tls::inspector::InspectorStats::new(ctx.stats)));
     Some(ListenerConfig {
         name: l.name.clone(),
         address,
@@ -181,6 +210,7 @@ pub fn translate_listener(
         ipv4_compat,
         backlog,
         listener_filters,
+        tls_inspector,
         listener_filters_timeout,
         continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
         matcher,
@@ -231,10 +261,27 @@ fn filter_chain(
     path: &str,
     use_match: bool,
     ctx: &TranslateCtx<'_>,
+    listener_stats: &Option<Arc<crate::tls::SslStats>>,
     errs: &mut Errors,
 ) -> Option<FilterChain> {
     let before = errs.0.len();
     errs.reject_unsupported(fc, CHAIN_FIELDS, path);
+    let tls_cfg = fc
+        .transport_socket
+        .as_ref()
+        .and_then(|ts| crate::tls::config::downstream(ts, &join(path, "transport_socket"), errs));
+    let handshake_timeout = match &fc.transport_socket_connect_timeout {
+        Some(d) => {
+            let d =
+                crate::config::duration(d, &join(path, "transport_socket_connect_timeout"), errs);
+            if d.is_zero() {
+                DEFAULT_HANDSHAKE_TIMEOUT
+            } else {
+                d
+            }
+        }
+        None => DEFAULT_HANDSHAKE_TIMEOUT,
+    };
     // Envoy ignores the match of the default chain.
     let filter_chain_match = match (&fc.filter_chain_match, use_match) {
         (Some(m), true) => chain_match(m, &join(path, "filter_chain_match"), errs),
@@ -313,12 +360,38 @@ fn filter_chain(
     if errs.0.len() != before {
         return None;
     }
+    let filter = terminal?;
+    let tls = match tls_cfg {
+        Some(cfg) => {
+            if matches!(filter, NetworkFilter::TcpProxy(_)) {
+                errs.add(
+                    join(path, "transport_socket"),
+                    "terminating TLS in front of a tcp_proxy is not supported yet (TLS \
+                     passthrough by SNI works: leave transport_socket unset)",
+                );
+                return None;
+            }
+            let stats = listener_stats.clone()?;
+            let registry = crate::tls::secrets::registry(ctx.stats);
+            let t = crate::tls::ServerTls::new(cfg, registry, stats, handshake_timeout);
+            // Static material is checked now; SDS secrets may arrive later (warming).
+            if let Err(e) = t.ready()
+                && !matches!(e, crate::tls::server::BuildError::MissingSecret(_))
+            {
+                errs.add(join(path, "transport_socket"), e.to_string());
+                return None;
+            }
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
     Some(FilterChain {
         name: fc.name.clone(),
         filter_chain_match,
         rate_limits,
         rbac,
-        filter: terminal?,
+        filter,
+        tls,
     })
 }
 
@@ -860,7 +933,7 @@ mod tests {
                 "l.filter_chains[0].filters",
                 // network rbac is supported, but not terminal
                 "l.filter_chains[1].filters[0]",
-                "l.filter_chains[2].transport_socket",
+                "l.filter_chains[2].transport_socket.typed_config",
                 "l.filter_chains[2].filters[0].typed_config",
                 "l.filter_chains[3].filters[0]",
             ]

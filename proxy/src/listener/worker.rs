@@ -1,7 +1,10 @@
 //! A worker's listeners: it takes commands from the [`ListenerManager`](super::ListenerManager)
 //! (add an accept loop, swap the listener version an accept loop hands out, stop one) and
-//! runs one accept loop per listening socket: accept, pick the filter chain, hand the
-//! connection to its terminal filter on this worker's runtime.
+//! runs one accept loop per listening socket: accept, then per connection (in its own task on
+//! this worker's runtime): the TLS inspector when the listener has one (peek the ClientHello
+//! within `listener_filters_timeout`), filter chain selection on SNI / ALPN / transport
+//! protocol, the chain's TLS handshake (`transport_socket`, within its handshake timeout),
+//! `ConnInfo.tls`, then the terminal filter.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
 use super::{ChainInput, ConnInfo, ListenerStats, NetworkFilter};
 use crate::server::ServerState;
+use crate::tls::inspector::{self, Hello, InspectError};
 
 /// Back-off after an accept error that is not about one connection (EMFILE, ENOBUFS, ...).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -158,12 +162,58 @@ fn dispatch(
     // Envoy does.
     let peer = unmap(peer);
     let local_addr = unmap(stream.local_addr().unwrap_or(cfg.address));
+    let conn = serve(stream, peer, local_addr, version.clone(), state.clone());
+    state
+        .connections
+        .spawn(local.track_future(version.connections.track_future(conn)));
+}
+
+/// One connection: listener filters (TLS inspector), filter chain selection, TLS handshake,
+/// then the terminal network filter.
+async fn serve(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    local_addr: std::net::SocketAddr,
+    version: Arc<ListenerVersion>,
+    st: Arc<ServerState>,
+) {
+    let cfg = &version.cfg;
+    // envoy.filters.listener.tls_inspector: peek the ClientHello (nothing is consumed).
+    let mut hello = Hello::NotTls;
+    if let Some(stats) = &cfg.tls_inspector {
+        match inspector::inspect(&stream, cfg.listener_filters_timeout).await {
+            Ok(h) => {
+                stats.record(&h);
+                if h == Hello::TooLarge {
+                    tracing::debug!(listener = %cfg.name, %peer, "ClientHello too large; closing");
+                    return;
+                }
+                hello = h;
+            }
+            Err(InspectError::Timeout) => {
+                cfg.stats.downstream_pre_cx_timeout.increment(1);
+                if !cfg.continue_on_listener_filters_timeout {
+                    tracing::debug!(listener = %cfg.name, %peer, "listener filter timeout; closing");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(listener = %cfg.name, %peer, error = %e, "inspection ended");
+                return;
+            }
+        }
+    }
+    let (sni, alpn, transport) = match &hello {
+        Hello::Tls { sni, alpn } => (sni.as_deref(), alpn.as_slice(), "tls"),
+        _ => (None, &[][..], "raw_buffer"),
+    };
+    let alpn_refs: Vec<&str> = alpn.iter().map(String::as_str).collect();
     let input = ChainInput {
         dst: local_addr,
         src: peer,
-        server_name: None,
-        transport_protocol: "raw_buffer",
-        alpn: &[],
+        server_name: sni,
+        transport_protocol: transport,
+        alpn: &alpn_refs,
     };
     let Some(chain) = cfg.select(&input) else {
         cfg.stats.no_filter_chain_match.increment(1);
@@ -175,9 +225,8 @@ fn dispatch(
         tracing::debug!(listener = %cfg.name, %peer, "connection rate limited; closing");
         return;
     }
-    let filter = chain.filter.clone();
-    let guard = ConnGuard::new(&cfg.stats, &state.server_stats.total_connections);
-    let info = ConnInfo {
+    let _guard = ConnGuard::new(&cfg.stats, &st.server_stats.total_connections);
+    let mut info = ConnInfo {
         peer,
         local: local_addr,
         buffer_limit: cfg.per_connection_buffer_limit_bytes,
@@ -185,22 +234,60 @@ fn dispatch(
         hard_stop: version.hard_stop.clone(),
         tls: None,
     };
-    let st = state.clone();
-    let rbac = chain.rbac.clone();
-    let conn = async move {
-        let _guard = guard;
-        // Network RBAC: after the TLS handshake (ConnInfo complete), before the terminal filter.
-        if !rbac.is_empty() && !super::rbac::admit(&rbac, &info).await {
-            return;
+    // Terminate TLS (transport_socket), or record what the inspector saw (passthrough).
+    let stream = match &chain.tls {
+        Some(tls) => {
+            let r = tokio::select! {
+                r = tls.accept(stream) => r,
+                _ = version.hard_stop.cancelled() => return,
+            };
+            match r {
+                Ok((s, facts)) => {
+                    info.tls = Some(Arc::new(facts));
+                    Downstream::Tls(Box::new(s))
+                }
+                Err(e) => {
+                    tracing::debug!(listener = %cfg.name, %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            }
         }
-        match filter {
-            NetworkFilter::Http(h) => crate::http::serve_connection(stream, h, info, st).await,
-            NetworkFilter::TcpProxy(t) => super::tcp_proxy::serve(stream, t, info, st).await,
+        None => {
+            if let Hello::Tls { sni, alpn } = &hello {
+                info.tls = Some(Arc::new(weir_filters::DownstreamTls {
+                    sni: sni.clone(),
+                    alpn: alpn.first().map(|a| a.as_bytes().to_vec()),
+                    terminated: false,
+                    ..Default::default()
+                }));
+            }
+            Downstream::Plain(stream)
         }
     };
-    state
-        .connections
-        .spawn(local.track_future(version.connections.track_future(conn)));
+    // ConnInfo is complete here (peer, local, TLS facts): network RBAC, which may need the
+    // peer identity, runs before the terminal filter.
+    if !chain.rbac.is_empty() && !super::rbac::admit(&chain.rbac, &info).await {
+        return;
+    }
+    match (chain.filter.clone(), stream) {
+        (NetworkFilter::Http(h), Downstream::Plain(s)) => {
+            crate::http::serve_connection(s, h, info, st).await
+        }
+        (NetworkFilter::Http(h), Downstream::Tls(s)) => {
+            crate::http::serve_connection(*s, h, info, st).await
+        }
+        (NetworkFilter::TcpProxy(t), Downstream::Plain(s)) => {
+            super::tcp_proxy::serve(s, t, info, st).await
+        }
+        // Translation refuses TLS termination in front of tcp_proxy.
+        (NetworkFilter::TcpProxy(_), Downstream::Tls(_)) => {}
+    }
+}
+
+/// The downstream byte stream after the transport socket.
+enum Downstream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
 fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {

@@ -197,7 +197,7 @@ mod tests {
             health_checks: Vec::new(),
             outlier: None,
             eds: None,
-            xds_only: false,
+            tls: None,
         }
     }
 

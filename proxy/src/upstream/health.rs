@@ -2042,7 +2042,7 @@ mod tests {
             circuit_breakers: Default::default(),
             lb: Default::default(),
             eds: None,
-            xds_only: false,
+            tls: None,
         });
         let store = Store::new();
         let cm = ClusterManager::new(&[c], &store);

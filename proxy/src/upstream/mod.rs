@@ -79,9 +79,9 @@ pub struct ClusterConfig {
     pub outlier: Option<OutlierConfig>,
     /// `eds_cluster_config` of an EDS cluster.
     pub eds: Option<EdsClusterConfig>,
-    /// The ADS cluster configured with TLS: it carries only the xDS stream and is hidden from
-    /// routing ([`ClusterManager::get`]) until upstream TLS exists for data-plane clusters.
-    pub xds_only: bool,
+    /// `transport_socket` `envoy.transport_sockets.tls` (`UpstreamTlsContext`): connections
+    /// to the hosts speak TLS (see [`crate::tls::client`]).
+    pub tls: Option<crate::tls::config::UpstreamTlsConfig>,
 }
 
 /// Where an EDS cluster's endpoints come from.
@@ -630,6 +630,8 @@ pub struct Cluster {
     /// Signalled whenever `host_set` is replaced (the health checker follows host changes);
     /// dropped with the cluster, which ends the health checker.
     hosts_changed: tokio::sync::watch::Sender<()>,
+    /// Upstream TLS built from `config.tls` (with `cluster.<name>.ssl.*` stats).
+    pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl Cluster {
@@ -656,6 +658,13 @@ impl Cluster {
             .outlier
             .as_ref()
             .map(|o| outlier::Detector::new(o.clone(), &config.name, &scope));
+        let tls = config.tls.as_ref().map(|t| {
+            Arc::new(crate::tls::ClientTls::new(
+                t.clone(),
+                crate::tls::secrets::registry(store),
+                Arc::new(crate::tls::SslStats::new(&scope)),
+            ))
+        });
         Self {
             config,
             stats,
@@ -668,6 +677,7 @@ impl Cluster {
             health,
             outlier,
             hosts_changed: tokio::sync::watch::Sender::new(()),
+            tls,
         }
     }
 
@@ -900,16 +910,12 @@ impl ClusterManager {
             c.warm().await;
         }
     }
-    /// Look up a cluster for traffic by name (an xDS-only cluster is not found).
+    /// Look up a cluster for traffic by name.
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.clusters
-            .load()
-            .get(name)
-            .filter(|c| !c.config.xds_only)
-            .cloned()
+        self.clusters.load().get(name).cloned()
     }
 
-    /// Look up any cluster by name, including the xDS-only ADS cluster.
+    /// Look up any cluster by name (same as [`ClusterManager::get`]; kept for the ADS client).
     pub fn get_any(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters.load().get(name).cloned()
     }

@@ -142,10 +142,81 @@ pub(crate) async fn timed_connect<T>(
     }
 }
 
-/// A TCP stream that counts bytes and owns its [`CxGuard`].
+/// An upstream byte stream: plain TCP or TLS (the cluster's `transport_socket`).
+#[derive(Debug)]
+enum UpIo {
+    Plain(TcpStream),
+    Tls(Box<crate::tls::client::ClientStream>),
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write(cx, b),
+            UpIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpIo::Plain(s) => s.is_write_vectored(),
+            UpIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl UpIo {
+    /// Whether ALPN picked `h2`.
+    fn alpn_h2(&self) -> bool {
+        match self {
+            UpIo::Plain(_) => false,
+            UpIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+/// A stream that counts bytes and owns its [`CxGuard`].
 #[derive(Debug)]
 struct CountingIo {
-    inner: TcpStream,
+    inner: UpIo,
     guard: CxGuard,
 }
 
@@ -848,7 +919,7 @@ fn is_upgrade(status: http::StatusCode, method: &http::Method) -> bool {
 // Cluster methods
 
 /// Open a TCP connection with the cluster's timeout and accounting.
-async fn open(
+async fn open_tcp(
     stats: &Arc<ClusterStats>,
     config: &ClusterConfig,
     host: &Arc<Host>,
@@ -869,15 +940,57 @@ async fn open(
     Ok((stream, guard))
 }
 
+/// Open a connection: TCP, then the TLS handshake when the cluster has a TLS transport
+/// socket (`connect_timeout` covers both, as the connection is not usable before).
+/// `h1_only` leaves `h2` out of the offered ALPN.
+async fn open(
+    stats: &Arc<ClusterStats>,
+    config: &ClusterConfig,
+    tls: Option<&Arc<crate::tls::ClientTls>>,
+    host: &Arc<Host>,
+    breaker: ResourceGuard,
+    h1_only: bool,
+) -> Result<(UpIo, CxGuard), UpstreamError> {
+    let Some(tls) = tls else {
+        let (s, g) = open_tcp(stats, config, host, breaker).await?;
+        return Ok((UpIo::Plain(s), g));
+    };
+    let guard = CxGuard::new(stats.clone(), host.clone(), Some(breaker));
+    let connect = async {
+        let s = TcpStream::connect(host.address).await?;
+        if let Err(error) = s.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY failed on upstream connection");
+        }
+        tls.connect(s, host.hostname.as_deref(), host.address.ip(), h1_only)
+            .await
+    };
+    let s = timed_connect(connect, config.connect_timeout, stats, host).await?;
+    let io = UpIo::Tls(Box::new(s));
+    if !h1_only {
+        tls.learn_alpn(io.alpn_h2());
+    }
+    Ok((io, guard))
+}
+
 /// Connect and handshake one HTTP/2 connection, spawning its driver.
 async fn open_h2(
     stats: Arc<ClusterStats>,
     config: Arc<ClusterConfig>,
+    tls: Option<Arc<crate::tls::ClientTls>>,
     host: Arc<Host>,
     settings: Http2Settings,
     breaker: ResourceGuard,
 ) -> Result<H2Conn, UpstreamError> {
-    let (stream, guard) = open(&stats, &config, &host, breaker).await?;
+    let (stream, guard) = open(&stats, &config, tls.as_ref(), &host, breaker, false).await?;
+    // An ALPN-auto cluster whose upstream did not pick h2: HTTP/1.1 from now on.
+    if tls.as_ref().is_some_and(|t| t.offers_h2())
+        && !stream.alpn_h2()
+        && !matches!(config.protocol, super::UpstreamProtocol::Http2(_))
+    {
+        return Err(UpstreamError::Protocol(
+            "the upstream did not negotiate h2 by ALPN; using HTTP/1.1 from now on".into(),
+        ));
+    }
     stats.upstream_cx_http2_total.increment(1);
     let io = TokioIo::new(CountingIo {
         inner: stream,
@@ -914,11 +1027,17 @@ impl Cluster {
         host: &Arc<Host>,
         priority: Priority,
     ) -> Result<TcpConnection, UpstreamError> {
+        if self.tls.is_some() {
+            // Never send tcp_proxy bytes in plain text to a cluster configured for TLS.
+            return Err(UpstreamError::Protocol(
+                "tcp_proxy to a TLS cluster (TLS origination) is not supported".into(),
+            ));
+        }
         let Some(slot) = self.resources(priority).connections.try_acquire() else {
             self.stats.upstream_cx_overflow.increment(1);
             return Err(UpstreamError::Overflow);
         };
-        let (stream, guard) = open(&self.stats, &self.config, host, slot).await?;
+        let (stream, guard) = open_tcp(&self.stats, &self.config, host, slot).await?;
         Ok(TcpConnection { stream, guard })
     }
 
@@ -931,11 +1050,28 @@ impl Cluster {
         priority: Priority,
     ) -> Result<Response<UpstreamResponseBody>, UpstreamError> {
         use super::UpstreamProtocol::*;
-        let h2 = match &self.config.protocol {
+        let mut h2 = match &self.config.protocol {
             Http1 => None,
             Http2(s) => Some(*s),
             UseDownstream(s) => downstream_h2.then_some(*s),
         };
+        // TLS offering `h2` by ALPN (and HTTP/2 not forced): what the upstream picks wins.
+        if let Some(tls) = &self.tls
+            && tls.offers_h2()
+            && !matches!(self.config.protocol, Http2(_))
+        {
+            use crate::tls::client::AlpnState;
+            if tls.alpn_state() == AlpnState::Unknown {
+                self.probe_alpn(host, priority).await?;
+            }
+            h2 = match tls.alpn_state() {
+                AlpnState::H2 => Some(match &self.config.protocol {
+                    UseDownstream(s) => *s,
+                    _ => Http2Settings::default(),
+                }),
+                _ => None,
+            };
+        }
         match h2 {
             Some(s) => {
                 prepare_h2(&mut req, host)?;
@@ -946,6 +1082,23 @@ impl Cluster {
                 self.send_h1(host, req, priority).await
             }
         }
+    }
+
+    /// Learn what ALPN an upstream picks with one connection (closed again; later
+    /// connections go to the right pool at once).
+    async fn probe_alpn(&self, host: &Arc<Host>, priority: Priority) -> Result<(), UpstreamError> {
+        let slot = self.resources(priority).connections.acquire_forced();
+        let (io, _guard) = open(
+            &self.stats,
+            &self.config,
+            self.tls.as_ref(),
+            host,
+            slot,
+            false,
+        )
+        .await?;
+        drop(io);
+        Ok(())
     }
 
     /// No idle connection: open one if the connection breaker allows it (or this worker has
@@ -1036,7 +1189,15 @@ impl Cluster {
         };
 
         let h1_slot = H1Slot::new(key, owner.clone());
-        let (stream, guard) = open(&self.stats, &self.config, host, slot).await?;
+        let (stream, guard) = open(
+            &self.stats,
+            &self.config,
+            self.tls.as_ref(),
+            host,
+            slot,
+            true,
+        )
+        .await?;
         self.stats.upstream_cx_http1_total.increment(1);
         let io = TokioIo::new(CountingIo {
             inner: stream,
@@ -1111,6 +1272,7 @@ impl Cluster {
                 open_h2(
                     self.stats.clone(),
                     self.config.clone(),
+                    self.tls.clone(),
                     host.clone(),
                     settings,
                     slot,
@@ -1266,7 +1428,7 @@ mod tests {
             health_checks: Vec::new(),
             outlier: None,
             eds: None,
-            xds_only: false,
+            tls: None,
         };
         (Cluster::new(Arc::new(cfg), &store), store)
     }

@@ -69,6 +69,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "health_checks",
     "outlier_detection",
     "eds_cluster_config",
+    "transport_socket",
     // Opaque to weir: only read by filters and subset LB (which is rejected).
     "metadata",
 ];
@@ -225,7 +226,10 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         health_checks,
         outlier,
         eds,
-        xds_only: false,
+        tls: c
+            .transport_socket
+            .as_ref()
+            .and_then(|ts| crate::tls::config::upstream(ts, &join(path, "transport_socket"), errs)),
     })
 }
 
@@ -1119,13 +1123,17 @@ typed_extension_protocol_options:
         let p = err_paths("name: a\ntype: LOGICAL_DNS\n");
         assert_eq!(p, vec!["clusters[0].type"]);
         assert_eq!(err_paths("name: ''\n"), vec!["clusters[0].name"]);
+        // A TLS transport socket needs its UpstreamTlsContext.
+        assert_eq!(
+            err_paths("name: a\ntransport_socket: {name: envoy.transport_sockets.tls}\n"),
+            vec!["clusters[0].transport_socket.typed_config"]
+        );
         assert_eq!(
             err_paths("name: a\nlb_policy: CLUSTER_PROVIDED\n"),
             vec!["clusters[0].lb_policy"]
         );
         for field in [
             "respect_dns_ttl: true",
-            "transport_socket: {name: envoy.transport_sockets.tls}",
             "lb_subset_config: {subset_selectors: [{keys: [a]}]}",
             "alt_stat_name: x",
         ] {

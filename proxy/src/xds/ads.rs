@@ -29,7 +29,17 @@ use weir_xds_api::pb::envoy::service::discovery::v3::{
 use weir_xds_api::pb::google::rpc::Status as RpcStatus;
 
 use super::dynamic::{Subscription, resource_name};
-use super::{AdsConfig, Dynamic, REQUEST_ORDER, RESOURCE_WRAPPER, Resource};
+use super::{AdsConfig, CLUSTER, Dynamic, ENDPOINT, LISTENER, RESOURCE_WRAPPER, ROUTE, Resource};
+
+/// Types requested on the stream, in order: make before break (clusters and endpoints, then
+/// the secrets TLS contexts wait for, then listeners and routes).
+const REQUEST_ORDER: [&str; 5] = [
+    CLUSTER,
+    ENDPOINT,
+    weir_xds_api::type_urls::SECRET,
+    LISTENER,
+    ROUTE,
+];
 use crate::upstream::{ClusterManager, LbContext};
 
 /// First reconnect delay (Envoy's default base interval).

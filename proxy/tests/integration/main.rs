@@ -17,4 +17,5 @@ mod protocols;
 mod resilience;
 mod routing;
 mod tcp;
+mod tls;
 mod xds;
