@@ -36,6 +36,9 @@ pub struct Settings {
     /// The S3-compatible endpoint.
     #[serde(default)]
     pub s3: S3Settings,
+    /// Credentials of the `--objects s3://…` backend (else the AWS_* environment).
+    #[serde(default)]
+    pub objects_backend: Option<crate::objects::remote::Credentials>,
 }
 
 /// A permission a credential carries.

@@ -16,7 +16,9 @@ pub mod cli;
 pub mod embedded;
 pub mod grpc;
 pub mod metrics;
+pub mod remote;
 pub mod s3;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +29,7 @@ use futures::Stream;
 use md5::{Digest as _, Md5};
 
 pub use embedded::EmbeddedObjects;
+pub use remote::{ObjectsUrl, RemoteObjects};
 
 /// The directory inside `--data-dir` holding object bytes.
 pub const OBJECTS_DIR: &str = "objects";
@@ -106,6 +109,9 @@ pub enum ObjError {
     /// File I/O failed.
     #[error("object file I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The object backend (`--objects s3://…`) failed or could not be reached.
+    #[error("object backend: {0}")]
+    Backend(String),
     /// Stored metadata could not be decoded.
     #[error("corrupt object metadata: {0}")]
     Corrupt(String),
@@ -206,8 +212,8 @@ pub struct ListRequest {
     pub prefix: String,
     /// Roll keys up to the first occurrence of this after the prefix into common prefixes.
     pub delimiter: Option<String>,
-    /// Most keys plus common prefixes returned (0: [`MAX_LIST_KEYS`]; larger values are
-    /// capped to it).
+    /// Most keys plus common prefixes returned (0: an empty page, as S3's `max-keys=0`;
+    /// values over [`MAX_LIST_KEYS`] are capped to it).
     pub max_keys: usize,
     /// Start strictly after this key.
     pub start_after: Option<String>,

@@ -7,7 +7,9 @@
 //! `kv` (the KV store over gRPC and its CLI), `mesh` (weir-cp driving a real weir),
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
 //! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence),
-//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart).
+//! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart),
+//! `store_suite` (one suite per store run against each backend: KV and registry on embedded
+//! and etcd, objects on embedded and S3/moto).
 
 mod auth;
 mod cli;
@@ -20,6 +22,7 @@ mod objects;
 mod python_grpc;
 mod registry;
 mod sotw;
+mod store_suite;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
