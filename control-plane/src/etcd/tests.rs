@@ -181,3 +181,55 @@ fn config_versions_are_allocated_once_across_stores() {
     assert!(b.payload(20).expect("payload").is_some());
     assert!(b.payload(21).expect("payload").is_none());
 }
+
+#[test]
+fn authenticated_etcd_needs_the_user() {
+    let Some(p) = EtcdProcess::start() else {
+        return;
+    };
+    // Turn etcd's authentication on (root user with the root role), as an operator would.
+    let open = connect(&p, "/auth");
+    open.block(|mut c| async move {
+        c.user_add("root", "rootpw", None).await?;
+        c.user_grant_role("root", "root").await?;
+        c.auth_enable().await?;
+        Ok::<_, super::EtcdError>(())
+    })
+    .expect("enable auth");
+    let dir = std::env::temp_dir().join(format!("weir-etcd-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "rootpw\n").expect("write");
+    // With the user: the KV store works.
+    let url: EtcdUrl = format!("{}?user=root&password_file={}", p.url("/auth"), pw.display())
+        .parse()
+        .expect("url");
+    let etcd = Etcd::connect(&url).expect("connect with the user");
+    let kv = super::kv::EtcdKv::new(etcd);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        use crate::kv::KvBackend as _;
+        kv.put(crate::proto::kv::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("authenticated put");
+    });
+    // A wrong password is refused at connect time; no user: requests are refused.
+    std::fs::write(&pw, "wrong\n").expect("write");
+    let url: EtcdUrl = format!("{}?user=root&password_file={}", p.url("/auth"), pw.display())
+        .parse()
+        .expect("url");
+    assert!(Etcd::connect(&url).is_err(), "wrong password");
+    let anon = connect(&p, "/auth");
+    let r = anon
+        .block(|mut c| async move { Ok(c.get("/auth/kv/k", None).await) })
+        .expect("block");
+    assert!(r.is_err(), "no credentials: {r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
