@@ -75,6 +75,11 @@ struct ServeArgs {
     /// bucket and prefix share the objects.
     #[arg(long = "objects")]
     objects: Option<String>,
+    /// Compact the KV history automatically, like etcd's --auto-compaction-retention: a
+    /// number keeps that many revisions (checked every 5 minutes), a duration (`1h`, `30m`)
+    /// keeps that much history. Off by default.
+    #[arg(long = "kv-auto-compaction-retention")]
+    kv_auto_compaction_retention: Option<weir_control_plane::kv::compaction::Retention>,
     /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
     /// S3 access keys (see `weir_control_plane::settings`, docs/design/auth.md). Without auth
     /// credentials weir-cp runs open, and only on loopback addresses.
@@ -266,6 +271,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .context("opening the data dir")?,
     };
+    if let Some(r) = args.kv_auto_compaction_retention {
+        weir_control_plane::kv::compaction::spawn(
+            Arc::downgrade(&cp.kv),
+            r,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+    }
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.xds_address)
         .await

@@ -2,7 +2,8 @@
 //! trait:
 //! - KV ([`KvBackend`]): embedded (redb) and etcd — revisions/versions, CAS with a race of
 //!   concurrent writers (exactly one wins), txn, range pagination, watch from a revision and
-//!   its resumption after the stream is dropped, compaction errors, lease expiry and revoke.
+//!   its resumption after the stream is dropped, compaction errors, lease expiry and revoke,
+//!   auto-compaction.
 //! - Registry ([`Backend`], and a [`Registry`] over it): embedded and etcd.
 //! - Objects ([`ObjectBackend`], plus the S3 endpoint over it for conditional gets): embedded
 //!   (files + redb) and S3 ([`RemoteObjects`] on moto's server) — a streamed multi-MB round
@@ -517,12 +518,48 @@ async fn kv_leases<K: KvBackend>(kv: &K) {
     ));
 }
 
+/// Auto-compaction (`--kv-auto-compaction-retention 1`, ticking fast) compacts old
+/// revisions and keeps the newest.
+async fn kv_auto_compaction(kv: Arc<AnyKv>) {
+    use weir_control_plane::kv::compaction::{Retention, spawn};
+    let ra = rev(&kv.put(put_req("ac", "1")).await.expect("put").header);
+    kv.put(put_req("ac", "2")).await.expect("put");
+    // Retention 1 compacts to current - 1: revision `ra` is then below the compact revision.
+    let rb = rev(&kv.put(put_req("ac", "3")).await.expect("put").header);
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = spawn(
+        Arc::downgrade(&kv),
+        Retention::Revisions(1),
+        Some(Duration::from_millis(100)),
+        token.clone(),
+    );
+    let at = |r: i64| pb::RangeRequest {
+        key: "ac".into(),
+        revision: r,
+        ..Default::default()
+    };
+    let mut compacted = false;
+    for _ in 0..100 {
+        if matches!(kv.range(at(ra)).await, Err(KvError::Compacted { .. })) {
+            compacted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(compacted, "revision {ra} was never compacted");
+    let r = kv.range(at(rb)).await.expect("the newest revision stays");
+    assert_eq!(r.kvs[0].value, b"3");
+    token.cancel();
+    task.await.expect("compaction task");
+}
+
 /// The whole KV suite on a fresh backend.
 async fn kv_suite(kv: Arc<AnyKv>) {
     kv_cas_and_versions(kv.clone()).await;
     kv_txn_and_ranges(&*kv).await;
     kv_watch_resume_and_compaction(&*kv).await;
     kv_leases(&*kv).await;
+    kv_auto_compaction(kv).await;
 }
 
 fn etcd_client(p: &EtcdProcess, prefix: &str) -> Arc<Etcd> {
