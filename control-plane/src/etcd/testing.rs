@@ -121,6 +121,11 @@ impl EtcdProcess {
         panic!("could not start etcd: {last_err}");
     }
 
+    /// The process id (benchmarks pin it to a core).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `etcd://127.0.0.1:PORT/prefix`.
     pub fn url(&self, prefix: &str) -> String {
         format!("etcd://127.0.0.1:{}{prefix}", self.port)

@@ -6,6 +6,9 @@
 //!   [`crate::storage::Store`] (tables `objects.*`) and bytes as files under
 //!   `<data-dir>/objects/` written to a temp file, fsynced, then renamed (a write is
 //!   acknowledged only after both the rename and the metadata commit are durable).
+//!   [`remote::RemoteObjects`] keeps them in any S3-compatible store through the
+//!   `object_store` crate (`--objects s3://bucket[/prefix]?endpoint=…`), shared by replicas.
+//! - [`testing`]: moto's S3 server for the tests of the remote backend.
 //! - [`s3`]: the S3-compatible HTTP endpoint (`serve --s3-address`) with SigV4 auth.
 //! - [`grpc`]: `weir.objects.v1.Objects`; [`cli`]: `weir-cp objects …`.
 //! - [`metrics`]: per-bucket gauges and S3 request counters in `/metrics`.
