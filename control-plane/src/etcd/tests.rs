@@ -233,3 +233,93 @@ fn authenticated_etcd_needs_the_user() {
     assert!(r.is_err(), "no credentials: {r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// etcd serving TLS with client-certificate auth: the URL's `ca_file`/`cert_file`/`key_file`
+/// connect; no client certificate, or plain HTTP, do not.
+#[test]
+fn tls_etcd_with_client_certificates() {
+    let dir = std::env::temp_dir().join(format!("weir-etcd-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "weir etcd test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, usage: rcgen::ExtendedKeyUsagePurpose| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        p.extended_key_usages = vec![usage];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        (c.display().to_string(), k.display().to_string())
+    };
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).expect("write");
+    let ca = ca.display().to_string();
+    let (server_cert, server_key) = leaf("server", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert, client_key) = leaf("root", rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let Some(p) = EtcdProcess::start_with(
+        &[
+            "--cert-file",
+            &server_cert,
+            "--key-file",
+            &server_key,
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            &ca,
+        ],
+        true,
+    ) else {
+        return;
+    };
+    let with = |q: &str| -> Result<Arc<Etcd>, super::EtcdError> {
+        let url: EtcdUrl = format!("{}{q}", p.url("/tls")).parse()?;
+        Etcd::connect(&url)
+    };
+    let good = format!("?ca_file={ca}&cert_file={client_cert}&key_file={client_key}&domain=localhost");
+    // etcd may still be electing itself: bounded retries.
+    let mut etcd = None;
+    for _ in 0..100 {
+        if let Ok(e) = with(&good) {
+            etcd = Some(e);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let etcd = etcd.expect("TLS connect with a client certificate");
+    let kv = super::kv::EtcdKv::new(etcd);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        use crate::kv::KvBackend as _;
+        kv.put(crate::proto::kv::PutRequest {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put over TLS");
+    });
+    assert!(
+        with(&format!("?ca_file={ca}&domain=localhost")).is_err(),
+        "no client certificate"
+    );
+    assert!(with("").is_err(), "plain HTTP to a TLS etcd");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
