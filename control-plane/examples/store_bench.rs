@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use tonic::transport::Channel;
-use weir_control_plane::objects::{ByteStream, EmbeddedObjects, ObjError, ObjectBackend, PutOptions};
+use weir_control_plane::objects::{
+    ByteStream, EmbeddedObjects, ObjError, ObjectBackend, PutOptions,
+};
 use weir_control_plane::proto::kv as pb;
 use weir_control_plane::proto::kv::kv_client::KvClient;
 use weir_control_plane::proto::kv::watch_client::WatchClient;
@@ -81,16 +83,15 @@ impl Kv {
 
     async fn get(&mut self, key: String) -> anyhow::Result<usize> {
         Ok(match self {
-            Kv::Weir(c, _) => {
-                c.range(pb::RangeRequest {
+            Kv::Weir(c, _) => c
+                .range(pb::RangeRequest {
                     key: key.into_bytes(),
                     ..Default::default()
                 })
                 .await?
                 .into_inner()
                 .kvs
-                .len()
-            }
+                .len(),
             Kv::Etcd(c) => c.get(key, None).await?.kvs().len(),
         })
     }
@@ -228,7 +229,12 @@ async fn watch_bench(kv: &Kv, n: usize, value: &[u8]) -> anyhow::Result<Stats> {
         wr.put(format!("{prefix}{i}"), value.to_vec()).await?;
     }
     let lat = watcher.await?;
-    anyhow::ensure!(lat.len() == n, "{}: only {} of {n} watch events", kv.name(), lat.len());
+    anyhow::ensure!(
+        lat.len() == n,
+        "{}: only {} of {n} watch events",
+        kv.name(),
+        lat.len()
+    );
     Ok(stats(lat, start.elapsed()))
 }
 
@@ -355,7 +361,9 @@ async fn main() -> anyhow::Result<()> {
             .map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8)
             .collect::<Vec<u8>>(),
     );
-    let store = Arc::new(weir_control_plane::storage::Store::open(&tmp.join("objmeta"))?);
+    let store = Arc::new(weir_control_plane::storage::Store::open(
+        &tmp.join("objmeta"),
+    )?);
     let objects = EmbeddedObjects::open(store, Some(&tmp.join("objects")))?;
     objects.create_bucket("bench").await?;
     let raw_path = tmp.join("raw.bin");
@@ -395,7 +403,12 @@ async fn main() -> anyhow::Result<()> {
 
         let s = Instant::now();
         objects
-            .put_object("bench", "obj", PutOptions::default(), body(data.clone(), mib))
+            .put_object(
+                "bench",
+                "obj",
+                PutOptions::default(),
+                body(data.clone(), mib),
+            )
             .await?;
         put_best = put_best.max(rate(s.elapsed()));
         let s = Instant::now();
@@ -411,7 +424,10 @@ async fn main() -> anyhow::Result<()> {
         "| put (durable) | {put_best:.0} | {wr_best:.0} | {:.2} |",
         put_best / wr_best
     );
-    println!("| get | {get_best:.0} | {rd_best:.0} | {:.2} |", get_best / rd_best);
+    println!(
+        "| get | {get_best:.0} | {rd_best:.0} | {:.2} |",
+        get_best / rd_best
+    );
     drop(objects);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())

@@ -399,11 +399,15 @@ mod unit_tests {
             .expect("url");
         assert_eq!(u.endpoints, ["http://a:1"]);
         assert_eq!(u.auth, Some(("weir".into(), Password("s3cret".into()))));
-        assert!(!format!("{u:?}").contains("s3cret"), "the password is redacted");
+        assert!(
+            !format!("{u:?}").contains("s3cret"),
+            "the password is redacted"
+        );
         assert_eq!(u.tls, None);
-        let u: EtcdUrl = "etcd://a:1,b:2?ca_file=/ca.pem&cert_file=/c.pem&key_file=/k.pem&domain=etcd.local"
-            .parse()
-            .expect("url");
+        let u: EtcdUrl =
+            "etcd://a:1,b:2?ca_file=/ca.pem&cert_file=/c.pem&key_file=/k.pem&domain=etcd.local"
+                .parse()
+                .expect("url");
         assert_eq!(u.endpoints, ["https://a:1", "https://b:2"]);
         let t = u.tls.expect("tls");
         assert_eq!(t.ca_file.as_deref(), Some(std::path::Path::new("/ca.pem")));
@@ -416,7 +420,10 @@ mod unit_tests {
             "etcd://a:1?tls=maybe".into(),
             "etcd://a:1?bogus=1".into(),
             "etcd://a:1?user=".into(),
-            format!("etcd://a:1?user=u&password_file={}", dir.join("missing").display()),
+            format!(
+                "etcd://a:1?user=u&password_file={}",
+                dir.join("missing").display()
+            ),
         ] {
             assert!(
                 matches!(bad.parse::<EtcdUrl>(), Err(EtcdError::BadUrl { .. })),

@@ -117,7 +117,8 @@ impl EtcdProcess {
                     last_err = format!("etcd exited: {status}");
                     break;
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && (tls || health(port))
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && (tls || health(port))
                 {
                     return Some(EtcdProcess { child, dir, port });
                 }

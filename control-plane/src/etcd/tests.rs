@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::registry::EtcdRegistryBackend;
 use super::testing::EtcdProcess;
 use super::{Etcd, EtcdUrl};
-use crate::registry::store::tests::inst;
 use crate::registry::Registry;
+use crate::registry::store::tests::inst;
 
 fn connect(p: &EtcdProcess, prefix: &str) -> Arc<Etcd> {
     let url: EtcdUrl = p.url(prefix).parse().expect("url");
@@ -201,9 +201,13 @@ fn authenticated_etcd_needs_the_user() {
     let pw = dir.join("pw");
     std::fs::write(&pw, "rootpw\n").expect("write");
     // With the user: the KV store works.
-    let url: EtcdUrl = format!("{}?user=root&password_file={}", p.url("/auth"), pw.display())
-        .parse()
-        .expect("url");
+    let url: EtcdUrl = format!(
+        "{}?user=root&password_file={}",
+        p.url("/auth"),
+        pw.display()
+    )
+    .parse()
+    .expect("url");
     let etcd = Etcd::connect(&url).expect("connect with the user");
     let kv = super::kv::EtcdKv::new(etcd);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -222,9 +226,13 @@ fn authenticated_etcd_needs_the_user() {
     });
     // A wrong password is refused at connect time; no user: requests are refused.
     std::fs::write(&pw, "wrong\n").expect("write");
-    let url: EtcdUrl = format!("{}?user=root&password_file={}", p.url("/auth"), pw.display())
-        .parse()
-        .expect("url");
+    let url: EtcdUrl = format!(
+        "{}?user=root&password_file={}",
+        p.url("/auth"),
+        pw.display()
+    )
+    .parse()
+    .expect("url");
     assert!(Etcd::connect(&url).is_err(), "wrong password");
     let anon = connect(&p, "/auth");
     let r = anon
@@ -261,7 +269,10 @@ fn tls_etcd_with_client_certificates() {
         p.distinguished_name
             .push(rcgen::DnType::CommonName, name.to_string());
         let cert = p.signed_by(&key, &issuer).expect("sign");
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, cert.pem()).expect("write");
         std::fs::write(&k, key.serialize_pem()).expect("write");
         (c.display().to_string(), k.display().to_string())
@@ -289,7 +300,8 @@ fn tls_etcd_with_client_certificates() {
         let url: EtcdUrl = format!("{}{q}", p.url("/tls")).parse()?;
         Etcd::connect(&url)
     };
-    let good = format!("?ca_file={ca}&cert_file={client_cert}&key_file={client_key}&domain=localhost");
+    let good =
+        format!("?ca_file={ca}&cert_file={client_cert}&key_file={client_key}&domain=localhost");
     // etcd may still be electing itself: bounded retries.
     let mut etcd = None;
     for _ in 0..100 {

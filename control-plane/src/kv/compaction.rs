@@ -91,7 +91,9 @@ impl Compactor {
     pub fn interval(&self) -> Duration {
         match self.retention {
             Retention::Revisions(_) => REVISION_INTERVAL,
-            Retention::Period(d) => (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600)),
+            Retention::Period(d) => {
+                (d / 10).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+            }
         }
     }
 
@@ -183,7 +185,10 @@ mod tests {
             "1h".parse(),
             Ok(Retention::Period(Duration::from_secs(3600)))
         );
-        assert_eq!("30m".parse(), Ok(Retention::Period(Duration::from_secs(1800))));
+        assert_eq!(
+            "30m".parse(),
+            Ok(Retention::Period(Duration::from_secs(1800)))
+        );
         assert_eq!(
             "250ms".parse(),
             Ok(Retention::Period(Duration::from_millis(250)))
@@ -217,7 +222,11 @@ mod tests {
         assert_eq!(c.tick(t0 + s(99), 30), None, "nothing is 100 s old yet");
         // At 100 s the revision sampled at 0 s is the floor.
         assert_eq!(c.tick(t0 + s(100), 40), Some(5));
-        assert_eq!(c.tick(t0 + s(120), 45), None, "the 50 s sample is not old yet");
+        assert_eq!(
+            c.tick(t0 + s(120), 45),
+            None,
+            "the 50 s sample is not old yet"
+        );
         assert_eq!(c.tick(t0 + s(160), 50), Some(20));
         // A long pause: the newest sample older than the period wins.
         assert_eq!(c.tick(t0 + s(1000), 60), Some(50));

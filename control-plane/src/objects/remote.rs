@@ -48,9 +48,8 @@ use object_store::{
 
 use super::{
     BoxFut, BucketInfo, ByteRange, ByteStream, GetResult, ListRequest, ListResult, MAX_LIST_KEYS,
-    MAX_OBJECT_SIZE, MAX_PART_NUMBER, MIN_PART_SIZE, ObjError, ObjectBackend, ObjectInfo,
-    PartInfo, PutOptions, check_bucket_name, check_key, check_metadata, hex, multipart_etag,
-    now_ms,
+    MAX_OBJECT_SIZE, MAX_PART_NUMBER, MIN_PART_SIZE, ObjError, ObjectBackend, ObjectInfo, PartInfo,
+    PutOptions, check_bucket_name, check_key, check_metadata, hex, multipart_etag, now_ms,
 };
 
 /// Bytes per backend part of a streamed put (and the largest body sent as one PUT).
@@ -451,7 +450,10 @@ impl RemoteObjects {
     ) -> Result<(), ObjError> {
         let side = self.etag_sidecar(bucket, key)?;
         match backend {
-            Some(b) if b != ours => self.put_small(&side, format!("{b} {ours}").into_bytes()).await,
+            Some(b) if b != ours => {
+                self.put_small(&side, format!("{b} {ours}").into_bytes())
+                    .await
+            }
             _ => self.delete_quiet(&side).await,
         }
     }
@@ -547,7 +549,10 @@ impl RemoteObjects {
                     "user metadata names starting with {RESERVED_META:?} are reserved"
                 )));
             }
-            a.insert(Attribute::Metadata(k.into()), AttributeValue::from(v.clone()));
+            a.insert(
+                Attribute::Metadata(k.into()),
+                AttributeValue::from(v.clone()),
+            );
         }
         Ok(a)
     }
@@ -728,9 +733,7 @@ impl RemoteObjects {
                 out.truncated = true;
                 break;
             }
-            let etag = self
-                .our_etag(bucket, key, m.e_tag.as_deref(), None)
-                .await?;
+            let etag = self.our_etag(bucket, key, m.e_tag.as_deref(), None).await?;
             last_returned = Some(key.to_string());
             out.objects.push(ObjectInfo {
                 key: key.to_string(),
@@ -780,7 +783,10 @@ impl RemoteObjects {
                 .inner
                 .store
                 .list(Some(&dir))
-                .try_fold((0u64, 0u64), |(n, s), m| async move { Ok((n + 1, s + m.size)) })
+                .try_fold(
+                    (0u64, 0u64),
+                    |(n, s), m| async move { Ok((n + 1, s + m.size)) },
+                )
                 .await
                 .map_err(backend_err)?;
             out.push((b.name, n, bytes));

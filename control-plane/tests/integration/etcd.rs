@@ -378,9 +378,10 @@ async fn binary_replicas_share_objects_through_s3() {
     let Some(etcd) = EtcdProcess::start() else {
         return;
     };
-    let Some(moto) = tokio::task::spawn_blocking(weir_control_plane::objects::testing::MotoProcess::start)
-        .await
-        .expect("task")
+    let Some(moto) =
+        tokio::task::spawn_blocking(weir_control_plane::objects::testing::MotoProcess::start)
+            .await
+            .expect("task")
     else {
         return;
     };
@@ -415,7 +416,10 @@ async fn binary_replicas_share_objects_through_s3() {
         &sa,
     ]);
     assert!(ok, "{out}{err}");
-    assert!(out.contains(&weir_control_plane::objects::hex(&Md5::digest(&data))), "{out}");
+    assert!(
+        out.contains(&weir_control_plane::objects::hex(&Md5::digest(&data))),
+        "{out}"
+    );
     let dst = dir.join("out.bin");
     let (ok, out, err) = cli(&[
         "objects",
@@ -426,7 +430,10 @@ async fn binary_replicas_share_objects_through_s3() {
         &sb,
     ]);
     assert!(ok, "{out}{err}");
-    assert!(std::fs::read(&dst).expect("read") == data, "replica b serves a's object");
+    assert!(
+        std::fs::read(&dst).expect("read") == data,
+        "replica b serves a's object"
+    );
     let (ok, out, _) = cli(&["objects", "ls", "shared-bucket/x/", "--server", &sb]);
     assert!(ok && out.contains("x/in.bin"), "{out}");
     drop(a);

@@ -35,8 +35,8 @@ use weir_control_plane::proto::kv as pb;
 use weir_control_plane::proto::kv::compare::{CompareResult, CompareTarget, TargetUnion};
 use weir_control_plane::proto::kv::event::EventType;
 use weir_control_plane::proto::registry as rpb;
-use weir_control_plane::registry::store::{Backend, BackendError, Change, EmbeddedBackend, Loaded};
 use weir_control_plane::registry::Registry;
+use weir_control_plane::registry::store::{Backend, BackendError, Change, EmbeddedBackend, Loaded};
 use weir_control_plane::storage::Store;
 
 use crate::harness::temp_dir;
@@ -109,7 +109,11 @@ async fn kv_cas_and_versions<K: KvBackend>(kv: Arc<K>) {
         kv.put(cas.clone()).await,
         Err(KvError::FailedPrecondition(_))
     ));
-    assert_eq!(get(&*kv, "a").await.expect("a").value, b"2", "nothing written");
+    assert_eq!(
+        get(&*kv, "a").await.expect("a").value,
+        b"2",
+        "nothing written"
+    );
     cas.expected_mod_revision = Some(r2);
     kv.put(cas).await.expect("cas with the right revision");
     let mut create = put_req("new", "x");
@@ -376,7 +380,9 @@ async fn kv_watch_resume_and_compaction<K: KvBackend>(kv: &K) {
             .expect("put")
             .header);
         missed.push((r, EventType::Put, format!("w/m{i}")));
-        kv.put(put_req(&format!("y{i}"), "outside")).await.expect("put");
+        kv.put(put_req(&format!("y{i}"), "outside"))
+            .await
+            .expect("put");
     }
     let mut s = kv.watch(watch(last_seen + 1)).await.expect("resume");
     let mut got = Vec::new();
@@ -666,7 +672,11 @@ fn registry_backend_suite(b: &dyn Backend) {
     .expect("delete absent");
     assert_eq!(b.load().expect("load").revision, 5);
     b.heartbeat("web", "b").expect("heartbeat");
-    assert_eq!(b.load().expect("load").revision, 5, "a heartbeat is no commit");
+    assert_eq!(
+        b.load().expect("load").revision,
+        5,
+        "a heartbeat is no commit"
+    );
 }
 
 /// A registry over the backend: register, list, events, deregister; a second registry
@@ -834,7 +844,10 @@ async fn objects_streaming(b: &dyn ObjectBackend) {
         .put_object("suite", "big/blob.bin", opts, body(&data, MIB))
         .await
         .expect("put");
-    assert_eq!((info.size, info.etag.as_str()), (data.len() as u64, want.as_str()));
+    assert_eq!(
+        (info.size, info.etag.as_str()),
+        (data.len() as u64, want.as_str())
+    );
     let head = b.head_object("suite", "big/blob.bin").await.expect("head");
     assert_eq!(head.etag, want, "single-part ETag = hex MD5");
     assert_eq!(head.size, data.len() as u64);
@@ -855,10 +868,16 @@ async fn objects_streaming(b: &dyn ObjectBackend) {
     let size = data.len() as u64;
     for (r, (a, z)) in [
         (ByteRange::From(0, Some(9)), (0, 9)),
-        (ByteRange::From(5 * MIB as u64, Some(5 * MIB as u64 + 99)), (5 * MIB as u64, 5 * MIB as u64 + 99)),
+        (
+            ByteRange::From(5 * MIB as u64, Some(5 * MIB as u64 + 99)),
+            (5 * MIB as u64, 5 * MIB as u64 + 99),
+        ),
         (ByteRange::From(size - 10, None), (size - 10, size - 1)),
         (ByteRange::Suffix(777), (size - 777, size - 1)),
-        (ByteRange::From(size - 3, Some(size + 100)), (size - 3, size - 1)),
+        (
+            ByteRange::From(size - 3, Some(size + 100)),
+            (size - 3, size - 1),
+        ),
     ] {
         let (_, resolved, s) = b
             .get_object("suite", "big/blob.bin", Some(r))
@@ -897,8 +916,13 @@ async fn objects_streaming(b: &dyn ObjectBackend) {
         Err(ObjError::Body(_))
     ));
     assert!(matches!(
-        b.put_object("suite", "new-failed", PutOptions::default(), failing_body(&other, 100))
-            .await,
+        b.put_object(
+            "suite",
+            "new-failed",
+            PutOptions::default(),
+            failing_body(&other, 100)
+        )
+        .await,
         Err(ObjError::Body(_))
     ));
     assert!(matches!(
@@ -906,13 +930,21 @@ async fn objects_streaming(b: &dyn ObjectBackend) {
         Err(ObjError::NoSuchKey(_))
     ));
     assert_eq!(
-        b.head_object("suite", "big/blob.bin").await.expect("head").etag,
+        b.head_object("suite", "big/blob.bin")
+            .await
+            .expect("head")
+            .etag,
         want,
         "the failed puts left the object alone"
     );
     assert!(matches!(
-        b.put_object("suite", &"k".repeat(1025), PutOptions::default(), body(b"x", 1))
-            .await,
+        b.put_object(
+            "suite",
+            &"k".repeat(1025),
+            PutOptions::default(),
+            body(b"x", 1)
+        )
+        .await,
         Err(ObjError::InvalidArgument(_))
     ));
     // An empty object.
@@ -922,15 +954,26 @@ async fn objects_streaming(b: &dyn ObjectBackend) {
         .expect("empty");
     assert_eq!(e.etag, md5_hex(b""));
     let (ei, _, s) = b.get_object("suite", "empty", None).await.expect("get");
-    assert_eq!((ei.size, ei.content_type.as_str()), (0, "application/octet-stream"));
+    assert_eq!(
+        (ei.size, ei.content_type.as_str()),
+        (0, "application/octet-stream")
+    );
     assert!(read_all(s).await.is_empty());
     // Overwrite: new ETag and bytes.
     let small = b
-        .put_object("suite", "big/blob.bin", PutOptions::default(), body(b"tiny", 2))
+        .put_object(
+            "suite",
+            "big/blob.bin",
+            PutOptions::default(),
+            body(b"tiny", 2),
+        )
         .await
         .expect("overwrite");
     assert_eq!(small.etag, md5_hex(b"tiny"));
-    let (_, _, s) = b.get_object("suite", "big/blob.bin", None).await.expect("get");
+    let (_, _, s) = b
+        .get_object("suite", "big/blob.bin", None)
+        .await
+        .expect("get");
     assert_eq!(read_all(s).await, b"tiny");
 }
 
@@ -981,10 +1024,7 @@ async fn objects_listing(b: &dyn ObjectBackend) {
     let mut sorted = keys.to_vec();
     sorted.sort_unstable();
     assert_eq!(all, sorted);
-    let one = b
-        .list_objects("list", lr())
-        .await
-        .expect("list");
+    let one = b.list_objects("list", lr()).await.expect("list");
     let z = one.objects.iter().find(|o| o.key == "z").expect("z");
     assert_eq!((z.size, z.etag.as_str()), (1, md5_hex(b"z").as_str()));
 
@@ -1081,7 +1121,10 @@ async fn objects_listing(b: &dyn ObjectBackend) {
         )
         .await
         .expect("list");
-    assert_eq!(dash.common_prefixes, ["photos/2024/feb.", "photos/2024/jan."]);
+    assert_eq!(
+        dash.common_prefixes,
+        ["photos/2024/feb.", "photos/2024/jan."]
+    );
     let none = b
         .list_objects(
             "list",
@@ -1158,7 +1201,8 @@ async fn objects_multipart(b: &dyn ObjectBackend) {
         Err(ObjError::BadDigest(_))
     ));
     assert!(matches!(
-        b.upload_part("suite", "mp/obj", &id, 0, None, body(b"x", 1)).await,
+        b.upload_part("suite", "mp/obj", &id, 0, None, body(b"x", 1))
+            .await,
         Err(ObjError::InvalidArgument(_))
     ));
     assert!(matches!(
@@ -1291,7 +1335,11 @@ async fn objects_multipart(b: &dyn ObjectBackend) {
         .iter()
         .map(|o| (o.key.as_str(), o.etag.as_str()))
         .collect();
-    assert_eq!(l, [("mp/obj", want_etag.as_str())], "listing shows our ETag");
+    assert_eq!(
+        l,
+        [("mp/obj", want_etag.as_str())],
+        "listing shows our ETag"
+    );
 }
 
 /// Conditional and ranged GETs through the S3 endpoint over the backend.
@@ -1320,17 +1368,46 @@ async fn objects_conditional_get(backend: Arc<dyn ObjectBackend>) {
     let task = tokio::spawn(weir_control_plane::objects::s3::serve(s3, l, stop.clone()));
     let data = pattern(70_000, 21);
     let info = backend
-        .put_object("suite", "cond/obj", PutOptions::default(), body(&data, 10_000))
+        .put_object(
+            "suite",
+            "cond/obj",
+            PutOptions::default(),
+            body(&data, 10_000),
+        )
         .await
         .expect("put");
     let quoted = format!("\"{}\"", info.etag);
     let sign = Sign::Key(AK, SK);
-    let r = send(addr, "GET", "/suite/cond/obj", &[("if-none-match", &quoted)], vec![], sign).await;
+    let r = send(
+        addr,
+        "GET",
+        "/suite/cond/obj",
+        &[("if-none-match", &quoted)],
+        vec![],
+        sign,
+    )
+    .await;
     assert_eq!(r.status, 304);
     assert!(r.body.is_empty());
-    let r = send(addr, "GET", "/suite/cond/obj", &[("if-match", "\"0000\"")], vec![], sign).await;
+    let r = send(
+        addr,
+        "GET",
+        "/suite/cond/obj",
+        &[("if-match", "\"0000\"")],
+        vec![],
+        sign,
+    )
+    .await;
     assert_eq!(r.status, 412);
-    let r = send(addr, "GET", "/suite/cond/obj", &[("if-match", &quoted)], vec![], sign).await;
+    let r = send(
+        addr,
+        "GET",
+        "/suite/cond/obj",
+        &[("if-match", &quoted)],
+        vec![],
+        sign,
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body, data);
     let r = send(
@@ -1367,9 +1444,8 @@ async fn objects_suite(b: Arc<dyn ObjectBackend>) {
 async fn objects_suite_embedded() {
     let dir = temp_dir("suite-objects");
     let store = Arc::new(Store::open(&dir.join("meta")).expect("store"));
-    let b: Arc<dyn ObjectBackend> = Arc::new(
-        EmbeddedObjects::open(store, Some(&dir.join("objects"))).expect("objects"),
-    );
+    let b: Arc<dyn ObjectBackend> =
+        Arc::new(EmbeddedObjects::open(store, Some(&dir.join("objects"))).expect("objects"));
     objects_suite(b).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
