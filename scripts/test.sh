@@ -28,4 +28,11 @@ if ! python3 -c 'import boto3' >/dev/null 2>&1; then
   python3 -m pip install -q boto3
 fi
 export WEIR_REQUIRE_BOTO3=1
+# moto's server is the local S3-compatible store the `--objects s3://` backend is tested
+# against (started by the tests on a free port); WEIR_REQUIRE_S3=1 makes a missing moto a
+# failure instead of a skip.
+if ! python3 -c 'import moto.server, flask, werkzeug' >/dev/null 2>&1; then
+  python3 -m pip install -q 'moto[server]'
+fi
+export WEIR_REQUIRE_S3=1
 cargo test --workspace --all-targets "$@"

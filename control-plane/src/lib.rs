@@ -165,7 +165,26 @@ impl ControlPlane {
             None => Store::in_memory()?,
         };
         let objects_dir = data_dir.map(|d| d.join(objects::OBJECTS_DIR));
-        Self::build(Arc::new(store), Vec::new(), objects_dir.as_deref())
+        Self::build(Arc::new(store), Vec::new(), objects_dir.as_deref(), None)
+    }
+
+    /// Open with the stores of `serve`'s flags: `store` (`--store etcd://…`) or the embedded
+    /// store under `data_dir`, and objects in `objects` (`--objects s3://…`, shared by the
+    /// replicas) or, without it, embedded beside the store (per replica with etcd).
+    pub fn open_stores(
+        data_dir: Option<&Path>,
+        store: Option<&str>,
+        objects: Option<Arc<dyn objects::ObjectBackend>>,
+    ) -> Result<Arc<Self>, Error> {
+        if let Some(url) = store {
+            return Self::open_etcd_with(url, objects);
+        }
+        let st = match data_dir {
+            Some(d) => Store::open(d)?,
+            None => Store::in_memory()?,
+        };
+        let objects_dir = data_dir.map(|d| d.join(objects::OBJECTS_DIR));
+        Self::build(Arc::new(st), Vec::new(), objects_dir.as_deref(), objects)
     }
 
     /// Open over `store`, with the service registry (kept in `store`) first, then `sources`,
@@ -175,14 +194,16 @@ impl ControlPlane {
         store: Arc<Store>,
         sources: Vec<Arc<dyn Source>>,
     ) -> Result<Arc<Self>, Error> {
-        Self::build(store, sources, None)
+        Self::build(store, sources, None, None)
     }
 
-    /// [`Self::with_sources`], with object bytes under `objects_dir` (a temp dir when `None`).
+    /// [`Self::with_sources`], with object bytes under `objects_dir` (a temp dir when `None`),
+    /// or in `remote_objects`.
     fn build(
         store: Arc<Store>,
         mut sources: Vec<Arc<dyn Source>>,
         objects_dir: Option<&Path>,
+        remote_objects: Option<Arc<dyn objects::ObjectBackend>>,
     ) -> Result<Arc<Self>, Error> {
         let registry = registry::Registry::embedded(store.clone())?;
         sources.insert(0, registry.clone());
@@ -197,8 +218,10 @@ impl ControlPlane {
             store.clone(),
             metrics.clone(),
         )?));
-        let objects: Arc<dyn objects::ObjectBackend> =
-            Arc::new(objects::EmbeddedObjects::open(store.clone(), objects_dir)?);
+        let objects: Arc<dyn objects::ObjectBackend> = match remote_objects {
+            Some(o) => o,
+            None => Arc::new(objects::EmbeddedObjects::open(store.clone(), objects_dir)?),
+        };
         let objects_metrics = Arc::new(objects::metrics::ObjectsMetrics::new(objects.clone()));
         metrics.add_collector(objects_metrics.clone());
         Ok(Arc::new(ControlPlane {
@@ -221,6 +244,15 @@ impl ControlPlane {
     /// replicas on the same etcd and prefix share one state. Blocking (connects to etcd).
     /// The in-memory `store` is left for subsystems without an etcd backend.
     pub fn open_etcd(url: &str) -> Result<Arc<Self>, Error> {
+        Self::open_etcd_with(url, None)
+    }
+
+    /// [`Self::open_etcd`] with objects in `remote_objects` (shared by the replicas); without
+    /// it objects stay in a temporary directory of this replica.
+    fn open_etcd_with(
+        url: &str,
+        remote_objects: Option<Arc<dyn objects::ObjectBackend>>,
+    ) -> Result<Arc<Self>, Error> {
         let url: etcd::EtcdUrl = url.parse()?;
         let client = etcd::Etcd::connect(&url)?;
         let store = Arc::new(Store::in_memory()?);
@@ -236,14 +268,18 @@ impl ControlPlane {
         metrics.add_collector(registry.clone());
         metrics.set_config_version(operator.latest_version());
         let kv = Arc::new(kv::AnyKv::Etcd(etcd::kv::EtcdKv::new(client.clone())));
-        // Objects have no shared backend yet (the object_store/S3 backend is not built):
-        // with etcd they live in this replica's temporary directory and are not durable.
-        tracing::warn!(
-            "--store etcd: the object store is kept in a temporary directory on this replica \
-             (not shared, not durable)"
-        );
-        let objects: Arc<dyn objects::ObjectBackend> =
-            Arc::new(objects::EmbeddedObjects::open(store.clone(), None)?);
+        // Without --objects, objects live in this replica's temporary directory (not shared,
+        // not durable); --objects s3://… shares them between the replicas.
+        let objects: Arc<dyn objects::ObjectBackend> = match remote_objects {
+            Some(o) => o,
+            None => {
+                tracing::warn!(
+                    "--store etcd without --objects: the object store is kept in a temporary \
+                     directory on this replica (not shared, not durable); use --objects s3://…"
+                );
+                Arc::new(objects::EmbeddedObjects::open(store.clone(), None)?)
+            }
+        };
         let objects_metrics = Arc::new(objects::metrics::ObjectsMetrics::new(objects.clone()));
         metrics.add_collector(objects_metrics.clone());
         let token = tokio_util::sync::CancellationToken::new();

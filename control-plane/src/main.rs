@@ -7,6 +7,7 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -83,6 +84,17 @@ struct ServeArgs {
     /// same etcd and prefix share one state. Conflicts with --data-dir.
     #[arg(long = "store", conflicts_with = "data_dir")]
     store: Option<String>,
+    /// Keep objects in an S3-compatible store instead:
+    /// `s3://bucket[/prefix][?endpoint=URL&region=R]` (credentials from the --config file's
+    /// `objects_backend` or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Replicas on the same
+    /// bucket and prefix share the objects.
+    #[arg(long = "objects")]
+    objects: Option<String>,
+    /// Compact the KV history automatically, like etcd's --auto-compaction-retention: a
+    /// number keeps that many revisions (checked every 5 minutes), a duration (`1h`, `30m`)
+    /// keeps that much history. Off by default.
+    #[arg(long = "kv-auto-compaction-retention")]
+    kv_auto_compaction_retention: Option<weir_control_plane::kv::compaction::Retention>,
     /// weir-cp's config file (YAML): API auth (tokens, client-certificate rules, TLS) and
     /// S3 access keys (see `weir_control_plane::settings`, docs/design/auth.md). Without auth
     /// credentials weir-cp runs open, and only on loopback addresses.
@@ -226,6 +238,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--objects s3://…` backend, checked by listing its bucket registry.
+async fn open_objects(
+    url: &str,
+    settings: &weir_control_plane::settings::Settings,
+) -> anyhow::Result<Arc<dyn weir_control_plane::objects::ObjectBackend>> {
+    use weir_control_plane::objects::{ObjectsUrl, RemoteObjects};
+    let parsed: ObjectsUrl = url.parse()?;
+    let backend = RemoteObjects::s3(&parsed, settings.objects_backend.as_ref())
+        .with_context(|| format!("--objects {url}"))?;
+    backend
+        .probe()
+        .await
+        .with_context(|| format!("reaching --objects {url}"))?;
+    tracing::info!(bucket = %parsed.bucket, prefix = %parsed.prefix, "objects in an S3-compatible store");
+    Ok(Arc::new(backend))
+}
+
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -247,12 +276,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--config-dir {} is not a directory", dir.display());
     }
-    let cp = match &args.store {
-        Some(url) => weir_control_plane::ControlPlane::open_etcd(url)
-            .with_context(|| format!("opening --store {url}"))?,
-        None => weir_control_plane::ControlPlane::open(args.data_dir.as_deref())
-            .context("opening the data dir")?,
+    let remote_objects = match &args.objects {
+        Some(url) => Some(open_objects(url, &settings).await?),
+        None => None,
     };
+    let cp = match &args.store {
+        Some(url) => weir_control_plane::ControlPlane::open_stores(None, Some(url), remote_objects)
+            .with_context(|| format!("opening --store {url}"))?,
+        None => weir_control_plane::ControlPlane::open_stores(
+            args.data_dir.as_deref(),
+            None,
+            remote_objects,
+        )
+        .context("opening the data dir")?,
+    };
+    if let Some(r) = args.kv_auto_compaction_retention {
+        weir_control_plane::kv::compaction::spawn(
+            Arc::downgrade(&cp.kv),
+            r,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        );
+    }
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.xds_address)
         .await

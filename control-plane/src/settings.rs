@@ -42,6 +42,9 @@ pub struct Settings {
     /// The mesh CA (see `crate::ca`).
     #[serde(default)]
     pub ca: crate::ca::CaSettings,
+    /// Credentials of the `--objects s3://…` backend (else the AWS_* environment).
+    #[serde(default)]
+    pub objects_backend: Option<crate::objects::remote::Credentials>,
 }
 
 /// A permission a credential carries.

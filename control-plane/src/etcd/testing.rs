@@ -42,6 +42,16 @@ impl EtcdProcess {
     /// # Panics
     /// When etcd is required but missing, or does not start within 30 s.
     pub fn start() -> Option<EtcdProcess> {
+        Self::start_with(&[], false)
+    }
+
+    /// [`Self::start`] with `extra` etcd flags; `tls`: the client URL is `https://` (give
+    /// `--cert-file`/`--key-file` in `extra`) and readiness is the port accepting (the
+    /// plain-HTTP `/health` probe cannot be used).
+    ///
+    /// # Panics
+    /// As [`Self::start`].
+    pub fn start_with(extra: &[&str], tls: bool) -> Option<EtcdProcess> {
         let Some(bin) = etcd_binary() else {
             if std::env::var("WEIR_REQUIRE_ETCD").is_ok_and(|v| v == "1") {
                 panic!(
@@ -70,7 +80,8 @@ impl EtcdProcess {
             let (Ok(port), Ok(peer)) = (free_port(), free_port()) else {
                 continue;
             };
-            let client_url = format!("http://127.0.0.1:{port}");
+            let scheme = if tls { "https" } else { "http" };
+            let client_url = format!("{scheme}://127.0.0.1:{port}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let mut cmd = Command::new(&bin);
             // etcd 3.4 refuses to start on arm64 unless told it is fine (Go's arch name).
@@ -92,6 +103,7 @@ impl EtcdProcess {
                 .arg(&peer_url)
                 .arg("--initial-cluster")
                 .arg(format!("weir-test={peer_url}"))
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn();
@@ -105,7 +117,9 @@ impl EtcdProcess {
                     last_err = format!("etcd exited: {status}");
                     break;
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && health(port) {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && (tls || health(port))
+                {
                     return Some(EtcdProcess { child, dir, port });
                 }
                 if Instant::now() > deadline {
@@ -119,6 +133,11 @@ impl EtcdProcess {
             let _ = std::fs::remove_dir_all(&dir);
         }
         panic!("could not start etcd: {last_err}");
+    }
+
+    /// The process id (benchmarks pin it to a core).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `etcd://127.0.0.1:PORT/prefix`.

@@ -1,4 +1,7 @@
-//! Unit tests of the embedded backend on an in-memory store, through [`KvBackend`].
+//! Unit tests of the embedded backend on an in-memory store, through [`KvBackend`]: what is
+//! specific to it (absolute revisions, the watch hub, lagging watchers, metrics). The suite
+//! every KV backend passes (embedded and etcd: CAS races, txn, pagination, watch resumption,
+//! compaction, leases) is `tests/integration/store_suite.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,33 +174,6 @@ async fn compare_and_swap_on_mod_revision() {
     };
     assert_eq!(rev(&kv.put(ok).await.expect("cas").header), 3);
     assert_eq!(get(&kv, "k").await.expect("k").value, b"v2");
-}
-
-#[tokio::test]
-async fn concurrent_cas_exactly_one_wins() {
-    let (kv, _, _) = open();
-    put(&kv, "leader", "none").await;
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let kv = kv.clone();
-        tasks.push(tokio::spawn(async move {
-            kv.put(pb::PutRequest {
-                expected_mod_revision: Some(2),
-                ..put_req("leader", &format!("w{i}"))
-            })
-            .await
-        }));
-    }
-    let mut wins = 0;
-    for t in tasks {
-        match t.await.expect("task") {
-            Ok(_) => wins += 1,
-            Err(KvError::FailedPrecondition(_)) => {}
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
-    assert_eq!(wins, 1);
-    assert_eq!(kv.revision(), 3);
 }
 
 #[tokio::test]

@@ -25,11 +25,13 @@
 //! - [`service`]: the tonic services (`KV`, `Watch`, `Lease`) over any backend, built in one
 //!   place ([`service::services`]) so an auth interceptor can wrap them.
 //! - [`metrics`]: `weir_cp_kv_*` metrics.
+//! - [`compaction`]: auto-compaction (`--kv-auto-compaction-retention`), on any backend.
 //! - [`cli`]: `weir-cp kv …` (a gRPC client).
 //!
 //! See `docs/design/kv.md` for the storage layout, the watch seam and deviations from etcd.
 
 pub mod cli;
+pub mod compaction;
 pub mod embedded;
 pub mod metrics;
 pub mod service;

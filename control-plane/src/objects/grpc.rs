@@ -33,7 +33,7 @@ impl From<ObjError> for Status {
             ObjError::BucketNotEmpty(_) => Status::failed_precondition(m),
             ObjError::InvalidRange { .. } | ObjError::EntityTooLarge => Status::out_of_range(m),
             ObjError::BadDigest(_) => Status::data_loss(m),
-            ObjError::Store(_) => Status::unavailable(m),
+            ObjError::Store(_) | ObjError::Backend(_) => Status::unavailable(m),
             ObjError::Io(_) | ObjError::Corrupt(_) => Status::internal(m),
             _ => Status::invalid_argument(m),
         }

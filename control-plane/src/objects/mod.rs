@@ -6,6 +6,9 @@
 //!   [`crate::storage::Store`] (tables `objects.*`) and bytes as files under
 //!   `<data-dir>/objects/` written to a temp file, fsynced, then renamed (a write is
 //!   acknowledged only after both the rename and the metadata commit are durable).
+//!   [`remote::RemoteObjects`] keeps them in any S3-compatible store through the
+//!   `object_store` crate (`--objects s3://bucket[/prefix]?endpoint=…`), shared by replicas.
+//! - [`testing`]: moto's S3 server for the tests of the remote backend.
 //! - [`s3`]: the S3-compatible HTTP endpoint (`serve --s3-address`) with SigV4 auth.
 //! - [`grpc`]: `weir.objects.v1.Objects`; [`cli`]: `weir-cp objects …`.
 //! - [`metrics`]: per-bucket gauges and S3 request counters in `/metrics`.
@@ -16,7 +19,9 @@ pub mod cli;
 pub mod embedded;
 pub mod grpc;
 pub mod metrics;
+pub mod remote;
 pub mod s3;
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +32,7 @@ use futures::Stream;
 use md5::{Digest as _, Md5};
 
 pub use embedded::EmbeddedObjects;
+pub use remote::{ObjectsUrl, RemoteObjects};
 
 /// The directory inside `--data-dir` holding object bytes.
 pub const OBJECTS_DIR: &str = "objects";
@@ -106,6 +112,9 @@ pub enum ObjError {
     /// File I/O failed.
     #[error("object file I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The object backend (`--objects s3://…`) failed or could not be reached.
+    #[error("object backend: {0}")]
+    Backend(String),
     /// Stored metadata could not be decoded.
     #[error("corrupt object metadata: {0}")]
     Corrupt(String),
@@ -206,8 +215,8 @@ pub struct ListRequest {
     pub prefix: String,
     /// Roll keys up to the first occurrence of this after the prefix into common prefixes.
     pub delimiter: Option<String>,
-    /// Most keys plus common prefixes returned (0: [`MAX_LIST_KEYS`]; larger values are
-    /// capped to it).
+    /// Most keys plus common prefixes returned (0: an empty page, as S3's `max-keys=0`;
+    /// values over [`MAX_LIST_KEYS`] are capped to it).
     pub max_keys: usize,
     /// Start strictly after this key.
     pub start_after: Option<String>,

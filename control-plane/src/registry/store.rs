@@ -179,62 +179,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// The suite every backend must pass.
-    pub(crate) fn backend_suite(b: &dyn Backend) {
-        assert_eq!(b.load().expect("load"), Loaded::default());
-        b.commit(1, &[Change::Put(Box::new(inst("web", "b", 80)))])
-            .expect("commit");
-        b.commit(
-            2,
-            &[
-                Change::Put(Box::new(inst("web", "a", 81))),
-                Change::Put(Box::new(inst("web-x", "a", 82))),
-            ],
-        )
-        .expect("commit");
-        b.commit(3, &[Change::Put(Box::new(inst("web", "b", 90)))])
-            .expect("replace");
-        let l = b.load().expect("load");
-        assert_eq!(l.revision, 3);
-        let got: Vec<(&str, &str, u32)> = l
-            .instances
-            .iter()
-            .map(|i| (i.service.as_str(), i.instance_id.as_str(), i.port))
-            .collect();
-        // Keys of one service sort together, by id ("web\0…" before "web-x\0…").
-        assert_eq!(
-            got,
-            [("web", "a", 81), ("web", "b", 90), ("web-x", "a", 82)]
-        );
-        b.commit(
-            4,
-            &[Change::Delete {
-                service: "web".into(),
-                instance_id: "a".into(),
-            }],
-        )
-        .expect("delete");
-        let l = b.load().expect("load");
-        assert_eq!(l.revision, 4);
-        assert_eq!(l.instances.len(), 2);
-        // Deleting what is absent is not an error (the revision still moves).
-        b.commit(
-            5,
-            &[Change::Delete {
-                service: "nope".into(),
-                instance_id: "x".into(),
-            }],
-        )
-        .expect("delete absent");
-        assert_eq!(b.load().expect("load").revision, 5);
-    }
-
-    #[test]
-    fn embedded_backend_suite() {
-        let b = EmbeddedBackend::new(Arc::new(Store::in_memory().expect("store")));
-        backend_suite(&b);
-    }
-
     #[test]
     fn embedded_backend_survives_reopen_and_reports_corruption() {
         let dir = std::env::temp_dir().join(format!(

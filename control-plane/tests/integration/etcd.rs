@@ -369,3 +369,74 @@ async fn etcd_down_fails_writes_cleanly_and_ads_keeps_serving() {
     assert_eq!(names(&r), ["kept"]);
     a.stop().await;
 }
+
+/// Two `weir-cp serve --store etcd://… --objects s3://…` replicas (credentials from the
+/// `--config` file's `objects_backend`) share the objects: what one stores the other serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_replicas_share_objects_through_s3() {
+    use md5::{Digest as _, Md5};
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let Some(moto) =
+        tokio::task::spawn_blocking(weir_control_plane::objects::testing::MotoProcess::start)
+            .await
+            .expect("task")
+    else {
+        return;
+    };
+    moto.create_bucket("weir-replicas");
+    let dir = temp_dir("s3-replicas");
+    let config = dir.join("weir-cp.yaml");
+    std::fs::write(
+        &config,
+        "objects_backend:\n  access_key_id: testing\n  secret_access_key: testing\n",
+    )
+    .expect("config");
+    let url = etcd.url("/weir-objects");
+    let objects = moto.url("weir-replicas", "shared");
+    let cfg = config.display().to_string();
+    let args = ["--store", &url, "--objects", &objects, "--config", &cfg];
+    let a = spawn_binary(&args).await;
+    let b = spawn_binary(&args).await;
+    let data: Vec<u8> = (0..9 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let src = dir.join("in.bin");
+    std::fs::write(&src, &data).expect("write");
+    let (sa, sb) = (a.xds.to_string(), b.xds.to_string());
+    let (ok, out, err) = cli(&["objects", "mb", "shared-bucket", "--server", &sa]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = cli(&[
+        "objects",
+        "put",
+        &src.display().to_string(),
+        "shared-bucket/x/in.bin",
+        "--server",
+        &sa,
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&weir_control_plane::objects::hex(&Md5::digest(&data))),
+        "{out}"
+    );
+    let dst = dir.join("out.bin");
+    let (ok, out, err) = cli(&[
+        "objects",
+        "get",
+        "shared-bucket/x/in.bin",
+        &dst.display().to_string(),
+        "--server",
+        &sb,
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        std::fs::read(&dst).expect("read") == data,
+        "replica b serves a's object"
+    );
+    let (ok, out, _) = cli(&["objects", "ls", "shared-bucket/x/", "--server", &sb]);
+    assert!(ok && out.contains("x/in.bin"), "{out}");
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}

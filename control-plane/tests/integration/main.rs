@@ -8,7 +8,9 @@
 //! `python_grpc` (gRPC's own xDS client resolving through weir-cp; skipped without grpcio),
 //! `registry` (the service registry: gRPC API, EDS pushes, health, watch, CLI, persistence),
 //! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart), `ca` (the
-//! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation).
+//! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation),
+//! `store_suite` (one suite per store run against each backend: KV and registry on embedded
+//! and etcd, objects on embedded and S3/moto).
 
 mod auth;
 mod ca;
@@ -22,6 +24,7 @@ mod objects;
 mod python_grpc;
 mod registry;
 mod sotw;
+mod store_suite;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;

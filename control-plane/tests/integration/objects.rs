@@ -23,8 +23,8 @@ use weir_control_plane::settings::{AccessKeySettings, S3Settings, Scope, Setting
 
 use crate::harness::*;
 
-const AK: &str = "AKIAWEIRTEST";
-const SK: &str = "weir/test/secret/key";
+pub(crate) const AK: &str = "AKIAWEIRTEST";
+pub(crate) const SK: &str = "weir/test/secret/key";
 const RO_AK: &str = "AKIAWEIRREADONLY";
 const RO_SK: &str = "read-only-secret";
 const MIB: usize = 1024 * 1024;
@@ -104,10 +104,10 @@ impl S3Server {
     }
 }
 
-struct Resp {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Resp {
@@ -149,7 +149,7 @@ fn amz_now() -> String {
 
 /// How a test request is signed.
 #[derive(Clone, Copy)]
-enum Sign<'a> {
+pub(crate) enum Sign<'a> {
     None,
     Key(&'a str, &'a str),
     KeyAt(&'a str, &'a str, &'a str),
@@ -157,7 +157,7 @@ enum Sign<'a> {
 }
 
 /// Send one request (path already percent-encoded, query in canonical order or not).
-async fn send(
+pub(crate) async fn send(
     addr: SocketAddr,
     method: &str,
     path_query: &str,

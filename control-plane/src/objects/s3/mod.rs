@@ -214,7 +214,9 @@ impl From<ObjError> for S3Error {
             }
             ObjError::BadDigest(_) => (S::BAD_REQUEST, "BadDigest"),
             ObjError::Body(_) => (S::BAD_REQUEST, "IncompleteBody"),
-            ObjError::Store(_) => (S::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            ObjError::Store(_) | ObjError::Backend(_) => {
+                (S::SERVICE_UNAVAILABLE, "ServiceUnavailable")
+            }
             ObjError::Io(_) | ObjError::Corrupt(_) => (S::INTERNAL_SERVER_ERROR, "InternalError"),
         };
         S3Error::new(status, code, e.to_string())
