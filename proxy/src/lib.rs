@@ -36,7 +36,7 @@ pub mod listener;
 pub mod route;
 pub mod server;
 pub mod stats;
-pub mod trace;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod xds;

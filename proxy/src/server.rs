@@ -275,6 +275,9 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
     let dynamic = crate::xds::start(&state);
     if let Some(d) = &dynamic {
         d.initialized().await;
+        // SDS: TLS contexts of static listeners and clusters wait for their ADS secrets
+        // (Envoy's init manager), bounded by the default initial_fetch_timeout.
+        wait_for_secrets(&state).await;
     }
     // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
     state.clusters.initialized().await;
@@ -345,4 +348,31 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
         tracing::info!(name = %l.name, address = %l.address, "listener ready");
     }
     Ok(ServerHandle { state, workers })
+}
+
+/// Wait until every ADS secret a TLS context uses has arrived, at most
+/// [`crate::config::source::DEFAULT_INITIAL_FETCH_TIMEOUT`]; then listeners accept anyway (handshakes
+/// needing a missing secret fail and count `ssl.connection_error`).
+async fn wait_for_secrets(state: &Arc<ServerState>) {
+    let registry = crate::tls::secrets::registry(&state.stats);
+    let deadline =
+        tokio::time::Instant::now() + crate::config::source::DEFAULT_INITIAL_FETCH_TIMEOUT;
+    loop {
+        let missing: Vec<String> = registry
+            .wanted_ads()
+            .into_iter()
+            .filter(|n| registry.get(n).is_none())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?missing,
+                "SDS secrets did not arrive within the initial fetch timeout; serving without them"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -10,7 +10,8 @@
 //! `etcd` (two replicas sharing one etcd: config, KV, registry, versions, restart), `ca` (the
 //! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation),
 //! `store_suite` (one suite per store run against each backend: KV and registry on embedded
-//! and etcd, objects on embedded and S3/moto).
+//! and etcd, objects on embedded and S3/moto), `sidecars` (two weir sidecars with certificates
+//! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC).
 
 mod auth;
 mod ca;
@@ -23,6 +24,7 @@ mod mesh;
 mod objects;
 mod python_grpc;
 mod registry;
+mod sidecars;
 mod sotw;
 mod store_suite;
 
