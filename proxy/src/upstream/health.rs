@@ -39,7 +39,6 @@
 //!   failure drops it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -58,6 +57,7 @@ use weir_xds_api::pb::envoy::config::core::v3::health_check::{
 };
 use weir_xds_api::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
+use super::pool::UpIo;
 use super::{Cluster, Host, UpstreamProtocol, health_flags};
 use crate::config::{Errors, duration, join};
 use crate::stats::Scope;
@@ -871,6 +871,8 @@ pub struct HealthChecker {
     stats: HcStats,
     /// The cluster has carried traffic at least once (Envoy: `upstream_cx_total` used).
     traffic_seen: AtomicBool,
+    /// The cluster's TLS transport socket: checks handshake like traffic does.
+    tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 impl HealthChecker {
@@ -881,7 +883,14 @@ impl HealthChecker {
             cluster: cluster.to_string(),
             stats: HcStats::new(scope),
             traffic_seen: AtomicBool::new(false),
+            tls: None,
         }
+    }
+
+    /// Check over the cluster's TLS transport socket (SNI, client certificate, SAN checks).
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::ClientTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Config.
@@ -1026,7 +1035,7 @@ pub fn with_jitter(cfg: &HealthCheckConfig, base: Duration, r1: u64, r2: u64) ->
 enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
     Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
-    Tcp(TcpStream),
+    Tcp(UpIo),
 }
 
 impl Conn {
@@ -1050,16 +1059,25 @@ fn active(detail: impl Into<String>) -> Failed {
     Failed(Failure::Active { retriable: false }, detail.into())
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, Failed> {
-    let s = TcpStream::connect(addr)
+/// Connect to `host`, then handshake TLS when the cluster has a TLS transport socket
+/// (offering `h2` by ALPN only for HTTP/2 checks).
+async fn connect(hc: &HealthChecker, host: &Host, h2: bool) -> Result<UpIo, Failed> {
+    let s = TcpStream::connect(host.address)
         .await
         .map_err(|e| network(format!("connect: {e}")))?;
     let _ = s.set_nodelay(true);
-    Ok(s)
+    match &hc.tls {
+        None => Ok(UpIo::Plain(s)),
+        Some(tls) => tls
+            .connect(s, host.hostname.as_deref(), host.address.ip(), !h2)
+            .await
+            .map(|s| UpIo::Tls(Box::new(s)))
+            .map_err(|e| network(format!("TLS handshake: {e}"))),
+    }
 }
 
-async fn http_conn(addr: SocketAddr, h2: bool) -> Result<Conn, Failed> {
-    let io = TokioIo::new(connect(addr).await?);
+async fn http_conn(hc: &HealthChecker, host: &Host, h2: bool) -> Result<Conn, Failed> {
+    let io = TokioIo::new(connect(hc, host, h2).await?);
     if h2 {
         let (send, conn) =
             hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), io)
@@ -1172,7 +1190,7 @@ pub fn http_request(
 async fn http_check(
     cfg: &HttpCheckConfig,
     hc: &HealthChecker,
-    addr: SocketAddr,
+    host: &Host,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failed> {
     let authority = if cfg.host.is_empty() {
@@ -1182,7 +1200,7 @@ async fn http_check(
     };
     let req = http_request(cfg, authority).map_err(active)?;
     if !conn.as_ref().is_some_and(Conn::usable) {
-        *conn = Some(http_conn(addr, cfg.http2).await?);
+        *conn = Some(http_conn(hc, host, cfg.http2).await?);
     }
     let c = conn.as_mut().ok_or_else(|| network("no connection"))?;
     let resp = send(c, req).await?;
@@ -1232,13 +1250,14 @@ async fn http_check(
 
 async fn tcp_check(
     cfg: &TcpCheckConfig,
-    addr: SocketAddr,
+    hc: &HealthChecker,
+    host: &Host,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failed> {
     if cfg.receive.is_empty() {
         // Connect test (plus an optional write); Envoy closes right away.
         *conn = None;
-        let mut s = connect(addr).await?;
+        let mut s = connect(hc, host, false).await?;
         if let Some(p) = &cfg.send {
             s.write_all(p).await.map_err(network)?;
         }
@@ -1246,7 +1265,7 @@ async fn tcp_check(
     }
     let mut s = match conn.take() {
         Some(Conn::Tcp(s)) => s,
-        _ => connect(addr).await?,
+        _ => connect(hc, host, false).await?,
     };
     if let Some(p) = &cfg.send {
         s.write_all(p).await.map_err(network)?;
@@ -1316,7 +1335,7 @@ pub fn grpc_response_status(body: &[u8]) -> Result<i32, String> {
 async fn grpc_check(
     cfg: &GrpcCheckConfig,
     hc: &HealthChecker,
-    addr: SocketAddr,
+    host: &Host,
     conn: &mut Option<Conn>,
 ) -> Result<(), Failed> {
     let authority = if cfg.authority.is_empty() {
@@ -1335,7 +1354,7 @@ async fn grpc_check(
     h.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
     apply_adds(h, &cfg.initial_metadata);
     if !conn.as_ref().is_some_and(Conn::usable) {
-        *conn = Some(http_conn(addr, true).await?);
+        *conn = Some(http_conn(hc, host, true).await?);
     }
     let c = conn.as_mut().ok_or_else(|| network("no connection"))?;
     let resp = send(c, req).await?;
@@ -1392,9 +1411,9 @@ async fn check_once(
     hc.stats.attempt.increment(1);
     let fut = async {
         match &hc.cfg.checker {
-            CheckerConfig::Http(c) => http_check(c, hc, host.address, conn).await,
-            CheckerConfig::Tcp(c) => tcp_check(c, host.address, conn).await,
-            CheckerConfig::Grpc(c) => grpc_check(c, hc, host.address, conn).await,
+            CheckerConfig::Http(c) => http_check(c, hc, host, conn).await,
+            CheckerConfig::Tcp(c) => tcp_check(c, hc, host, conn).await,
+            CheckerConfig::Grpc(c) => grpc_check(c, hc, host, conn).await,
         }
     };
     let r = match tokio::time::timeout(hc.cfg.timeout, fut).await {
@@ -1514,6 +1533,7 @@ mod tests {
     use super::*;
     use crate::stats::Store;
     use crate::upstream::translate_cluster;
+    use std::net::SocketAddr;
 
     fn tr(yaml: &str) -> (Vec<HealthCheckConfig>, Vec<String>) {
         let pb: weir_xds_api::pb::envoy::config::cluster::v3::Cluster =
@@ -1976,10 +1996,11 @@ mod tests {
         let CheckerConfig::Tcp(c) = &hc.cfg.checker else {
             panic!("tcp")
         };
+        let at = |a: SocketAddr| Host::new(a, None, 1, 0, 0);
         let mut conn = None;
-        assert!(tcp_check(c, addr, &mut conn).await.is_ok());
+        assert!(tcp_check(c, &hc, &at(addr), &mut conn).await.is_ok());
         assert!(conn.is_some(), "kept for reuse");
-        assert!(tcp_check(c, addr, &mut conn).await.is_ok());
+        assert!(tcp_check(c, &hc, &at(addr), &mut conn).await.is_ok());
         // A closed port is a network failure.
         let closed = {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1988,7 +2009,7 @@ mod tests {
             l.local_addr().expect("addr")
         };
         let mut conn = None;
-        match tcp_check(c, closed, &mut conn).await {
+        match tcp_check(c, &hc, &at(closed), &mut conn).await {
             Err(Failed(Failure::Network, _)) => {}
             Err(Failed(k, d)) => panic!("unexpected failure {k:?}: {d}"),
             Ok(()) => panic!("closed port passed"),

@@ -646,10 +646,19 @@ impl Cluster {
         if !config.needs_dns() && config.discovery != DiscoveryType::Eds {
             warmed.cancel();
         }
-        let health = config
-            .health_checks
-            .first()
-            .map(|hc| Arc::new(health::HealthChecker::new(hc.clone(), &config.name, &scope)));
+        let tls = config.tls.as_ref().map(|t| {
+            Arc::new(crate::tls::ClientTls::new(
+                t.clone(),
+                crate::tls::secrets::registry(store),
+                Arc::new(crate::tls::SslStats::new(&scope)),
+            ))
+        });
+        // Health checks use the cluster's transport socket, as Envoy's do.
+        let health = config.health_checks.first().map(|hc| {
+            Arc::new(
+                health::HealthChecker::new(hc.clone(), &config.name, &scope).with_tls(tls.clone()),
+            )
+        });
         let hc_warmed = tokio_util::sync::CancellationToken::new();
         if health.is_none() {
             hc_warmed.cancel();
@@ -658,13 +667,6 @@ impl Cluster {
             .outlier
             .as_ref()
             .map(|o| outlier::Detector::new(o.clone(), &config.name, &scope));
-        let tls = config.tls.as_ref().map(|t| {
-            Arc::new(crate::tls::ClientTls::new(
-                t.clone(),
-                crate::tls::secrets::registry(store),
-                Arc::new(crate::tls::SslStats::new(&scope)),
-            ))
-        });
         Self {
             config,
             stats,

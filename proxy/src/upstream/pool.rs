@@ -144,7 +144,7 @@ pub(crate) async fn timed_connect<T>(
 
 /// An upstream byte stream: plain TCP or TLS (the cluster's `transport_socket`).
 #[derive(Debug)]
-enum UpIo {
+pub(crate) enum UpIo {
     Plain(TcpStream),
     Tls(Box<crate::tls::client::ClientStream>),
 }

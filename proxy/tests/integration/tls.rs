@@ -599,6 +599,54 @@ async fn upstream_mtls_verifies_the_upstream_san() {
     p.stop().await;
 }
 
+#[tokio::test]
+async fn health_checks_use_the_cluster_tls() {
+    let pki = Pki::new("test ca");
+    // The upstream requires a client certificate: a plain-text check can never pass.
+    let up = tls_backend("up", &pki.leaf(&["backend.test"], &[]), Some(&pki), &[]).await;
+    let client = pki.leaf(&[], &["spiffe://td/ns/default/sa/weir"]);
+    let checked = |name: &str, san: &str| {
+        let mut c = cluster(
+            name,
+            up,
+            Some(upstream(
+                json!({
+                    "tls_certificates": [cert_json(&client)],
+                    "validation_context": {
+                        "trusted_ca": inline(&pki.ca_pem()),
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": san}}],
+                    }
+                }),
+                json!({"sni": "backend.test"}),
+            )),
+        );
+        c["health_checks"] = json!([{
+            "timeout": "2s", "interval": "0.2s",
+            "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "http_health_check": {"path": "/healthz"}
+        }]);
+        c
+    };
+    let p = Proxy::start(&bootstrap(
+        vec![listener(vec![json!({"filters": [hcm("good")]})], json!({}))],
+        vec![
+            checked("good", "backend.test"),
+            checked("bad", "other.test"),
+        ],
+    ))
+    .await;
+    // Startup waited for the first checks: over mTLS they pass, with a wrong SAN they fail.
+    assert!(p.stat("cluster.good.health_check.success") >= 1);
+    assert_eq!(p.stat("cluster.good.health_check.healthy"), 1);
+    assert!(p.stat("cluster.good.ssl.handshake") >= 1);
+    assert!(p.stat("cluster.bad.health_check.failure") >= 1);
+    assert_eq!(p.stat("cluster.bad.health_check.healthy"), 0);
+    assert!(p.stat("cluster.bad.ssl.fail_verify_san") >= 1);
+    let (status, _, body) = crate::harness::get(p.addr("tls"), "x", "/").await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    p.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_h2_end_to_end() {
     let pki = Pki::new("test ca");
