@@ -3,7 +3,9 @@
 //!
 //! Byte moving ([`proxy_streams`]) has two engines: `splice(2)` through a pipe pair on Linux
 //! (bytes never enter user space) and a buffered copy (`copy_bidirectional_with_sizes`) that
-//! works everywhere. Both propagate half-close (a FIN from one side becomes a `shutdown(Write)`
+//! works everywhere. When either side speaks TLS (the chain terminates TLS with its
+//! `transport_socket`, or the cluster originates TLS with its own), bytes must pass through
+//! rustls, so [`proxy_io`] copies over any `AsyncRead + AsyncWrite` with the same semantics. Both propagate half-close (a FIN from one side becomes a `shutdown(Write)`
 //! on the other), end on the idle timeout, the max connection duration or cancellation, and
 //! count `downstream_cx_rx_bytes_total` / `downstream_cx_tx_bytes_total` as bytes move.
 //!
@@ -144,9 +146,44 @@ struct ConnLog {
     sent: u64,
 }
 
-/// Serve one downstream connection with the tcp_proxy filter.
+/// The downstream byte stream: plain TCP, or TLS terminated by the filter chain.
+type DownIo = tokio_util::either::Either<TcpStream, Box<TlsDownstream>>;
+type TlsDownstream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Serve one plain-text downstream connection with the tcp_proxy filter.
 pub async fn serve(
     downstream: TcpStream,
+    cfg: Arc<TcpProxyConfig>,
+    conn: ConnInfo,
+    state: Arc<ServerState>,
+) {
+    serve_io(
+        tokio_util::either::Either::Left(downstream),
+        cfg,
+        conn,
+        state,
+    )
+    .await
+}
+
+/// Serve one downstream connection whose TLS the filter chain terminated.
+pub async fn serve_tls(
+    downstream: TlsDownstream,
+    cfg: Arc<TcpProxyConfig>,
+    conn: ConnInfo,
+    state: Arc<ServerState>,
+) {
+    serve_io(
+        tokio_util::either::Either::Right(Box::new(downstream)),
+        cfg,
+        conn,
+        state,
+    )
+    .await
+}
+
+async fn serve_io(
+    downstream: DownIo,
     cfg: Arc<TcpProxyConfig>,
     conn: ConnInfo,
     state: Arc<ServerState>,
@@ -176,7 +213,7 @@ pub async fn serve(
 }
 
 async fn serve_inner(
-    downstream: TcpStream,
+    downstream: DownIo,
     cfg: &TcpProxyConfig,
     conn: &ConnInfo,
     state: &ServerState,
@@ -243,8 +280,7 @@ async fn serve_inner(
     // A later attempt connected: the failures before it are not the connection's outcome.
     log.flags = Default::default();
     log.failure = None;
-    log.upstream_local = upstream.local_addr().ok();
-    let _ = upstream.set_nodelay(true);
+    log.upstream_local = upstream.tcp().local_addr().ok();
     let opts = ProxyOptions {
         engine: Engine::default(),
         idle_timeout: cfg.idle_timeout,
@@ -255,7 +291,15 @@ async fn serve_inner(
         rx: cfg.stats.downstream_cx_rx_bytes_total.clone(),
         tx: cfg.stats.downstream_cx_tx_bytes_total.clone(),
     };
-    let out = proxy_streams(downstream, upstream, &opts, &counters, &conn.hard_stop).await;
+    use crate::upstream::UpIo;
+    use tokio_util::either::Either;
+    let out = match (downstream, upstream) {
+        // Plain text both ways: the zero-copy engine.
+        (Either::Left(d), UpIo::Plain(u)) => {
+            proxy_streams(d, u, &opts, &counters, &conn.hard_stop).await
+        }
+        (d, u) => proxy_io(d, u, &opts, &counters, &conn.hard_stop).await,
+    };
     log.received = out.downstream_to_upstream;
     log.sent = out.upstream_to_downstream;
     match &out.end {
@@ -427,6 +471,51 @@ pub async fn proxy_streams(
         }
         copy_bidirectional(&downstream, &upstream, limit, &meter).await
     };
+    finish(transfer, &meter, opts, cancel).await
+}
+
+/// [`proxy_streams`] over any byte streams (TLS on either side): a buffered copy through the
+/// streams' own `AsyncRead` / `AsyncWrite` (so rustls encrypts and decrypts), with the same
+/// half-close, idle timeout, max duration, cancellation and counters. EOF on one side becomes
+/// `poll_shutdown` on the other (for TLS: `close_notify`, then FIN).
+pub async fn proxy_io<D, U>(
+    mut downstream: D,
+    mut upstream: U,
+    opts: &ProxyOptions,
+    counters: &ByteCounters,
+    cancel: &CancellationToken,
+) -> ProxyOutcome
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let meter = Meter::new(counters.clone());
+    let size = (opts.buffer_limit as usize).clamp(1, MAX_COPY_BUF);
+    let transfer = async {
+        let mut d = MeteredIo {
+            io: &mut downstream,
+            meter: &meter,
+            downstream: true,
+        };
+        let mut u = MeteredIo {
+            io: &mut upstream,
+            meter: &meter,
+            downstream: false,
+        };
+        tokio::io::copy_bidirectional_with_sizes(&mut d, &mut u, size, size)
+            .await
+            .map(|_| ())
+    };
+    finish(transfer, &meter, opts, cancel).await
+}
+
+/// Run `transfer` until it ends, the idle timeout, the max duration or `cancel`.
+async fn finish(
+    transfer: impl std::future::Future<Output = io::Result<()>>,
+    meter: &Meter,
+    opts: &ProxyOptions,
+    cancel: &CancellationToken,
+) -> ProxyOutcome {
     let idle = async {
         match opts.idle_timeout {
             Some(d) => meter.idle(d).await,
@@ -452,6 +541,59 @@ pub async fn proxy_streams(
         end,
         downstream_to_upstream: meter.up.load(Ordering::Relaxed),
         upstream_to_downstream: meter.down.load(Ordering::Relaxed),
+    }
+}
+
+/// Any byte stream that reports bytes read from / written to downstream to the meter.
+struct MeteredIo<'a, T> {
+    io: &'a mut T,
+    meter: &'a Meter,
+    downstream: bool,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for MeteredIo<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if this.downstream {
+            this.meter.rx(n);
+        } else {
+            this.meter.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredIo<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if this.downstream {
+                this.meter.tx(n);
+            } else {
+                this.meter.touch();
+            }
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 

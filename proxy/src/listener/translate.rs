@@ -363,14 +363,6 @@ fn filter_chain(
     let filter = terminal?;
     let tls = match tls_cfg {
         Some(cfg) => {
-            if matches!(filter, NetworkFilter::TcpProxy(_)) {
-                errs.add(
-                    join(path, "transport_socket"),
-                    "terminating TLS in front of a tcp_proxy is not supported yet (TLS \
-                     passthrough by SNI works: leave transport_socket unset)",
-                );
-                return None;
-            }
             let stats = listener_stats.clone()?;
             let registry = crate::tls::secrets::registry(ctx.stats);
             let t = crate::tls::ServerTls::new(cfg, registry, stats, handshake_timeout);

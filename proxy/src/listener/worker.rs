@@ -279,8 +279,9 @@ async fn serve(
         (NetworkFilter::TcpProxy(t), Downstream::Plain(s)) => {
             super::tcp_proxy::serve(s, t, info, st).await
         }
-        // Translation refuses TLS termination in front of tcp_proxy.
-        (NetworkFilter::TcpProxy(_), Downstream::Tls(_)) => {}
+        (NetworkFilter::TcpProxy(t), Downstream::Tls(s)) => {
+            super::tcp_proxy::serve_tls(*s, t, info, st).await
+        }
     }
 }
 

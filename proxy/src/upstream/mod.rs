@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
 
-pub use pool::{CxGuard, TcpConnection, UpstreamResponseBody};
+pub use pool::{CxGuard, TcpConnection, UpIo, UpstreamResponseBody};
 
 use crate::stats::{Scope, Store};
 
@@ -792,8 +792,9 @@ impl Cluster {
             .await
     }
 
-    /// Open a TCP connection to `host` (connect_timeout applied, TCP_NODELAY set, cx stats
-    /// counted). Keep the returned [`TcpConnection::guard`] until the stream is closed: it holds
+    /// Open a byte stream to `host` (connect_timeout applied, TCP_NODELAY set, cx stats
+    /// counted): TCP, then the TLS handshake when the cluster has a TLS `transport_socket`
+    /// (TLS origination, `h2` left out of the offered ALPN). Keep the returned [`TcpConnection::guard`] until the stream is closed: it holds
     /// the connection's place in `upstream_cx_active`.
     ///
     /// [`UpstreamError::Overflow`] (and `upstream_cx_overflow` counted) when the connection

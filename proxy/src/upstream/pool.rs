@@ -105,12 +105,13 @@ impl Drop for CxGuard {
     }
 }
 
-/// A connected upstream TCP stream and its accounting guard (from [`Cluster::connect_tcp`]).
+/// A connected upstream byte stream and its accounting guard (from [`Cluster::connect_tcp`]).
 /// Keep `guard` alive exactly as long as the stream (drop both together).
 #[derive(Debug)]
 pub struct TcpConnection {
-    /// The stream (TCP_NODELAY set).
-    pub stream: TcpStream,
+    /// The stream (TCP_NODELAY set): plain TCP, or TLS when the cluster has a TLS
+    /// `transport_socket` (the handshake is done).
+    pub stream: UpIo,
     /// Keeps `upstream_cx_active` right; drop it when the stream is closed.
     pub guard: CxGuard,
 }
@@ -144,8 +145,10 @@ pub(crate) async fn timed_connect<T>(
 
 /// An upstream byte stream: plain TCP or TLS (the cluster's `transport_socket`).
 #[derive(Debug)]
-pub(crate) enum UpIo {
+pub enum UpIo {
+    /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP (handshake done).
     Tls(Box<crate::tls::client::ClientStream>),
 }
 
@@ -204,6 +207,14 @@ impl AsyncWrite for UpIo {
 }
 
 impl UpIo {
+    /// The TCP socket under the stream.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpIo::Plain(s) => s,
+            UpIo::Tls(s) => s.get_ref().0,
+        }
+    }
+
     /// Whether ALPN picked `h2`.
     fn alpn_h2(&self) -> bool {
         match self {
@@ -1027,17 +1038,21 @@ impl Cluster {
         host: &Arc<Host>,
         priority: Priority,
     ) -> Result<TcpConnection, UpstreamError> {
-        if self.tls.is_some() {
-            // Never send tcp_proxy bytes in plain text to a cluster configured for TLS.
-            return Err(UpstreamError::Protocol(
-                "tcp_proxy to a TLS cluster (TLS origination) is not supported".into(),
-            ));
-        }
         let Some(slot) = self.resources(priority).connections.try_acquire() else {
             self.stats.upstream_cx_overflow.increment(1);
             return Err(UpstreamError::Overflow);
         };
-        let (stream, guard) = open_tcp(&self.stats, &self.config, host, slot).await?;
+        // Raw bytes (tcp_proxy, upgrades, CONNECT) never speak h2 over the connection:
+        // `h2` is left out of the offered ALPN.
+        let (stream, guard) = open(
+            &self.stats,
+            &self.config,
+            self.tls.as_ref(),
+            host,
+            slot,
+            true,
+        )
+        .await?;
         Ok(TcpConnection { stream, guard })
     }
 
@@ -1784,7 +1799,7 @@ mod tests {
             .connect_tcp(&host, Priority::Default)
             .await
             .expect("connects");
-        assert!(conn.stream.nodelay().expect("nodelay"));
+        assert!(conn.stream.tcp().nodelay().expect("nodelay"));
         assert_eq!(stat(&store, "upstream_cx_active"), 1.0);
         conn.guard.add_tx(10);
         drop(conn);

@@ -1,5 +1,6 @@
 //! TLS: termination with SNI certificate selection, passthrough by SNI (tls_inspector),
-//! mTLS with SAN matchers, upstream mTLS with SAN verification, ALPN h2 end to end, file
+//! mTLS with SAN matchers, upstream mTLS with SAN verification, tcp_proxy terminating and
+//! originating TLS, ALPN h2 end to end, file
 //! SDS rotation with an open connection, handshake and listener-filter timeouts.
 //! Certificates are generated per test with rcgen (a test CA, leaf certificates with DNS and
 //! SPIFFE URI SANs).
@@ -595,6 +596,104 @@ async fn upstream_mtls_verifies_the_upstream_san() {
     let (status, _, _) = crate::harness::get(addr, "x", "/bad").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(p.stat("cluster.bad.ssl.fail_verify_san") >= 1);
+    assert_eq!(p.stat("cluster.bad.ssl.handshake"), 0);
+    p.stop().await;
+}
+
+/// tcp_proxy behind TLS termination (with a client certificate required) and originating
+/// mTLS to its upstream: the client's bytes cross weir decrypted and re-encrypted, the
+/// upstream sees weir's client certificate, and an upstream with the wrong SAN gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_terminates_and_originates_tls() {
+    let pki = Pki::new("test ca");
+    let up = tls_backend("up", &pki.leaf(&["backend.test"], &[]), Some(&pki), &[]).await;
+    let weir_id = pki.leaf(
+        &["good.test", "bad.test"],
+        &["spiffe://td/ns/default/sa/weir"],
+    );
+    let client_id = pki.leaf(&[], &["spiffe://td/ns/default/sa/client"]);
+    let upstream_ts = |san: &str| {
+        upstream(
+            json!({
+                "tls_certificates": [cert_json(&weir_id)],
+                "validation_context": {
+                    "trusted_ca": inline(&pki.ca_pem()),
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": san}}],
+                }
+            }),
+            json!({"sni": "backend.test"}),
+        )
+    };
+    let down_ts = downstream(
+        json!({
+            "tls_certificates": [cert_json(&weir_id)],
+            "validation_context": {"trusted_ca": inline(&pki.ca_pem())},
+        }),
+        json!({"require_client_certificate": true}),
+    );
+    let chain = |sni: &str, cluster: &str| {
+        json!({
+            "filter_chain_match": {"server_names": [sni]},
+            "filters": [tcp(cluster)],
+            "transport_socket": down_ts.clone(),
+        })
+    };
+    let p = Proxy::start(&bootstrap(
+        vec![listener(
+            vec![chain("good.test", "good"), chain("bad.test", "bad")],
+            json!({}),
+        )],
+        vec![
+            cluster("good", up, Some(upstream_ts("backend.test"))),
+            cluster("bad", up, Some(upstream_ts("other.test"))),
+        ],
+    ))
+    .await;
+    let addr = p.addr("tls");
+    let cfg = client_config(&pki, Some(&client_id), &[]);
+    for i in 0..2 {
+        let t = tls_connect(addr, "good.test", cfg.clone())
+            .await
+            .expect("handshake");
+        let (status, body) = h1_on(t, "/").await.expect("request through the tunnel");
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        let v = crate::harness::json(&body);
+        assert_eq!(v["name"], "up");
+        // The upstream's TLS peer is weir (TLS originated by the cluster), not the client.
+        let peer: Vec<&str> = v["peer"]
+            .as_array()
+            .expect("peer SANs")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(peer.contains(&"spiffe://td/ns/default/sa/weir"), "{v}");
+    }
+    assert_eq!(p.stat("cluster.good.ssl.handshake"), 2);
+    assert_eq!(p.stat(&format!("{L}ssl.handshake")), 2);
+    assert_eq!(p.stat("tcp.good.downstream_cx_total"), 2);
+    assert!(p.stat("tcp.good.downstream_cx_rx_bytes_total") > 0);
+    assert!(p.stat("tcp.good.downstream_cx_tx_bytes_total") > 0);
+
+    // A client without a certificate is refused by the downstream handshake.
+    let r = tls_get(addr, "good.test", client_config(&pki, None, &[])).await;
+    assert!(r.is_err(), "{r:?}");
+
+    // The upstream's certificate does not carry the SAN the cluster requires: the tunnel
+    // is closed without a byte reaching the upstream.
+    let mut t = tls_connect(addr, "bad.test", cfg.clone())
+        .await
+        .expect("downstream handshake");
+    let _ = t.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf));
+    eventually("fail_verify_san counted", || {
+        p.stat("cluster.bad.ssl.fail_verify_san") >= 1
+    })
+    .await;
     assert_eq!(p.stat("cluster.bad.ssl.handshake"), 0);
     p.stop().await;
 }
