@@ -236,12 +236,71 @@ struct PendingLog {
     trace: TraceHeaders,
 }
 
-/// Request headers the span reports.
+/// Request facts the span reports.
 #[derive(Default)]
-struct TraceHeaders {
+pub(crate) struct TraceHeaders {
     request_id: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     tracestate: Option<HeaderValue>,
+    /// `custom_tags` read from the request headers.
+    tags: Vec<(String, String)>,
+    /// The span name when not the operation's: `x-envoy-decorator-operation` (request on
+    /// ingress, response on egress), else the route's decorator.
+    name: Option<String>,
+    /// Ingress with a propagating decorator: the value for the response's
+    /// `x-envoy-decorator-operation`.
+    respond_operation: Option<HeaderValue>,
+    /// The trace header forms the caller used (upstream spans inject the same).
+    pub(crate) seen: crate::trace::Seen,
+}
+
+const DECORATOR_OPERATION: &str = "x-envoy-decorator-operation";
+
+/// Envoy's decorator propagation on the response: an ingress span's propagating decorator
+/// tells the caller's client span its name; an egress span takes its name from the
+/// upstream's response header (removed before the application sees it).
+fn decorate_response(
+    op: crate::trace::Operation,
+    resp: &mut Response<UpstreamBody>,
+    t: &mut TraceHeaders,
+) {
+    match op {
+        crate::trace::Operation::Ingress => {
+            if let Some(v) = t.respond_operation.take() {
+                resp.headers_mut().insert(DECORATOR_OPERATION, v);
+            }
+        }
+        crate::trace::Operation::Egress => {
+            if let Some(v) = resp.headers_mut().remove(DECORATOR_OPERATION)
+                && let Ok(v) = v.to_str()
+                && !v.is_empty()
+            {
+                t.name = Some(v.to_string());
+            }
+        }
+    }
+}
+
+/// The route's `decorator` under HCM tracing: names the span (unless the ingress request
+/// already did) and, when it propagates, tells the other side (the upstream on egress, the
+/// caller on ingress).
+fn apply_decorator(
+    op: crate::trace::Operation,
+    d: &crate::route::Decorator,
+    req: &mut http::request::Parts,
+    t: &mut TraceHeaders,
+) {
+    if t.name.is_none() {
+        t.name = Some(d.operation.to_string());
+    }
+    if d.propagate {
+        match op {
+            crate::trace::Operation::Egress => {
+                req.headers.insert(DECORATOR_OPERATION, d.header.clone());
+            }
+            crate::trace::Operation::Ingress => t.respond_operation = Some(d.header.clone()),
+        }
+    }
 }
 
 fn hv(v: &Option<HeaderValue>) -> Option<&str> {
@@ -317,6 +376,9 @@ impl PendingLog {
             let peer = tls.and_then(|t| t.peer.as_ref());
             let facts = crate::trace::SpanFacts {
                 ctx: sc,
+                name: self.trace.name.as_deref().unwrap_or(tc.operation.name()),
+                kind: tc.operation.kind(),
+                tags: &self.trace.tags,
                 tracestate: hv(&self.trace.tracestate),
                 start: self.start_time,
                 end,
@@ -340,10 +402,7 @@ impl PendingLog {
                 request_size: bytes_received,
                 response_size: bytes_sent,
             };
-            tc.record(
-                crate::trace::build_span(&facts, tc.max_path_tag_length),
-                &conn.state.clusters,
-            );
+            tc.record(tc.build_span(&facts), &conn.state.clusters);
         }
     }
 }
@@ -383,10 +442,10 @@ pub(crate) struct Observed {
     /// Request body bytes (counted only when observed).
     pub(crate) bytes_received: Option<Arc<AtomicU64>>,
     /// The trace span of the request (HCM `tracing`).
-    span: Option<SpanContext>,
+    pub(crate) span: Option<SpanContext>,
     /// Request headers as routed (access logs reading `%REQ%` or header filters).
     request_headers: Option<http::HeaderMap>,
-    trace: TraceHeaders,
+    pub(crate) trace: TraceHeaders,
     route_name: Option<String>,
     is_health_check: bool,
 }
@@ -500,6 +559,10 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
             local_reply::render(reply, st.is_grpc, close)
         }
     };
+    let mut resp = resp;
+    if let Some(tc) = &cfg.tracing {
+        decorate_response(tc.operation, &mut resp, &mut st.obs.trace);
+    }
     let bytes_sent = head.map(|(start_time, method, path, authority)| {
         let sent = Arc::new(AtomicU64::new(0));
         let o = std::mem::take(&mut st.obs);
@@ -689,6 +752,9 @@ async fn process(
         if !name.is_empty() {
             st.obs.route_name = Some(name.to_string());
         }
+        if let (Some(tc), Some(d)) = (&cfg.tracing, m.decorator()) {
+            apply_decorator(tc.operation, d, req, &mut st.obs.trace);
+        }
     }
     let target = Target {
         authority: &authority,
@@ -761,10 +827,23 @@ fn observe_request(req: &mut http::request::Parts, st: &mut Stream<'_>, cfg: &Hc
         let sc = SpanContext::new(parent, lone, decision, (rand::random(), rand::random()));
         sc.inject(&mut req.headers, seen);
         st.obs.span = Some(sc);
+        // Ingress: the caller's client span named this server span (the header survives
+        // sanitizing only on internal requests).
+        let name = match tc.operation {
+            crate::trace::Operation::Ingress => req
+                .headers
+                .remove(DECORATOR_OPERATION)
+                .and_then(|v| v.to_str().ok().filter(|v| !v.is_empty()).map(String::from)),
+            crate::trace::Operation::Egress => None,
+        };
         st.obs.trace = TraceHeaders {
             request_id: req.headers.get("x-request-id").cloned(),
             user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
             tracestate: req.headers.get("tracestate").cloned(),
+            tags: tc.header_tags(&req.headers),
+            name,
+            respond_operation: None,
+            seen,
         };
     }
     if cfg.access_logs.needs_request_headers() {

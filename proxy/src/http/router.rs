@@ -575,6 +575,23 @@ pub(super) async fn forward(
             return websocket_upgrade(req, h, uri, &cluster, &host, done, deadline, priority).await;
         }
 
+        // spawn_upstream_span: this attempt's CLIENT span, the upstream's parent.
+        let mut up_span = crate::trace::UpstreamSpan::start(
+            &cfg,
+            &st.conn.state,
+            st.obs.span,
+            st.obs.trace.seen,
+            &crate::trace::UpstreamAttempt {
+                cluster: cluster.name(),
+                host: host.address,
+                authority: &host_header,
+                path,
+                method: req.method.as_str(),
+                protocol: st.hctx.protocol,
+            },
+            &mut h,
+        );
+
         let mut up = Request::new(bodies.next());
         *up.method_mut() = req.method.clone();
         *up.uri_mut() = uri.clone();
@@ -703,6 +720,9 @@ pub(super) async fn forward(
                 let service_ms = t0.elapsed().as_millis() as u64;
                 let (mut parts, rbody) = resp.into_parts();
                 let status = parts.status.as_u16();
+                if let Some(s) = &mut up_span {
+                    s.set_status(status);
+                }
                 charge(&cluster, &host, status);
                 cluster.report(&host, HostResult::ConnectSucceeded);
                 cluster.report(&host, HostResult::Status(status));

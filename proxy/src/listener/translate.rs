@@ -191,6 +191,14 @@ pub fn translate_listener(
         return None;
     }
     let address = address?;
+    let mut filter_chains = filter_chains;
+    let mut default_filter_chain = default_filter_chain;
+    set_tracing_operation(
+        filter_chains
+            .iter_mut()
+            .chain(default_filter_chain.as_mut()),
+        crate::trace::Operation::from_traffic_direction(l.traffic_direction),
+    );
     // Envoy adds the TLS inspector when a chain matches on what only it can see.
     let needs_inspector = filter_chains.iter().any(|c| {
         let m = &c.filter_chain_match;
@@ -216,6 +224,22 @@ pub fn translate_listener(
         matcher,
         stats: ListenerStats::new(&ctx.stats.listener(address)),
     })
+}
+
+/// HCM tracing names its spans by the listener's `traffic_direction` (`ingress` / `egress`).
+/// The connection managers were just built (one owner each), so they are set in place.
+fn set_tracing_operation<'a>(
+    chains: impl Iterator<Item = &'a mut FilterChain>,
+    op: crate::trace::Operation,
+) {
+    for c in chains {
+        if let NetworkFilter::Http(h) = &mut c.filter
+            && let Some(h) = Arc::get_mut(h)
+            && let Some(t) = &mut h.tracing
+        {
+            t.operation = op;
+        }
+    }
 }
 
 fn listener_filter(f: &PbLf, path: &str, errs: &mut Errors) -> Option<ListenerFilter> {

@@ -148,6 +148,20 @@ struct Route {
     per_request_buffer_limit: Option<u32>,
     /// `typed_per_filter_config` (route-level `rate_limits` are on the forward action).
     filters: weir_filters::RouteFilterData,
+    /// `decorator`: names the request's span (tracing).
+    decorator: Option<Decorator>,
+}
+
+/// A route's `decorator`.
+#[derive(Debug, Clone)]
+pub struct Decorator {
+    /// `operation`: the span name.
+    pub operation: Box<str>,
+    /// `propagate` (default true): the operation is sent upstream in
+    /// `x-envoy-decorator-operation`.
+    pub propagate: bool,
+    /// `operation` as a header value (checked at translation).
+    pub header: http::HeaderValue,
 }
 
 /// A compiled virtual host.
@@ -306,6 +320,11 @@ impl<'a> RouteMatch<'a> {
     /// The route's `name` (may be empty).
     pub fn route_name(&self) -> &'a str {
         &self.route.name
+    }
+
+    /// The route's `decorator`.
+    pub fn decorator(&self) -> Option<&'a Decorator> {
+        self.route.decorator.as_ref()
     }
 
     /// The virtual host's `name`.

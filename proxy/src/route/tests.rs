@@ -1780,3 +1780,35 @@ fn per_filter_config_errors_have_paths() {
         "rc.virtual_hosts[0].routes[0].route.rate_limits[0].limit",
     );
 }
+
+#[test]
+fn decorator_translates_and_is_checked() {
+    let t = table(&one_vhost(
+        "  - match: {prefix: /a}\n    route: {cluster: a}\n    decorator: {operation: checkout}\n  - match: {prefix: /}\n    route: {cluster: a}\n    decorator: {operation: quiet, propagate: false}\n",
+    ));
+    let r = req("x", "/a");
+    let m = t.route(&r.rr()).expect("route");
+    let d = m.decorator().expect("decorator");
+    assert_eq!(&*d.operation, "checkout");
+    assert!(d.propagate, "propagate defaults to true");
+    assert_eq!(d.header, "checkout");
+    let r = req("x", "/b");
+    let d = t
+        .route(&r.rr())
+        .expect("route")
+        .decorator()
+        .expect("decorator");
+    assert!(!d.propagate);
+    assert_error(
+        &one_vhost(
+            "  - match: {prefix: /}\n    route: {cluster: a}\n    decorator: {operation: ''}\n",
+        ),
+        "rc.virtual_hosts[0].routes[0].decorator.operation",
+    );
+    assert_error(
+        &one_vhost(
+            "  - match: {prefix: /}\n    route: {cluster: a}\n    decorator: {operation: \"a\\nb\"}\n",
+        ),
+        "rc.virtual_hosts[0].routes[0].decorator.operation",
+    );
+}

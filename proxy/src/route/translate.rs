@@ -255,9 +255,31 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             "per_request_buffer_limit_bytes",
             "request_body_buffer_limit",
             "typed_per_filter_config",
+            "decorator",
         ],
         path,
     );
+    let decorator = r.decorator.as_ref().and_then(|d| {
+        let dp = join(path, "decorator");
+        if d.operation.is_empty() {
+            errs.add(join(&dp, "operation"), "operation must not be empty");
+            return None;
+        }
+        match http::HeaderValue::from_str(&d.operation) {
+            Ok(header) => Some(super::Decorator {
+                operation: d.operation.as_str().into(),
+                propagate: d.propagate.is_none_or(|p| p.value),
+                header,
+            }),
+            Err(_) => {
+                errs.add(
+                    join(&dp, "operation"),
+                    "operation must be a valid header value",
+                );
+                None
+            }
+        }
+    });
     let per_filter = super::filters::per_filter_configs(
         &r.typed_per_filter_config,
         path,
@@ -340,5 +362,6 @@ fn route(r: &rpb::Route, path: &str, tctx: &TableCtx<'_, '_>, errs: &mut Errors)
             per_filter,
             rate_limits: Vec::new(),
         },
+        decorator,
     })
 }

@@ -45,6 +45,160 @@ pub struct TracingConfig {
     pub provider: Option<OtelProvider>,
     /// `max_path_tag_length` (default 256).
     pub max_path_tag_length: usize,
+    /// `custom_tags`: literal and environment values resolved at translation, request
+    /// headers read per request.
+    pub custom_tags: Vec<CustomTag>,
+    /// `spawn_upstream_span`: one CLIENT child span per upstream attempt
+    /// (`router <cluster> egress`), whose id the upstream sees as its parent.
+    pub spawn_upstream_span: bool,
+    /// The connection manager's operation, from its listener's `traffic_direction`
+    /// (set by the listener translation; `ingress` unless the listener is OUTBOUND).
+    pub operation: Operation,
+}
+
+/// Envoy's HCM tracing operation: the span name (unless a route `decorator` names it) and
+/// kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Operation {
+    /// Inbound or unspecified listeners: span `ingress`, kind SERVER.
+    #[default]
+    Ingress,
+    /// OUTBOUND listeners (a sidecar's egress): span `egress`, kind CLIENT.
+    Egress,
+}
+
+impl Operation {
+    /// From a listener's `traffic_direction` (`envoy.config.core.v3.TrafficDirection`).
+    pub fn from_traffic_direction(d: i32) -> Self {
+        use weir_xds_api::pb::envoy::config::core::v3::TrafficDirection;
+        if d == TrafficDirection::Outbound as i32 {
+            Operation::Egress
+        } else {
+            Operation::Ingress
+        }
+    }
+
+    /// The default span name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Ingress => "ingress",
+            Operation::Egress => "egress",
+        }
+    }
+
+    /// The span kind.
+    pub fn kind(self) -> i32 {
+        match self {
+            Operation::Ingress => otlp::SPAN_KIND_SERVER,
+            Operation::Egress => otlp::SPAN_KIND_CLIENT,
+        }
+    }
+}
+
+/// One `custom_tags` entry.
+#[derive(Debug, Clone)]
+pub enum CustomTag {
+    /// `literal`, or `environment` resolved when the config was translated.
+    Fixed {
+        /// `tag`.
+        tag: String,
+        /// The value.
+        value: String,
+    },
+    /// `request_header`: the header's value, else `default_value` (no tag when both are
+    /// empty).
+    RequestHeader {
+        /// `tag`.
+        tag: String,
+        /// `name`.
+        name: http::HeaderName,
+        /// `default_value`.
+        default: String,
+    },
+}
+
+impl TracingConfig {
+    /// The `request_header` tags of a request (taken before the request moves on).
+    pub fn header_tags(&self, h: &http::HeaderMap) -> Vec<(String, String)> {
+        self.custom_tags
+            .iter()
+            .filter_map(|t| match t {
+                CustomTag::RequestHeader { tag, name, default } => {
+                    let v = h
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(default.as_str());
+                    (!v.is_empty()).then(|| (tag.clone(), v.to_string()))
+                }
+                CustomTag::Fixed { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The translation-time tags.
+    fn fixed_tags(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.custom_tags.iter().filter_map(|t| match t {
+            CustomTag::Fixed { tag, value } => Some((tag.as_str(), value.as_str())),
+            CustomTag::RequestHeader { .. } => None,
+        })
+    }
+}
+
+fn custom_tags(
+    tags: &[weir_xds_api::pb::envoy::r#type::tracing::v3::CustomTag],
+    path: &str,
+    errs: &mut Errors,
+) -> Vec<CustomTag> {
+    use weir_xds_api::pb::envoy::r#type::tracing::v3::custom_tag::Type;
+    let mut out = Vec::new();
+    for (i, t) in tags.iter().enumerate() {
+        let tp = format!("{path}[{i}]");
+        if t.tag.is_empty() {
+            errs.add(join(&tp, "tag"), "tag must not be empty");
+            continue;
+        }
+        match &t.r#type {
+            Some(Type::Literal(l)) => out.push(CustomTag::Fixed {
+                tag: t.tag.clone(),
+                value: l.value.clone(),
+            }),
+            Some(Type::Environment(e)) => {
+                let value = std::env::var(&e.name).unwrap_or_else(|_| e.default_value.clone());
+                if !value.is_empty() {
+                    out.push(CustomTag::Fixed {
+                        tag: t.tag.clone(),
+                        value,
+                    });
+                }
+            }
+            Some(Type::RequestHeader(h)) => match http::HeaderName::try_from(h.name.as_str()) {
+                Ok(name) => out.push(CustomTag::RequestHeader {
+                    tag: t.tag.clone(),
+                    name,
+                    default: h.default_value.clone(),
+                }),
+                Err(_) => errs.add(
+                    join(&tp, "request_header.name"),
+                    format!("invalid header name {:?}", h.name),
+                ),
+            },
+            Some(Type::Metadata(_)) => errs.add(
+                join(&tp, "metadata"),
+                "metadata custom tags are not supported (literal, environment and \
+                 request_header are)",
+            ),
+            Some(Type::Value(_)) => errs.add(
+                join(&tp, "value"),
+                "formatted custom tags are not supported (literal, environment and \
+                 request_header are)",
+            ),
+            None => errs.add(
+                tp,
+                "one of literal, environment or request_header is required",
+            ),
+        }
+    }
+    out
 }
 
 fn percent(
@@ -79,6 +233,8 @@ pub fn translate(
             "provider",
             "max_path_tag_length",
             "verbose",
+            "custom_tags",
+            "spawn_upstream_span",
         ],
         path,
     );
@@ -167,6 +323,9 @@ pub fn translate(
         sampling,
         provider,
         max_path_tag_length: t.max_path_tag_length.map_or(256, |v| v.value as usize),
+        custom_tags: custom_tags(&t.custom_tags, &join(path, "custom_tags"), errs),
+        spawn_upstream_span: t.spawn_upstream_span.is_some_and(|v| v.value),
+        operation: Operation::Ingress,
     }
 }
 
@@ -175,6 +334,13 @@ pub fn translate(
 pub struct SpanFacts<'a> {
     /// The span's context.
     pub ctx: SpanContext,
+    /// The span name: the route's `decorator.operation`, else the operation's name.
+    pub name: &'a str,
+    /// The span kind (`Operation::kind`, CLIENT for upstream spans).
+    pub kind: i32,
+    /// Custom tags: the request's header tags (the configuration's fixed tags are added by
+    /// [`TracingConfig::build_span`]).
+    pub tags: &'a [(String, String)],
     /// `tracestate` as received.
     pub tracestate: Option<&'a str>,
     /// Start.
@@ -223,8 +389,8 @@ fn ns(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Envoy's ingress span: name `ingress` (the HCM operation for inbound traffic), kind
-/// SERVER, and the HCM tags (`component`, `node_id`, `guid:x-request-id`, `http.url`,
+/// Envoy's request span: named by the route decorator or the HCM operation (`ingress` /
+/// `egress`), kind SERVER or CLIENT, and the HCM tags (`component`, `node_id`, `guid:x-request-id`, `http.url`,
 /// `http.method`, `http.protocol`, `user_agent`, `peer.address`, `request_size`,
 /// `response_size`, `upstream_cluster`, `upstream_address`, `http.status_code`,
 /// `response_flags`, `error` on 5xx / no response), plus the peer identity.
@@ -268,6 +434,9 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
     if let Some(s) = f.peer_subject {
         attrs.push(Kv::string("peer.subject", s));
     }
+    for (k, v) in f.tags {
+        attrs.push(Kv::string(k.as_str(), v.as_str()));
+    }
     let error = f.status == 0 || f.status >= 500;
     if error {
         attrs.push(Kv::string("error", "true"));
@@ -281,8 +450,8 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
             .parent_span_id
             .map(|p| p.to_be_bytes().to_vec())
             .unwrap_or_default(),
-        name: "ingress".into(),
-        kind: otlp::SPAN_KIND_SERVER,
+        name: f.name.to_string(),
+        kind: f.kind,
         start_time_unix_nano: ns(f.start),
         end_time_unix_nano: ns(f.end),
         attributes: attrs,
@@ -294,6 +463,15 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
 }
 
 impl TracingConfig {
+    /// [`build_span`] with this configuration's path length and fixed custom tags.
+    pub fn build_span(&self, f: &SpanFacts<'_>) -> otlp::Span {
+        let mut s = build_span(f, self.max_path_tag_length);
+        for (k, v) in self.fixed_tags() {
+            s.attributes.push(otlp::KeyValue::string(k, v));
+        }
+        s
+    }
+
     /// Record a finished, sampled span (starts the exporter on first use).
     pub fn record(&self, span: otlp::Span, clusters: &Arc<crate::upstream::ClusterManager>) {
         let Some(p) = &self.provider else { return };
@@ -309,6 +487,128 @@ impl TracingConfig {
             )
         });
         exp.export(span);
+    }
+}
+
+/// An upstream attempt's CLIENT span (`spawn_upstream_span`): a child of the request's
+/// span, injected into the attempt's headers so the upstream's parent is this span; recorded
+/// when dropped (the attempt got its response headers or failed).
+pub struct UpstreamSpan {
+    hcm: Arc<crate::config::hcm::HcmConfig>,
+    clusters: Arc<crate::upstream::ClusterManager>,
+    ctx: SpanContext,
+    start: SystemTime,
+    name: String,
+    cluster: String,
+    host: String,
+    url: (String, String, String),
+    protocol: &'static str,
+    node_id: String,
+    status: u16,
+}
+
+impl std::fmt::Debug for UpstreamSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSpan")
+            .field("ctx", &self.ctx)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an upstream attempt's span reports.
+#[derive(Debug)]
+pub struct UpstreamAttempt<'a> {
+    /// Cluster.
+    pub cluster: &'a str,
+    /// Host address.
+    pub host: std::net::SocketAddr,
+    /// `:authority` as sent.
+    pub authority: &'a str,
+    /// Path.
+    pub path: &'a str,
+    /// Method.
+    pub method: &'a str,
+    /// Downstream protocol.
+    pub protocol: &'static str,
+}
+
+impl UpstreamSpan {
+    /// Start an attempt's span when the HCM spawns upstream spans and the request's span is
+    /// sampled and exported; rewrites the trace headers in `headers` to name it as the
+    /// upstream's parent.
+    pub fn start(
+        hcm: &Arc<crate::config::hcm::HcmConfig>,
+        state: &crate::server::ServerState,
+        parent: Option<SpanContext>,
+        seen: Seen,
+        a: &UpstreamAttempt<'_>,
+        headers: &mut http::HeaderMap,
+    ) -> Option<Self> {
+        let tc = hcm.tracing.as_ref()?;
+        let parent = parent.filter(|p| p.sampled)?;
+        if !tc.spawn_upstream_span || tc.provider.is_none() {
+            return None;
+        }
+        let id: u64 = rand::random();
+        let ctx = SpanContext {
+            trace_id: parent.trace_id,
+            span_id: if id == 0 { 1 } else { id },
+            parent_span_id: Some(parent.span_id),
+            sampled: true,
+        };
+        ctx.inject(headers, seen);
+        Some(Self {
+            hcm: hcm.clone(),
+            clusters: state.clusters.clone(),
+            ctx,
+            start: SystemTime::now(),
+            name: format!("router {} egress", a.cluster),
+            cluster: a.cluster.to_string(),
+            host: a.host.to_string(),
+            url: (a.authority.into(), a.path.into(), a.method.into()),
+            protocol: a.protocol,
+            node_id: state.snapshot.load().node.id.clone(),
+            status: 0,
+        })
+    }
+
+    /// The attempt's response status.
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+}
+
+impl Drop for UpstreamSpan {
+    fn drop(&mut self) {
+        let Some(tc) = &self.hcm.tracing else { return };
+        let f = SpanFacts {
+            ctx: self.ctx,
+            name: &self.name,
+            kind: otlp::SPAN_KIND_CLIENT,
+            tags: &[],
+            tracestate: None,
+            start: self.start,
+            end: SystemTime::now(),
+            authority: &self.url.0,
+            path: &self.url.1,
+            method: &self.url.2,
+            scheme: "http",
+            protocol: self.protocol,
+            status: self.status,
+            flags: "-".into(),
+            upstream_cluster: Some(&self.cluster),
+            upstream_host: Some(self.host.clone()),
+            request_id: None,
+            user_agent: None,
+            peer_address: self.host.clone(),
+            peer_uri_san: None,
+            peer_subject: None,
+            node_id: &self.node_id,
+            request_size: 0,
+            response_size: 0,
+        };
+        tc.record(build_span(&f, tc.max_path_tag_length), &self.clusters);
     }
 }
 
@@ -399,8 +699,12 @@ mod tests {
             parent_span_id: Some(7),
             sampled: true,
         };
+        let tags = vec![("tenant".to_string(), "t1".to_string())];
         let f = SpanFacts {
             ctx,
+            name: "ingress",
+            kind: otlp::SPAN_KIND_SERVER,
+            tags: &tags,
             tracestate: Some("a=b"),
             start: SystemTime::UNIX_EPOCH,
             end: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(3),
@@ -438,10 +742,76 @@ mod tests {
         assert_eq!(get("component"), Some("proxy"));
         assert_eq!(get("peer.uri_san"), Some("spiffe://td/ns/a/sa/b"));
         assert_eq!(get("error"), Some("true"));
+        assert_eq!(get("tenant"), Some("t1"));
+        assert_eq!(s.name, "ingress");
         assert_eq!(s.parent_span_id, 7u64.to_be_bytes().to_vec());
         assert_eq!(s.trace_id.len(), 16);
         assert_eq!(s.kind, otlp::SPAN_KIND_SERVER);
         assert_eq!(s.end_time_unix_nano, 3_000_000);
         assert_eq!(s.status.expect("error status").code, otlp::STATUS_ERROR);
+    }
+
+    #[test]
+    fn custom_tags_and_upstream_span_translate() {
+        // A variable name nothing sets.
+        let t = tr(
+            "spawn_upstream_span: true\ncustom_tags:\n- {tag: zone, literal: {value: z1}}\n- {tag: env, environment: {name: WEIR_TEST_UNSET_VAR_FOR_TAGS, default_value: dflt}}\n- {tag: env2, environment: {name: WEIR_TEST_UNSET_VAR_FOR_TAGS}}\n- {tag: tenant, request_header: {name: x-tenant, default_value: none}}\n- {tag: user, request_header: {name: x-user}}\n",
+            &[],
+        )
+        .expect("valid");
+        assert!(t.spawn_upstream_span);
+        assert_eq!(t.operation, Operation::Ingress);
+        let fixed: Vec<_> = t.fixed_tags().collect();
+        // An unset variable without a default gives no tag.
+        assert_eq!(fixed, vec![("zone", "z1"), ("env", "dflt")]);
+        let mut h = http::HeaderMap::new();
+        assert_eq!(
+            t.header_tags(&h),
+            vec![("tenant".to_string(), "none".to_string())]
+        );
+        h.insert("x-tenant", http::HeaderValue::from_static("acme"));
+        h.insert("x-user", http::HeaderValue::from_static("u1"));
+        assert_eq!(
+            t.header_tags(&h),
+            vec![
+                ("tenant".to_string(), "acme".to_string()),
+                ("user".to_string(), "u1".to_string())
+            ]
+        );
+        let e = tr(
+            "custom_tags:\n- {tag: a, metadata: {}}\n- {tag: '', literal: {value: x}}\n- {tag: b, request_header: {name: 'bad header'}}\n- {tag: c}\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "hcm.tracing.custom_tags[0].metadata",
+                "hcm.tracing.custom_tags[1].tag",
+                "hcm.tracing.custom_tags[2].request_header.name",
+                "hcm.tracing.custom_tags[3]"
+            ]
+        );
+    }
+
+    #[test]
+    fn operation_follows_traffic_direction() {
+        use weir_xds_api::pb::envoy::config::core::v3::TrafficDirection as D;
+        assert_eq!(
+            Operation::from_traffic_direction(D::Outbound as i32),
+            Operation::Egress
+        );
+        assert_eq!(
+            Operation::from_traffic_direction(D::Inbound as i32),
+            Operation::Ingress
+        );
+        assert_eq!(
+            Operation::from_traffic_direction(D::Unspecified as i32),
+            Operation::Ingress
+        );
+        assert_eq!(Operation::Egress.name(), "egress");
+        assert_eq!(Operation::Egress.kind(), otlp::SPAN_KIND_CLIENT);
+        assert_eq!(Operation::Ingress.kind(), otlp::SPAN_KIND_SERVER);
     }
 }

@@ -119,6 +119,8 @@ pub struct Span {
 
 /// `SpanKind.SPAN_KIND_SERVER`.
 pub const SPAN_KIND_SERVER: i32 = 2;
+/// `SpanKind.SPAN_KIND_CLIENT`.
+pub const SPAN_KIND_CLIENT: i32 = 3;
 /// `Status.StatusCode.STATUS_CODE_ERROR`.
 pub const STATUS_ERROR: i32 = 2;
 

@@ -1,6 +1,7 @@
 //! Access logs, response flags and tracing end to end: log lines checked field by field
 //! (HTTP text and JSON formats, TCP), access log filters, trace context propagation (W3C,
-//! B3 multi and single), sampling, and spans received by an in-test OTLP/gRPC collector.
+//! B3 multi and single), sampling, and spans received by an in-test OTLP/gRPC collector
+//! (ingress and egress operations, route decorators, custom tags, upstream child spans).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -672,6 +673,121 @@ async fn spans_reach_an_otlp_collector_with_parent_child_ids() {
         }
     }
     assert_eq!(p.stat("tracing.opentelemetry.spans_dropped"), 0);
+    p.stop().await;
+}
+
+/// An OTLP bootstrap whose route has a decorator, with HCM `custom_tags` and
+/// `spawn_upstream_span`, on a listener with the given `traffic_direction`.
+fn decorated_bootstrap(b: &Backend, otel_port: u16, direction: &str) -> String {
+    otel_bootstrap(b, otel_port)
+        .replace(
+            "route: {cluster: b, timeout: 5s}",
+            "route: {cluster: b, timeout: 5s}\n                decorator: {operation: checkout}",
+        )
+        .replace(
+            "service_name: weir-test}}",
+            "service_name: weir-test}}, spawn_upstream_span: true, custom_tags: [{tag: zone, literal: {value: z1}}, {tag: tenant, request_header: {name: x-tenant, default_value: none}}]",
+        )
+        .replace(
+            "  - name: http\n",
+            &format!("  - name: http\n    traffic_direction: {direction}\n"),
+        )
+}
+
+/// Egress (a sidecar's outbound listener): the span is a CLIENT span named by the route's
+/// decorator, the decorator is propagated upstream, custom tags are recorded, and each
+/// attempt gets a child span (`router b egress`) that the upstream sees as its parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_spans_decorator_custom_tags_and_upstream_child_spans() {
+    let c = Collector::start().await;
+    let b = Backend::start("b").await;
+    let p = Proxy::start(&decorated_bootstrap(&b, c.addr.port(), "OUTBOUND")).await;
+    let mut seen = Vec::new();
+    for i in 0..5u32 {
+        let (s, _, body) = send(
+            p.addr("http"),
+            Request::get("/")
+                .header("host", "shop")
+                .header("x-tenant", format!("t{i}"))
+                .header("x-envoy-force-trace", "1")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let h = json(&body)["headers"].clone();
+        assert_eq!(h["x-envoy-decorator-operation"], "checkout", "{h}");
+        let (tid, sid, _) = traceparent(&h);
+        seen.push((tid, sid));
+    }
+    eventually("10 spans exported", || c.spans().len() >= 10).await;
+    let spans = c.spans();
+    for (i, (tid, sid)) in seen.iter().enumerate() {
+        // The upstream's parent is the attempt's span.
+        let (_, up) = spans
+            .iter()
+            .find(|(_, s)| hex(&s.span_id) == *sid)
+            .unwrap_or_else(|| panic!("upstream span {sid} exported"));
+        assert_eq!(up.name, "router b egress");
+        assert_eq!(up.kind, weir_proxy::trace::otlp::SPAN_KIND_CLIENT);
+        assert_eq!(hex(&up.trace_id), *tid);
+        assert_eq!(attr(up, "upstream_cluster"), Some("b"));
+        assert_eq!(attr(up, "http.status_code"), Some("200"));
+        // Its parent is the request's span.
+        let (_, down) = spans
+            .iter()
+            .find(|(_, s)| s.span_id == up.parent_span_id)
+            .expect("parent span exported");
+        assert_eq!(down.name, "checkout");
+        assert_eq!(down.kind, weir_proxy::trace::otlp::SPAN_KIND_CLIENT);
+        assert_eq!(hex(&down.trace_id), *tid);
+        assert!(
+            down.parent_span_id.is_empty(),
+            "a started trace has no parent"
+        );
+        assert_eq!(attr(down, "zone"), Some("z1"));
+        assert_eq!(attr(down, "tenant"), Some(format!("t{i}").as_str()));
+        assert_eq!(attr(down, "http.status_code"), Some("200"));
+    }
+    p.stop().await;
+}
+
+/// Ingress: the caller's `x-envoy-decorator-operation` names the SERVER span; the route's
+/// propagating decorator is returned to the caller on the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_span_named_by_the_caller_and_decorator_returned() {
+    let c = Collector::start().await;
+    let b = Backend::start("b").await;
+    let p = Proxy::start(&decorated_bootstrap(&b, c.addr.port(), "INBOUND")).await;
+    for i in 0..5u32 {
+        let mut req = Request::get("/")
+            .header("host", "shop")
+            .header("x-envoy-force-trace", "1");
+        if i % 2 == 0 {
+            req = req.header("x-envoy-decorator-operation", "caller-op");
+        }
+        let (s, h, body) = send(
+            p.addr("http"),
+            req.body(Full::new(Bytes::new())).expect("req"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(h["x-envoy-decorator-operation"], "checkout");
+        // The header is consumed, not forwarded.
+        let up = json(&body)["headers"].clone();
+        assert!(up.get("x-envoy-decorator-operation").is_none(), "{up}");
+    }
+    eventually("10 spans exported", || c.spans().len() >= 10).await;
+    let spans = c.spans();
+    let server: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.kind == weir_proxy::trace::otlp::SPAN_KIND_SERVER)
+        .collect();
+    assert_eq!(server.len(), 5);
+    assert_eq!(server.iter().filter(|s| s.name == "caller-op").count(), 3);
+    assert_eq!(server.iter().filter(|s| s.name == "checkout").count(), 2);
+    assert!(server.iter().all(|s| attr(s, "tenant") == Some("none")));
     p.stop().await;
 }
 
