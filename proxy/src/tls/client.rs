@@ -242,6 +242,13 @@ impl ClientTls {
     }
 
     /// What ALPN negotiated last.
+    /// Whether every SDS secret the context names has arrived (warming; other build
+    /// errors count as ready: handshakes fail and are counted).
+    pub fn secrets_ready(&self) -> bool {
+        !matches!(self.current(false), Err(BuildError::MissingSecret(_)))
+    }
+
+    /// ALPN learned so far.
     pub fn alpn_state(&self) -> AlpnState {
         match self.alpn.load(std::sync::atomic::Ordering::Relaxed) {
             2 => AlpnState::H2,

@@ -394,6 +394,12 @@ impl ServerTls {
         self.current().map(|_| ())
     }
 
+    /// Whether every SDS secret the context names has arrived (warming; other build
+    /// errors count as ready: handshakes fail and are counted).
+    pub fn secrets_ready(&self) -> bool {
+        !matches!(self.current(), Err(BuildError::MissingSecret(_)))
+    }
+
     /// Terminate TLS on `stream` within the handshake timeout; counts `ssl.*` stats.
     pub async fn accept(
         &self,

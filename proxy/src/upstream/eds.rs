@@ -94,23 +94,43 @@ impl Cluster {
         changed
     }
 
-    /// Whether the cluster had its first endpoints (EDS), DNS resolution (STRICT_DNS) and
-    /// initial health checks.
+    /// Whether the cluster had its first endpoints (EDS), DNS resolution (STRICT_DNS),
+    /// initial health checks and the SDS secrets of its TLS transport socket.
     pub fn is_warm(&self) -> bool {
-        self.warmed.is_cancelled() && self.hc_warmed.is_cancelled()
+        self.warmed.is_cancelled() && self.hc_warmed.is_cancelled() && self.tls_warm()
     }
 
-    /// Resolves once the cluster is warm (see [`Cluster::is_warm`]).
+    fn tls_warm(&self) -> bool {
+        if self.tls_warmed.is_cancelled() {
+            return true;
+        }
+        if self.tls.as_ref().is_none_or(|t| t.secrets_ready()) {
+            self.tls_warmed.cancel();
+            return true;
+        }
+        false
+    }
+
+    /// Resolves once the cluster is warm (see [`Cluster::is_warm`]). SDS secrets arrive
+    /// through the shared registry, which is polled (warming only, never per request).
     pub async fn warm(&self) {
         self.warmed.cancelled().await;
         self.hc_warmed.cancelled().await;
+        while !self.tls_warm() {
+            tokio::select! {
+                _ = self.tls_warmed.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(25)) => {}
+            }
+        }
     }
 
-    /// Give up waiting for the first endpoints (`initial_fetch_timeout`): the cluster counts
-    /// as warm with whatever hosts it has (none, for EDS).
+    /// Give up waiting for the first endpoints and secrets (`initial_fetch_timeout`): the
+    /// cluster counts as warm with whatever it has (no hosts for EDS; handshakes fail until
+    /// the secrets arrive).
     pub fn force_warm(&self) {
         self.warmed.cancel();
         self.hc_warmed.cancel();
+        self.tls_warmed.cancel();
     }
 }
 
@@ -143,6 +163,36 @@ mod tests {
             locality: None,
             health,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warming_waits_for_the_tls_sds_secret() {
+        let yaml = "name: s\ntype: STATIC\nload_assignment: {cluster_name: s, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 10.0.0.1, port_value: 1}}}}]}]}\ntransport_socket:\n  name: envoy.transport_sockets.tls\n  typed_config:\n    '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n    common_tls_context:\n      validation_context_sds_secret_config: {name: ROOTCA-warming-test, sds_config: {ads: {}}}\n";
+        let pb = weir_xds_api::from_yaml(yaml).expect("yaml");
+        let mut errs = crate::config::Errors::default();
+        let cfg = crate::upstream::translate_cluster(&pb, "c", &mut errs).expect("cluster");
+        assert!(errs.is_empty(), "{:?}", errs.0);
+        let c = Cluster::new(Arc::new(cfg), &Store::new());
+        // Static hosts, no health checks: only the secret is missing.
+        assert!(!c.is_warm());
+        let waiting = tokio::time::timeout(std::time::Duration::from_secs(1), c.warm()).await;
+        assert!(waiting.is_err(), "warm() waits for the secret");
+        // initial_fetch_timeout: warming gives up and the cluster is used as it is.
+        c.force_warm();
+        assert!(c.is_warm());
+        c.warm().await;
+        // Without TLS nothing is awaited.
+        assert!(cluster_static().is_warm());
+    }
+
+    fn cluster_static() -> Cluster {
+        let pb = weir_xds_api::from_yaml(
+            "name: p\ntype: STATIC\nload_assignment: {cluster_name: p, endpoints: []}\n",
+        )
+        .expect("yaml");
+        let mut errs = crate::config::Errors::default();
+        let cfg = crate::upstream::translate_cluster(&pb, "c", &mut errs).expect("cluster");
+        Cluster::new(Arc::new(cfg), &Store::new())
     }
 
     #[test]

@@ -632,6 +632,9 @@ pub struct Cluster {
     hosts_changed: tokio::sync::watch::Sender<()>,
     /// Upstream TLS built from `config.tls` (with `cluster.<name>.ssl.*` stats).
     pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
+    /// Cancelled when warming stops waiting for the TLS context's SDS secrets (they arrived,
+    /// or `initial_fetch_timeout` passed).
+    tls_warmed: tokio_util::sync::CancellationToken,
 }
 
 impl Cluster {
@@ -680,6 +683,7 @@ impl Cluster {
             outlier,
             hosts_changed: tokio::sync::watch::Sender::new(()),
             tls,
+            tls_warmed: tokio_util::sync::CancellationToken::new(),
         }
     }
 

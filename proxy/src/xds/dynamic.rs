@@ -197,6 +197,15 @@ fn route_slots(l: &ListenerConfig) -> Vec<Arc<RouteSlot>> {
     v
 }
 
+/// Whether every TLS context of the listener's filter chains has its SDS secrets.
+fn listener_secrets_ready(cfg: &ListenerConfig) -> bool {
+    cfg.filter_chains
+        .iter()
+        .chain(cfg.default_filter_chain.as_ref())
+        .filter_map(|c| c.tls.as_ref())
+        .all(|t| t.secrets_ready())
+}
+
 fn fetch_timeout(s: Option<&ConfigSource>) -> Option<Duration> {
     s.map_or(Some(DEFAULT_INITIAL_FETCH_TIMEOUT), |s| {
         s.initial_fetch_timeout
@@ -1066,7 +1075,7 @@ impl Dynamic {
                 last_updated: SystemTime::now(),
                 body: r.body,
             };
-            let warm = slots.iter().all(|s| s.is_ready());
+            let warm = slots.iter().all(|s| s.is_ready()) && listener_secrets_ready(&cfg);
             inner.listeners.entry(name.clone()).or_default().warming = Some(WarmingListener {
                 stored,
                 config: cfg.clone(),
@@ -1079,7 +1088,7 @@ impl Dynamic {
                     errors.push(format!("Listener {name:?}: {e}"));
                 }
             } else {
-                tracing::debug!(listener = %name, "listener warming (waiting for routes)");
+                tracing::debug!(listener = %name, "listener warming (waiting for routes or SDS secrets)");
                 self.spawn_listener_warming(name, cfg, slots);
             }
         }
@@ -1104,14 +1113,23 @@ impl Dynamic {
         cfg: Arc<ListenerConfig>,
         slots: Vec<Arc<RouteSlot>>,
     ) {
+        let tls_pending = !listener_secrets_ready(&cfg);
         let timeout = slots
             .iter()
             .map(|s| fetch_timeout(s.source.as_ref()))
+            .chain(tls_pending.then_some(Some(DEFAULT_INITIAL_FETCH_TIMEOUT)))
             .min()
             .flatten();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let all = futures::future::join_all(slots.iter().map(|s| s.ready()));
+            let routes = futures::future::join_all(slots.iter().map(|s| s.ready()));
+            let secrets = async {
+                // SDS secrets arrive through the shared registry: polled while warming.
+                while !listener_secrets_ready(&cfg) {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            };
+            let all = futures::future::join(routes, secrets);
             let timed_out = match timeout {
                 Some(t) => tokio::time::timeout(t, all).await.is_err(),
                 None => {
@@ -1120,7 +1138,11 @@ impl Dynamic {
                 }
             };
             if timed_out {
-                tracing::warn!(listener = %name, "listener warming timed out; routes not received serve 404");
+                tracing::warn!(
+                    listener = %name,
+                    secrets_ready = listener_secrets_ready(&cfg),
+                    "listener warming timed out; routes not received serve 404, TLS handshakes fail until the secrets arrive"
+                );
                 for s in &slots {
                     s.force_ready();
                 }

@@ -1231,3 +1231,121 @@ async fn sds_over_ads_serves_mtls_and_rotates() {
     assert!(rotated);
     p.stop().await;
 }
+
+/// A listener added over LDS whose certificate comes by SDS warms until the secret arrives
+/// (Envoy's listener warming): its port is not bound before, and serves TLS after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lds_listener_warms_until_its_sds_secret_arrives() {
+    use weir_xds_api::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    let pki = Pki::new("mesh ca");
+    let backend = Backend::start("plain").await;
+    let (ads_addr, mut streams) = ads::start().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut xds = cluster("xds", ads_addr, None);
+    xds["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}
+        }
+    });
+    let mut boot: Value = serde_json::from_str(&bootstrap(
+        vec![],
+        vec![cluster("plain", backend.addr, None), xds],
+    ))
+    .expect("json");
+    boot["dynamic_resources"] = json!({
+        "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+        "lds_config": {"ads": {}, "resource_api_version": "V3"},
+    });
+    let start = tokio::spawn(async move { Proxy::start(&boot.to_string()).await });
+
+    let (mut reqs, resp) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut streams),
+    )
+    .await
+    .expect("ADS stream")
+    .expect("server");
+    let mut r = ads::next(&mut reqs).await;
+    while r.type_url != LISTENER {
+        r = ads::next(&mut reqs).await;
+    }
+    let mut l = listener(
+        vec![
+            json!({"filters": [hcm("plain")], "transport_socket": downstream(
+                json!({"tls_certificate_sds_secret_configs": [
+                    {"name": "late", "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+                ]}),
+                json!({}),
+            )}),
+        ],
+        json!({}),
+    );
+    l["name"] = json!("late");
+    l["address"]["socket_address"]["port_value"] = json!(port);
+    let pl: weir_xds_api::pb::envoy::config::listener::v3::Listener =
+        weir_xds_api::from_yaml(&l.to_string()).expect("listener");
+    resp.unbounded_send(Ok(DiscoveryResponse {
+        version_info: "l1".into(),
+        type_url: LISTENER.into(),
+        nonce: "l1".into(),
+        resources: vec![weir_xds_api::pack(&pl)],
+        ..Default::default()
+    }))
+    .expect("send");
+    // The listener was accepted (ACK) and asks for its secret...
+    let mut acked = false;
+    let mut wants_secret = false;
+    while !(acked && wants_secret) {
+        let r = ads::next(&mut reqs).await;
+        if r.type_url == LISTENER && r.response_nonce == "l1" {
+            assert!(r.error_detail.is_none(), "{:?}", r.error_detail);
+            acked = true;
+        }
+        if r.type_url == SECRET && r.resource_names.iter().any(|n| n == "late") {
+            wants_secret = true;
+        }
+    }
+    // ... and warms: nothing listens on its port yet.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "a warming listener is not bound"
+    );
+    let leaf = pki.leaf(&["late.test"], &[]);
+    resp.unbounded_send(Ok(DiscoveryResponse {
+        version_info: "s1".into(),
+        type_url: SECRET.into(),
+        nonce: "s1".into(),
+        resources: vec![secret_any(
+            json!({"name": "late", "tls_certificate": cert_json(&leaf)}),
+        )],
+        ..Default::default()
+    }))
+    .expect("send");
+    let p = tokio::time::timeout(Duration::from_secs(30), start)
+        .await
+        .expect("server started")
+        .expect("start task");
+    let cfg = client_config(&pki, None, &[]);
+    let mut served = None;
+    for _ in 0..200 {
+        if let Ok(r) = tls_get(addr, "late.test", cfg.clone()).await {
+            served = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, body) = served.expect("the warmed listener serves TLS");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(crate::harness::json(&body)["backend"], "plain");
+    assert_eq!(p.stat("listener_manager.total_listeners_warming"), 0);
+    assert_eq!(p.stat("listener_manager.total_listeners_active"), 1);
+    p.stop().await;
+}
