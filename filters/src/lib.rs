@@ -31,6 +31,7 @@ pub mod fetch;
 pub mod health_check;
 pub mod jwt_authn;
 pub mod local_ratelimit;
+pub mod matcher;
 pub mod ratelimit;
 pub mod rbac;
 pub mod token_bucket;

@@ -36,7 +36,6 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use metrics::Counter;
-use regex::Regex;
 use weir_xds_api::Any;
 use weir_xds_api::pb::envoy::config::core::v3::CidrRange;
 use weir_xds_api::pb::envoy::config::rbac::v3 as rbac_pb;
@@ -47,118 +46,7 @@ use crate::chain::{DownstreamTls, FilterContext};
 use crate::config::{ConfigErrors, FactoryContext, RequestHead, RequestMatcher, StatScope, join};
 use crate::{FilterAction, HttpFilter, HttpFilterFactory, LocalReply, type_urls};
 
-/// Envoy's `StringMatcher`, compiled (regexes must match the whole value, as RE2's
-/// `FullMatch`).
-#[derive(Debug, Clone)]
-pub enum StringMatch {
-    /// `exact` (with `ignore_case`).
-    Exact(Box<str>, bool),
-    /// `prefix`.
-    Prefix(Box<str>, bool),
-    /// `suffix`.
-    Suffix(Box<str>, bool),
-    /// `contains`.
-    Contains(Box<str>, bool),
-    /// `safe_regex`, anchored.
-    Regex(Regex),
-}
-
-fn starts_with_ic(s: &str, p: &str) -> bool {
-    s.len() >= p.len() && s.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-}
-
-fn ends_with_ic(s: &str, p: &str) -> bool {
-    s.len() >= p.len() && s.as_bytes()[s.len() - p.len()..].eq_ignore_ascii_case(p.as_bytes())
-}
-
-fn contains_ic(s: &str, p: &str) -> bool {
-    p.is_empty()
-        || s.as_bytes()
-            .windows(p.len())
-            .any(|w| w.eq_ignore_ascii_case(p.as_bytes()))
-}
-
-/// Compile an Envoy `RegexMatcher` as a full-match regex.
-pub fn full_regex(r: &mpb::RegexMatcher, path: &str, errs: &mut ConfigErrors) -> Option<Regex> {
-    errs.reject_unsupported(r, &["regex", "google_re2"], path);
-    match Regex::new(&format!("^(?:{})$", r.regex)) {
-        Ok(re) => Some(re),
-        Err(e) => {
-            errs.add(join(path, "regex"), format!("invalid regex: {e}"));
-            None
-        }
-    }
-}
-
-impl StringMatch {
-    /// Whether `v` matches.
-    pub fn matches(&self, v: &str) -> bool {
-        match self {
-            StringMatch::Exact(p, false) => v == &**p,
-            StringMatch::Exact(p, true) => v.eq_ignore_ascii_case(p),
-            StringMatch::Prefix(p, false) => v.starts_with(&**p),
-            StringMatch::Prefix(p, true) => starts_with_ic(v, p),
-            StringMatch::Suffix(p, false) => v.ends_with(&**p),
-            StringMatch::Suffix(p, true) => ends_with_ic(v, p),
-            StringMatch::Contains(p, false) => v.contains(&**p),
-            StringMatch::Contains(p, true) => contains_ic(v, p),
-            StringMatch::Regex(r) => r.is_match(v),
-        }
-    }
-
-    /// Compile a `StringMatcher` at `path`.
-    pub fn translate(
-        sm: &mpb::StringMatcher,
-        path: &str,
-        errs: &mut ConfigErrors,
-    ) -> Option<StringMatch> {
-        use mpb::string_matcher::MatchPattern as P;
-        errs.reject_unsupported(
-            sm,
-            &[
-                "exact",
-                "prefix",
-                "suffix",
-                "contains",
-                "safe_regex",
-                "ignore_case",
-            ],
-            path,
-        );
-        let ic = sm.ignore_case;
-        let non_empty = |s: &str, field: &str, errs: &mut ConfigErrors| {
-            if s.is_empty() {
-                errs.add(join(path, field), "must not be empty");
-                false
-            } else {
-                true
-            }
-        };
-        match &sm.match_pattern {
-            Some(P::Exact(s)) => Some(StringMatch::Exact(s.as_str().into(), ic)),
-            Some(P::Prefix(s)) => {
-                non_empty(s, "prefix", errs).then(|| StringMatch::Prefix(s.as_str().into(), ic))
-            }
-            Some(P::Suffix(s)) => {
-                non_empty(s, "suffix", errs).then(|| StringMatch::Suffix(s.as_str().into(), ic))
-            }
-            Some(P::Contains(s)) => {
-                non_empty(s, "contains", errs).then(|| StringMatch::Contains(s.as_str().into(), ic))
-            }
-            Some(P::SafeRegex(r)) => {
-                full_regex(r, &join(path, "safe_regex"), errs).map(StringMatch::Regex)
-            }
-            Some(P::Custom(_)) => None, // reported by reject_unsupported
-            None => {
-                errs.add(
-                    path,
-                    "one of exact, prefix, suffix, contains or safe_regex is required",
-                );
-                None
-            }
-        }
-    }
-}
+pub use crate::matcher::{StringMatch, full_regex};
 
 /// An Envoy `CidrRange`, compiled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

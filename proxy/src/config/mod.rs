@@ -49,6 +49,22 @@ impl std::fmt::Display for ConfigErrors {
 #[derive(Debug, Default)]
 pub struct Errors(pub Vec<ConfigError>);
 
+/// Shared matchers (`weir_filters::matcher`) report into the proxy's error list.
+impl weir_filters::matcher::ErrorSink for Errors {
+    fn error(&mut self, path: String, message: String) {
+        self.add(path, message);
+    }
+
+    fn unsupported<T: prost::Message + prost::Name>(
+        &mut self,
+        msg: &T,
+        supported: &[&str],
+        path: &str,
+    ) {
+        self.reject_unsupported(msg, supported, path);
+    }
+}
+
 impl Errors {
     /// Record an error at `path`.
     pub fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {

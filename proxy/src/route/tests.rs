@@ -1415,8 +1415,8 @@ fn unsupported_route_fields_are_named() {
             "rc.virtual_hosts[0].routes[0].non_forwarding_action",
         ),
         (
-            "{match: {prefix: /}, route: {cluster: a}, decorator: {operation: op}}",
-            "rc.virtual_hosts[0].routes[0].decorator",
+            "{match: {prefix: /}, route: {cluster: a}, tracing: {random_sampling: {numerator: 1}}}",
+            "rc.virtual_hosts[0].routes[0].tracing",
         ),
         (
             "{match: {prefix: /}, route: {cluster: a}, typed_per_filter_config: {envoy.filters.http.router: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}",

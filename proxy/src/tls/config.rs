@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use weir_xds_api::pb::envoy::config::core::v3 as core;
 use weir_xds_api::pb::envoy::extensions::transport_sockets::tls::v3 as pb;
-use weir_xds_api::pb::envoy::r#type::matcher::v3 as mpb;
 
 use crate::config::source::{ConfigSource, SourceKind};
 use crate::config::{Errors, join};
@@ -85,52 +84,8 @@ pub enum SanType {
     Ip,
 }
 
-/// Envoy's `StringMatcher` for SANs.
-#[derive(Debug, Clone)]
-pub enum StrMatch {
-    /// `exact`.
-    Exact(String, bool),
-    /// `prefix`.
-    Prefix(String, bool),
-    /// `suffix`.
-    Suffix(String, bool),
-    /// `contains`.
-    Contains(String, bool),
-    /// `safe_regex` (full match).
-    Regex(regex::Regex),
-}
-
-impl PartialEq for StrMatch {
-    fn eq(&self, o: &Self) -> bool {
-        use StrMatch::*;
-        match (self, o) {
-            (Exact(a, x), Exact(b, y))
-            | (Prefix(a, x), Prefix(b, y))
-            | (Suffix(a, x), Suffix(b, y))
-            | (Contains(a, x), Contains(b, y)) => a == b && x == y,
-            (Regex(a), Regex(b)) => a.as_str() == b.as_str(),
-            _ => false,
-        }
-    }
-}
-
-impl StrMatch {
-    /// Whether `v` matches.
-    pub fn matches(&self, v: &str) -> bool {
-        let lc = |s: &str| s.to_ascii_lowercase();
-        match self {
-            StrMatch::Exact(p, false) => v == p,
-            StrMatch::Exact(p, true) => v.eq_ignore_ascii_case(p),
-            StrMatch::Prefix(p, false) => v.starts_with(p.as_str()),
-            StrMatch::Prefix(p, true) => lc(v).starts_with(&lc(p)),
-            StrMatch::Suffix(p, false) => v.ends_with(p.as_str()),
-            StrMatch::Suffix(p, true) => lc(v).ends_with(&lc(p)),
-            StrMatch::Contains(p, false) => v.contains(p.as_str()),
-            StrMatch::Contains(p, true) => lc(v).contains(&lc(p)),
-            StrMatch::Regex(r) => r.is_match(v),
-        }
-    }
-}
+/// Envoy's `StringMatcher` for SANs (the shared compiled matcher).
+pub use weir_filters::matcher::StringMatch as StrMatch;
 
 /// One `match_typed_subject_alt_names` entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -320,56 +275,6 @@ pub fn tls_certificate(c: &pb::TlsCertificate, path: &str, errs: &mut Errors) ->
     Some(cp)
 }
 
-fn string_matcher(sm: &mpb::StringMatcher, path: &str, errs: &mut Errors) -> Option<StrMatch> {
-    use mpb::string_matcher::MatchPattern as P;
-    errs.reject_unsupported(
-        sm,
-        &[
-            "exact",
-            "prefix",
-            "suffix",
-            "contains",
-            "safe_regex",
-            "ignore_case",
-        ],
-        path,
-    );
-    let ic = sm.ignore_case;
-    let non_empty = |s: &String, field: &str, errs: &mut Errors| {
-        if s.is_empty() {
-            errs.add(join(path, field), "must not be empty");
-            None
-        } else {
-            Some(s.clone())
-        }
-    };
-    match &sm.match_pattern {
-        Some(P::Exact(s)) => Some(StrMatch::Exact(s.clone(), ic)),
-        Some(P::Prefix(s)) => non_empty(s, "prefix", errs).map(|s| StrMatch::Prefix(s, ic)),
-        Some(P::Suffix(s)) => non_empty(s, "suffix", errs).map(|s| StrMatch::Suffix(s, ic)),
-        Some(P::Contains(s)) => non_empty(s, "contains", errs).map(|s| StrMatch::Contains(s, ic)),
-        Some(P::SafeRegex(r)) => {
-            let rp = join(path, "safe_regex");
-            errs.reject_unsupported(r, &["regex", "google_re2"], &rp);
-            match regex::Regex::new(&format!("^(?:{})$", r.regex)) {
-                Ok(re) => Some(StrMatch::Regex(re)),
-                Err(e) => {
-                    errs.add(join(&rp, "regex"), format!("invalid regex: {e}"));
-                    None
-                }
-            }
-        }
-        Some(P::Custom(_)) => None,
-        None => {
-            errs.add(
-                path,
-                "one of exact, prefix, suffix, contains or safe_regex is required",
-            );
-            None
-        }
-    }
-}
-
 /// `CertificateValidationContext` at `path` (also the body of an SDS `validation_context`).
 pub fn validation(
     v: &pb::CertificateValidationContext,
@@ -418,7 +323,7 @@ pub fn validation(
             }
         };
         let matcher = match &m.matcher {
-            Some(sm) => string_matcher(sm, &join(&p, "matcher"), errs),
+            Some(sm) => StrMatch::translate(sm, &join(&p, "matcher"), errs),
             None => {
                 errs.add(join(&p, "matcher"), "required");
                 None
@@ -1111,7 +1016,7 @@ mod tests {
             &sans
         ));
         let re =
-            StrMatch::Regex(regex::Regex::new("^(?:spiffe://td/ns/[a-z]+/sa/b)$").expect("re"));
+            StrMatch::Regex(regex::Regex::new(r"\A(?:spiffe://td/ns/[a-z]+/sa/b)\z").expect("re"));
         assert!(sans_match(&[m(SanType::Uri, re)], &sans));
         // Any matcher suffices.
         assert!(sans_match(
