@@ -216,9 +216,19 @@ fn parse_v2(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
             if body.len() < 12 {
                 return Peeked::Done(Err(ParseError::V2("AF_INET addresses truncated")));
             }
-            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]));
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)))
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+            )
         }
         2 => {
             if body.len() < 36 {
@@ -230,7 +240,10 @@ fn parse_v2(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
                 IpAddr::V6(Ipv6Addr::from(b))
             };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34)))
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+            )
         }
         _ => return Peeked::Done(Err(ParseError::V2("unsupported address family"))),
     };
@@ -460,7 +473,10 @@ mod tests {
         assert_eq!(h.addrs, Some((sa("192.0.2.1:51000"), sa("10.0.0.1:443"))));
         let h = done(b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\n").expect("ok");
         assert_eq!(h.addrs, Some((sa("[2001:db8::1]:1"), sa("[::1]:65535"))));
-        for u in [&b"PROXY UNKNOWN\r\n"[..], b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n"] {
+        for u in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n",
+        ] {
             let h = done(u).expect("ok");
             assert_eq!((h.addrs, h.len), (None, u.len()));
         }
@@ -502,8 +518,14 @@ mod tests {
         }
         // Longer than 107 bytes without CRLF: refused at the bound, not later.
         let long = format!("PROXY UNKNOWN {}", "a".repeat(200));
-        assert!(matches!(parse(&long.as_bytes()[..V1_MAX]), Peeked::Done(Err(ParseError::V1(_)))));
-        assert!(matches!(parse(&long.as_bytes()[..V1_MAX - 1]), Peeked::NeedMore));
+        assert!(matches!(
+            parse(&long.as_bytes()[..V1_MAX]),
+            Peeked::Done(Err(ParseError::V1(_)))
+        ));
+        assert!(matches!(
+            parse(&long.as_bytes()[..V1_MAX - 1]),
+            Peeked::NeedMore
+        ));
         // CR as the 107th byte: the LF would be the 108th.
         let mut at = format!("PROXY UNKNOWN {}", "a".repeat(V1_MAX - 15)).into_bytes();
         at.push(b'\r');
@@ -531,7 +553,12 @@ mod tests {
         let h = done(&v2(1, 0x21, &a6, &[])).expect("ok");
         assert_eq!(h.addrs, Some((sa("[2001:db8::1]:80"), sa("[::1]:443"))));
         // UDP over INET is accepted too (addresses only).
-        assert!(done(&v2(1, 0x12, &inet4(), &[])).expect("ok").addrs.is_some());
+        assert!(
+            done(&v2(1, 0x12, &inet4(), &[]))
+                .expect("ok")
+                .addrs
+                .is_some()
+        );
         // LOCAL: any family, addresses ignored.
         let h = done(&v2(0, 0x00, &[], &[])).expect("ok");
         assert_eq!((h.addrs, h.len), (None, 16));
@@ -574,7 +601,12 @@ mod tests {
             }
             assert!(matches!(parse(full), Peeked::Done(Ok(_))));
         }
-        for other in [&b"GET / HTTP/1.1\r\n"[..], b"\x16\x03\x01", b"PROXX", b"\r\n\r\n\x01"] {
+        for other in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"PROXX",
+            b"\r\n\r\n\x01",
+        ] {
             assert_eq!(done(other), Err(ParseError::NotProxy));
         }
     }

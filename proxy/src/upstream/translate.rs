@@ -287,7 +287,11 @@ fn original_dst_settings(
         let p = join(path, "original_dst_lb_config");
         errs.reject_unsupported(
             o,
-            &["use_http_header", "http_header_name", "upstream_port_override"],
+            &[
+                "use_http_header",
+                "http_header_name",
+                "upstream_port_override",
+            ],
             &p,
         );
         if o.use_http_header {
@@ -1554,17 +1558,25 @@ load_assignment:
         assert!(od.http_header.is_none());
         assert!(od.port_override.is_none());
 
-        let c = ok("name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
+        let c = ok(
+            "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
                     cleanup_interval: 2s\noriginal_dst_lb_config:\n  use_http_header: true\n  \
-                    http_header_name: X-Dst\n  upstream_port_override: 8080\n");
+                    http_header_name: X-Dst\n  upstream_port_override: 8080\n",
+        );
         let od = c.lb.original_dst.expect("original_dst config");
         assert_eq!(od.cleanup_interval, Duration::from_secs(2));
         assert_eq!(od.http_header.expect("header").as_str(), "x-dst");
         assert_eq!(od.port_override, Some(8080));
-        let c = ok("name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
-                    original_dst_lb_config: {use_http_header: true}\n");
+        let c = ok(
+            "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
+                    original_dst_lb_config: {use_http_header: true}\n",
+        );
         assert_eq!(
-            c.lb.original_dst.expect("cfg").http_header.expect("h").as_str(),
+            c.lb.original_dst
+                .expect("cfg")
+                .http_header
+                .expect("h")
+                .as_str(),
             "x-envoy-original-dst-host"
         );
     }
