@@ -159,3 +159,76 @@ async fn step(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::listener::worker::tests::{YAML, listener, state};
+    use crate::listener::{ListenerChange, ListenerConfig};
+    use crate::stats::Store;
+
+    fn l(store: &Arc<Store>, name: &str, addr: &str, extra: &str) -> Arc<ListenerConfig> {
+        let (ip, port) = addr.rsplit_once(':').expect("ip:port");
+        listener(
+            store,
+            &YAML
+                .replace("name: w", &format!("name: {name}\n{extra}"))
+                .replace(
+                    "address: 127.0.0.1, port_value: 0",
+                    &format!("address: \"{ip}\", port_value: {port}"),
+                ),
+        )
+    }
+
+    #[tokio::test]
+    async fn unbound_listeners_are_found_by_address_exact_then_wildcard() {
+        let store = Store::new();
+        let st = state(&store);
+        let m = &st.listener_manager;
+        let unbound = "bind_to_port: false";
+        assert_eq!(
+            m.add_or_update(l(&store, "exact", "10.0.0.1:80", unbound))
+                .expect("add"),
+            ListenerChange::Added
+        );
+        m.add_or_update(l(&store, "wild4", "0.0.0.0:80", unbound))
+            .expect("add");
+        m.add_or_update(l(&store, "wild6", "::1:90", unbound))
+            .expect("add");
+        let find = |a: &str| {
+            m.version_for_address(a.parse().expect("addr"))
+                .map(|v| v.cfg.name.clone())
+        };
+        assert_eq!(find("10.0.0.1:80").as_deref(), Some("exact"));
+        assert_eq!(find("10.0.0.2:80").as_deref(), Some("wild4"));
+        assert_eq!(find("10.0.0.1:81"), None);
+        // `::1` is not a wildcard.
+        assert_eq!(find("[::2]:90"), None);
+        assert_eq!(find("[::1]:90").as_deref(), Some("wild6"));
+        // An IPv6 destination does not match an IPv4 wildcard.
+        assert_eq!(find("[::5]:80"), None);
+
+        // Re-adding the same unbound listener replaces it without sockets; binding it later
+        // gives it sockets (a real, connectable port).
+        assert_eq!(
+            m.add_or_update(l(&store, "exact", "10.0.0.1:80", unbound))
+                .expect("update"),
+            ListenerChange::Modified { in_place: true }
+        );
+        assert_eq!(
+            m.add_or_update(l(&store, "exact", "127.0.0.1:0", ""))
+                .expect("bind"),
+            ListenerChange::Modified { in_place: false }
+        );
+        let bound = m
+            .listeners()
+            .into_iter()
+            .find(|b| b.name == "exact")
+            .expect("exact")
+            .address;
+        assert_ne!(bound.port(), 0);
+        assert_eq!(find(&bound.to_string()).as_deref(), Some("exact"));
+        assert_eq!(find("10.0.0.1:80").as_deref(), Some("wild4"));
+    }
+}

@@ -17,6 +17,11 @@
 //!   connection after the TLS handshake; a denied connection is closed.
 //! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
 //!   Linux, buffered copy elsewhere or as fallback).
+//! - Transparent interception and edge listener filters (docs/arch-intercept.md):
+//!   `intercept` (the listener-filter pipeline), `original_dst` (SO_ORIGINAL_DST),
+//!   [`proxy_protocol`] (PROXY v1/v2), [`http_inspector`] (HTTP/1.x / h2c detection),
+//!   [`peek`] (shared MSG_PEEK loop); `use_original_dst` hand-off and `bind_to_port: false`
+//!   listeners through [`ListenerManager::version_for_address`].
 //!
 //! OWNER: listener helper. Interface used by `server` and the xDS client (LDS).
 

@@ -1,10 +1,13 @@
 //! A worker's listeners: it takes commands from the [`ListenerManager`](super::ListenerManager)
 //! (add an accept loop, swap the listener version an accept loop hands out, stop one) and
 //! runs one accept loop per listening socket: accept, then per connection (in its own task on
-//! this worker's runtime): the TLS inspector when the listener has one (peek the ClientHello
-//! within `listener_filters_timeout`), filter chain selection on SNI / ALPN / transport
+//! this worker's runtime): the listener filters in config order (`original_dst`,
+//! `proxy_protocol`, `http_inspector`, `tls_inspector`; one `listener_filters_timeout`
+//! deadline; see `intercept`), the `use_original_dst` hand-off to the listener of the restored
+//! destination, filter chain selection on destination / source / SNI / ALPN / transport
 //! protocol, the chain's TLS handshake (`transport_socket`, within its handshake timeout),
-//! `ConnInfo.tls`, then the terminal filter.
+//! `ConnInfo.tls`, then the terminal filter. A listener without listener filters skips the
+//! filter stage entirely.
 
 use std::collections::HashMap;
 use std::sync::Arc;
