@@ -921,7 +921,7 @@ async fn delta_adds_and_removes_resources() {
     assert_eq!(st, StatusCode::OK);
 
     // A bad resource is NACKed with its name; the error is per resource.
-    let bad: Listener = weir_xds_api::from_yaml("name: bad\naddress: {socket_address: {address: 127.0.0.1, port_value: 0}}\nfilter_chains: []\nuse_original_dst: true\n").expect("listener");
+    let bad: Listener = weir_xds_api::from_yaml("name: bad\naddress: {socket_address: {address: 127.0.0.1, port_value: 0}}\nfilter_chains: []\ntransparent: true\n").expect("listener");
     let nack = s
         .push_and_answer(
             LDS,
@@ -931,7 +931,7 @@ async fn delta_adds_and_removes_resources() {
         .await;
     let msg = nack.error_detail.expect("nack").message;
     assert!(msg.contains("Listener \"bad\""), "{msg}");
-    assert!(msg.contains("use_original_dst"), "{msg}");
+    assert!(msg.contains("transparent"), "{msg}");
     p.stop().await;
     ads.stop.cancel();
 }
