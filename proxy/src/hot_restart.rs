@@ -742,6 +742,73 @@ fn recv<T: for<'de> Deserialize<'de>>(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_parent_answers_in_order_and_drains() {
+        let store = crate::stats::Store::new();
+        let snapshot = crate::config::translate(Default::default(), &store).expect("empty config");
+        let clusters = crate::upstream::ClusterManager::new(&[], &store);
+        let st = ServerState::new(Options::default(), snapshot, clusters, 1);
+        let msg = |r: (Reply, Vec<OwnedFd>)| match r.0 {
+            Reply::Error { message } => message,
+            other => panic!("expected an error, got {other:?}"),
+        };
+        // Nothing before hello.
+        assert_eq!(
+            msg(answer(&Request::ListListeners, false, &st)),
+            "hello first"
+        );
+        let hello = |version, epoch| Request::Hello {
+            version,
+            epoch,
+            pid: 1,
+        };
+        assert!(msg(answer(&hello(2, 1), false, &st)).contains("protocol version 2"));
+        assert!(msg(answer(&hello(1, 3), false, &st)).contains("must be epoch 1"));
+        match answer(&hello(1, 1), false, &st).0 {
+            Reply::Hello {
+                version,
+                epoch,
+                generation,
+                ..
+            } => assert_eq!((version, epoch, generation), (1, 0, 0)),
+            other => panic!("{other:?}"),
+        }
+        // No listener there; no admin.
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let (r, fds) = answer(&Request::GetListenSockets { address: addr }, true, &st);
+        assert_eq!(
+            (r, fds.len()),
+            (
+                Reply::ListenSockets {
+                    address: addr,
+                    name: None,
+                    count: 0
+                },
+                0
+            )
+        );
+        let (r, _) = answer(&Request::GetAdminSocket { address: addr }, true, &st);
+        assert_eq!(r, Reply::AdminSocket { count: 0 });
+        // Drain: bounded by the shorter of the drain time and the parent shutdown time.
+        assert_eq!(st.drain_time(), Duration::from_secs(600));
+        let (r, _) = answer(
+            &Request::Drain {
+                parent_shutdown_time_s: 3,
+            },
+            true,
+            &st,
+        );
+        assert_eq!(
+            r,
+            Reply::Draining {
+                active_connections: 0
+            }
+        );
+        assert!(st.draining.is_cancelled() && st.shutdown.is_cancelled());
+        assert!(st.admin_stop.is_cancelled(), "admin stops accepting");
+        assert_eq!(st.drain_time(), Duration::from_secs(3));
+    }
+
     #[test]
     fn socket_path_from_base_id_epoch_and_dir() {
         let opts = Options {

@@ -787,6 +787,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn inherited_sockets_are_adopted_all_served_and_handed_over() {
+        let store = Store::new();
+        let st = state_n(&store, 2);
+        let _w = workers(&st);
+        let m = &st.listener_manager;
+        // A "parent" with three workers, and a listener this config does not have.
+        let parent_cfg = tcp(&store, "a", ANY, "");
+        let (bound, socks) = bind_listener(&parent_cfg, 3).expect("bind");
+        let (gone_addr, gone) = bind_listener(&parent_cfg, 1).expect("bind");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        m.offer_inherited(vec![
+            InheritedListener {
+                name: "a".into(),
+                configured: any,
+                bound,
+                sockets: socks,
+            },
+            InheritedListener {
+                name: "gone".into(),
+                configured: any,
+                bound: gone_addr,
+                sockets: gone,
+            },
+        ]);
+        // Port 0, same name and configured address: the parent's sockets, its port.
+        assert_eq!(
+            m.add_or_update(tcp(&store, "a", ANY, "")).expect("add"),
+            ListenerChange::Added
+        );
+        assert_eq!(m.listeners()[0].address, bound);
+        assert_eq!(m.release_inherited(), 1, "the unclaimed listener");
+        // Every inherited socket is served (the third by worker 0 under an extra id): no
+        // connection hangs in an accept queue nobody reads.
+        for _ in 0..30 {
+            closed_by_proxy(bound).await;
+        }
+        assert_eq!(m.hand_over_list(), vec![("a".to_string(), any, bound, 3)]);
+        let (name, b, dups) = m.sockets_for_hand_over(bound).expect("listener");
+        assert_eq!((name.as_str(), b, dups.len()), ("a", bound, 3));
+        drop(dups);
+        assert!(m.sockets_for_hand_over(gone_addr).is_none());
+        let s = stats(&store);
+        assert_eq!(s["listener_manager.listener_create_success"], "2");
+        // Removing it stops every accept loop, extra ids included: the port closes.
+        assert!(m.remove("a"));
+        refused(bound).await;
+    }
+
+    #[tokio::test]
     async fn bind_failure_keeps_the_old_version() {
         let store = Store::new();
         let st = state_n(&store, 2);
