@@ -121,6 +121,9 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         }
         anyhow::Ok(())
     })?;
+    // Do not wait for blocking tasks (e.g. a hot-restart session with a child that keeps
+    // its connection open) beyond a moment.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(std::process::ExitCode::SUCCESS)
 }
 
