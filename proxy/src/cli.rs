@@ -30,6 +30,30 @@ pub struct Options {
     /// Seconds to drain connections on shutdown or /drain_listeners.
     #[arg(long = "drain-time-s", default_value_t = 600)]
     pub drain_time_s: u64,
+    /// Hot restart epoch: 0 starts fresh; N takes the listening sockets of the running epoch
+    /// N-1 over its hot-restart socket and tells it to drain (see `hot_restart`).
+    #[arg(long = "restart-epoch", default_value_t = 0)]
+    pub restart_epoch: u32,
+    /// Hot restart base id: the hot-restart socket name derives from it and the epoch, so
+    /// several weir instances on one host need distinct base ids.
+    #[arg(long = "base-id", default_value_t = 0)]
+    pub base_id: u64,
+    /// Directory of the hot-restart sockets (default: `$XDG_RUNTIME_DIR`, else `/tmp`).
+    #[arg(long = "hot-restart-socket-dir")]
+    pub hot_restart_socket_dir: Option<std::path::PathBuf>,
+    /// Upper bound on the old process's drain in a hot restart: it exits at most this many
+    /// seconds after the new one told it to drain (and sooner when its connections are gone
+    /// or its own `--drain-time-s` is over).
+    #[arg(long = "parent-shutdown-time-s", default_value_t = 900)]
+    pub parent_shutdown_time_s: u64,
+    /// Do not listen on the hot-restart socket and do not contact a parent.
+    #[arg(long = "disable-hot-restart")]
+    pub disable_hot_restart: bool,
+    /// Once draining starts for any reason (SIGTERM, `/quitquitquit`, `/drain_listeners`,
+    /// a hot restart), exit as soon as no downstream connection is left (Istio's
+    /// `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`), still bounded by `--drain-time-s`.
+    #[arg(long = "exit-on-zero-active-connections")]
+    pub exit_on_zero_active_connections: bool,
 }
 
 /// `--mode`.
@@ -52,6 +76,12 @@ impl Default for Options {
             service_node: None,
             service_cluster: None,
             drain_time_s: 600,
+            restart_epoch: 0,
+            base_id: 0,
+            hot_restart_socket_dir: None,
+            parent_shutdown_time_s: 900,
+            disable_hot_restart: false,
+            exit_on_zero_active_connections: false,
         }
     }
 }

@@ -20,6 +20,8 @@
 //! - [`admin`]: the admin server (`/ready`, `/stats`, `/config_dump`, `/clusters`, ...).
 //! - [`stats`]: Envoy-named stats on the `metrics` crate with a Prometheus exporter.
 //! - [`server`]: process lifecycle: start workers, admin, drain and shutdown.
+//! - [`hot_restart`]: zero-downtime binary upgrade (listening sockets passed to a new
+//!   process over a Unix socket).
 //!
 //! Threading follows Envoy: a main runtime (admin, DNS, timers) and N worker threads each with
 //! a single-threaded tokio runtime, their own listening sockets and their own upstream pools.
@@ -31,6 +33,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod hot_restart;
 pub mod http;
 pub mod listener;
 pub mod route;

@@ -1,9 +1,14 @@
 //! The `weir` binary: parse flags, load and validate the bootstrap, run until SIGTERM.
+//!
+//! Hot restart (unless `--disable-hot-restart`): before starting, an epoch N > 0 takes its
+//! parent's sockets (`weir_proxy::hot_restart::take_over`); once serving, it listens on its
+//! own hot-restart socket for the next epoch and tells the parent to drain.
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
 use clap::Parser;
 use weir_proxy::cli::{Mode, Options};
+use weir_proxy::hot_restart;
 
 fn main() -> std::process::ExitCode {
     let opts = Options::parse();
@@ -52,6 +57,15 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         );
         return Ok(std::process::ExitCode::SUCCESS);
     }
+    let hot_restart = !opts.disable_hot_restart;
+    // Blocking exchange with the parent, before any runtime runs (bounded by its timeouts).
+    let (inherited, parent) = if hot_restart {
+        hot_restart::take_over(&opts, snapshot.admin_address)
+    } else {
+        (hot_restart::Inherited::default(), None)
+    };
+    let socket = hot_restart.then(|| hot_restart::socket_path(&opts, opts.restart_epoch));
+    let parent_shutdown_time_s = opts.parent_shutdown_time_s;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("weir-main")
@@ -59,8 +73,33 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         .build()
         .context("starting main runtime")?;
     rt.block_on(async move {
-        let server = weir_proxy::server::start(opts, snapshot).await?;
+        let server = weir_proxy::server::start_with(opts, snapshot, inherited).await?;
         let state = server.state.clone();
+        // Listen for the next epoch, then let the parent go.
+        if let Some(path) = &socket {
+            match hot_restart::listen(path) {
+                Ok(l) => {
+                    let _ = state.hot_restart_socket.set(path.clone());
+                    tracing::info!(socket = %path.display(), "hot restart: listening for the next epoch");
+                    tokio::spawn(hot_restart::serve(l, path.clone(), state.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "hot restart disabled for this process"),
+            }
+        }
+        if let Some(parent) = parent {
+            let pid = parent.pid();
+            match tokio::task::spawn_blocking(move || parent.drain(parent_shutdown_time_s)).await
+            {
+                Ok(Ok(n)) => tracing::info!(
+                    parent_pid = pid,
+                    parent_active_connections = n,
+                    "hot restart: parent draining"
+                ),
+                Ok(Err(e)) => tracing::warn!(parent_pid = pid, error = %e, "hot restart: parent did not acknowledge the drain; it keeps serving"),
+                Err(e) => tracing::warn!(error = %e, "hot restart: drain request failed"),
+            }
+        }
+        let sig = server.state.clone();
         tokio::spawn(async move {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -74,10 +113,23 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
             }
-            state.request_shutdown();
+            sig.request_shutdown();
         });
         server.wait().await;
+        if let Some(path) = state_socket(&state) {
+            hot_restart::remove_socket(&path);
+        }
         anyhow::Ok(())
     })?;
+    // Do not wait for blocking tasks (e.g. a hot-restart session with a child that keeps
+    // its connection open) beyond a moment.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The hot-restart socket this process listens on, if any.
+fn state_socket(
+    state: &std::sync::Arc<weir_proxy::server::ServerState>,
+) -> Option<std::path::PathBuf> {
+    state.hot_restart_socket.get().cloned()
 }

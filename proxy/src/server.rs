@@ -6,10 +6,19 @@
 //! upkeep); each worker is a std thread running a single-threaded tokio runtime with its own
 //! SO_REUSEPORT sockets, so nothing on a request's path is shared between workers except
 //! read-mostly `Arc`s and atomics.
+//!
+//! Hot restart ([`crate::hot_restart`]): [`start_with`] takes the sockets a child inherited
+//! from its parent (listeners and admin); [`ServerState::drain_for_hot_restart`] is the
+//! parent's side (stop accepting, admin included, and exit within the parent shutdown time).
+//!
+//! Lifecycle: `ready` (and `/ready` 200) only once listeners accept, which for an
+//! xDS-configured proxy is after the initial fetch (or its `initial_fetch_timeout`s); with
+//! `--exit-on-zero-active-connections` any drain (also `/drain_listeners`) ends in shutdown,
+//! which exits as soon as no downstream connection is left (bounded by the drain time).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::Options;
 use crate::config::Snapshot;
+use crate::hot_restart::Inherited;
 use crate::listener::{ListenerError, ListenerManager};
 use crate::stats::Store;
 use crate::upstream::ClusterManager;
@@ -37,6 +47,10 @@ pub struct ServerStats {
     pub uptime: Gauge,
     /// `server.total_connections`: open downstream connections across workers.
     pub total_connections: Gauge,
+    /// `server.hot_restart_epoch`: `--restart-epoch`.
+    pub hot_restart_epoch: Gauge,
+    /// `server.hot_restart_generation`: the parent's generation + 1 (0 without a parent).
+    pub hot_restart_generation: Gauge,
 }
 
 impl ServerStats {
@@ -49,6 +63,8 @@ impl ServerStats {
             concurrency: server.gauge("concurrency"),
             uptime: server.gauge("uptime"),
             total_connections: server.gauge("total_connections"),
+            hot_restart_epoch: server.gauge("hot_restart_epoch"),
+            hot_restart_generation: server.gauge("hot_restart_generation"),
         }
     }
 }
@@ -98,6 +114,17 @@ pub struct ServerState {
     pub connections: TaskTracker,
     /// The xDS client's state, when the bootstrap has dynamic resources.
     pub xds: OnceLock<Arc<crate::xds::Dynamic>>,
+    /// Fired to stop accepting admin connections (a hot-restart child took the admin
+    /// socket over); child of `hard_stop`.
+    pub admin_stop: CancellationToken,
+    /// A duplicate of the admin socket, to share with a hot-restart child.
+    pub admin_socket: Mutex<Option<std::net::TcpListener>>,
+    /// The hot-restart socket this process listens on (set by the binary).
+    pub hot_restart_socket: OnceLock<std::path::PathBuf>,
+    /// Hot-restart generation.
+    generation: AtomicU64,
+    /// Drain time bound set by a hot-restart child (seconds; `u64::MAX`: none).
+    drain_limit_s: AtomicU64,
 }
 
 impl ServerState {
@@ -113,6 +140,9 @@ impl ServerState {
         let server_stats = ServerStats::new(&stats);
         server_stats.state.set(3.0);
         server_stats.concurrency.set(concurrency as f64);
+        server_stats
+            .hot_restart_epoch
+            .set(f64::from(options.restart_epoch));
         let draining = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let listener_manager = ListenerManager::new(
@@ -136,9 +166,14 @@ impl ServerState {
             ready: AtomicBool::new(false),
             draining,
             shutdown: CancellationToken::new(),
-            hard_stop,
             connections: TaskTracker::new(),
             xds: OnceLock::new(),
+            admin_stop: hard_stop.child_token(),
+            admin_socket: Mutex::new(None),
+            hot_restart_socket: OnceLock::new(),
+            generation: AtomicU64::new(0),
+            drain_limit_s: AtomicU64::new(u64::MAX),
+            hard_stop,
         })
     }
 
@@ -149,6 +184,7 @@ impl ServerState {
             self.server_stats.live.set(0.0);
             self.server_stats.state.set(1.0);
             self.draining.cancel();
+            self.listener_manager.release_hand_over_sockets();
         }
     }
 
@@ -158,9 +194,37 @@ impl ServerState {
         self.shutdown.cancel();
     }
 
-    /// Drain time from `--drain-time-s`.
+    /// Drain time from `--drain-time-s`, bounded by a hot-restart child's parent shutdown
+    /// time.
     pub fn drain_time(&self) -> Duration {
-        Duration::from_secs(self.options.drain_time_s)
+        let limit = self.drain_limit_s.load(Ordering::SeqCst);
+        Duration::from_secs(self.options.drain_time_s.min(limit))
+    }
+
+    /// Hot-restart generation (the parent's + 1; 0 without a parent).
+    pub fn hot_restart_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// A hot-restart child serves: stop accepting (listeners and admin), drain and exit
+    /// within `parent_shutdown_time` (or the drain time, if shorter).
+    pub fn drain_for_hot_restart(&self, parent_shutdown_time: Duration) {
+        self.drain_limit_s
+            .fetch_min(parent_shutdown_time.as_secs(), Ordering::SeqCst);
+        self.admin_stop.cancel();
+        self.request_shutdown();
+    }
+
+    /// A duplicate of the admin socket when it is bound to `address`, for a hot-restart child.
+    pub fn admin_socket_for_hand_over(&self, address: SocketAddr) -> Option<std::net::TcpListener> {
+        if self.admin_address.get() != Some(&address) || self.admin_stop.is_cancelled() {
+            return None;
+        }
+        let guard = self
+            .admin_socket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.as_ref().and_then(|s| s.try_clone().ok())
     }
 }
 
@@ -241,6 +305,17 @@ impl ServerHandle {
 /// Start serving `snapshot` on the current tokio runtime (the main runtime) plus
 /// `options.concurrency` worker threads.
 pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle, StartError> {
+    start_with(options, snapshot, Inherited::default()).await
+}
+
+/// [`start`] with the sockets a hot-restart child took from its parent: listeners whose
+/// address matches take the parent's sockets, the admin server accepts on the parent's admin
+/// socket when given (otherwise binds, with SO_REUSEPORT when `inherited.enabled`).
+pub async fn start_with(
+    options: Options,
+    snapshot: Snapshot,
+    inherited: Inherited,
+) -> Result<ServerHandle, StartError> {
     let concurrency = options.concurrency.filter(|n| *n > 0).unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -251,20 +326,42 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
     let admin_address = snapshot.admin_address;
     let listeners_cfg = snapshot.listeners.clone();
     let state = ServerState::new(options, snapshot, clusters, concurrency);
+    state
+        .generation
+        .store(inherited.generation, Ordering::SeqCst);
+    state
+        .server_stats
+        .hot_restart_generation
+        .set(inherited.generation as f64);
+    state.listener_manager.offer_inherited(inherited.listeners);
     // Access log rotation (Envoy's SIGUSR1).
     crate::access_log::spawn_reopen_on_sigusr1();
 
     if let Some(addr) = admin_address {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "admin".into(),
-                source,
-            })?;
-        let bound = l.local_addr().map_err(|source| StartError::Bind {
+        let admin_err = |source| StartError::Bind {
             what: "admin".into(),
             source,
-        })?;
+        };
+        let inherited_admin = inherited
+            .admin
+            .filter(|s| s.local_addr().ok() == Some(addr));
+        let std_l = match inherited_admin {
+            Some(s) => {
+                tracing::info!(%addr, "admin socket shared by the hot-restart parent");
+                s
+            }
+            None if inherited.enabled => crate::hot_restart::bind_admin(addr).map_err(admin_err)?,
+            None => std::net::TcpListener::bind(addr).map_err(admin_err)?,
+        };
+        std_l.set_nonblocking(true).map_err(admin_err)?;
+        if let Ok(dup) = std_l.try_clone() {
+            *state
+                .admin_socket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(dup);
+        }
+        let l = tokio::net::TcpListener::from_std(std_l).map_err(admin_err)?;
+        let bound = l.local_addr().map_err(admin_err)?;
         let _ = state.admin_address.set(bound);
         tracing::info!(%bound, "admin listening");
         tokio::spawn(crate::admin::serve(l, state.clone()));
@@ -340,6 +437,23 @@ pub async fn start(options: Options, snapshot: Snapshot) -> Result<ServerHandle,
 
     if let Some(d) = &dynamic {
         d.enable_listeners();
+    }
+    // Inherited sockets no listener of this config claimed (the parent keeps them until it
+    // exits).
+    state.listener_manager.release_inherited();
+    if state.options.exit_on_zero_active_connections {
+        let st = state.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = st.draining.cancelled() => {}
+                _ = st.hard_stop.cancelled() => return,
+            }
+            tracing::info!(
+                active = st.connections.len(),
+                "draining with --exit-on-zero-active-connections: exiting once no connection is left"
+            );
+            st.shutdown.cancel();
+        });
     }
     state.ready.store(true, Ordering::SeqCst);
     state.server_stats.state.set(0.0);

@@ -1,5 +1,11 @@
 //! `/ready`, `/server_info`, `/stats`, `/stats/prometheus`, and the mutating lifecycle
 //! endpoints.
+//!
+//! Sidecar lifecycle (Istio's conventions): `/ready` is 200 only while LIVE, i.e. once the
+//! server's listeners accept, which for an xDS-configured proxy is after the initial LDS/CDS
+//! fetch was applied or timed out (`initial_fetch_timeout`); 503 with `PRE_INITIALIZING`
+//! before and `DRAINING` after a drain started. `/drain_listeners` drains without exiting
+//! (unless `--exit-on-zero-active-connections`); `/quitquitquit` drains and exits.
 
 use std::sync::atomic::Ordering;
 
@@ -55,6 +61,7 @@ pub(super) fn server_info(state: &ServerState) -> Response<Body> {
         node.user_agent_name = "weir".into();
     }
     let s = server_state(state);
+    let hot_restart = state.hot_restart_socket.get().is_some();
     let mode = match opts.mode {
         Mode::Serve => PbMode::Serve,
         Mode::Validate => PbMode::Validate,
@@ -64,7 +71,11 @@ pub(super) fn server_info(state: &ServerState) -> Response<Body> {
         state: s as i32,
         uptime_current_epoch: Some(uptime),
         uptime_all_epochs: Some(uptime),
-        hot_restart_version: "disabled".into(),
+        hot_restart_version: if hot_restart {
+            crate::hot_restart::HOT_RESTART_VERSION.into()
+        } else {
+            "disabled".into()
+        },
         command_line_options: Some(CommandLineOptions {
             concurrency: u32::try_from(state.concurrency).unwrap_or(u32::MAX),
             log_level: opts.log_level.clone(),
@@ -81,7 +92,18 @@ pub(super) fn server_info(state: &ServerState) -> Response<Body> {
                 .unwrap_or_default(),
             config_yaml: opts.config_yaml.clone().unwrap_or_default(),
             mode: mode as i32,
-            disable_hot_restart: true,
+            disable_hot_restart: !hot_restart,
+            restart_epoch: opts.restart_epoch,
+            base_id: opts.base_id,
+            parent_shutdown_time: Some(PbDuration {
+                seconds: i64::try_from(opts.parent_shutdown_time_s).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            socket_path: state
+                .hot_restart_socket
+                .get()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             ..Default::default()
         }),
         node: Some(node),
@@ -99,6 +121,8 @@ pub(super) fn server_info(state: &ServerState) -> Response<Body> {
         fill(o, "service_cluster", j!(""));
         fill(o, "config_path", j!(""));
         fill(o, "mode", j!(mode.as_str_name()));
+        fill(o, "restart_epoch", j!(0));
+        fill(o, "base_id", j!("0"));
     }
     if let Some(n) = v.get_mut("node") {
         fill(n, "id", j!(""));

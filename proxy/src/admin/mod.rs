@@ -124,12 +124,14 @@ const ENDPOINTS: &[Endpoint] = &[
     },
 ];
 
-/// Serve the admin API on `listener` until `state.hard_stop` fires.
+/// Serve the admin API on `listener` until `state.admin_stop` (or `hard_stop`) fires.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) {
     let conns = TaskTracker::new();
     loop {
+        // `admin_stop` is a child of `hard_stop`; it also fires when a hot-restart child took
+        // the admin socket over.
         let accepted = tokio::select! {
-            _ = state.hard_stop.cancelled() => break,
+            _ = state.admin_stop.cancelled() => break,
             r = listener.accept() => r,
         };
         let stream = match accepted {
@@ -138,7 +140,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<ServerState>) {
                 // Usually EMFILE/ENFILE: back off instead of spinning on the error.
                 tracing::warn!(error = %e, "admin accept failed");
                 tokio::select! {
-                    _ = state.hard_stop.cancelled() => break,
+                    _ = state.admin_stop.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
             }

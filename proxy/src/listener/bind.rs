@@ -1,5 +1,9 @@
 //! One listening socket per listener and worker, all on the same address with SO_REUSEPORT,
 //! so the kernel spreads new connections over the workers.
+//!
+//! [`adopt_listener`] takes sockets inherited from a hot-restart parent instead
+//! (`crate::hot_restart`): the same kernel sockets keep their accept queues, so a connection
+//! queued while the processes swap is accepted by the new process instead of being reset.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +31,59 @@ pub(crate) fn bind_listener(
         out.push(sock);
     }
     Ok((addr, out))
+}
+
+/// Adopt `inherited` listening sockets (a hot-restart parent's sockets of one listener,
+/// bound to `bound`) for `cfg` and `workers` workers: each is checked to be a listening TCP
+/// socket on `bound` (with the V6ONLY setting `cfg` asks for), made nonblocking and given
+/// `cfg`'s backlog. Every inherited socket is kept, also when there are more than workers
+/// (closing one would reset the connections in its accept queue); when there are fewer,
+/// the rest are bound fresh on `bound` (SO_REUSEPORT joins them to the same group).
+/// An error means the sockets do not fit; the caller binds fresh instead.
+pub(crate) fn adopt_listener(
+    cfg: &ListenerConfig,
+    workers: usize,
+    bound: SocketAddr,
+    inherited: Vec<std::net::TcpListener>,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let workers = workers.max(1);
+    let mut out = Vec::with_capacity(workers.max(inherited.len()));
+    for l in inherited {
+        let local = l.local_addr()?;
+        if local != bound {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited socket is bound to {local}, not {bound}"),
+            ));
+        }
+        let sock = socket2::SockRef::from(&l);
+        if !sock.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "inherited socket is not listening",
+            ));
+        }
+        if bound.is_ipv6() && sock.only_v6()? == cfg.ipv4_compat {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "inherited socket has another ipv4_compat (IPV6_V6ONLY) setting",
+            ));
+        }
+        // listen(2) again on a listening socket only updates its backlog.
+        sock.listen(i32::try_from(cfg.backlog).unwrap_or(i32::MAX))?;
+        l.set_nonblocking(true)?;
+        out.push(l);
+    }
+    if out.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no inherited sockets",
+        ));
+    }
+    while out.len() < workers {
+        out.push(bind_one(bound, cfg.backlog, cfg.ipv4_compat)?);
+    }
+    Ok((bound, out))
 }
 
 /// A nonblocking listening socket with SO_REUSEADDR + SO_REUSEPORT (and IPV6_V6ONLY for v6
@@ -125,6 +182,50 @@ mod tests {
         let (a, _v6only) = bind_listener(&cfg("v6only", "[::]:0"), 1).expect("binds");
         let v4 = std::net::TcpListener::bind(("127.0.0.1", a.port()));
         assert!(v4.is_ok(), "IPv4 port still free next to a V6ONLY socket");
+    }
+
+    #[tokio::test]
+    async fn adopt_keeps_every_socket_and_tops_up() {
+        let c = cfg("a", "127.0.0.1:0");
+        let (bound, socks) = bind_listener(&c, 3).expect("binds");
+        let dups: Vec<_> = socks.iter().map(|s| s.try_clone().expect("dup")).collect();
+        // More inherited sockets than workers: all kept.
+        let (b, kept) = adopt_listener(&c, 2, bound, dups).expect("adopts");
+        assert_eq!((b, kept.len()), (bound, 3));
+        // Fewer: the rest bound fresh on the same port.
+        let one = vec![socks[0].try_clone().expect("dup")];
+        let (_, topped) = adopt_listener(&c, 4, bound, one).expect("adopts");
+        assert_eq!(topped.len(), 4);
+        for s in &topped {
+            assert_eq!(s.local_addr().expect("addr"), bound);
+        }
+        drop(socks);
+        drop(kept);
+        // The adopted sockets still accept.
+        tokio::net::TcpStream::connect(bound)
+            .await
+            .expect("connects");
+    }
+
+    #[test]
+    fn adopt_rejects_sockets_that_do_not_fit() {
+        let c = cfg("a", "127.0.0.1:0");
+        let (bound, socks) = bind_listener(&c, 1).expect("binds");
+        let (other, other_socks) = bind_listener(&c, 1).expect("binds");
+        let dup = |v: &Vec<std::net::TcpListener>| vec![v[0].try_clone().expect("dup")];
+        // Bound elsewhere.
+        let e = adopt_listener(&c, 1, bound, dup(&other_socks)).expect_err("wrong address");
+        assert!(e.to_string().contains(&other.to_string()), "{e}");
+        // Not listening: a bound socket without listen(2).
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+            .expect("bind");
+        let addr = s.local_addr().expect("addr").as_socket().expect("inet");
+        let e = adopt_listener(&c, 1, addr, vec![s.into()]).expect_err("not listening");
+        assert!(e.to_string().contains("not listening"), "{e}");
+        // Nothing inherited.
+        assert!(adopt_listener(&c, 1, bound, Vec::new()).is_err());
+        drop(socks);
     }
 
     #[test]

@@ -28,6 +28,17 @@
 //! - A listener with a fixed port that another listener (by another name) already uses is
 //!   refused (`AddrInUse`), as Envoy refuses duplicate listener addresses.
 //!
+//! # Hot restart (`crate::hot_restart`)
+//! - [`ListenerManager::offer_inherited`] stocks a pool with a parent process's listening
+//!   sockets; a listener that needs new sockets takes its parent's (same bound address, or
+//!   for port 0 the same name and configured address) instead of binding
+//!   ([`adopt_listener`]). All inherited sockets of a listener are kept, also when the
+//!   parent ran more workers: the extra ones get their own socket-set ids on the workers
+//!   (round robin), as closing them would reset the connections queued on them.
+//!   [`ListenerManager::release_inherited`] closes what no listener claimed.
+//! - [`ListenerManager::sockets_for_hand_over`] gives duplicates of a listener's sockets to a
+//!   child process (the manager keeps one duplicate of every socket it hands to a worker).
+//!
 //! Stats (`listener_manager.*`): counters `listener_added`, `listener_modified`,
 //! `listener_removed`, `listener_in_place_updated`, `listener_create_success` (per worker
 //! a new socket set is handed to, as in Envoy), `listener_create_failure`; gauges
@@ -45,7 +56,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ListenerConfig;
-use super::bind::bind_listener;
+use super::bind::{adopt_listener, bind_listener};
+use crate::hot_restart::InheritedListener;
 use crate::server::BoundListener;
 use crate::stats::Store;
 
@@ -181,8 +193,13 @@ impl ManagerStats {
 /// An active listener.
 #[derive(Debug)]
 struct Active {
-    /// Socket set id (0: recorded without sockets, tests only).
+    /// Socket set id (0: no sockets: `bind_to_port: false`, or recorded by tests).
     id: u64,
+    /// More socket-set ids, when the listener has more sockets than workers (inherited from
+    /// a hot-restart parent with more workers).
+    extra_ids: Vec<u64>,
+    /// A duplicate of every socket of the listener, to hand to a hot-restart child.
+    sockets: Vec<std::net::TcpListener>,
     /// Bound address (port 0 resolved).
     bound: SocketAddr,
     version: Arc<ListenerVersion>,
@@ -193,6 +210,15 @@ struct Inner {
     /// Active listeners in insertion order.
     active: Vec<Active>,
     next_id: u64,
+    /// Sockets inherited from a hot-restart parent, not claimed yet.
+    inherited: Vec<InheritedListener>,
+}
+
+impl Active {
+    /// Every socket-set id of this listener.
+    fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.id).chain(self.extra_ids.iter().copied())
+    }
 }
 
 /// Adds, replaces and removes listeners; see the module docs.
@@ -228,6 +254,7 @@ impl ListenerManager {
             inner: Mutex::new(Inner {
                 active: Vec::new(),
                 next_id: 1,
+                inherited: Vec::new(),
             }),
             workers: tx,
             receivers: Mutex::new(rx),
@@ -299,14 +326,18 @@ impl ListenerManager {
             let same_addr = cfg.address == old.version.cfg.address || cfg.address == old.bound;
             let same_opts = cfg.backlog == old.version.cfg.backlog
                 && cfg.ipv4_compat == old.version.cfg.ipv4_compat;
+            // A listener without sockets (`bind_to_port: false`) is never updated in place.
             if same_addr && same_opts && old.id != 0 {
-                let id = old.id;
+                let ids: Vec<u64> = old.ids().collect();
                 let bound = old.bound;
-                let acks = self.broadcast(|ack| WorkerCmd::Swap {
-                    id,
-                    version: version.clone(),
-                    ack,
-                });
+                let mut acks = Vec::new();
+                for id in ids {
+                    acks.extend(self.broadcast(|ack| WorkerCmd::Swap {
+                        id,
+                        version: version.clone(),
+                        ack,
+                    }));
+                }
                 let old = std::mem::replace(&mut inner.active[i].version, version);
                 self.stats.modified.increment(1);
                 self.stats.in_place_updated.increment(1);
@@ -316,8 +347,26 @@ impl ListenerManager {
             }
         }
 
-        // New sockets: bind every worker's first, then start them, then stop the old ones.
-        let (bound, sockets) = match bind_listener(&cfg, self.workers.len()) {
+        // New sockets: bind every worker's first (or adopt a hot-restart parent's), then
+        // start them, then stop the old ones.
+        let adopted = take_inherited(&mut inner.inherited, &cfg).and_then(|inh| {
+            let n = inh.sockets.len();
+            match adopt_listener(&cfg, self.workers.len(), inh.bound, inh.sockets) {
+                Ok(b) => {
+                    tracing::info!(name = %cfg.name, address = %inh.bound, sockets = n, "listener sockets adopted from the hot-restart parent");
+                    Some(b)
+                }
+                Err(e) => {
+                    tracing::warn!(name = %cfg.name, address = %inh.bound, error = %e, "inherited sockets unusable; binding fresh");
+                    None
+                }
+            }
+        });
+        let bound_or_err = match adopted {
+            Some(b) => Ok(b),
+            None => bind_listener(&cfg, self.workers.len()),
+        };
+        let (bound, sockets) = match bound_or_err {
             Ok(b) => b,
             Err(source) => {
                 self.stats.create_failure.increment(1);
@@ -328,23 +377,40 @@ impl ListenerManager {
                 });
             }
         };
-        let id = inner.next_id;
-        inner.next_id += 1;
-        for (w, socket) in self.workers.iter().zip(sockets) {
+        // One socket-set id per round of workers (more than one only for inherited sockets
+        // outnumbering the workers).
+        let rounds = sockets.len().div_ceil(self.workers.len()).max(1);
+        let first = inner.next_id;
+        inner.next_id += rounds as u64;
+        let mut dups = Vec::with_capacity(sockets.len());
+        for (j, socket) in sockets.into_iter().enumerate() {
+            match socket.try_clone() {
+                Ok(d) => dups.push(d),
+                Err(e) => {
+                    tracing::debug!(name = %cfg.name, error = %e, "cannot keep a socket for hot restart")
+                }
+            }
+            let w = &self.workers[j % self.workers.len()];
             let cmd = WorkerCmd::Add {
-                id,
+                id: first + (j / self.workers.len()) as u64,
                 version: version.clone(),
                 socket,
             };
-            if w.send(cmd).is_ok() {
+            if w.send(cmd).is_ok() && j < self.workers.len() {
                 self.stats.create_success.increment(1);
             }
         }
-        let active = Active { id, bound, version };
+        let active = Active {
+            id: first,
+            extra_ids: (first + 1..first + rounds as u64).collect(),
+            sockets: dups,
+            bound,
+            version,
+        };
         let change = match pos {
             Some(i) => {
                 let old = std::mem::replace(&mut inner.active[i], active);
-                let acks = self.broadcast(|ack| WorkerCmd::Stop { id: old.id, ack });
+                let acks = self.stop_all(&old);
                 self.stats.modified.increment(1);
                 tracing::info!(
                     name = %cfg.name,
@@ -375,7 +441,7 @@ impl ListenerManager {
         let old = inner.active.remove(i);
         self.stats.active.set(inner.active.len() as f64);
         drop(inner);
-        let acks = self.broadcast(|ack| WorkerCmd::Stop { id: old.id, ack });
+        let acks = self.stop_all(&old);
         self.stats.removed.increment(1);
         tracing::info!(name, address = %old.bound, "listener removed");
         self.retire(old.version, acks);
@@ -426,6 +492,8 @@ impl ListenerManager {
         let name = version.cfg.name.clone();
         let active = Active {
             id: 0,
+            extra_ids: Vec::new(),
+            sockets: Vec::new(),
             bound: version.cfg.address,
             version,
         };
@@ -433,7 +501,7 @@ impl ListenerManager {
             Some(i) => {
                 let old = std::mem::replace(&mut inner.active[i], active);
                 let acks = if old.id != 0 {
-                    self.broadcast(|ack| WorkerCmd::Stop { id: old.id, ack })
+                    self.stop_all(&old)
                 } else {
                     Vec::new()
                 };
@@ -487,10 +555,78 @@ impl ListenerManager {
         let mut inner = lock(&self.inner);
         inner.active.push(Active {
             id: 0,
+            extra_ids: Vec::new(),
+            sockets: Vec::new(),
             bound,
             version,
         });
         self.stats.active.set(inner.active.len() as f64);
+    }
+
+    /// Stock the pool of sockets inherited from a hot-restart parent; listeners added from now
+    /// on take theirs from it instead of binding.
+    pub fn offer_inherited(&self, listeners: Vec<InheritedListener>) {
+        lock(&self.inner).inherited.extend(listeners);
+    }
+
+    /// Close the inherited sockets no listener claimed (the parent's listeners this config
+    /// does not have); the number of listeners they belonged to.
+    pub fn release_inherited(&self) -> usize {
+        let left = std::mem::take(&mut lock(&self.inner).inherited);
+        for l in &left {
+            tracing::info!(name = %l.name, address = %l.bound, "inherited listener not in this config; released");
+        }
+        left.len()
+    }
+
+    /// For a hot-restart child: the name, bound address and duplicates of every socket of the
+    /// active listener bound to `address`, or `None` when no listener is.
+    pub fn sockets_for_hand_over(
+        &self,
+        address: SocketAddr,
+    ) -> Option<(String, SocketAddr, Vec<std::net::TcpListener>)> {
+        let inner = lock(&self.inner);
+        let a = inner.active.iter().find(|a| a.bound == address)?;
+        let dups = a
+            .sockets
+            .iter()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        Some((a.version.cfg.name.clone(), a.bound, dups))
+    }
+
+    /// The active listeners as a hot-restart child sees them: name, configured address,
+    /// bound address, socket count.
+    pub fn hand_over_list(&self) -> Vec<(String, SocketAddr, SocketAddr, usize)> {
+        lock(&self.inner)
+            .active
+            .iter()
+            .map(|a| {
+                (
+                    a.version.cfg.name.clone(),
+                    a.version.cfg.address,
+                    a.bound,
+                    a.sockets.len(),
+                )
+            })
+            .collect()
+    }
+
+    /// Close the duplicates kept for a hot-restart child (the server drains: once the workers'
+    /// accept loops end, the sockets must close so that connects are refused, not queued).
+    pub fn release_hand_over_sockets(&self) {
+        for a in &mut lock(&self.inner).active {
+            a.sockets.clear();
+        }
+    }
+
+    /// Stop every accept loop of `a` (all its socket-set ids).
+    fn stop_all(&self, a: &Active) -> Vec<oneshot::Receiver<()>> {
+        let mut acks = Vec::new();
+        for id in a.ids() {
+            acks.extend(self.broadcast(|ack| WorkerCmd::Stop { id, ack }));
+        }
+        acks
     }
 
     /// Send one command per worker; the acks of those that are still running.
@@ -543,6 +679,23 @@ impl ListenerManager {
             }
         }
     }
+}
+
+/// Take the inherited sockets meant for `cfg` out of `pool`: the parent's listener bound to
+/// `cfg`'s (fixed) address, or for port 0 the parent's listener with the same name and
+/// configured address.
+fn take_inherited(
+    pool: &mut Vec<InheritedListener>,
+    cfg: &ListenerConfig,
+) -> Option<InheritedListener> {
+    let i = pool.iter().position(|l| {
+        if cfg.address.port() != 0 {
+            l.bound == cfg.address
+        } else {
+            l.name == cfg.name && l.configured == cfg.address
+        }
+    })?;
+    Some(pool.swap_remove(i))
 }
 
 /// Drain one version: `drain` now, `hard_stop` when its connections outlive `drain_time`.
@@ -702,6 +855,55 @@ mod tests {
         assert_eq!(c("listener_create_failure"), "0");
         assert_eq!(c("total_listeners_active"), "1");
         assert_eq!(c("total_listeners_draining"), "0");
+    }
+
+    #[tokio::test]
+    async fn inherited_sockets_are_adopted_all_served_and_handed_over() {
+        let store = Store::new();
+        let st = state_n(&store, 2);
+        let _w = workers(&st);
+        let m = &st.listener_manager;
+        // A "parent" with three workers, and a listener this config does not have.
+        let parent_cfg = tcp(&store, "a", ANY, "");
+        let (bound, socks) = bind_listener(&parent_cfg, 3).expect("bind");
+        let (gone_addr, gone) = bind_listener(&parent_cfg, 1).expect("bind");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        m.offer_inherited(vec![
+            InheritedListener {
+                name: "a".into(),
+                configured: any,
+                bound,
+                sockets: socks,
+            },
+            InheritedListener {
+                name: "gone".into(),
+                configured: any,
+                bound: gone_addr,
+                sockets: gone,
+            },
+        ]);
+        // Port 0, same name and configured address: the parent's sockets, its port.
+        assert_eq!(
+            m.add_or_update(tcp(&store, "a", ANY, "")).expect("add"),
+            ListenerChange::Added
+        );
+        assert_eq!(m.listeners()[0].address, bound);
+        assert_eq!(m.release_inherited(), 1, "the unclaimed listener");
+        // Every inherited socket is served (the third by worker 0 under an extra id): no
+        // connection hangs in an accept queue nobody reads.
+        for _ in 0..30 {
+            closed_by_proxy(bound).await;
+        }
+        assert_eq!(m.hand_over_list(), vec![("a".to_string(), any, bound, 3)]);
+        let (name, b, dups) = m.sockets_for_hand_over(bound).expect("listener");
+        assert_eq!((name.as_str(), b, dups.len()), ("a", bound, 3));
+        drop(dups);
+        assert!(m.sockets_for_hand_over(gone_addr).is_none());
+        let s = stats(&store);
+        assert_eq!(s["listener_manager.listener_create_success"], "2");
+        // Removing it stops every accept loop, extra ids included: the port closes.
+        assert!(m.remove("a"));
+        refused(bound).await;
     }
 
     #[tokio::test]

@@ -1,4 +1,6 @@
-//! The `weir` binary: validate mode, SIGTERM drain with a request in flight, /quitquitquit.
+//! The `weir` binary: validate mode, SIGTERM drain with a request in flight, /quitquitquit,
+//! the sidecar lifecycle (`/ready` waits for the initial xDS fetch, `/drain_listeners` with
+//! and without `--exit-on-zero-active-connections`), and process helpers for hot_restart.rs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -64,7 +66,7 @@ fn validate_mode_good_and_bad() {
 }
 
 /// Kills the child if a test fails before it exits, so no weir process outlives the test.
-struct Weir(std::process::Child);
+pub(crate) struct Weir(std::process::Child);
 
 impl Drop for Weir {
     fn drop(&mut self) {
@@ -76,7 +78,14 @@ impl Drop for Weir {
 /// Start the binary; return it with its listener and admin addresses (parsed from its log).
 fn spawn_weir(config: &std::path::Path) -> (Weir, SocketAddr, SocketAddr) {
     let mut child = Command::new(BIN)
-        .args(["--concurrency", "1", "--drain-time-s", "5", "-c"])
+        .args([
+            "--concurrency",
+            "1",
+            "--drain-time-s",
+            "5",
+            "--disable-hot-restart",
+            "-c",
+        ])
         .arg(config)
         .env("WEIR_LOG", "info")
         .stderr(Stdio::piped())
@@ -211,4 +220,288 @@ fn every_example_config_validates() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ---- Process helpers shared with hot_restart.rs, and the sidecar lifecycle tests ----
+
+/// A weir process's stderr lines, collected by a thread.
+#[derive(Clone, Default)]
+pub(crate) struct Logs(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Logs {
+    /// Every line so far.
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether some line contains `needle`.
+    pub(crate) fn has(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(needle))
+    }
+
+    /// The first line containing `needle`, waiting up to 20 s for it.
+    pub(crate) async fn wait_for(&self, needle: &str) -> String {
+        for _ in 0..400 {
+            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "no log line with {needle:?}; log:\n{}",
+            self.lines().join("\n")
+        );
+    }
+}
+
+/// The address after `key=` in a log line.
+pub(crate) fn addr_in(line: &str, key: &str) -> SocketAddr {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= address in {line:?}"))
+}
+
+/// Start the binary with `args` (then `-c config`); stderr lines go to the returned [`Logs`].
+pub(crate) fn spawn_weir_with(config: &std::path::Path, args: &[&str]) -> (Weir, Logs) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("-c")
+        .arg(config)
+        .env("WEIR_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn weir");
+    let stderr = child.stderr.take().expect("stderr");
+    let logs = Logs::default();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            sink.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    (Weir(child), logs)
+}
+
+impl Weir {
+    /// Whether the process still runs.
+    pub(crate) fn running(&mut self) -> bool {
+        self.0.try_wait().expect("try_wait").is_none()
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// Wait (on a blocking thread) until the process exits; its status.
+pub(crate) async fn exited(mut child: Weir) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || wait_exit(&mut child))
+        .await
+        .expect("join")
+}
+
+/// A fresh, short temp directory (hot-restart socket paths must fit `sun_path`).
+pub(crate) fn short_dir(name: &str) -> std::path::PathBuf {
+    let d = std::path::PathBuf::from(format!("/tmp/wr-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    d
+}
+
+/// `POST path` to the admin server.
+pub(crate) async fn admin_post(admin: SocketAddr, path: &str) -> (http::StatusCode, bytes::Bytes) {
+    let req = http::Request::post(path)
+        .header("host", "a")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("req");
+    let (s, _, b) = send(admin, req).await;
+    (s, b)
+}
+
+/// A stat from the admin server's `/stats` text (0 when absent).
+pub(crate) async fn admin_stat(admin: SocketAddr, name: &str) -> Option<f64> {
+    let (_, _, body) = get(admin, "a", "/stats").await;
+    String::from_utf8_lossy(&body).lines().find_map(|l| {
+        let (n, v) = l.split_once(": ")?;
+        (n == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_on_zero_active_connections_after_drain_listeners() {
+    let b = Backend::start("b").await;
+    let cfg = write_config(
+        "exit0",
+        &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[b.port()]), ""),
+    );
+    let dir = short_dir("exit0");
+    let (mut child, logs) = spawn_weir_with(
+        &cfg,
+        &[
+            "--concurrency",
+            "1",
+            "--drain-time-s",
+            "30",
+            "--exit-on-zero-active-connections",
+            "--hot-restart-socket-dir",
+            dir.to_str().expect("utf8"),
+        ],
+    );
+    let addr = addr_in(&logs.wait_for("listener ready").await, "address");
+    let admin = addr_in(&logs.wait_for("admin listening").await, "bound");
+    let (s, _, body) = get(admin, "a", "/ready").await;
+    assert_eq!(s.as_u16(), 200, "{body:?}");
+
+    let slow = tokio::spawn(async move { get(addr, "x", "/slow/1500").await });
+    eventually("request in flight", || b.hits() == 1).await;
+    let (s, _) = admin_post(admin, "/drain_listeners").await;
+    assert_eq!(s.as_u16(), 200);
+    let (s, _, body) = get(admin, "a", "/ready").await;
+    assert_eq!(s.as_u16(), 503);
+    assert_eq!(&body[..], b"DRAINING\n");
+    // The in-flight request keeps the process alive, and completes.
+    assert!(child.running(), "exits only once connections are gone");
+    let (status, headers, _) = slow.await.expect("slow request");
+    assert_eq!(status.as_u16(), 200);
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    // Then it exits on its own, long before the 30 s drain time would be over (bounded
+    // by wait_exit's 10 s).
+    let exit = exited(child).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(logs.has("exiting once no connection is left"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_listeners_without_the_flag_keeps_the_process() {
+    let b = Backend::start("b").await;
+    let cfg = write_config(
+        "drainonly",
+        &http_bootstrap(&all_to("b", "15s"), &cluster("b", &[b.port()]), ""),
+    );
+    let dir = short_dir("drainonly");
+    let (mut child, logs) = spawn_weir_with(
+        &cfg,
+        &[
+            "--concurrency",
+            "1",
+            "--drain-time-s",
+            "5",
+            "--hot-restart-socket-dir",
+            dir.to_str().expect("utf8"),
+        ],
+    );
+    let addr = addr_in(&logs.wait_for("listener ready").await, "address");
+    let admin = addr_in(&logs.wait_for("admin listening").await, "bound");
+    assert_eq!(get(addr, "x", "/").await.0.as_u16(), 200);
+    let (s, _) = admin_post(admin, "/drain_listeners").await;
+    assert_eq!(s.as_u16(), 200);
+    // No connection is left, yet the process stays (Envoy's /drain_listeners): it keeps
+    // answering the admin API as DRAINING.
+    for _ in 0..10 {
+        let (s, _, body) = get(admin, "a", "/ready").await;
+        assert_eq!((s.as_u16(), &body[..]), (503, &b"DRAINING\n"[..]));
+        assert!(child.running());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed"
+    );
+    let (s, body) = admin_post(admin, "/quitquitquit").await;
+    assert_eq!((s.as_u16(), &body[..]), (200, &b"OK\n"[..]));
+    assert!(exited(child).await.success());
+}
+
+/// An ADS-configured proxy is not ready until its initial LDS/CDS fetch was applied or
+/// timed out: here the management server accepts connections and never answers, so `/ready`
+/// is 503 PRE_INITIALIZING until the 2 s `initial_fetch_timeout`s are over, then 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_initial_xds_fetch() {
+    // A "management server" that accepts and stays silent.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let xds_port = silent.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let cfg = write_config(
+        "xdsready",
+        &format!(
+            r#"
+node: {{id: n1, cluster: c1}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 2s}}
+  lds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 2s}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
+"#
+        ),
+    );
+    let dir = short_dir("xdsready");
+    let (child, logs) = spawn_weir_with(
+        &cfg,
+        &[
+            "--concurrency",
+            "1",
+            "--drain-time-s",
+            "2",
+            "--hot-restart-socket-dir",
+            dir.to_str().expect("utf8"),
+        ],
+    );
+    let admin = addr_in(&logs.wait_for("admin listening").await, "bound");
+    let (s, _, body) = get(admin, "a", "/ready").await;
+    assert_eq!(
+        (s.as_u16(), &body[..]),
+        (503, &b"PRE_INITIALIZING\n"[..]),
+        "not ready while the initial fetch is pending"
+    );
+    assert!(!logs.has("initial xDS fetch complete"));
+    // After the initial fetch timeouts, the proxy serves (with no xDS resources).
+    let mut ready = false;
+    for _ in 0..100 {
+        let (s, _, body) = get(admin, "a", "/ready").await;
+        if s.as_u16() == 200 {
+            assert_eq!(&body[..], b"LIVE\n");
+            ready = true;
+            break;
+        }
+        assert_eq!(&body[..], b"PRE_INITIALIZING\n");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready after initial_fetch_timeout");
+    assert_eq!(admin_stat(admin, "server.state").await, Some(0.0));
+    let (s, _) = admin_post(admin, "/quitquitquit").await;
+    assert_eq!(s.as_u16(), 200);
+    assert!(exited(child).await.success());
 }
