@@ -20,6 +20,7 @@
 //! - [`admin`]: the admin server (`/ready`, `/stats`, `/config_dump`, `/clusters`, ...).
 //! - [`stats`]: Envoy-named stats on the `metrics` crate with a Prometheus exporter.
 //! - [`server`]: process lifecycle: start workers, admin, drain and shutdown.
+//! - [`init`]: `weir-init`'s iptables rules for transparent sidecar interception.
 //!
 //! Threading follows Envoy: a main runtime (admin, DNS, timers) and N worker threads each with
 //! a single-threaded tokio runtime, their own listening sockets and their own upstream pools.
@@ -32,6 +33,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod init;
 pub mod listener;
 pub mod route;
 pub mod server;
