@@ -722,7 +722,7 @@ async fn process(
         rand::random(),
     )
     .with_tls(conn.info.tls.as_deref())
-    .with_direct_remote(conn.info.peer);
+    .with_direct_remote(conn.info.direct_peer);
     let mut fstate = ChainState::default();
     let resp = match chain.decode(req, &info, &mut fstate).await {
         Err(reply) => render_local(reply, st),

@@ -162,6 +162,8 @@ fn pick_host(
     let host = cluster
         .choose_host(&LbContext {
             hash: hash.hash,
+            original_dst: st.conn.info.local_restored.then_some(st.conn.info.local),
+            headers: Some(headers),
             ..Default::default()
         })
         .ok_or_else(no_healthy_upstream)?;
@@ -522,6 +524,9 @@ pub(super) async fn forward(
             hash: hash.hash,
             avoid,
             max_reselects,
+            // ORIGINAL_DST clusters: the restored destination / override header.
+            original_dst: st.conn.info.local_restored.then_some(st.conn.info.local),
+            headers: Some(&headers),
         }) else {
             return Err(no_healthy_upstream());
         };

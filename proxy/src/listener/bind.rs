@@ -75,6 +75,7 @@ mod tests {
             continue_on_listener_filters_timeout: false,
             matcher: ChainMatcher::default(),
             stats: ListenerStats::noop(),
+            intercept: Default::default(),
         })
     }
 

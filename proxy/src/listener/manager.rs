@@ -288,13 +288,18 @@ impl ListenerManager {
             &self.server_hard_stop,
         ));
 
+        // `bind_to_port: false` (intercept): registered without sockets.
+        if !cfg.intercept.bind_to_port {
+            return Ok(self.add_unbound(&mut inner, pos, version));
+        }
+
         // In place: same address and socket options, sockets kept.
         if let Some(i) = pos {
             let old = &inner.active[i];
             let same_addr = cfg.address == old.version.cfg.address || cfg.address == old.bound;
             let same_opts = cfg.backlog == old.version.cfg.backlog
                 && cfg.ipv4_compat == old.version.cfg.ipv4_compat;
-            if same_addr && same_opts {
+            if same_addr && same_opts && old.id != 0 {
                 let id = old.id;
                 let bound = old.bound;
                 let acks = self.broadcast(|ack| WorkerCmd::Swap {
@@ -406,6 +411,69 @@ impl ListenerManager {
     /// Set the warming count the xDS client tracks (`total_listeners_warming`).
     pub fn set_warming(&self, n: usize) {
         self.stats.warming.set(n as f64);
+    }
+
+    // --- intercept (use_original_dst / bind_to_port: false); see docs/arch-intercept.md ---
+
+    /// Register a `bind_to_port: false` listener: no sockets (`id` 0); an earlier version
+    /// by the same name stops accepting (if it had sockets) and drains.
+    fn add_unbound(
+        &self,
+        inner: &mut Inner,
+        pos: Option<usize>,
+        version: Arc<ListenerVersion>,
+    ) -> ListenerChange {
+        let name = version.cfg.name.clone();
+        let active = Active {
+            id: 0,
+            bound: version.cfg.address,
+            version,
+        };
+        let change = match pos {
+            Some(i) => {
+                let old = std::mem::replace(&mut inner.active[i], active);
+                let acks = if old.id != 0 {
+                    self.broadcast(|ack| WorkerCmd::Stop { id: old.id, ack })
+                } else {
+                    Vec::new()
+                };
+                self.stats.modified.increment(1);
+                tracing::info!(%name, "listener modified (bind_to_port: false)");
+                self.retire(old.version, acks);
+                ListenerChange::Modified {
+                    in_place: old.id == 0,
+                }
+            }
+            None => {
+                inner.active.push(active);
+                self.stats.added.increment(1);
+                tracing::info!(%name, "listener added (bind_to_port: false)");
+                ListenerChange::Added
+            }
+        };
+        self.stats.active.set(inner.active.len() as f64);
+        change
+    }
+
+    /// The active listener version a connection to `dst` belongs to (Envoy's
+    /// `getBalancedHandlerByAddress`): the listener whose address is exactly `dst`, else one on
+    /// the wildcard address (`0.0.0.0`, or `::` for IPv6 and dual-stack) with `dst`'s port.
+    /// Called once per connection handed off by a `use_original_dst` listener.
+    pub fn version_for_address(&self, dst: SocketAddr) -> Option<Arc<ListenerVersion>> {
+        let inner = lock(&self.inner);
+        let exact = inner
+            .active
+            .iter()
+            .find(|a| a.bound == dst || a.version.cfg.address == dst);
+        let found = exact.or_else(|| {
+            inner.active.iter().find(|a| {
+                let c = &a.version.cfg.address;
+                c.port() == dst.port()
+                    && c.ip().is_unspecified()
+                    && (c.is_ipv4() == dst.is_ipv4() || (c.is_ipv6() && a.version.cfg.ipv4_compat))
+            })
+        });
+        found.map(|a| a.version.clone())
     }
 
     /// Record a listener as active without sockets (admin tests).

@@ -26,6 +26,11 @@ pub mod rbac;
 pub mod tcp_proxy;
 
 mod bind;
+pub mod http_inspector;
+mod intercept;
+mod original_dst;
+pub mod peek;
+pub mod proxy_protocol;
 #[cfg(target_os = "linux")]
 mod splice;
 mod translate;
@@ -83,6 +88,29 @@ pub struct ListenerConfig {
     pub matcher: ChainMatcher,
     /// `listener.<address>.*` stats.
     pub stats: ListenerStats,
+    /// `use_original_dst` / `bind_to_port` (transparent interception).
+    pub intercept: Intercept,
+}
+
+/// Listener options of transparent interception (see docs/arch-intercept.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intercept {
+    /// `use_original_dst`: after the listener filters restored the original destination,
+    /// hand the connection to the listener whose address matches it (exact, then the
+    /// wildcard address with the same port); this listener's chains serve the rest.
+    pub use_original_dst: bool,
+    /// `bind_to_port` (default true): `false` registers the listener without a socket; it
+    /// only receives connections handed off by a `use_original_dst` listener.
+    pub bind_to_port: bool,
+}
+
+impl Default for Intercept {
+    fn default() -> Self {
+        Self {
+            use_original_dst: false,
+            bind_to_port: true,
+        }
+    }
 }
 
 impl ListenerConfig {
@@ -97,11 +125,20 @@ impl ListenerConfig {
     }
 }
 
-/// Known listener filters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Known listener filters (run in config order; see `intercept`).
+#[derive(Debug, Clone)]
 pub enum ListenerFilter {
     /// `envoy.filters.listener.tls_inspector`: SNI/ALPN/transport protocol for chain matching.
     TlsInspector,
+    /// `envoy.filters.listener.original_dst`: the pre-NAT destination becomes the local
+    /// address.
+    OriginalDst,
+    /// `envoy.filters.listener.http_inspector`: HTTP/1.x / h2c detection for
+    /// `application_protocols`.
+    HttpInspector(Arc<http_inspector::HttpInspectorStats>),
+    /// `envoy.filters.listener.proxy_protocol`: PROXY v1/v2 header consumed; its addresses
+    /// become the peer and local addresses.
+    ProxyProtocol(Arc<proxy_protocol::ProxyProtocolConfig>),
 }
 
 /// One filter chain.
@@ -180,10 +217,18 @@ impl ListenerStats {
 /// Information about an accepted downstream connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// Peer address.
+    /// Peer address: the TCP peer, or the source a PROXY protocol header carried (Envoy's
+    /// remote address).
     pub peer: SocketAddr,
-    /// Local address.
+    /// Local address: the socket's, or the original destination restored by
+    /// `original_dst` / a PROXY protocol header.
     pub local: SocketAddr,
+    /// The TCP peer, whatever a PROXY header said (Envoy's direct remote address; RBAC
+    /// `direct_remote_ip`).
+    pub direct_peer: SocketAddr,
+    /// `local` was restored by a listener filter (Envoy's `localAddressRestored()`): an
+    /// ORIGINAL_DST cluster may use it as the upstream.
+    pub local_restored: bool,
     /// `per_connection_buffer_limit_bytes` of the listener.
     pub buffer_limit: u32,
     /// Fired when the connection's listener version drains (replaced, removed, or the

@@ -142,7 +142,7 @@ impl NetworkRbac {
     /// Evaluate for a connection (shadow rules counted only); `false` = close it.
     pub fn allows(&self, info: &ConnInfo) -> bool {
         let input = RbacInput {
-            direct_remote: info.peer,
+            direct_remote: info.direct_peer,
             remote: info.peer,
             local: info.local,
             tls: info.tls.as_deref(),
@@ -212,6 +212,8 @@ mod tests {
         ConnInfo {
             peer: peer.parse().expect("peer"),
             local: local.parse().expect("local"),
+            direct_peer: peer.parse().expect("peer"),
+            local_restored: false,
             buffer_limit: 0,
             drain: Default::default(),
             hard_stop: Default::default(),

@@ -196,6 +196,8 @@ async fn serve_inner(
         hash: cfg
             .hash_source_ip
             .then(|| crate::upstream::lb::xxhash::xxhash64(conn.peer.ip().to_string().as_bytes())),
+        // ORIGINAL_DST clusters connect to the restored destination.
+        original_dst: conn.local_restored.then_some(conn.local),
         ..Default::default()
     };
     for attempt in 1..=cfg.max_connect_attempts {

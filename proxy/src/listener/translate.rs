@@ -39,6 +39,8 @@ const LISTENER_FIELDS: &[&str] = &[
     "reuse_port",
     "enable_reuse_port",
     "bind_to_port",
+    // Transparent interception (docs/arch-intercept.md).
+    "use_original_dst",
 ];
 
 const CHAIN_FIELDS: &[&str] = &[
@@ -81,6 +83,18 @@ const TCP_PROXY_FIELDS: &[&str] = &[
 const TCP_PROXY_FILTER: &str = "envoy.filters.network.tcp_proxy";
 const HCM_FILTER: &str = "envoy.filters.network.http_connection_manager";
 const TLS_INSPECTOR_FILTER: &str = "envoy.filters.listener.tls_inspector";
+const HTTP_INSPECTOR_FILTER: &str = "envoy.filters.listener.http_inspector";
+const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+const PROXY_PROTOCOL_FILTER: &str = "envoy.filters.listener.proxy_protocol";
+const HTTP_INSPECTOR_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+const ORIGINAL_DST_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const PROXY_PROTOCOL_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
+const KNOWN_LISTENER_FILTERS: &str = "envoy.filters.listener.tls_inspector, \
+     envoy.filters.listener.http_inspector, envoy.filters.listener.original_dst and \
+     envoy.filters.listener.proxy_protocol";
 
 /// Translate one listener. Every problem is recorded in `errs` with its field path; `None`
 /// when there was any.
@@ -95,14 +109,13 @@ pub fn translate_listener(
     if l.name.is_empty() {
         errs.add(join(path, "name"), "name is required");
     }
-    for (field, v) in [
-        ("enable_reuse_port", l.enable_reuse_port.as_ref()),
-        ("bind_to_port", l.bind_to_port.as_ref()),
-    ] {
-        if v.is_some_and(|v| !v.value) {
-            errs.add(join(path, field), "only `true` is supported");
-        }
+    if l.enable_reuse_port.as_ref().is_some_and(|v| !v.value) {
+        errs.add(join(path, "enable_reuse_port"), "only `true` is supported");
     }
+    let intercept = super::Intercept {
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+        bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
+    };
     let address = socket_address(l.address.as_ref(), &join(path, "address"), errs);
     let ipv4_compat = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
         Some(weir_xds_api::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) => {
@@ -126,7 +139,9 @@ pub fn translate_listener(
         .listener_filters
         .iter()
         .enumerate()
-        .filter_map(|(i, f)| listener_filter(f, &format!("{path}.listener_filters[{i}]"), errs))
+        .filter_map(|(i, f)| {
+            listener_filter(f, &format!("{path}.listener_filters[{i}]"), ctx, errs)
+        })
         .collect();
     let listener_filters_timeout = duration_or(
         l.listener_filters_timeout.as_ref(),
@@ -199,7 +214,9 @@ pub fn translate_listener(
             || !m.application_protocols.is_empty()
     });
     let tls_inspector = (needs_inspector
-        || listener_filters.contains(&ListenerFilter::TlsInspector))
+        || listener_filters
+            .iter()
+            .any(|f| matches!(f, ListenerFilter::TlsInspector)))
     .then(|| Arc::new(crate::tls::inspector::InspectorStats::new(ctx.stats)));
     Some(ListenerConfig {
         name: l.name.clone(),
@@ -215,45 +232,146 @@ pub fn translate_listener(
         continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
         matcher,
         stats: ListenerStats::new(&ctx.stats.listener(address)),
+        intercept,
     })
 }
 
-fn listener_filter(f: &PbLf, path: &str, errs: &mut Errors) -> Option<ListenerFilter> {
+/// One listener filter, by `typed_config` type URL (Envoy's rule), by name only without one.
+fn listener_filter(
+    f: &PbLf,
+    path: &str,
+    ctx: &TranslateCtx<'_>,
+    errs: &mut Errors,
+) -> Option<ListenerFilter> {
+    use weir_xds_api::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+    use weir_xds_api::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+    use weir_xds_api::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol;
     errs.reject_unsupported(f, &["name", "typed_config"], path);
-    let is_tls_inspector = match &f.config_type {
-        Some(listener_filter::ConfigType::TypedConfig(any)) => {
-            if any.type_url == type_urls::TLS_INSPECTOR {
-                let p = join(path, "typed_config");
-                match weir_xds_api::unpack::<TlsInspector>(any) {
-                    Ok(t) => errs.reject_unsupported(&t, &["initial_read_buffer_size"], &p),
-                    Err(e) => errs.add(p, e.to_string()),
-                }
-                true
-            } else {
+    let p = join(path, "typed_config");
+    let any = match &f.config_type {
+        Some(listener_filter::ConfigType::TypedConfig(any)) => Some(any),
+        _ => None,
+    };
+    let kind = match any {
+        Some(a) => a.type_url.as_str(),
+        None => match f.name.as_str() {
+            TLS_INSPECTOR_FILTER => type_urls::TLS_INSPECTOR,
+            HTTP_INSPECTOR_FILTER => HTTP_INSPECTOR_URL,
+            ORIGINAL_DST_FILTER => ORIGINAL_DST_URL,
+            // Its config has no required field: the defaults apply.
+            PROXY_PROTOCOL_FILTER => PROXY_PROTOCOL_URL,
+            _ => {
                 errs.add(
-                    join(path, "typed_config"),
+                    join(path, "name"),
                     format!(
-                        "listener filter {} is not supported (only {TLS_INSPECTOR_FILTER})",
-                        weir_xds_api::type_name(&any.type_url)
+                        "listener filter {:?} is not supported (weir has {KNOWN_LISTENER_FILTERS})",
+                        f.name
                     ),
                 );
                 return None;
             }
-        }
-        _ => f.name == TLS_INSPECTOR_FILTER,
+        },
     };
-    if is_tls_inspector {
-        Some(ListenerFilter::TlsInspector)
-    } else {
-        errs.add(
-            join(path, "name"),
-            format!(
-                "listener filter {:?} is not supported (only {TLS_INSPECTOR_FILTER})",
-                f.name
-            ),
-        );
-        None
+    match kind {
+        type_urls::TLS_INSPECTOR => {
+            if let Some(any) = any {
+                match weir_xds_api::unpack::<TlsInspector>(any) {
+                    Ok(t) => errs.reject_unsupported(&t, &["initial_read_buffer_size"], &p),
+                    Err(e) => errs.add(p, e.to_string()),
+                }
+            }
+            Some(ListenerFilter::TlsInspector)
+        }
+        HTTP_INSPECTOR_URL => {
+            if let Some(any) = any
+                && let Err(e) = weir_xds_api::unpack::<HttpInspector>(any)
+            {
+                errs.add(p, e.to_string());
+            }
+            Some(ListenerFilter::HttpInspector(Arc::new(
+                super::http_inspector::HttpInspectorStats::new(ctx.stats),
+            )))
+        }
+        ORIGINAL_DST_URL => {
+            if let Some(any) = any {
+                match weir_xds_api::unpack::<OriginalDst>(any) {
+                    Ok(o) => errs.reject_unsupported(&o, &[], &p),
+                    Err(e) => errs.add(p, e.to_string()),
+                }
+            }
+            Some(ListenerFilter::OriginalDst)
+        }
+        PROXY_PROTOCOL_URL => {
+            let pp = match any {
+                Some(any) => match weir_xds_api::unpack::<ProxyProtocol>(any) {
+                    Ok(pp) => pp,
+                    Err(e) => {
+                        errs.add(p, e.to_string());
+                        return None;
+                    }
+                },
+                None => ProxyProtocol::default(),
+            };
+            proxy_protocol(&pp, &p, ctx, errs).map(|c| ListenerFilter::ProxyProtocol(Arc::new(c)))
+        }
+        other => {
+            errs.add(
+                p,
+                format!(
+                    "listener filter {} is not supported (weir has {KNOWN_LISTENER_FILTERS})",
+                    weir_xds_api::type_name(other)
+                ),
+            );
+            None
+        }
     }
+}
+
+/// `envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol`.
+fn proxy_protocol(
+    pp: &weir_xds_api::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol,
+    path: &str,
+    ctx: &TranslateCtx<'_>,
+    errs: &mut Errors,
+) -> Option<super::proxy_protocol::ProxyProtocolConfig> {
+    use weir_xds_api::pb::envoy::config::core::v3::proxy_protocol_config::Version;
+    let before = errs.0.len();
+    // `rules` / `pass_through_tlvs` (TLVs to metadata) and `tlv_location` are refused.
+    errs.reject_unsupported(
+        pp,
+        &[
+            "allow_requests_without_proxy_protocol",
+            "disallowed_versions",
+            "stat_prefix",
+        ],
+        path,
+    );
+    let (mut v1, mut v2) = (false, false);
+    for (i, v) in pp.disallowed_versions.iter().enumerate() {
+        match Version::try_from(*v) {
+            Ok(Version::V1) => v1 = true,
+            Ok(Version::V2) => v2 = true,
+            Err(_) => errs.add(
+                format!("{path}.disallowed_versions[{i}]"),
+                format!("unknown PROXY protocol version {v}"),
+            ),
+        }
+    }
+    if v1 && v2 {
+        errs.add(
+            join(path, "disallowed_versions"),
+            "disallowing both versions leaves no PROXY protocol to accept",
+        );
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(super::proxy_protocol::ProxyProtocolConfig {
+        allow_without: pp.allow_requests_without_proxy_protocol,
+        disallow_v1: v1,
+        disallow_v2: v2,
+        stats: super::proxy_protocol::ProxyProtoStats::new(ctx.stats, &pp.stat_prefix),
+    })
 }
 
 fn filter_chain(

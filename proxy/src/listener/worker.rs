@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
+use super::intercept::{self, Facts};
 use super::{ChainInput, ConnInfo, ListenerStats, NetworkFilter};
 use crate::server::ServerState;
-use crate::tls::inspector::{self, Hello, InspectError};
+use crate::tls::inspector::Hello;
 
 /// Back-off after an accept error that is not about one connection (EMFILE, ENOBUFS, ...).
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -168,46 +169,49 @@ fn dispatch(
         .spawn(local.track_future(version.connections.track_future(conn)));
 }
 
-/// One connection: listener filters (TLS inspector), filter chain selection, TLS handshake,
-/// then the terminal network filter.
+/// One connection: listener filters (in config order, [`super::intercept`]), the
+/// `use_original_dst` hand-off, filter chain selection, TLS handshake, then the terminal
+/// network filter.
 async fn serve(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     local_addr: std::net::SocketAddr,
     version: Arc<ListenerVersion>,
     st: Arc<ServerState>,
 ) {
-    let cfg = &version.cfg;
-    // envoy.filters.listener.tls_inspector: peek the ClientHello (nothing is consumed).
-    let mut hello = Hello::NotTls;
-    if let Some(stats) = &cfg.tls_inspector {
-        match inspector::inspect(&stream, cfg.listener_filters_timeout).await {
-            Ok(h) => {
-                stats.record(&h);
-                if h == Hello::TooLarge {
-                    tracing::debug!(listener = %cfg.name, %peer, "ClientHello too large; closing");
-                    return;
-                }
-                hello = h;
-            }
-            Err(InspectError::Timeout) => {
-                cfg.stats.downstream_pre_cx_timeout.increment(1);
-                if !cfg.continue_on_listener_filters_timeout {
-                    tracing::debug!(listener = %cfg.name, %peer, "listener filter timeout; closing");
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(listener = %cfg.name, %peer, error = %e, "inspection ended");
+    let mut version = version;
+    let facts_direct_peer = peer;
+    let mut facts = Facts::new(peer, local_addr);
+    if intercept::has_filters(&version.cfg) {
+        if !intercept::run(&mut stream, &version.cfg, &mut facts).await {
+            return;
+        }
+        // use_original_dst: the listener of the restored destination takes the connection
+        // (its own listener filters run; no further hand-off), as Envoy does.
+        if version.cfg.intercept.use_original_dst
+            && facts.restored
+            && let Some(target) = st.listener_manager.version_for_address(facts.local)
+            && !Arc::ptr_eq(&target, &version)
+        {
+            tracing::trace!(from = %version.cfg.name, to = %target.cfg.name, dst = %facts.local, "use_original_dst hand-off");
+            if intercept::has_filters(&target.cfg)
+                && !intercept::run(&mut stream, &target.cfg, &mut facts).await
+            {
                 return;
             }
+            version = target;
         }
     }
-    let (sni, alpn, transport) = match &hello {
+    let cfg = &version.cfg;
+    let (peer, local_addr, hello) = (facts.peer, facts.local, &facts.hello);
+    let (sni, alpn, transport) = match hello {
         Hello::Tls { sni, alpn } => (sni.as_deref(), alpn.as_slice(), "tls"),
         _ => (None, &[][..], "raw_buffer"),
     };
-    let alpn_refs: Vec<&str> = alpn.iter().map(String::as_str).collect();
+    let mut alpn_refs: Vec<&str> = alpn.iter().map(String::as_str).collect();
+    if let Some(h) = facts.http {
+        alpn_refs.push(h);
+    }
     let input = ChainInput {
         dst: local_addr,
         src: peer,
@@ -229,6 +233,8 @@ async fn serve(
     let mut info = ConnInfo {
         peer,
         local: local_addr,
+        direct_peer: facts_direct_peer,
+        local_restored: facts.restored,
         buffer_limit: cfg.per_connection_buffer_limit_bytes,
         drain: version.drain.clone(),
         hard_stop: version.hard_stop.clone(),
@@ -253,7 +259,7 @@ async fn serve(
             }
         }
         None => {
-            if let Hello::Tls { sni, alpn } = &hello {
+            if let Hello::Tls { sni, alpn } = hello {
                 info.tls = Some(Arc::new(weir_filters::DownstreamTls {
                     sni: sni.clone(),
                     alpn: alpn.first().map(|a| a.as_bytes().to_vec()),
@@ -290,7 +296,7 @@ enum Downstream {
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
 }
 
-fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
+pub(super) fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
     match a {
         std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),

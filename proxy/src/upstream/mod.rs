@@ -23,6 +23,7 @@ mod dns;
 mod eds;
 pub mod fetch;
 pub mod health;
+pub mod original_dst;
 pub(crate) mod lb;
 pub mod outlier;
 mod pool;
@@ -104,6 +105,9 @@ pub enum DiscoveryType {
     /// `EDS`: endpoints arrive as a `ClusterLoadAssignment` from `eds_cluster_config`; they
     /// replace the host set in place ([`Cluster::set_endpoints`]).
     Eds,
+    /// `ORIGINAL_DST`: hosts are the original destinations of connections, created on demand
+    /// ([`original_dst`]).
+    OriginalDst,
 }
 
 /// `Cluster.lb_policy` with its policy-specific settings.
@@ -170,6 +174,9 @@ pub struct LbConfig {
     pub locality_weighted: bool,
     /// `{round_robin,least_request}_lb_config.slow_start_config`.
     pub slow_start: Option<SlowStartConfig>,
+    /// ORIGINAL_DST clusters (`lb_policy: CLUSTER_PROVIDED`): hosts come from the
+    /// connection or request ([`original_dst`]).
+    pub original_dst: Option<original_dst::OriginalDstConfig>,
 }
 
 impl Default for LbConfig {
@@ -178,6 +185,7 @@ impl Default for LbConfig {
             healthy_panic_threshold: 50.0,
             locality_weighted: false,
             slow_start: None,
+            original_dst: None,
         }
     }
 }
@@ -471,6 +479,11 @@ pub struct LbContext<'a> {
     pub avoid: &'a [Arc<Host>],
     /// `host_selection_retry_max_attempts` (0 when no predicate is configured).
     pub max_reselects: u32,
+    /// The downstream connection's restored local address (`ConnInfo.local` when
+    /// `local_restored`): the upstream of an ORIGINAL_DST cluster.
+    pub original_dst: Option<SocketAddr>,
+    /// The request headers (HTTP), for an ORIGINAL_DST cluster's `use_http_header`.
+    pub headers: Option<&'a http::HeaderMap>,
 }
 
 /// The outcome of one request to a host, reported by the router for outlier detection.
@@ -632,6 +645,8 @@ pub struct Cluster {
     hosts_changed: tokio::sync::watch::Sender<()>,
     /// Upstream TLS built from `config.tls` (with `cluster.<name>.ssl.*` stats).
     pub(crate) tls: Option<Arc<crate::tls::ClientTls>>,
+    /// ORIGINAL_DST: the on-demand hosts (`choose_host` asks them instead of the LB).
+    original_dst: Option<original_dst::OriginalDstHosts>,
 }
 
 impl Cluster {
@@ -667,6 +682,11 @@ impl Cluster {
             .outlier
             .as_ref()
             .map(|o| outlier::Detector::new(o.clone(), &config.name, &scope));
+        let original_dst = config
+            .lb
+            .original_dst
+            .clone()
+            .map(|c| original_dst::OriginalDstHosts::new(c, &scope));
         Self {
             config,
             stats,
@@ -680,6 +700,7 @@ impl Cluster {
             outlier,
             hosts_changed: tokio::sync::watch::Sender::new(()),
             tls,
+            original_dst,
         }
     }
 
@@ -724,6 +745,13 @@ impl Cluster {
     /// are re-picked up to `ctx.max_reselects` times. `None` (and `upstream_cx_none_healthy`
     /// counted) when no host can be chosen; a pick in panic mode counts `lb_healthy_panic`.
     pub fn choose_host(&self, ctx: &LbContext<'_>) -> Option<Arc<Host>> {
+        if let Some(od) = &self.original_dst {
+            let h = od.choose(ctx);
+            if h.is_none() {
+                self.stats.upstream_cx_none_healthy.increment(1);
+            }
+            return h;
+        }
         let set = self.host_set.load();
         let (h, panic) = lb::choose(
             &set,

@@ -72,6 +72,9 @@ const CLUSTER_FIELDS: &[&str] = &[
     "transport_socket",
     // Opaque to weir: only read by filters and subset LB (which is rejected).
     "metadata",
+    // ORIGINAL_DST clusters (super::original_dst).
+    "original_dst_lb_config",
+    "cleanup_interval",
 ];
 
 /// Translate and validate one `Cluster` at `path` (e.g. `static_resources.clusters[0]`).
@@ -89,11 +92,12 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
             Ok(PbDiscoveryType::Static) => DiscoveryType::Static,
             Ok(PbDiscoveryType::StrictDns) => DiscoveryType::StrictDns,
             Ok(PbDiscoveryType::Eds) => DiscoveryType::Eds,
+            Ok(PbDiscoveryType::OriginalDst) => DiscoveryType::OriginalDst,
             Ok(other) => {
                 errs.add(
                     join(path, "type"),
                     format!(
-                        "cluster type {} is not supported (use STATIC, STRICT_DNS or EDS)",
+                        "cluster type {} is not supported (use STATIC, STRICT_DNS, EDS or ORIGINAL_DST)",
                         other.as_str_name()
                     ),
                 );
@@ -108,7 +112,15 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
         Some(ClusterDiscoveryType::ClusterType(_)) => return None,
     };
 
-    let (lb_policy, lb) = lb_settings(c, path, errs);
+    let (lb_policy, mut lb) = lb_settings(c, path, errs);
+    if discovery == DiscoveryType::OriginalDst {
+        lb.original_dst = original_dst_settings(c, path, errs);
+    } else if c.cleanup_interval.is_some() {
+        errs.add(
+            join(path, "cleanup_interval"),
+            "cleanup_interval is only valid with type: ORIGINAL_DST",
+        );
+    }
 
     let dns_lookup_family = match PbFamily::try_from(c.dns_lookup_family) {
         Ok(PbFamily::Auto) => DnsLookupFamily::Auto,
@@ -233,6 +245,83 @@ pub fn translate_cluster(c: &PbCluster, path: &str, errs: &mut Errors) -> Option
     })
 }
 
+/// An ORIGINAL_DST cluster's `original_dst_lb_config` and `cleanup_interval`; it has no
+/// endpoints and no active health checks.
+fn original_dst_settings(
+    c: &PbCluster,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<super::original_dst::OriginalDstConfig> {
+    use weir_xds_api::pb::envoy::config::cluster::v3::cluster::LbConfig as PbLbConfig;
+    let before = errs.0.len();
+    if c.load_assignment.is_some() {
+        errs.add(
+            join(path, "load_assignment"),
+            "an ORIGINAL_DST cluster has no endpoints (its hosts are the original destinations)",
+        );
+    }
+    if !c.health_checks.is_empty() {
+        errs.add(
+            join(path, "health_checks"),
+            "health checks are not supported on ORIGINAL_DST clusters",
+        );
+    }
+    let cleanup_interval = duration_or(
+        c.cleanup_interval.as_ref(),
+        super::original_dst::DEFAULT_CLEANUP_INTERVAL,
+        &join(path, "cleanup_interval"),
+        errs,
+    );
+    if cleanup_interval.is_zero() {
+        errs.add(
+            join(path, "cleanup_interval"),
+            "cleanup_interval must be greater than 0",
+        );
+    }
+    let mut cfg = super::original_dst::OriginalDstConfig {
+        http_header: None,
+        port_override: None,
+        cleanup_interval,
+    };
+    if let Some(PbLbConfig::OriginalDstLbConfig(o)) = &c.lb_config {
+        let p = join(path, "original_dst_lb_config");
+        errs.reject_unsupported(
+            o,
+            &["use_http_header", "http_header_name", "upstream_port_override"],
+            &p,
+        );
+        if o.use_http_header {
+            let name = if o.http_header_name.is_empty() {
+                super::original_dst::DEFAULT_HEADER
+            } else {
+                o.http_header_name.as_str()
+            };
+            match http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => cfg.http_header = Some(h),
+                Err(_) => errs.add(
+                    join(&p, "http_header_name"),
+                    format!("{name:?} is not a valid header name"),
+                ),
+            }
+        } else if !o.http_header_name.is_empty() {
+            errs.add(
+                join(&p, "http_header_name"),
+                "http_header_name needs use_http_header: true",
+            );
+        }
+        if let Some(port) = o.upstream_port_override {
+            match u16::try_from(port.value) {
+                Ok(v) if v > 0 => cfg.port_override = Some(v),
+                _ => errs.add(
+                    join(&p, "upstream_port_override"),
+                    "upstream_port_override must be between 1 and 65535",
+                ),
+            }
+        }
+    }
+    (errs.0.len() == before).then_some(cfg)
+}
+
 /// The endpoints of a `ClusterLoadAssignment` (inline `load_assignment`, or an EDS resource
 /// with `discovery` = [`DiscoveryType::Eds`]), flattened in order with each endpoint's
 /// priority and locality. `policy` (drop_overloads, overprovisioning) is refused by name.
@@ -321,7 +410,18 @@ fn lb_settings(c: &PbCluster, path: &str, errs: &mut Errors) -> (LbPolicy, LbCon
     use weir_xds_api::pb::envoy::config::cluster::v3::cluster::LbConfig as PbLbConfig;
     use weir_xds_api::pb::envoy::config::cluster::v3::cluster::ring_hash_lb_config::HashFunction;
 
+    let original_dst = matches!(c.cluster_discovery_type,
+        Some(ClusterDiscoveryType::Type(t)) if t == PbDiscoveryType::OriginalDst as i32);
     let mut policy = match PbLbPolicy::try_from(c.lb_policy) {
+        // ORIGINAL_DST picks its hosts itself; the policy below is never consulted.
+        Ok(PbLbPolicy::ClusterProvided) if original_dst => LbPolicy::RoundRobin,
+        Ok(_) if original_dst => {
+            errs.add(
+                join(path, "lb_policy"),
+                "an ORIGINAL_DST cluster needs lb_policy CLUSTER_PROVIDED",
+            );
+            LbPolicy::RoundRobin
+        }
         Ok(PbLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
         Ok(PbLbPolicy::LeastRequest) => LbPolicy::LEAST_REQUEST,
         Ok(PbLbPolicy::Random) => LbPolicy::Random,
@@ -473,8 +573,12 @@ fn lb_settings(c: &PbCluster, path: &str, errs: &mut Errors) -> (LbPolicy, LbCon
                 wrong_policy("round_robin_lb_config", "ROUND_ROBIN", errs);
             }
         }
-        // `original_dst_lb_config` is reported by reject_unsupported.
-        Some(PbLbConfig::OriginalDstLbConfig(_)) => {}
+        // Read by original_dst_settings.
+        Some(PbLbConfig::OriginalDstLbConfig(_)) if original_dst => {}
+        Some(PbLbConfig::OriginalDstLbConfig(_)) => errs.add(
+            join(path, "original_dst_lb_config"),
+            "original_dst_lb_config is only valid with type: ORIGINAL_DST",
+        ),
     }
     if let Some(common) = &c.common_lb_config {
         use weir_xds_api::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier as L;
@@ -607,7 +711,7 @@ fn lb_endpoint(
     errs.reject_unsupported(ep, &["address", "hostname"], &epath);
     let apath = join(&epath, "address");
     let address = match discovery {
-        DiscoveryType::Static | DiscoveryType::Eds => {
+        DiscoveryType::Static | DiscoveryType::Eds | DiscoveryType::OriginalDst => {
             let a = socket_address(ep.address.as_ref(), &apath, errs)?;
             if a.port() == 0 {
                 errs.add(

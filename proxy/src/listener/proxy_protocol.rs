@@ -1,0 +1,419 @@
+//! `envoy.filters.listener.proxy_protocol`: the PROXY protocol (HAProxy's v1 text and v2
+//! binary headers) sent by an L4 load balancer in front of weir. The header IS consumed; the
+//! addresses it carries replace the connection's peer (`ConnInfo.peer`, used for XFF, RBAC
+//! `remote_ip`, access logs) and local address (`ConnInfo.local`, chain matching on the
+//! destination), as Envoy's `setRemoteAddress` / `restoreLocalAddress`. The TCP peer stays
+//! `ConnInfo.direct_peer` (RBAC `direct_remote_ip`).
+//!
+//! # Parser
+//! [`parse`] is pure, strict and bounded: it looks at most at [`V1_MAX`] bytes of a v1 header
+//! and at `16 + len` (`len` from the v2 header, at most 65535) of a v2 header, and decides as
+//! soon as the bytes cannot become a valid header any more.
+//! - v1: `PROXY SP (TCP4|TCP6) SP src SP dst SP sport SP dport CRLF` (single spaces, the
+//!   address family must match the keyword, ports decimal 0..=65535 without sign or leading
+//!   zeros), or `PROXY UNKNOWN[ anything] CRLF` (the real addresses are kept).
+//! - v2: the 12-byte signature, version 2, command LOCAL (real addresses kept) or PROXY with
+//!   `AF_INET` / `AF_INET6` over STREAM or DGRAM (addresses of 12 / 36 bytes at least); other
+//!   families with PROXY are errors (as Envoy). TLVs after the addresses are skipped,
+//!   walked safely by [`tlvs`] (not used for routing: `rules` is refused).
+//!
+//! # Config (`ProxyProtocol`)
+//! Supported: `allow_requests_without_proxy_protocol` (a connection whose first bytes cannot
+//! start either signature continues untouched), `disallowed_versions`, `stat_prefix`.
+//! Refused: `rules` (TLV to metadata) and `pass_through_tlvs`.
+//!
+//! # Stats (Envoy's)
+//! `proxy_proto.[<stat_prefix>.]not_found_disallowed`, `not_found_allowed`,
+//! `versions.v1.{found,disallowed,error}`, `versions.v2.{found,disallowed,error}`, and the
+//! legacy root counter `downstream_cx_proxy_proto_error` (any failure).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use metrics::Counter;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::peek::{PeekError, Peeked, peek_until};
+
+/// The longest v1 header, CRLF included (the spec's 107).
+pub const V1_MAX: usize = 107;
+/// The v2 signature.
+pub const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+const V1_SIG: &[u8] = b"PROXY ";
+/// The v2 fixed part (signature, ver/cmd, family, length).
+pub const V2_HEADER: usize = 16;
+
+/// A PROXY protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Text.
+    V1,
+    /// Binary.
+    V2,
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Which version.
+    pub version: Version,
+    /// Bytes to consume from the stream.
+    pub len: usize,
+    /// `(source, destination)`; `None` for v1 `UNKNOWN` and v2 `LOCAL`: keep the real ones.
+    pub addrs: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// Why a header is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Neither signature (only when a header is required).
+    #[error("no PROXY protocol signature")]
+    NotProxy,
+    /// A v1 header that is malformed (or longer than 107 bytes).
+    #[error("malformed PROXY v1 header: {0}")]
+    V1(&'static str),
+    /// A v2 header that is malformed.
+    #[error("malformed PROXY v2 header: {0}")]
+    V2(&'static str),
+}
+
+impl ParseError {
+    /// The version the bytes claimed to be.
+    pub fn version(&self) -> Option<Version> {
+        match self {
+            Self::NotProxy => None,
+            Self::V1(_) => Some(Version::V1),
+            Self::V2(_) => Some(Version::V2),
+        }
+    }
+}
+
+/// Parse the start of a connection. `NeedMore` while the bytes are a proper prefix of a
+/// possible header; `Err(NotProxy)` as soon as they cannot start either signature.
+pub fn parse(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
+    let n = data.len().min(V2_SIG.len());
+    if data[..n] == V2_SIG[..n] {
+        return if n < V2_SIG.len() {
+            Peeked::NeedMore
+        } else {
+            parse_v2(data)
+        };
+    }
+    let n = data.len().min(V1_SIG.len());
+    if data[..n] == V1_SIG[..n] {
+        return if n < V1_SIG.len() {
+            Peeked::NeedMore
+        } else {
+            parse_v1(data)
+        };
+    }
+    Peeked::Done(Err(ParseError::NotProxy))
+}
+
+fn parse_v1(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
+    let window = &data[..data.len().min(V1_MAX)];
+    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
+        if window.contains(&b'\n') {
+            return Peeked::Done(Err(ParseError::V1("line ends without CR")));
+        }
+        return if data.len() >= V1_MAX {
+            Peeked::Done(Err(ParseError::V1("longer than 107 bytes")))
+        } else {
+            Peeked::NeedMore
+        };
+    };
+    match window.get(cr + 1) {
+        None if data.len() < V1_MAX => return Peeked::NeedMore,
+        Some(b'\n') => {}
+        _ => return Peeked::Done(Err(ParseError::V1("CR not followed by LF"))),
+    }
+    let len = cr + 2;
+    Peeked::Done(v1_line(&data[V1_SIG.len()..cr]).map(|addrs| Header {
+        version: Version::V1,
+        len,
+        addrs,
+    }))
+}
+
+fn v1_line(line: &[u8]) -> Result<Option<(SocketAddr, SocketAddr)>, ParseError> {
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::V1("not ASCII"))?;
+    if line == "UNKNOWN" || line.starts_with("UNKNOWN ") {
+        return Ok(None);
+    }
+    let mut it = line.split(' ');
+    let proto = it.next().unwrap_or_default();
+    let (src, dst, sp, dp) = match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), Some(c), Some(d), None) => (a, b, c, d),
+        _ => return Err(ParseError::V1("expected 5 space-separated fields")),
+    };
+    let ip = |s: &str| -> Result<IpAddr, ParseError> {
+        match proto {
+            "TCP4" => s
+                .parse::<Ipv4Addr>()
+                .map(IpAddr::V4)
+                .map_err(|_| ParseError::V1("bad IPv4 address")),
+            "TCP6" => s
+                .parse::<Ipv6Addr>()
+                .map(IpAddr::V6)
+                .map_err(|_| ParseError::V1("bad IPv6 address")),
+            _ => Err(ParseError::V1("unknown protocol (TCP4, TCP6 or UNKNOWN)")),
+        }
+    };
+    let (src, dst) = (ip(src)?, ip(dst)?);
+    Ok(Some((
+        SocketAddr::new(src, v1_port(sp)?),
+        SocketAddr::new(dst, v1_port(dp)?),
+    )))
+}
+
+fn v1_port(s: &str) -> Result<u16, ParseError> {
+    let ok = !s.is_empty()
+        && s.len() <= 5
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && (s == "0" || !s.starts_with('0'));
+    if !ok {
+        return Err(ParseError::V1("bad port"));
+    }
+    s.parse().map_err(|_| ParseError::V1("port out of range"))
+}
+
+fn parse_v2(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
+    if data.len() < V2_HEADER {
+        return Peeked::NeedMore;
+    }
+    let ver_cmd = data[12];
+    let fam = data[13];
+    let len = usize::from(u16::from_be_bytes([data[14], data[15]]));
+    if ver_cmd >> 4 != 2 {
+        return Peeked::Done(Err(ParseError::V2("version is not 2")));
+    }
+    let cmd = ver_cmd & 0x0f;
+    if cmd > 1 {
+        return Peeked::Done(Err(ParseError::V2("unknown command")));
+    }
+    let total = V2_HEADER + len;
+    if data.len() < total {
+        return Peeked::NeedMore;
+    }
+    let body = &data[V2_HEADER..total];
+    let header = |addrs| {
+        Peeked::Done(Ok(Header {
+            version: Version::V2,
+            len: total,
+            addrs,
+        }))
+    };
+    // LOCAL: health checks of the balancer itself; the real addresses stay.
+    if cmd == 0 {
+        return header(None);
+    }
+    let transport = fam & 0x0f;
+    if transport != 1 && transport != 2 {
+        return Peeked::Done(Err(ParseError::V2("unsupported transport")));
+    }
+    let addrs = match fam >> 4 {
+        1 => {
+            if body.len() < 12 {
+                return Peeked::Done(Err(ParseError::V2("AF_INET addresses truncated")));
+            }
+            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]));
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            (SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)))
+        }
+        2 => {
+            if body.len() < 36 {
+                return Peeked::Done(Err(ParseError::V2("AF_INET6 addresses truncated")));
+            }
+            let ip = |o: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&body[o..o + 16]);
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            (SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34)))
+        }
+        _ => return Peeked::Done(Err(ParseError::V2("unsupported address family"))),
+    };
+    header(Some(addrs))
+}
+
+/// The TLVs of a complete v2 header (`data` starting at the signature): `(type, value)` in
+/// order; stops at the first TLV that does not fit (the rest is ignored, as it is skipped).
+pub fn tlvs(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let body = if data.len() >= V2_HEADER && data[..12] == V2_SIG[..] {
+        let len = usize::from(u16::from_be_bytes([data[14], data[15]]));
+        let end = (V2_HEADER + len).min(data.len());
+        let skip = match data[13] >> 4 {
+            1 => 12,
+            2 => 36,
+            3 => 216,
+            _ => 0,
+        };
+        data.get(V2_HEADER + skip..end).unwrap_or_default()
+    } else {
+        &[][..]
+    };
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        if rest.len() < 3 {
+            return None;
+        }
+        let t = rest[0];
+        let l = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+        let v = rest.get(3..3 + l)?;
+        rest = &rest[3 + l..];
+        Some((t, v))
+    })
+}
+
+/// The translated filter config.
+#[derive(Debug)]
+pub struct ProxyProtocolConfig {
+    /// `allow_requests_without_proxy_protocol`.
+    pub allow_without: bool,
+    /// `disallowed_versions`.
+    pub disallow_v1: bool,
+    /// `disallowed_versions`.
+    pub disallow_v2: bool,
+    /// Stats.
+    pub stats: ProxyProtoStats,
+}
+
+/// Per-version stats.
+#[derive(Debug)]
+pub struct VersionStats {
+    /// `found`.
+    pub found: Counter,
+    /// `disallowed`.
+    pub disallowed: Counter,
+    /// `error`.
+    pub error: Counter,
+}
+
+/// `proxy_proto.*` stats.
+#[derive(Debug)]
+pub struct ProxyProtoStats {
+    /// `not_found_disallowed`.
+    pub not_found_disallowed: Counter,
+    /// `not_found_allowed`.
+    pub not_found_allowed: Counter,
+    /// `versions.v1.*`.
+    pub v1: VersionStats,
+    /// `versions.v2.*`.
+    pub v2: VersionStats,
+    /// The legacy root `downstream_cx_proxy_proto_error`.
+    pub downstream_cx_proxy_proto_error: Counter,
+}
+
+impl ProxyProtoStats {
+    /// Register under `proxy_proto.[<stat_prefix>.]`.
+    pub fn new(store: &std::sync::Arc<crate::stats::Store>, stat_prefix: &str) -> Self {
+        let s = if stat_prefix.is_empty() {
+            store.plain("proxy_proto")
+        } else {
+            store.plain("proxy_proto").child(stat_prefix)
+        };
+        let v = |name: &str| {
+            let c = s.child("versions").child(name);
+            VersionStats {
+                found: c.counter("found"),
+                disallowed: c.counter("disallowed"),
+                error: c.counter("error"),
+            }
+        };
+        Self {
+            not_found_disallowed: s.counter("not_found_disallowed"),
+            not_found_allowed: s.counter("not_found_allowed"),
+            v1: v("v1"),
+            v2: v("v2"),
+            // Root-level (no prefix) as in Envoy.
+            downstream_cx_proxy_proto_error: store
+                .tagged("", "envoy_", "envoy_listener_filter", "proxy_protocol")
+                .counter("downstream_cx_proxy_proto_error"),
+        }
+    }
+
+    fn version(&self, v: Version) -> &VersionStats {
+        match v {
+            Version::V1 => &self.v1,
+            Version::V2 => &self.v2,
+        }
+    }
+}
+
+/// Why the filter closes the connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyProtoError {
+    /// Invalid or missing header.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A version `disallowed_versions` lists.
+    #[error("PROXY protocol {0:?} is disallowed")]
+    Disallowed(Version),
+    /// Peeking or consuming failed.
+    #[error(transparent)]
+    Peek(#[from] PeekError),
+}
+
+/// Run the filter on a new connection: `Ok(Some(header))` when one was consumed,
+/// `Ok(None)` when there was none and that is allowed. Counts its stats. No deadline here.
+pub(crate) async fn read_header(
+    stream: &mut TcpStream,
+    cfg: &ProxyProtocolConfig,
+) -> Result<Option<Header>, ProxyProtoError> {
+    let stats = &cfg.stats;
+    let r = peek_until(stream, V2_HEADER + usize::from(u16::MAX), parse, |_| {
+        Err(ParseError::V2("longer than the peek bound"))
+    })
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            stats.downstream_cx_proxy_proto_error.increment(1);
+            return Err(e.into());
+        }
+    };
+    let h = match r {
+        Ok(h) => h,
+        Err(ParseError::NotProxy) if cfg.allow_without => {
+            stats.not_found_allowed.increment(1);
+            return Ok(None);
+        }
+        Err(e) => {
+            match e.version() {
+                Some(v) => stats.version(v).error.increment(1),
+                None => stats.not_found_disallowed.increment(1),
+            }
+            stats.downstream_cx_proxy_proto_error.increment(1);
+            return Err(e.into());
+        }
+    };
+    let disallowed = match h.version {
+        Version::V1 => cfg.disallow_v1,
+        Version::V2 => cfg.disallow_v2,
+    };
+    if disallowed {
+        stats.version(h.version).disallowed.increment(1);
+        stats.downstream_cx_proxy_proto_error.increment(1);
+        return Err(ProxyProtoError::Disallowed(h.version));
+    }
+    // Consume exactly the header (it is all in the socket buffer already).
+    let mut left = h.len;
+    let mut sink = [0u8; 512];
+    while left > 0 {
+        let k = left.min(sink.len());
+        match stream.read(&mut sink[..k]).await {
+            Ok(0) => {
+                stats.downstream_cx_proxy_proto_error.increment(1);
+                return Err(PeekError::Closed.into());
+            }
+            Ok(n) => left -= n,
+            Err(e) => {
+                stats.downstream_cx_proxy_proto_error.increment(1);
+                return Err(PeekError::Io(e).into());
+            }
+        }
+    }
+    stats.version(h.version).found.increment(1);
+    Ok(Some(h))
+}
