@@ -46,7 +46,10 @@ struct Args {
     #[arg(long = "include-inbound-ports", default_value = "*")]
     include_inbound_ports: String,
     /// Inbound ports never redirected (comma-separated).
-    #[arg(long = "exclude-inbound-ports", default_value = "15000,15020,15021,15090")]
+    #[arg(
+        long = "exclude-inbound-ports",
+        default_value = "15000,15020,15021,15090"
+    )]
     exclude_inbound_ports: String,
     /// Also program ip6tables.
     #[arg(long)]

@@ -22,8 +22,12 @@ impl Output {
 /// Runs a program; `stdin` is written to its standard input when given.
 pub trait Exec {
     /// Run `program args...`.
-    fn run(&mut self, program: &str, args: &[String], stdin: Option<&str>)
-    -> std::io::Result<Output>;
+    fn run(
+        &mut self,
+        program: &str,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> std::io::Result<Output>;
 }
 
 /// Real processes (`std::process::Command`, found on `PATH`).
@@ -404,7 +408,11 @@ mod tests {
         cleanup(&mut f, &[Family::V4]).expect("cleanup again");
         // Only checks the second time: 2 jump checks + 4 chain checks.
         assert_eq!(f.log.len() - n, 6);
-        assert!(f.log[n..].iter().all(|l| l.contains(" -C ") || l.contains(" -S ")));
+        assert!(
+            f.log[n..]
+                .iter()
+                .all(|l| l.contains(" -C ") || l.contains(" -S "))
+        );
     }
 
     #[test]
@@ -432,10 +440,7 @@ mod tests {
         assert!(!f.rules.iter().any(|r| r.starts_with("PREROUTING")));
         assert!(!f.rules.iter().any(|r| r.starts_with("WEIR_INBOUND")));
         assert_eq!(
-            f.rules
-                .iter()
-                .filter(|r| r.starts_with("OUTPUT "))
-                .count(),
+            f.rules.iter().filter(|r| r.starts_with("OUTPUT ")).count(),
             1
         );
     }
@@ -484,7 +489,10 @@ mod tests {
         let e = apply(&mut f, &Config::default()).expect_err("denied");
         match &e {
             InitError::Failed { command, code, .. } => {
-                assert_eq!(command, "iptables -t nat -C PREROUTING -p tcp -j WEIR_INBOUND");
+                assert_eq!(
+                    command,
+                    "iptables -t nat -C PREROUTING -p tcp -j WEIR_INBOUND"
+                );
                 assert_eq!(code, "4");
             }
             other => panic!("{other:?}"),
@@ -501,7 +509,9 @@ mod tests {
         };
         assert!(matches!(
             apply(&mut f, &cfg),
-            Err(InitError::Config(super::super::ConfigError::SamePorts(15001)))
+            Err(InitError::Config(super::super::ConfigError::SamePorts(
+                15001
+            )))
         ));
         assert!(f.log.is_empty());
     }
@@ -511,9 +521,15 @@ mod tests {
         let text = cleanup_commands(&[Family::V4, Family::V6]);
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2 * (2 + 8));
-        assert_eq!(lines[0], "iptables -t nat -D PREROUTING -p tcp -j WEIR_INBOUND");
+        assert_eq!(
+            lines[0],
+            "iptables -t nat -D PREROUTING -p tcp -j WEIR_INBOUND"
+        );
         assert_eq!(lines[2], "iptables -t nat -F WEIR_INBOUND");
         assert_eq!(lines[9], "iptables -t nat -X WEIR_REDIRECT");
-        assert_eq!(lines[10], "ip6tables -t nat -D PREROUTING -p tcp -j WEIR_INBOUND");
+        assert_eq!(
+            lines[10],
+            "ip6tables -t nat -D PREROUTING -p tcp -j WEIR_INBOUND"
+        );
     }
 }

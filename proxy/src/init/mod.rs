@@ -55,7 +55,12 @@ pub const CHAIN_INBOUND: &str = "WEIR_INBOUND";
 /// Inbound redirect chain.
 pub const CHAIN_IN_REDIRECT: &str = "WEIR_IN_REDIRECT";
 /// Every chain weir-init owns, in creation order.
-pub const CHAINS: [&str; 4] = [CHAIN_INBOUND, CHAIN_IN_REDIRECT, CHAIN_OUTPUT, CHAIN_REDIRECT];
+pub const CHAINS: [&str; 4] = [
+    CHAIN_INBOUND,
+    CHAIN_IN_REDIRECT,
+    CHAIN_OUTPUT,
+    CHAIN_REDIRECT,
+];
 
 /// Invalid flags.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,7 +171,11 @@ impl FromStr for Cidr {
             }
             IpAddr::V6(v) => {
                 let bits = u128::from(v);
-                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
                 IpAddr::V6((bits & mask).into())
             }
         };
@@ -367,7 +376,16 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
         for p in &cfg.exclude_inbound_ports {
             v.push(Rule::new(
                 CHAIN_INBOUND,
-                &["-p", "tcp", "--dport", &port(*p), "-j", "RETURN"],
+                &[
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "tcp",
+                    "--dport",
+                    &port(*p),
+                    "-j",
+                    "RETURN",
+                ],
             ));
         }
         match &cfg.include_inbound_ports {
@@ -379,7 +397,16 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
                 for p in ports {
                     v.push(Rule::new(
                         CHAIN_INBOUND,
-                        &["-p", "tcp", "--dport", &port(*p), "-j", CHAIN_IN_REDIRECT],
+                        &[
+                            "-p",
+                            "tcp",
+                            "-m",
+                            "tcp",
+                            "--dport",
+                            &port(*p),
+                            "-j",
+                            CHAIN_IN_REDIRECT,
+                        ],
                     ));
                 }
             }
@@ -401,7 +428,16 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
     for p in &cfg.exclude_outbound_ports {
         v.push(Rule::new(
             CHAIN_OUTPUT,
-            &["-p", "tcp", "--dport", &port(*p), "-j", "RETURN"],
+            &[
+                "-p",
+                "tcp",
+                "-m",
+                "tcp",
+                "--dport",
+                &port(*p),
+                "-j",
+                "RETURN",
+            ],
         ));
     }
     let lo = family.loopback();
@@ -409,7 +445,11 @@ pub fn rules(cfg: &Config, family: Family) -> Vec<Rule> {
         .proxy_uids
         .iter()
         .map(|u| ("--uid-owner", u.to_string()))
-        .chain(cfg.proxy_gids.iter().map(|g| ("--gid-owner", g.to_string())))
+        .chain(
+            cfg.proxy_gids
+                .iter()
+                .map(|g| ("--gid-owner", g.to_string())),
+        )
         .collect();
     for (flag, id) in &owners {
         // The proxy connecting to the pod's own (non-loopback) address: that is the app
@@ -528,11 +568,15 @@ mod tests {
         assert_eq!(c.to_string(), "fd00::/16");
         assert_eq!(c.family(), Family::V6);
         assert_eq!("::/0".parse::<Cidr>().expect("v6 all").to_string(), "::/0");
-        assert_eq!(
-            "2001:db8::1".parse::<Cidr>().expect("v6 host").len,
-            128
-        );
-        for bad in ["10.0.0.0/33", "fd00::/129", "nope/8", "10.0.0.0/x", "", "10.0.0/8"] {
+        assert_eq!("2001:db8::1".parse::<Cidr>().expect("v6 host").len, 128);
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "nope/8",
+            "10.0.0.0/x",
+            "",
+            "10.0.0/8",
+        ] {
             let e = bad.parse::<Cidr>().expect_err(bad);
             assert!(matches!(e, ConfigError::Cidr { .. }), "{bad}: {e}");
             assert!(e.to_string().contains("invalid CIDR"), "{e}");
@@ -583,10 +627,10 @@ mod tests {
         assert_eq!(
             lines(&c, Family::V4),
             vec![
-                "-A WEIR_INBOUND -p tcp --dport 15000 -j RETURN",
-                "-A WEIR_INBOUND -p tcp --dport 15020 -j RETURN",
-                "-A WEIR_INBOUND -p tcp --dport 15021 -j RETURN",
-                "-A WEIR_INBOUND -p tcp --dport 15090 -j RETURN",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 15000 -j RETURN",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
                 "-A WEIR_INBOUND -p tcp -j WEIR_IN_REDIRECT",
                 "-A WEIR_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
                 "-A WEIR_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j WEIR_IN_REDIRECT",
@@ -601,10 +645,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            jumps(&c)
-                .iter()
-                .map(Rule::append_line)
-                .collect::<Vec<_>>(),
+            jumps(&c).iter().map(Rule::append_line).collect::<Vec<_>>(),
             vec![
                 "-A PREROUTING -p tcp -j WEIR_INBOUND",
                 "-A OUTPUT -p tcp -j WEIR_OUTPUT"
@@ -629,12 +670,12 @@ mod tests {
         assert_eq!(
             lines(&c, Family::V4),
             vec![
-                "-A WEIR_INBOUND -p tcp --dport 15090 -j RETURN",
-                "-A WEIR_INBOUND -p tcp --dport 8080 -j WEIR_IN_REDIRECT",
-                "-A WEIR_INBOUND -p tcp --dport 9090 -j WEIR_IN_REDIRECT",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 8080 -j WEIR_IN_REDIRECT",
+                "-A WEIR_INBOUND -p tcp -m tcp --dport 9090 -j WEIR_IN_REDIRECT",
                 "-A WEIR_IN_REDIRECT -p tcp -j REDIRECT --to-ports 16006",
-                "-A WEIR_OUTPUT -p tcp --dport 22 -j RETURN",
-                "-A WEIR_OUTPUT -p tcp --dport 3306 -j RETURN",
+                "-A WEIR_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
+                "-A WEIR_OUTPUT -p tcp -m tcp --dport 3306 -j RETURN",
                 "-A WEIR_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 101 -j WEIR_IN_REDIRECT",
                 "-A WEIR_OUTPUT -o lo -m owner ! --uid-owner 101 -j RETURN",
                 "-A WEIR_OUTPUT -m owner --uid-owner 101 -j RETURN",
@@ -684,10 +725,7 @@ mod tests {
         );
         // No PREROUTING jump without inbound capture.
         assert_eq!(
-            jumps(&c)
-                .iter()
-                .map(Rule::append_line)
-                .collect::<Vec<_>>(),
+            jumps(&c).iter().map(Rule::append_line).collect::<Vec<_>>(),
             vec!["-A OUTPUT -p tcp -j WEIR_OUTPUT"]
         );
         assert_eq!(all_jumps().len(), 2);
@@ -703,7 +741,10 @@ mod tests {
         assert!(all.ends_with(
             "-A PREROUTING -p tcp -j WEIR_INBOUND\n-A OUTPUT -p tcp -j WEIR_OUTPUT\nCOMMIT\n"
         ));
-        assert_eq!(all.lines().count(), 1 + 4 + rules(&c, Family::V4).len() + 2 + 1);
+        assert_eq!(
+            all.lines().count(),
+            1 + 4 + rules(&c, Family::V4).len() + 2 + 1
+        );
         let none = restore_input(&c, Family::V4, &[]);
         assert!(!none.contains("PREROUTING"));
         assert!(!none.contains("-A OUTPUT"));

@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn detects_http1_and_h2c() {
-        assert_eq!(done(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), HttpProto::Http11);
+        assert_eq!(
+            done(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            HttpProto::Http11
+        );
         assert_eq!(done(b"POST /x?y=1 HTTP/1.0\r\n"), HttpProto::Http10);
         assert_eq!(done(b"OPTIONS * HTTP/1.1\r\n"), HttpProto::Http11);
         assert_eq!(done(b"CONNECT a:443 HTTP/1.1\r\n"), HttpProto::Http11);

@@ -54,7 +54,8 @@ pub(super) async fn run(stream: &mut TcpStream, cfg: &ListenerConfig, facts: &mu
         .listener_filters
         .iter()
         .any(|f| matches!(f, ListenerFilter::TlsInspector));
-    let implicit = (!explicit_tls && cfg.tls_inspector.is_some()).then_some(&ListenerFilter::TlsInspector);
+    let implicit =
+        (!explicit_tls && cfg.tls_inspector.is_some()).then_some(&ListenerFilter::TlsInspector);
     for f in cfg.listener_filters.iter().chain(implicit) {
         match step(stream, cfg, f, facts, deadline).await {
             Step::Next => {}
@@ -95,11 +96,9 @@ async fn step(
             Step::Next
         }
         ListenerFilter::ProxyProtocol(pp) => {
-            let r = tokio::time::timeout_at(
-                deadline,
-                super::proxy_protocol::read_header(stream, pp),
-            )
-            .await;
+            let r =
+                tokio::time::timeout_at(deadline, super::proxy_protocol::read_header(stream, pp))
+                    .await;
             match r {
                 Err(_) => Step::Timeout,
                 Ok(Ok(Some(h))) => {

@@ -16,7 +16,10 @@ use std::net::SocketAddr;
 /// `local` is the socket's local address (it decides IPv4 vs IPv6; an IPv4-mapped local
 /// address on a dual-stack socket asks for the IPv4 entry first).
 #[cfg(target_os = "linux")]
-pub(crate) fn original_dst(stream: &tokio::net::TcpStream, local: SocketAddr) -> Option<SocketAddr> {
+pub(crate) fn original_dst(
+    stream: &tokio::net::TcpStream,
+    local: SocketAddr,
+) -> Option<SocketAddr> {
     use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
     let v4 = || {
         getsockopt(stream, sockopt::OriginalDst)

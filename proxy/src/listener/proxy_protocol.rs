@@ -216,9 +216,19 @@ fn parse_v2(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
             if body.len() < 12 {
                 return Peeked::Done(Err(ParseError::V2("AF_INET addresses truncated")));
             }
-            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]));
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)))
+            (
+                SocketAddr::new(ip(0), port(8)),
+                SocketAddr::new(ip(4), port(10)),
+            )
         }
         2 => {
             if body.len() < 36 {
@@ -230,7 +240,10 @@ fn parse_v2(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
                 IpAddr::V6(Ipv6Addr::from(b))
             };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
-            (SocketAddr::new(ip(0), port(32)), SocketAddr::new(ip(16), port(34)))
+            (
+                SocketAddr::new(ip(0), port(32)),
+                SocketAddr::new(ip(16), port(34)),
+            )
         }
         _ => return Peeked::Done(Err(ParseError::V2("unsupported address family"))),
     };

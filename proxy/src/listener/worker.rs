@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
 use super::intercept::{self, Facts};
+use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
 use super::{ChainInput, ConnInfo, ListenerStats, NetworkFilter};
 use crate::server::ServerState;
 use crate::tls::inspector::Hello;

@@ -100,7 +100,11 @@ impl OriginalDstHosts {
         if let (Some(name), Some(headers)) = (&self.cfg.http_header, ctx.headers)
             && let Some(v) = headers.get(name)
         {
-            match v.to_str().ok().and_then(|s| s.trim().parse::<SocketAddr>().ok()) {
+            match v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+            {
                 Some(a) => dst = Some(a),
                 None => {
                     self.stats.invalid.increment(1);
@@ -132,7 +136,10 @@ impl OriginalDstHosts {
     }
 
     fn add(&self, dst: SocketAddr) -> Arc<Host> {
-        let _w = self.write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _w = self
+            .write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Another worker may have added it meanwhile.
         let cur = self.map.load_full();
         if let Some(e) = cur.get(&dst) {
@@ -185,7 +192,11 @@ impl OriginalDstHosts {
     /// One cleanup pass now (tests).
     #[cfg(test)]
     fn sweep_now(&self) {
-        sweep(&Arc::downgrade(&self.map), &Arc::downgrade(&self.write), &self.stats);
+        sweep(
+            &Arc::downgrade(&self.map),
+            &Arc::downgrade(&self.write),
+            &self.stats,
+        );
     }
 }
 
@@ -195,7 +206,9 @@ fn sweep(map: &Weak<ArcSwap<Map>>, write: &Weak<Mutex<()>>, stats: &Stats) -> bo
     let (Some(map), Some(write)) = (map.upgrade(), write.upgrade()) else {
         return false;
     };
-    let _w = write.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _w = write
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let cur = map.load_full();
     let keep: Map = cur
         .iter()
@@ -203,7 +216,10 @@ fn sweep(map: &Weak<ArcSwap<Map>>, write: &Weak<Mutex<()>>, stats: &Stats) -> bo
         .map(|(k, e)| (*k, e.clone()))
         .collect();
     if keep.len() != cur.len() {
-        tracing::debug!(removed = cur.len() - keep.len(), "original_dst: idle hosts removed");
+        tracing::debug!(
+            removed = cur.len() - keep.len(),
+            "original_dst: idle hosts removed"
+        );
         stats.change.increment(1);
         stats.total.set(keep.len() as f64);
         stats.healthy.set(keep.len() as f64);
@@ -221,7 +237,8 @@ mod tests {
         let store = Store::new();
         let h = OriginalDstHosts::new(
             OriginalDstConfig {
-                http_header: header.map(|h| http::HeaderName::from_bytes(h.as_bytes()).expect("name")),
+                http_header: header
+                    .map(|h| http::HeaderName::from_bytes(h.as_bytes()).expect("name")),
                 port_override: port,
                 cleanup_interval: Duration::from_secs(5),
             },

@@ -287,7 +287,11 @@ fn original_dst_settings(
         let p = join(path, "original_dst_lb_config");
         errs.reject_unsupported(
             o,
-            &["use_http_header", "http_header_name", "upstream_port_override"],
+            &[
+                "use_http_header",
+                "http_header_name",
+                "upstream_port_override",
+            ],
             &p,
         );
         if o.use_http_header {
