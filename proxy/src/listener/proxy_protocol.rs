@@ -430,3 +430,212 @@ pub(crate) async fn read_header(
     stats.version(h.version).found.increment(1);
     Ok(Some(h))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(d: &[u8]) -> Result<Header, ParseError> {
+        match parse(d) {
+            Peeked::Done(r) => r,
+            Peeked::NeedMore => panic!("undecided on {d:?}"),
+        }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    /// A v2 header: command, family byte, address block, TLVs.
+    pub(crate) fn v2(cmd: u8, fam: u8, addrs: &[u8], tlvs: &[u8]) -> Vec<u8> {
+        let mut v = V2_SIG.to_vec();
+        v.push(0x20 | cmd);
+        v.push(fam);
+        let len = (addrs.len() + tlvs.len()) as u16;
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(addrs);
+        v.extend_from_slice(tlvs);
+        v
+    }
+
+    fn inet4() -> Vec<u8> {
+        let mut a = vec![192, 0, 2, 1, 10, 0, 0, 1];
+        a.extend_from_slice(&51000u16.to_be_bytes());
+        a.extend_from_slice(&443u16.to_be_bytes());
+        a
+    }
+
+    #[test]
+    fn v1_tcp4_tcp6_unknown() {
+        let h = done(b"PROXY TCP4 192.0.2.1 10.0.0.1 51000 443\r\nGET / HTTP/1.1\r\n").expect("ok");
+        assert_eq!(h.version, Version::V1);
+        assert_eq!(h.len, "PROXY TCP4 192.0.2.1 10.0.0.1 51000 443\r\n".len());
+        assert_eq!(h.addrs, Some((sa("192.0.2.1:51000"), sa("10.0.0.1:443"))));
+        let h = done(b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\n").expect("ok");
+        assert_eq!(h.addrs, Some((sa("[2001:db8::1]:1"), sa("[::1]:65535"))));
+        for u in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n",
+        ] {
+            let h = done(u).expect("ok");
+            assert_eq!((h.addrs, h.len), (None, u.len()));
+        }
+        // The longest legal header (107 bytes) parses.
+        let max = format!(
+            "PROXY UNKNOWN {a} {a} 65535 65535\r\n",
+            a = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(max.len(), V1_MAX);
+        assert_eq!(done(max.as_bytes()).expect("ok").len, V1_MAX);
+        let tcp6 = max.replace("UNKNOWN", "TCP6");
+        let h = done(tcp6.as_bytes()).expect("ok");
+        assert_eq!(h.len, V1_MAX - 3);
+        assert!(h.addrs.is_some());
+    }
+
+    #[test]
+    fn v1_malformed() {
+        for bad in [
+            &b"PROXY TCP4 192.0.2.1 10.0.0.1 51000 443\n"[..],
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 51000 443\rX",
+            b"PROXY TCP4  192.0.2.1 10.0.0.1 51000 443\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 51000\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 51000 443 1\r\n",
+            b"PROXY TCP4 ::1 10.0.0.1 1 2\r\n",
+            b"PROXY TCP6 192.0.2.1 ::1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.01 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 65536 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 +1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 01 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 1 \r\n",
+            b"PROXY UDP4 192.0.2.1 10.0.0.1 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\xff\r\n",
+            b"PROXY \r\n",
+            b"PROXY UNKNOWNX\r\n",
+        ] {
+            let e = done(bad).expect_err(&String::from_utf8_lossy(bad));
+            assert_eq!(e.version(), Some(Version::V1), "{e}");
+        }
+        // Longer than 107 bytes without CRLF: refused at the bound, not later.
+        let long = format!("PROXY UNKNOWN {}", "a".repeat(200));
+        assert!(matches!(
+            parse(&long.as_bytes()[..V1_MAX]),
+            Peeked::Done(Err(ParseError::V1(_)))
+        ));
+        assert!(matches!(
+            parse(&long.as_bytes()[..V1_MAX - 1]),
+            Peeked::NeedMore
+        ));
+        // CR as the 107th byte: the LF would be the 108th.
+        let mut at = format!("PROXY UNKNOWN {}", "a".repeat(V1_MAX - 15)).into_bytes();
+        at.push(b'\r');
+        assert_eq!(at.len(), V1_MAX);
+        assert!(matches!(parse(&at), Peeked::Done(Err(ParseError::V1(_)))));
+    }
+
+    #[test]
+    fn v2_inet_inet6_local_and_tlvs() {
+        let tlv = [0x04, 0x00, 0x02, 0xaa, 0xbb, 0x01, 0x00, 0x00];
+        let d = v2(1, 0x11, &inet4(), &tlv);
+        let mut with_data = d.clone();
+        with_data.extend_from_slice(b"GET /");
+        let h = done(&with_data).expect("ok");
+        assert_eq!(h.version, Version::V2);
+        assert_eq!(h.len, d.len());
+        assert_eq!(h.addrs, Some((sa("192.0.2.1:51000"), sa("10.0.0.1:443"))));
+        let t: Vec<_> = tlvs(&d).collect();
+        assert_eq!(t, vec![(0x04, &[0xaa, 0xbb][..]), (0x01, &[][..])]);
+
+        let mut a6 = Vec::new();
+        a6.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().expect("ip").octets());
+        a6.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        a6.extend_from_slice(&[0, 80, 1, 187]);
+        let h = done(&v2(1, 0x21, &a6, &[])).expect("ok");
+        assert_eq!(h.addrs, Some((sa("[2001:db8::1]:80"), sa("[::1]:443"))));
+        // UDP over INET is accepted too (addresses only).
+        assert!(
+            done(&v2(1, 0x12, &inet4(), &[]))
+                .expect("ok")
+                .addrs
+                .is_some()
+        );
+        // LOCAL: any family, addresses ignored.
+        let h = done(&v2(0, 0x00, &[], &[])).expect("ok");
+        assert_eq!((h.addrs, h.len), (None, 16));
+        let h = done(&v2(0, 0x11, &inet4(), &[])).expect("ok");
+        assert_eq!((h.addrs, h.len), (None, 28));
+        // A TLV that does not fit ends the walk; it is not an error.
+        let d = v2(1, 0x11, &inet4(), &[0x04, 0x00, 0x09, 0x01]);
+        assert!(done(&d).is_ok());
+        assert_eq!(tlvs(&d).count(), 0);
+    }
+
+    #[test]
+    fn v2_malformed() {
+        let mut bad_ver = v2(1, 0x11, &inet4(), &[]);
+        bad_ver[12] = 0x11;
+        let mut bad_cmd = v2(1, 0x11, &inet4(), &[]);
+        bad_cmd[12] = 0x22;
+        for bad in [
+            bad_ver,
+            bad_cmd,
+            v2(1, 0x11, &inet4()[..11], &[]),
+            v2(1, 0x21, &inet4(), &[]),
+            v2(1, 0x00, &[], &[]),
+            v2(1, 0x31, &[0; 216], &[]),
+            v2(1, 0x10, &inet4(), &[]),
+            v2(1, 0x13, &inet4(), &[]),
+        ] {
+            let e = done(&bad).expect_err("malformed");
+            assert_eq!(e.version(), Some(Version::V2), "{e}");
+        }
+    }
+
+    #[test]
+    fn prefixes_need_more_and_others_are_not_proxy() {
+        let v1 = b"PROXY TCP4 192.0.2.1 10.0.0.1 51000 443\r\n";
+        let v2h = v2(1, 0x11, &inet4(), &[1, 0, 1, 7]);
+        for full in [&v1[..], &v2h[..]] {
+            for k in 1..full.len() {
+                assert!(matches!(parse(&full[..k]), Peeked::NeedMore), "{k}");
+            }
+            assert!(matches!(parse(full), Peeked::Done(Ok(_))));
+        }
+        for other in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"PROXX",
+            b"\r\n\r\n\x01",
+        ] {
+            assert_eq!(done(other), Err(ParseError::NotProxy));
+        }
+    }
+
+    /// Every input either needs more (then it is a proper prefix of something under the
+    /// bounds) or is decided, and a decided header never claims more bytes than it saw.
+    #[test]
+    fn decisions_are_bounded() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let starts: [&[u8]; 3] = [b"PROXY ", V2_SIG, b""];
+        for i in 0..20_000 {
+            let mut d = starts[i % 3].to_vec();
+            let n = (next() % 140) as usize;
+            d.extend((0..n).map(|_| {
+                let r = next();
+                // Bias towards the header alphabet.
+                b"TCP46UNKOW 0123456789.:abcdef\r\n\x00\x11\x21"[(r % 33) as usize]
+            }));
+            match parse(&d) {
+                Peeked::NeedMore => assert!(d.len() < V2_HEADER + 65535),
+                Peeked::Done(Ok(h)) => assert!(h.len <= d.len()),
+                Peeked::Done(Err(_)) => {}
+            }
+        }
+    }
+}

@@ -864,7 +864,12 @@ mod tests {
         ));
         assert_eq!(l.per_connection_buffer_limit_bytes, 32768);
         assert_eq!(l.backlog, 64);
-        assert_eq!(l.listener_filters, vec![ListenerFilter::TlsInspector; 2]);
+        assert_eq!(l.listener_filters.len(), 2);
+        assert!(
+            l.listener_filters
+                .iter()
+                .all(|f| matches!(f, ListenerFilter::TlsInspector))
+        );
         assert!(l.filter_chains.is_empty());
         assert!(l.default_filter_chain.is_some());
     }
@@ -1001,8 +1006,10 @@ mod tests {
     #[test]
     fn listener_filter_errors() {
         let y = format!(
-            "{}listener_filters:\n- name: envoy.filters.listener.original_dst\n\
-             - name: x\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector\n\
+            "{}listener_filters:\n- name: envoy.filters.listener.original_src\n\
+             - name: x\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.original_src.v3.OriginalSrc\n\
+             - name: pp\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol\n    \
+             rules: [{{tlv_type: 1}}]\n    pass_through_tlvs: {{}}\n    disallowed_versions: [V1, V2]\n\
              filter_chains:\n{}",
             listener(""),
             tcp_chain("{}")
@@ -1011,9 +1018,58 @@ mod tests {
             err_paths(&y),
             vec![
                 "l.listener_filters[0].name",
-                "l.listener_filters[1].typed_config"
+                "l.listener_filters[1].typed_config",
+                "l.listener_filters[2].typed_config.rules",
+                "l.listener_filters[2].typed_config.pass_through_tlvs",
+                "l.listener_filters[2].typed_config.disallowed_versions",
             ]
         );
+    }
+
+    #[test]
+    fn intercept_listener_filters_in_config_order() {
+        let y = format!(
+            "{}use_original_dst: true\ncontinue_on_listener_filters_timeout: true\n\
+             listener_filters_timeout: 2s\nlistener_filters:\n\
+             - name: envoy.filters.listener.original_dst\n\
+             - name: pp\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol\n    \
+             allow_requests_without_proxy_protocol: true\n    disallowed_versions: [V1]\n    stat_prefix: lb\n\
+             - name: envoy.filters.listener.http_inspector\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector\n\
+             - name: envoy.filters.listener.tls_inspector\n\
+             - name: envoy.filters.listener.proxy_protocol\n\
+             filter_chains:\n{}",
+            listener(""),
+            tcp_chain("{}")
+        );
+        let l = ok(&y);
+        assert!(l.intercept.use_original_dst);
+        assert!(l.intercept.bind_to_port);
+        assert!(l.continue_on_listener_filters_timeout);
+        assert_eq!(l.listener_filters_timeout, Duration::from_secs(2));
+        let f = &l.listener_filters;
+        assert_eq!(f.len(), 5);
+        assert!(matches!(f[0], ListenerFilter::OriginalDst));
+        let ListenerFilter::ProxyProtocol(pp) = &f[1] else {
+            panic!("proxy_protocol expected");
+        };
+        assert!(pp.allow_without && pp.disallow_v1 && !pp.disallow_v2);
+        assert!(matches!(f[2], ListenerFilter::HttpInspector(_)));
+        assert!(matches!(f[3], ListenerFilter::TlsInspector));
+        // By name only: the defaults.
+        let ListenerFilter::ProxyProtocol(pp) = &f[4] else {
+            panic!("proxy_protocol expected");
+        };
+        assert!(!pp.allow_without && !pp.disallow_v1 && !pp.disallow_v2);
+        assert!(l.tls_inspector.is_some());
+
+        let l = ok(&format!(
+            "{}bind_to_port: false\nfilter_chains:\n{}",
+            listener(""),
+            tcp_chain("{}")
+        ));
+        assert!(!l.intercept.bind_to_port);
+        assert!(!l.intercept.use_original_dst);
+        assert!(l.listener_filters.is_empty() && l.tls_inspector.is_none());
     }
 
     #[test]

@@ -1292,6 +1292,7 @@ common_lb_config:
                     aggression: 2.0,
                     min_weight_percent: 20.0,
                 }),
+                original_dst: None,
             }
         );
         let c =
@@ -1544,6 +1545,79 @@ load_assignment:
             p,
             vec![
                 "clusters[0].typed_extension_protocol_options[envoy.extensions.upstreams.tcp.v3.TcpProtocolOptions]"
+            ]
+        );
+    }
+
+    #[test]
+    fn original_dst_cluster() {
+        let c = ok("name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n");
+        assert_eq!(c.discovery, DiscoveryType::OriginalDst);
+        let od = c.lb.original_dst.expect("original_dst config");
+        assert_eq!(od.cleanup_interval, Duration::from_secs(5));
+        assert!(od.http_header.is_none());
+        assert!(od.port_override.is_none());
+
+        let c = ok(
+            "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
+                    cleanup_interval: 2s\noriginal_dst_lb_config:\n  use_http_header: true\n  \
+                    http_header_name: X-Dst\n  upstream_port_override: 8080\n",
+        );
+        let od = c.lb.original_dst.expect("original_dst config");
+        assert_eq!(od.cleanup_interval, Duration::from_secs(2));
+        assert_eq!(od.http_header.expect("header").as_str(), "x-dst");
+        assert_eq!(od.port_override, Some(8080));
+        let c = ok(
+            "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
+                    original_dst_lb_config: {use_http_header: true}\n",
+        );
+        assert_eq!(
+            c.lb.original_dst
+                .expect("cfg")
+                .http_header
+                .expect("h")
+                .as_str(),
+            "x-envoy-original-dst-host"
+        );
+    }
+
+    #[test]
+    fn original_dst_cluster_errors() {
+        let p = "clusters[0]";
+        assert_eq!(
+            err_paths("name: pt\ntype: ORIGINAL_DST\nlb_policy: ROUND_ROBIN\n"),
+            vec![format!("{p}.lb_policy")]
+        );
+        assert_eq!(
+            err_paths(
+                "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\ncleanup_interval: 0s\n\
+                 original_dst_lb_config: {http_header_name: x, upstream_port_override: 70000, \
+                 metadata_key: {key: k}}\n\
+                 load_assignment: {cluster_name: pt}\n"
+            ),
+            vec![
+                format!("{p}.load_assignment"),
+                format!("{p}.cleanup_interval"),
+                format!("{p}.original_dst_lb_config.metadata_key"),
+                format!("{p}.original_dst_lb_config.http_header_name"),
+                format!("{p}.original_dst_lb_config.upstream_port_override"),
+            ]
+        );
+        assert_eq!(
+            err_paths(
+                "name: pt\ntype: ORIGINAL_DST\nlb_policy: CLUSTER_PROVIDED\n\
+                 original_dst_lb_config: {use_http_header: true, http_header_name: \"bad name\"}\n"
+            ),
+            vec![format!("{p}.original_dst_lb_config.http_header_name")]
+        );
+        // The ORIGINAL_DST settings on another type.
+        assert_eq!(
+            err_paths(
+                "name: a\ncleanup_interval: 1s\noriginal_dst_lb_config: {use_http_header: true}\n"
+            ),
+            vec![
+                format!("{p}.original_dst_lb_config"),
+                format!("{p}.cleanup_interval")
             ]
         );
     }

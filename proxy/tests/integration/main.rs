@@ -9,6 +9,7 @@ mod filters;
 mod h2frames;
 mod hardening;
 mod health;
+mod intercept;
 mod lb;
 mod lifecycle;
 mod listeners;

@@ -545,6 +545,7 @@ fn reselect_avoids_previous_hosts() {
                 hash: Some(xxhash::xxhash64(&k.to_le_bytes())),
                 avoid: &avoid,
                 max_reselects: 40,
+                ..Default::default()
             });
             assert_eq!(p, 3, "{policy:?}");
         }
@@ -555,6 +556,7 @@ fn reselect_avoids_previous_hosts() {
                     hash: Some(xxhash::xxhash64(&k.to_le_bytes())),
                     avoid: &avoid,
                     max_reselects: 0,
+                    ..Default::default()
                 })
             })
             .collect();
@@ -566,6 +568,7 @@ fn reselect_avoids_previous_hosts() {
                 hash: None,
                 avoid: &all,
                 max_reselects: 3,
+                ..Default::default()
             }),
             0
         );
