@@ -35,4 +35,14 @@ if ! python3 -c 'import moto.server, flask, werkzeug' >/dev/null 2>&1; then
   python3 -m pip install -q 'moto[server]'
 fi
 export WEIR_REQUIRE_S3=1
+# Sidecar interception tests run in network namespaces with Debian's iptables (weir-init
+# programs the nat table); WEIR_REQUIRE_NETNS=1 makes missing namespaces/iptables a failure
+# instead of a skip. (`ip` and `setpriv` come with iproute2 and util-linux.)
+if ! command -v iptables-restore >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      iptables iproute2) >/dev/null
+  fi
+fi
+export WEIR_REQUIRE_NETNS=1
 cargo test --workspace --all-targets "$@"

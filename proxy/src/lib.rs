@@ -22,6 +22,7 @@
 //! - [`server`]: process lifecycle: start workers, admin, drain and shutdown.
 //! - [`hot_restart`]: zero-downtime binary upgrade (listening sockets passed to a new
 //!   process over a Unix socket).
+//! - [`init`]: `weir-init`'s iptables rules for transparent sidecar interception.
 //!
 //! Threading follows Envoy: a main runtime (admin, DNS, timers) and N worker threads each with
 //! a single-threaded tokio runtime, their own listening sockets and their own upstream pools.
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod hot_restart;
 pub mod http;
+pub mod init;
 pub mod listener;
 pub mod route;
 pub mod server;

@@ -11,7 +11,8 @@
 //! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation),
 //! `store_suite` (one suite per store run against each backend: KV and registry on embedded
 //! and etcd, objects on embedded and S3/moto), `sidecars` (two weir sidecars with certificates
-//! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC).
+//! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC), `netns_mesh` (the same as
+//! transparent sidecars in network namespaces: weir-init rules, plain-text apps, mTLS between).
 
 mod auth;
 mod ca;
@@ -21,6 +22,7 @@ mod etcd;
 mod harness;
 mod kv;
 mod mesh;
+mod netns_mesh;
 mod objects;
 mod python_grpc;
 mod registry;
