@@ -11,7 +11,8 @@
 //! mesh CA: workload certificates and the trust bundle over SDS, entitlement, rotation),
 //! `store_suite` (one suite per store run against each backend: KV and registry on embedded
 //! and etcd, objects on embedded and S3/moto), `sidecars` (two weir sidecars with certificates
-//! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC).
+//! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC), `inject` (the sidecar injection
+//! webhook over HTTPS).
 
 mod auth;
 mod ca;
@@ -19,6 +20,7 @@ mod cli;
 mod delta;
 mod etcd;
 mod harness;
+mod inject;
 mod kv;
 mod mesh;
 mod objects;
