@@ -165,7 +165,10 @@ async fn webhook_serves_admission_reviews_over_tls() {
         .filter_map(|o| o["value"]["name"].as_str().or(o["value"][0]["name"].as_str()))
         .collect();
     assert_eq!(added, ["weir-init", "weir-proxy", "weir-bootstrap"]);
-    assert!(patch.windows(8).any(|w| w == b"weir/weir"), "image from settings");
+    assert!(
+        String::from_utf8_lossy(&patch).contains("\"image\":\"weir/weir:it\""),
+        "image from settings"
+    );
 
     // A bare pod through the namespace entry: injected; through the pod entry: not.
     let (_, body) = call(webhook, tls.clone(), "POST", "/inject/namespace", fixture("no-arrays.json")).await;
