@@ -359,7 +359,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let l = tokio::net::TcpListener::bind(a)
                 .await
                 .with_context(|| format!("binding --webhook-address {a}"))?;
-            let webhook_address = l.local_addr().context("reading the bound webhook address")?;
+            let webhook_address = l
+                .local_addr()
+                .context("reading the bound webhook address")?;
             tracing::info!(%webhook_address, "weir-cp sidecar injection webhook listening (HTTPS)");
             Some(tokio::spawn(weir_control_plane::inject::server::serve(
                 injector,

@@ -227,7 +227,10 @@ impl InjectSettings {
         if !["Always", "IfNotPresent", "Never"].contains(&self.image_pull_policy.as_str()) {
             return bad(
                 "image_pull_policy",
-                format!("{:?}: use Always, IfNotPresent or Never", self.image_pull_policy),
+                format!(
+                    "{:?}: use Always, IfNotPresent or Never",
+                    self.image_pull_policy
+                ),
             );
         }
         if self.proxy_uid == 0 {
@@ -561,8 +564,12 @@ impl Injector {
         policy: NamespacePolicy,
         warnings: &mut Vec<String>,
     ) -> Outcome {
-        let is_pod = req.kind.group.is_empty() && req.kind.version == "v1" && req.kind.kind == "Pod";
-        let Some(pod) = req.object.as_ref().filter(|_| is_pod && req.operation == "CREATE")
+        let is_pod =
+            req.kind.group.is_empty() && req.kind.version == "v1" && req.kind.kind == "Pod";
+        let Some(pod) = req
+            .object
+            .as_ref()
+            .filter(|_| is_pod && req.operation == "CREATE")
         else {
             return Outcome::Skipped(SkipReason::NotAPodCreate);
         };
@@ -614,12 +621,7 @@ impl Injector {
             .or_else(|| label("app"))
             .unwrap_or(namespace);
 
-        let join = |v: &[u16]| {
-            v.iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let mut init_args = vec![
             "--proxy-uid".to_string(),
             s.proxy_uid.to_string(),
@@ -740,10 +742,12 @@ impl Injector {
                 if !pod.get("metadata").is_some_and(Value::is_object) {
                     return Err(InjectError::Shape("metadata"));
                 }
-                ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {
-                    STATUS_ANNOTATION: status,
-                    BOOTSTRAP_ANNOTATION: self.bootstrap,
-                }}));
+                ops.push(
+                    json!({"op": "add", "path": "/metadata/annotations", "value": {
+                        STATUS_ANNOTATION: status,
+                        BOOTSTRAP_ANNOTATION: self.bootstrap,
+                    }}),
+                );
             }
         }
         // Existing init containers run first, with the network as they had it; interception
@@ -813,8 +817,7 @@ fn decide(
     }
     if pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true) {
         warnings.push(
-            "weir sidecar not injected: hostNetwork pods share the node's network namespace"
-                .into(),
+            "weir sidecar not injected: hostNetwork pods share the node's network namespace".into(),
         );
         return Err(SkipReason::HostNetwork);
     }
@@ -824,7 +827,9 @@ fn decide(
 /// `add` to the end of `spec.<field>`, or create the array.
 fn append_op(spec: &Value, field: &'static str, value: Value) -> Result<Value, InjectError> {
     Ok(match spec.get(field) {
-        Some(Value::Array(_)) => json!({"op": "add", "path": format!("/spec/{field}/-"), "value": value}),
+        Some(Value::Array(_)) => {
+            json!({"op": "add", "path": format!("/spec/{field}/-"), "value": value})
+        }
         None | Some(Value::Null) => {
             json!({"op": "add", "path": format!("/spec/{field}"), "value": [value]})
         }

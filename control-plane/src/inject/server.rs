@@ -90,7 +90,11 @@ pub async fn handle(injector: Arc<Injector>, req: hyper::Request<Incoming>) -> R
     };
     if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("");
-        if !ct.trim_start().to_ascii_lowercase().starts_with("application/json") {
+        if !ct
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/json")
+        {
             return text(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "expected application/json\n",
@@ -100,7 +104,10 @@ pub async fn handle(injector: Arc<Injector>, req: hyper::Request<Incoming>) -> R
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            return if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n")
             } else {
                 text(StatusCode::BAD_REQUEST, format!("reading the body: {e}\n"))

@@ -42,7 +42,10 @@ fn run(inj: &Injector, body: &[u8], policy: NamespacePolicy) -> (Value, Option<V
     assert_eq!(resp["kind"], "AdmissionReview");
     assert_eq!(resp["response"]["allowed"], true, "{resp}");
     let review: Value = serde_json::from_slice(body).expect("fixture json");
-    assert_eq!(resp["response"]["uid"], review["request"]["uid"], "uid echoed");
+    assert_eq!(
+        resp["response"]["uid"], review["request"]["uid"],
+        "uid echoed"
+    );
     let pod = review["request"]["object"].clone();
     let patched = resp["response"]["patch"].as_str().map(|b64| {
         assert_eq!(resp["response"]["patchType"], "JSONPatch");
@@ -117,7 +120,10 @@ fn opt_in_pod_gets_init_sidecar_and_bootstrap() {
         ]
     );
     let ann = &pod["metadata"]["annotations"];
-    assert_eq!(ann["kubectl.kubernetes.io/restartedAt"], "2026-11-28T10:00:00Z");
+    assert_eq!(
+        ann["kubectl.kubernetes.io/restartedAt"],
+        "2026-11-28T10:00:00Z"
+    );
     let status: Value =
         serde_json::from_str(ann[STATUS_ANNOTATION].as_str().expect("status")).expect("json");
     assert_eq!(status["containers"], json!(["weir-proxy"]));
@@ -132,12 +138,18 @@ fn opt_in_pod_gets_init_sidecar_and_bootstrap() {
         flag(&a, "--exclude-inbound-ports").as_deref(),
         Some("15021,15090,9102,8081")
     );
-    assert_eq!(flag(&a, "--exclude-outbound-ports").as_deref(), Some("5432"));
+    assert_eq!(
+        flag(&a, "--exclude-outbound-ports").as_deref(),
+        Some("5432")
+    );
     assert_eq!(
         flag(&a, "--exclude-outbound-cidrs").as_deref(),
         Some("169.254.169.254/32,fd00::/8")
     );
-    assert_eq!(init["image"], "weir/weir:test", "init_image defaults to proxy_image");
+    assert_eq!(
+        init["image"], "weir/weir:test",
+        "init_image defaults to proxy_image"
+    );
     let caps = &init["securityContext"]["capabilities"];
     assert_eq!(caps["add"], json!(["NET_ADMIN", "NET_RAW"]));
     assert_eq!(caps["drop"], json!(["ALL"]));
@@ -281,7 +293,11 @@ fn pod_without_arrays_or_annotations_in_an_enabled_namespace() {
 #[test]
 fn host_network_pods_are_skipped_with_a_warning() {
     let inj = injector();
-    let (resp, pod, _) = run(&inj, &fixture("host-network.json"), NamespacePolicy::Enabled);
+    let (resp, pod, _) = run(
+        &inj,
+        &fixture("host-network.json"),
+        NamespacePolicy::Enabled,
+    );
     assert!(pod.is_none());
     let w = resp["response"]["warnings"][0].as_str().expect("warning");
     assert!(w.contains("hostNetwork"), "{w}");
@@ -363,11 +379,19 @@ fn other_objects_and_operations_pass_through() {
     let inj = injector();
     let mut r: Value = serde_json::from_slice(&fixture("opt-in.json")).expect("json");
     r["request"]["operation"] = json!("UPDATE");
-    let (_, pod, _) = run(&inj, &serde_json::to_vec(&r).expect("json"), NamespacePolicy::Enabled);
+    let (_, pod, _) = run(
+        &inj,
+        &serde_json::to_vec(&r).expect("json"),
+        NamespacePolicy::Enabled,
+    );
     assert!(pod.is_none());
     let mut r: Value = serde_json::from_slice(&fixture("opt-in.json")).expect("json");
     r["request"]["kind"] = json!({"group": "apps", "version": "v1", "kind": "Deployment"});
-    let (_, pod, _) = run(&inj, &serde_json::to_vec(&r).expect("json"), NamespacePolicy::Enabled);
+    let (_, pod, _) = run(
+        &inj,
+        &serde_json::to_vec(&r).expect("json"),
+        NamespacePolicy::Enabled,
+    );
     assert!(pod.is_none());
     assert_eq!(inj.metrics.skipped(SkipReason::NotAPodCreate), 2);
 }
@@ -377,7 +401,11 @@ fn unknown_opt_in_values_warn_and_count_as_unset() {
     let inj = injector();
     let mut r: Value = serde_json::from_slice(&fixture("no-arrays.json")).expect("json");
     r["request"]["object"]["metadata"]["labels"] = json!({"weir.io/inject": "yes"});
-    let (resp, pod, _) = run(&inj, &serde_json::to_vec(&r).expect("json"), NamespacePolicy::PodOptIn);
+    let (resp, pod, _) = run(
+        &inj,
+        &serde_json::to_vec(&r).expect("json"),
+        NamespacePolicy::PodOptIn,
+    );
     assert!(pod.is_none());
     assert!(
         resp["response"]["warnings"][0]
@@ -388,7 +416,10 @@ fn unknown_opt_in_values_warn_and_count_as_unset() {
 
 #[test]
 fn json_pointer_escaping() {
-    assert_eq!(escape_pointer("sidecar.weir.io/status"), "sidecar.weir.io~1status");
+    assert_eq!(
+        escape_pointer("sidecar.weir.io/status"),
+        "sidecar.weir.io~1status"
+    );
     assert_eq!(escape_pointer("a~b/c"), "a~0b~1c");
 }
 
@@ -400,14 +431,28 @@ fn settings_are_checked() {
         ("image_pull_policy: Sometimes\n", "image_pull_policy"),
         ("proxy_uid: 0\n", "proxy_uid"),
         ("proxy_resources: {requests: {cpu: 1}}\n", "proxy_resources"),
-        ("proxy_resources: {request: {cpu: '1'}}\n", "proxy_resources"),
+        (
+            "proxy_resources: {request: {cpu: '1'}}\n",
+            "proxy_resources",
+        ),
     ] {
-        let yaml = format!("{}{extra}", SETTINGS.replace("xds_address: weir-cp.weir-system.svc:18000\n", if extra.starts_with("xds_address") { "" } else { "xds_address: weir-cp.weir-system.svc:18000\n" }));
+        let yaml = format!(
+            "{}{extra}",
+            SETTINGS.replace(
+                "xds_address: weir-cp.weir-system.svc:18000\n",
+                if extra.starts_with("xds_address") {
+                    ""
+                } else {
+                    "xds_address: weir-cp.weir-system.svc:18000\n"
+                }
+            )
+        );
         let s: InjectSettings = serde_yaml::from_str(&yaml).expect("parses");
         let e = Injector::new(s).expect_err(extra);
         assert!(e.to_string().contains(want), "{e}");
     }
-    let e = crate::settings::Settings::parse("inject: {proxy_image: x}\n", "f").expect_err("missing");
+    let e =
+        crate::settings::Settings::parse("inject: {proxy_image: x}\n", "f").expect_err("missing");
     assert!(e.to_string().contains("inject"), "{e}");
 }
 
@@ -448,7 +493,10 @@ fn check_weir_accepts(inj: &Injector, token: bool) {
     assert_eq!(
         crate::ca::claimed_identity(
             "cluster.local",
-            snap.bootstrap.node.as_ref().and_then(|n| n.metadata.as_ref())
+            snap.bootstrap
+                .node
+                .as_ref()
+                .and_then(|n| n.metadata.as_ref())
         )
         .as_deref(),
         Some("spiffe://cluster.local/ns/shop/sa/cart")
@@ -459,7 +507,10 @@ fn check_weir_accepts(inj: &Injector, token: bool) {
     );
     let listeners: Vec<&str> = snap.listeners.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(listeners, ["weir-health", "weir-prometheus"]);
-    assert_eq!(snap.xds.ads.as_ref().map(|a| a.initial_metadata.is_empty()), Some(!token));
+    assert_eq!(
+        snap.xds.ads.as_ref().map(|a| a.initial_metadata.is_empty()),
+        Some(!token)
+    );
 }
 
 #[test]
@@ -536,7 +587,10 @@ fn golden_injected_example_app() {
     let mut meta = d["spec"]["template"]["metadata"].clone();
     // As a ReplicaSet creates it; the name the API server generates is filled in so the
     // golden file is a complete Pod for the schema check.
-    let base = format!("{}-7c9d8f6b5-", d["metadata"]["name"].as_str().expect("name"));
+    let base = format!(
+        "{}-7c9d8f6b5-",
+        d["metadata"]["name"].as_str().expect("name")
+    );
     meta["name"] = json!(format!("{base}x2x7q"));
     meta["generateName"] = json!(base);
     meta["namespace"] = ns.clone();

@@ -37,8 +37,7 @@ fn pki() -> (String, String, String) {
     ];
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).expect("ca");
-    let mut leaf =
-        rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
     leaf.subject_alt_names.push(rcgen::SanType::IpAddress(
         std::net::Ipv4Addr::LOCALHOST.into(),
     ));
@@ -99,7 +98,10 @@ async fn call(
         .expect("answer in time")
         .expect("answer");
     let status = resp.status().as_u16();
-    (status, resp.into_body().collect().await.expect("body").to_bytes())
+    (
+        status,
+        resp.into_body().collect().await.expect("body").to_bytes(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,11 +149,21 @@ async fn webhook_serves_admission_reviews_over_tls() {
     let tls = client(&ca);
 
     // An opted-in pod: allowed, uid echoed, a JSON patch adding weir.
-    let (status, body) = call(webhook, tls.clone(), "POST", "/inject", fixture("opt-in.json")).await;
+    let (status, body) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject",
+        fixture("opt-in.json"),
+    )
+    .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let resp: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(resp["kind"], "AdmissionReview");
-    assert_eq!(resp["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(
+        resp["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
     assert_eq!(resp["response"]["allowed"], true);
     assert_eq!(resp["response"]["patchType"], "JSONPatch");
     let patch = base64::engine::general_purpose::STANDARD
@@ -162,7 +174,11 @@ async fn webhook_serves_admission_reviews_over_tls() {
         .as_array()
         .expect("ops")
         .iter()
-        .filter_map(|o| o["value"]["name"].as_str().or(o["value"][0]["name"].as_str()))
+        .filter_map(|o| {
+            o["value"]["name"]
+                .as_str()
+                .or(o["value"][0]["name"].as_str())
+        })
         .collect();
     assert_eq!(added, ["weir-init", "weir-proxy", "weir-bootstrap"]);
     assert!(
@@ -171,23 +187,62 @@ async fn webhook_serves_admission_reviews_over_tls() {
     );
 
     // A bare pod through the namespace entry: injected; through the pod entry: not.
-    let (_, body) = call(webhook, tls.clone(), "POST", "/inject/namespace", fixture("no-arrays.json")).await;
+    let (_, body) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject/namespace",
+        fixture("no-arrays.json"),
+    )
+    .await;
     let resp: Value = serde_json::from_slice(&body).expect("json");
     assert!(resp["response"]["patch"].is_string());
-    let (_, body) = call(webhook, tls.clone(), "POST", "/inject", fixture("no-arrays.json")).await;
+    let (_, body) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject",
+        fixture("no-arrays.json"),
+    )
+    .await;
     let resp: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(resp["response"]["allowed"], true);
     assert!(resp["response"].get("patch").is_none());
 
     // hostNetwork: allowed with a warning.
-    let (_, body) = call(webhook, tls.clone(), "POST", "/inject/namespace", fixture("host-network.json")).await;
+    let (_, body) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject/namespace",
+        fixture("host-network.json"),
+    )
+    .await;
     let resp: Value = serde_json::from_slice(&body).expect("json");
-    assert!(resp["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("hostNetwork")));
+    assert!(
+        resp["response"]["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("hostNetwork"))
+    );
 
     // Malformed bodies and wrong methods/paths.
-    let (status, body) = call(webhook, tls.clone(), "POST", "/inject", b"{\"apiVersion\":".to_vec()).await;
+    let (status, body) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject",
+        b"{\"apiVersion\":".to_vec(),
+    )
+    .await;
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
-    let (status, _) = call(webhook, tls.clone(), "POST", "/inject", fixture("wrong-version.json")).await;
+    let (status, _) = call(
+        webhook,
+        tls.clone(),
+        "POST",
+        "/inject",
+        fixture("wrong-version.json"),
+    )
+    .await;
     assert_eq!(status, 400);
     let (status, _) = call(webhook, tls.clone(), "GET", "/inject", Vec::new()).await;
     assert_eq!(status, 405);
@@ -195,14 +250,20 @@ async fn webhook_serves_admission_reviews_over_tls() {
     assert_eq!(status, 404);
 
     // Plain HTTP gets no HTTP answer: the port only speaks TLS.
-    let mut plain = tokio::net::TcpStream::connect(webhook).await.expect("connect");
+    let mut plain = tokio::net::TcpStream::connect(webhook)
+        .await
+        .expect("connect");
     plain
         .write_all(b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
         .await
         .expect("write");
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut buf)).await;
-    assert!(!buf.starts_with(b"HTTP/1.1"), "{}", String::from_utf8_lossy(&buf));
+    assert!(
+        !buf.starts_with(b"HTTP/1.1"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
 
     // The metrics on the API address.
     let metrics = weir_control_plane::api::Client::new(b.api.to_string())

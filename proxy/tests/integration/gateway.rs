@@ -127,12 +127,7 @@ fn sub(text: &mut String, from: &str, to: &str) {
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
-async fn tls_from(
-    src: &str,
-    addr: SocketAddr,
-    sni: &str,
-    cfg: Arc<rustls::ClientConfig>,
-) -> Tls {
+async fn tls_from(src: &str, addr: SocketAddr, sni: &str, cfg: Arc<rustls::ClientConfig>) -> Tls {
     let sock = TcpSocket::new_v4().expect("socket");
     sock.bind(format!("{src}:0").parse().expect("src"))
         .expect("bind source");
@@ -231,7 +226,11 @@ async fn edge_gateway_example_behaves_as_documented() {
     let d = dir.display().to_string();
     sub(&mut yaml, "/etc/weir/certs/", &format!("{d}/"));
     sub(&mut yaml, "/etc/weir/jwks.json", &format!("{d}/jwks.json"));
-    sub(&mut yaml, "/var/log/weir/access.log", &log.display().to_string());
+    sub(
+        &mut yaml,
+        "/var/log/weir/access.log",
+        &log.display().to_string(),
+    );
     for p in ["9901", "8080", "8443"] {
         sub(&mut yaml, &format!("port_value: {p}}}"), "port_value: 0}");
     }
@@ -262,7 +261,11 @@ async fn edge_gateway_example_behaves_as_documented() {
         ("api.example.com", "api.example.com"),
     ] {
         let t = tls_from("127.0.0.1", https_addr, sni, certs.client(&["http/1.1"])).await;
-        assert!(peer_dns(&t).contains(&want.to_string()), "{sni}: {:?}", peer_dns(&t));
+        assert!(
+            peer_dns(&t).contains(&want.to_string()),
+            "{sni}: {:?}",
+            peer_dns(&t)
+        );
     }
 
     // HTTP -> HTTPS, 301, path and query kept.
@@ -283,8 +286,17 @@ async fn edge_gateway_example_behaves_as_documented() {
     // use_remote_address: XFF is the real peer.
     assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
 
-    // JWT on /api/: none or a wrong audience -> 401; a valid token -> 200 with the claim.
-    let (s, h, _) = https("127.0.0.1", https_addr, &certs, "api.example.com", "/api/orders", &[]).await;
+    // JWT on /api/: none or malformed -> 401, another audience -> 403, a valid token -> 200
+    // with the claim.
+    let (s, h, _) = https(
+        "127.0.0.1",
+        https_addr,
+        &certs,
+        "api.example.com",
+        "/api/orders",
+        &[],
+    )
+    .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(h.contains_key("www-authenticate"));
     let wrong = format!("Bearer {}", jwt.token("other.example.com"));
@@ -295,6 +307,18 @@ async fn edge_gateway_example_behaves_as_documented() {
         "api.example.com",
         "/api/orders",
         &[("authorization", &wrong)],
+    )
+    .await;
+    // Envoy: a verified token for another audience is 403 ("Audiences in Jwt are not
+    // allowed"), a missing or bad one 401.
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = https(
+        "127.0.0.1",
+        https_addr,
+        &certs,
+        "api.example.com",
+        "/api/orders",
+        &[("authorization", "Bearer not.a.jwt")],
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
@@ -356,11 +380,18 @@ async fn edge_gateway_example_behaves_as_documented() {
     assert_eq!(p.stat("per_client.http_local_rate_limit.rate_limited"), 1);
 
     // gRPC over TLS + h2 to the gRPC backend: grpc.health.v1.Health/Check -> SERVING.
-    let t = tls_from("127.0.0.1", https_addr, "api.example.com", certs.client(&["h2"])).await;
+    let t = tls_from(
+        "127.0.0.1",
+        https_addr,
+        "api.example.com",
+        certs.client(&["h2"]),
+    )
+    .await;
     assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
-        .await
-        .expect("h2 handshake");
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(t))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
     let resp = tx
         .send_request(
@@ -383,7 +414,13 @@ async fn edge_gateway_example_behaves_as_documented() {
     {
         use futures::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
-        let t = tls_from("127.0.0.1", https_addr, "www.example.com", certs.client(&["http/1.1"])).await;
+        let t = tls_from(
+            "127.0.0.1",
+            https_addr,
+            "www.example.com",
+            certs.client(&["http/1.1"]),
+        )
+        .await;
         let (mut sock, resp) = tokio::time::timeout(
             Duration::from_secs(10),
             tokio_tungstenite::client_async("wss://www.example.com/ws", t),
@@ -392,24 +429,25 @@ async fn edge_gateway_example_behaves_as_documented() {
         .expect("upgrade in time")
         .expect("websocket upgrade");
         assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-        sock.send(Message::text("ping through weir")).await.expect("send");
+        sock.send(Message::text("ping through weir"))
+            .await
+            .expect("send");
         let echoed = tokio::time::timeout(Duration::from_secs(10), sock.next())
             .await
             .expect("echo in time")
             .expect("a message")
             .expect("ok");
-        assert_eq!(echoed.into_text().expect("text").as_str(), "ping through weir");
+        assert_eq!(
+            echoed.into_text().expect("text").as_str(),
+            "ping through weir"
+        );
         let _ = sock.close(None).await;
     }
 
     // The access log: one JSON line per request, with the SNI and the client.
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     eventually("access log lines", || {
-        read()
-            .lines()
-            .filter(|l| l.contains("/api/orders"))
-            .count()
-            >= 14
+        read().lines().filter(|l| l.contains("/api/orders")).count() >= 15
     })
     .await;
     let lines: Vec<Value> = read()
