@@ -45,4 +45,14 @@ if ! command -v iptables-restore >/dev/null 2>&1 || ! command -v ip >/dev/null 2
   fi
 fi
 export WEIR_REQUIRE_NETNS=1
+# Kubernetes manifests (deploy/**/*.yaml, including the injected-pod golden file) against
+# the schemas of a pinned Kubernetes release, strictly (unknown fields fail):
+# kubernetes-validate bundles the schemas, so no cluster or network is needed.
+K8S_VERSION=1.31.0
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  python3 -m pip install -q kubernetes-validate
+fi
+mapfile -t manifests < <(find deploy -name '*.yaml' | sort)
+python3 -m kubernetes_validate --strict --quiet -k "$K8S_VERSION" "${manifests[@]}"
+echo "kubernetes-validate: ${#manifests[@]} manifest files valid against Kubernetes $K8S_VERSION"
 cargo test --workspace --all-targets "$@"

@@ -29,6 +29,8 @@
 //! - [`ca`]: the mesh CA: a cache source serving workload certificates (SPIFFE IDs from node
 //!   metadata) and the trust bundle as SDS secrets `default` / `ROOTCA`, rotated at half
 //!   life.
+//! - [`inject`]: the Kubernetes sidecar injector, a mutating admission webhook over TLS
+//!   (`serve --webhook-address`, settings `inject:`).
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
@@ -47,6 +49,7 @@ pub mod ca;
 pub mod cache;
 pub mod configdir;
 pub mod etcd;
+pub mod inject;
 pub mod kv;
 pub mod metrics;
 pub mod objects;

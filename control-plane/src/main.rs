@@ -111,6 +111,11 @@ struct ServeArgs {
     /// `s3.access_keys`) here; port 0 picks a free port (logged as `s3_address=`).
     #[arg(long = "s3-address")]
     s3_address: Option<SocketAddr>,
+    /// Serve the Kubernetes sidecar injection webhook (`POST /inject`, HTTPS with the
+    /// --config file's `inject.tls`) here; port 0 picks a free port (logged as
+    /// `webhook_address=`). Needs the `inject:` settings block.
+    #[arg(long = "webhook-address")]
+    webhook_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -334,13 +339,51 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The sidecar injector runs beside `run` and stops with it.
+    let stop_webhook = tokio_util::sync::CancellationToken::new();
+    let shutdown = {
+        let stop = stop_webhook.clone();
+        async move {
+            shutdown.await;
+            stop.cancel();
+        }
+    };
+    let webhook = match args.webhook_address {
+        Some(a) => {
+            let inject = settings.inject.clone().context(
+                "--webhook-address needs an `inject:` block (tls, proxy_image, xds_address) in the --config file",
+            )?;
+            let tls = weir_control_plane::inject::server::acceptor(&inject.tls)?;
+            let injector = Arc::new(weir_control_plane::inject::Injector::new(inject)?);
+            cp.metrics.add_collector(injector.metrics.clone());
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding --webhook-address {a}"))?;
+            let webhook_address = l
+                .local_addr()
+                .context("reading the bound webhook address")?;
+            tracing::info!(%webhook_address, "weir-cp sidecar injection webhook listening (HTTPS)");
+            Some(tokio::spawn(weir_control_plane::inject::server::serve(
+                injector,
+                l,
+                tls,
+                stop_webhook.clone(),
+            )))
+        }
+        None => None,
+    };
     let opts = weir_control_plane::RunOptions {
         api: Some(api),
         config_dir: args.config_dir.map(|d| (d, args.config_dir_interval)),
         settings,
         s3,
     };
-    weir_control_plane::run(cp, listener, opts, shutdown).await?;
+    let result = weir_control_plane::run(cp, listener, opts, shutdown).await;
+    stop_webhook.cancel();
+    if let Some(w) = webhook {
+        let _ = w.await;
+    }
+    result?;
     tracing::info!("weir-cp stopped");
     Ok(())
 }

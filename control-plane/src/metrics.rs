@@ -80,7 +80,8 @@ impl Histogram {
         self.count.load(Relaxed)
     }
 
-    fn render(&self, name: &str, help: &str, out: &mut String) {
+    /// Append the family `name` (`# HELP`, `# TYPE`, buckets, sum, count) to `out`.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cumulative = 0;

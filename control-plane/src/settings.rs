@@ -22,6 +22,10 @@
 //!   - access_key_id: AKIAWEIREXAMPLE
 //!     secret_access_key: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
 //!     scopes: [objects:read, objects:write]
+//! inject:                    # the sidecar injection webhook (see crate::inject)
+//!   tls: {cert_file: /etc/weir-cp/webhook/tls.crt, key_file: /etc/weir-cp/webhook/tls.key}
+//!   proxy_image: weir/weir:0.1.0
+//!   xds_address: weir-cp.weir-system.svc:18000
 //! ```
 //!
 //! Unknown fields are errors (a typo must not silently open an API). Each subsystem owns its
@@ -45,6 +49,10 @@ pub struct Settings {
     /// Credentials of the `--objects s3://…` backend (else the AWS_* environment).
     #[serde(default)]
     pub objects_backend: Option<crate::objects::remote::Credentials>,
+    /// The Kubernetes sidecar injector (see `crate::inject`), served with
+    /// `serve --webhook-address`.
+    #[serde(default)]
+    pub inject: Option<crate::inject::InjectSettings>,
 }
 
 /// A permission a credential carries.

@@ -12,7 +12,8 @@
 //! `store_suite` (one suite per store run against each backend: KV and registry on embedded
 //! and etcd, objects on embedded and S3/moto), `sidecars` (two weir sidecars with certificates
 //! from weir-cp's CA talking mTLS; RBAC on SPIFFE IDs; XFCC), `netns_mesh` (the same as
-//! transparent sidecars in network namespaces: weir-init rules, plain-text apps, mTLS between).
+//! transparent sidecars in network namespaces: weir-init rules, plain-text apps, mTLS between),
+//! `inject` (the sidecar injection webhook over HTTPS).
 
 mod auth;
 mod ca;
@@ -20,6 +21,7 @@ mod cli;
 mod delta;
 mod etcd;
 mod harness;
+mod inject;
 mod kv;
 mod mesh;
 mod netns_mesh;

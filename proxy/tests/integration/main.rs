@@ -6,6 +6,7 @@ mod harness;
 mod admin;
 mod authz;
 mod filters;
+mod gateway;
 mod h2frames;
 mod hardening;
 mod health;
