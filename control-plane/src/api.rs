@@ -336,6 +336,10 @@ pub async fn serve_with(
                 }
             },
         };
+        // Small responses written in pieces must not wait for a delayed ACK (Nagle).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "API: cannot set TCP_NODELAY");
+        }
         let cp = cp.clone();
         let auth = auth.clone();
         let shutdown = shutdown.clone();
@@ -536,6 +540,8 @@ impl Client {
                 addr: self.addr.clone(),
                 source,
             })?;
+        // The request's head and body go out in separate writes: no Nagle delay between them.
+        let _ = stream.set_nodelay(true);
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path_and_query)

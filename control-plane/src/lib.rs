@@ -34,7 +34,8 @@
 //! - this file: [`ControlPlane`] (the shared state) and [`run`] / [`serve`].
 //!
 //! ## gRPC server
-//! One tonic server on the xDS address carries `grpc.health.v1.Health` (SERVING for `""`,
+//! One tonic server on the xDS address (accepted connections with `TCP_NODELAY`, see
+//! [`grpc_incoming`]) carries `grpc.health.v1.Health` (SERVING for `""`,
 //! [`SERVICE_NAME`] and the ADS service), ADS, the registry, the KV services
 //! (`weir.kv.v1.KV`, `Watch`, `Lease`) and `weir.objects.v1.Objects`, with the message limits below and HTTP/2 keepalives
 //! so dead clients are noticed. Shutdown ends every ADS, watch and keep-alive stream, then the
@@ -532,7 +533,7 @@ pub async fn run(
         .add_service(kv.lease)
         .add_service(registry_service)
         .add_service(objects_service)
-        .serve_with_incoming_shutdown(TcpIncoming::from(xds), async move {
+        .serve_with_incoming_shutdown(grpc_incoming(xds), async move {
             shutdown.await;
             stop.cancel();
         })
@@ -545,6 +546,16 @@ pub async fn run(
     Ok(())
 }
 
+/// The gRPC server's accepted connections, with `TCP_NODELAY` on each.
+///
+/// Without it a small response written in pieces (headers, data, trailers) meets Nagle's
+/// algorithm on this side and a delayed ACK on the client's: every unary call then takes
+/// ~40 ms on loopback. (`Server::tcp_nodelay` only applies to servers tonic binds itself; an
+/// incoming stream brings its own socket options.)
+pub fn grpc_incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Serve an in-memory control plane (no API, no persistence) on `listener` until `shutdown`
 /// completes.
 pub async fn serve(
@@ -553,4 +564,33 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let cp = ControlPlane::open(None)?;
     run(cp, listener, RunOptions::default(), shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    /// Every accepted gRPC connection has `TCP_NODELAY` (no 40 ms Nagle/delayed-ACK stalls).
+    #[tokio::test]
+    async fn grpc_connections_are_accepted_with_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = super::grpc_incoming(listener);
+        for _ in 0..2 {
+            let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let accepted =
+                tokio::time::timeout(std::time::Duration::from_secs(10), incoming.next())
+                    .await
+                    .expect("accepted in time")
+                    .expect("incoming open")
+                    .expect("accept");
+            assert!(
+                accepted.nodelay().expect("nodelay"),
+                "TCP_NODELAY on the accepted socket"
+            );
+            drop(client);
+        }
+    }
 }

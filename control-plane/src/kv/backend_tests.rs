@@ -647,11 +647,13 @@ async fn lease_expiry_deletes_keys_as_events() {
         .await
         .expect("grant");
     assert_eq!((l.id, l.ttl), (1, 5));
-    assert!(matches!(
-        kv.lease_grant(pb::LeaseGrantRequest { ttl: 5, id: 1 })
-            .await,
-        Err(KvError::FailedPrecondition(_))
-    ));
+    let dup = kv
+        .lease_grant(pb::LeaseGrantRequest { ttl: 5, id: 1 })
+        .await;
+    assert!(
+        matches!(dup, Err(KvError::FailedPrecondition(_))),
+        "{dup:?}"
+    );
     for k in ["l/a", "l/b"] {
         kv.put(pb::PutRequest {
             lease: l.id,

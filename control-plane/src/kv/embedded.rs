@@ -9,9 +9,18 @@
 //! | `kv.leases` | lease id (u64 BE) | [`LeaseRecord`] (granted TTL) |
 //! | `kv.lease_keys` | lease id (u64 BE) ++ key | empty |
 //!
-//! Every write runs in one redb write transaction (durable before it returns) under a mutex
-//! that also covers publishing the revision's events to the watch hub, so the hub sees
-//! revisions in order. The log doubles as MVCC history: a read at an older revision takes the
+//! ## Group commit
+//! Every write (put, delete, txn, compact, lease grant/revoke) is validated by the caller and
+//! queued to one writer thread per backend. The thread takes everything queued (up to
+//! [`MAX_BATCH_OPS`] writes or `MAX_BATCH_BYTES`), applies the writes in queue order inside
+//! one redb write transaction — each write that changes something gets its own revision and
+//! log record, exactly as if alone — commits it durably (redb's `Durability::Immediate`: one
+//! fsync for the batch), then, write by write, updates in-memory state, publishes the
+//! revision's events to the watch hub (so the hub sees revisions in order) and answers. A
+//! write that fails fails alone (one that fails after writing part of itself makes the batch
+//! be redone without it); a store failure fails the whole batch and nothing is
+//! acknowledged. No timer: writes that arrive during a commit form the next batch. See
+//! `docs/arch-cpperf.md`. The log doubles as MVCC history: a read at an older revision takes the
 //! current state of the range and undoes the log's events newer than that revision (each
 //! event stores its `prev_kv`); compaction deletes log records below the compact revision.
 //!
@@ -34,7 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prost::Message as _;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::proto::kv as pb;
 use crate::proto::kv::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::proto::kv::event::EventType;
-use crate::storage::{Reader, Store, Writer};
+use crate::storage::{Reader, Store, StoreError, Writer};
 
 const KEYS: &str = "kv.keys";
 const LOG: &str = "kv.log";
@@ -98,6 +107,7 @@ struct LeaseState {
 #[derive(Clone)]
 pub struct EmbeddedKv {
     inner: Arc<Inner>,
+    writer: Arc<WriterHandle>,
 }
 
 impl std::fmt::Debug for EmbeddedKv {
@@ -110,8 +120,12 @@ impl std::fmt::Debug for EmbeddedKv {
 
 struct Inner {
     store: Arc<Store>,
-    /// Serializes writes and the publication of their events.
-    write: Mutex<()>,
+    /// Held by tests to make queued writes commit as one batch.
+    #[cfg(test)]
+    gate: Mutex<()>,
+    /// Tests: make the next batch fail as a store failure would.
+    #[cfg(test)]
+    fail_next_batch: std::sync::atomic::AtomicBool,
     revision: AtomicI64,
     hub: broadcast::Sender<Arc<Batch>>,
     leases: Mutex<HashMap<i64, LeaseState>>,
@@ -250,15 +264,28 @@ fn meta(r: &Reader, key: &[u8]) -> Result<Option<i64>, KvError> {
     r.get(META, key)?.map(|b| from_be(&b)).transpose()
 }
 
-/// One write transaction: the revision it would produce and the events so far.
+/// One write operation inside a batch's redb transaction: the revision it would produce, the
+/// events so far, and whether it has written anything yet (`dirty`: a failure after a write
+/// cannot be undone inside the shared transaction, so the batch is redone without the op).
 struct Tx<'a, 'b> {
     w: &'a mut Writer<'b>,
     revision: i64,
     events: Vec<pb::Event>,
     keys_delta: i64,
+    dirty: bool,
 }
 
 impl Tx<'_, '_> {
+    fn wput(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), KvError> {
+        self.dirty = true;
+        Ok(self.w.put(table, key, value)?)
+    }
+
+    fn wdel(&mut self, table: &str, key: &[u8]) -> Result<bool, KvError> {
+        self.dirty = true;
+        Ok(self.w.delete(table, key)?)
+    }
+
     fn get(&mut self, key: &[u8]) -> Result<Option<pb::KeyValue>, KvError> {
         self.w.get(KEYS, key)?.map(|b| decode(&b)).transpose()
     }
@@ -289,13 +316,12 @@ impl Tx<'_, '_> {
             && p.lease != 0
             && p.lease != req.lease
         {
-            self.w.delete(LEASE_KEYS, &lease_key(p.lease, &req.key))?;
+            self.wdel(LEASE_KEYS, &lease_key(p.lease, &req.key))?;
         }
         if req.lease != 0 {
-            self.w
-                .put(LEASE_KEYS, &lease_key(req.lease, &req.key), &[])?;
+            self.wput(LEASE_KEYS, &lease_key(req.lease, &req.key), &[])?;
         }
-        self.w.put(KEYS, &req.key, &kv.encode_to_vec())?;
+        self.wput(KEYS, &req.key, &kv.encode_to_vec())?;
         if prev.is_none() {
             self.keys_delta += 1;
         }
@@ -322,10 +348,9 @@ impl Tx<'_, '_> {
             return Err(e);
         }
         for prev in &found {
-            self.w.delete(KEYS, &prev.key)?;
+            self.wdel(KEYS, &prev.key)?;
             if prev.lease != 0 {
-                self.w
-                    .delete(LEASE_KEYS, &lease_key(prev.lease, &prev.key))?;
+                self.wdel(LEASE_KEYS, &lease_key(prev.lease, &prev.key))?;
             }
             self.keys_delta -= 1;
             self.events.push(pb::Event {
@@ -398,9 +423,11 @@ impl Tx<'_, '_> {
     }
 
     fn revoke(&mut self, id: i64) -> Result<(), KvError> {
-        if !self.w.delete(LEASES, &be(id))? {
+        // Check first: a failure before any write leaves the batch's transaction usable.
+        if self.w.get(LEASES, &be(id))?.is_none() {
             return Err(KvError::LeaseNotFound(id));
         }
+        self.wdel(LEASES, &be(id))?;
         let mut keys = Vec::new();
         let start = be(id);
         let end = be(id.saturating_add(1));
@@ -410,12 +437,12 @@ impl Tx<'_, '_> {
         })?;
         for lk in keys {
             let key = lk.get(8..).unwrap_or_default().to_vec();
-            self.w.delete(LEASE_KEYS, &lk)?;
+            self.wdel(LEASE_KEYS, &lk)?;
             // Only keys still attached to this lease (a put moves a key off its old lease).
             let Some(prev) = self.get(&key)?.filter(|p| p.lease == id) else {
                 continue;
             };
-            self.w.delete(KEYS, &key)?;
+            self.wdel(KEYS, &key)?;
             self.keys_delta -= 1;
             self.events.push(pb::Event {
                 r#type: EventType::Delete as i32,
@@ -428,6 +455,172 @@ impl Tx<'_, '_> {
             });
         }
         Ok(())
+    }
+}
+
+impl Tx<'_, '_> {
+    /// Apply `op`, the batch being at revision `current`; headers are set by the caller.
+    fn apply(&mut self, op: &WriteOp, current: i64) -> Result<(WriteOut, After), KvError> {
+        Ok(match op {
+            WriteOp::Put(req) => {
+                let prev = self.put(req)?;
+                let resp = pb::PutResponse {
+                    header: None,
+                    prev_kv: if req.prev_kv { prev } else { None },
+                };
+                (WriteOut::Put(resp), After::Nothing)
+            }
+            WriteOp::DeleteRange { range, prev_kv } => {
+                let prev = self.delete_range(range)?;
+                let resp = pb::DeleteRangeResponse {
+                    header: None,
+                    deleted: prev.len() as i64,
+                    prev_kvs: if *prev_kv { prev } else { Vec::new() },
+                };
+                (WriteOut::DeleteRange(resp), After::Nothing)
+            }
+            WriteOp::Txn(req) => {
+                let (succeeded, responses) = self.txn(req)?;
+                let resp = pb::TxnResponse {
+                    header: None,
+                    succeeded,
+                    responses,
+                };
+                (WriteOut::Txn(resp), After::Nothing)
+            }
+            WriteOp::Compact(revision) => {
+                self.compact(*revision, current)?;
+                (
+                    WriteOut::Compact(pb::CompactionResponse { header: None }),
+                    After::Compacted(*revision),
+                )
+            }
+            WriteOp::LeaseGrant { req, now } => {
+                let id = self.grant(req)?;
+                let resp = pb::LeaseGrantResponse {
+                    header: None,
+                    id,
+                    ttl: req.ttl,
+                };
+                let after = After::Granted {
+                    id,
+                    ttl: req.ttl,
+                    deadline: deadline_after(*now, req.ttl),
+                };
+                (WriteOut::LeaseGrant(resp), after)
+            }
+            WriteOp::LeaseRevoke { id, expired } => {
+                self.revoke(*id)?;
+                (
+                    WriteOut::LeaseRevoke(pb::LeaseRevokeResponse { header: None }),
+                    After::Revoked {
+                        id: *id,
+                        expired: *expired,
+                    },
+                )
+            }
+        })
+    }
+
+    /// A validated transaction: every compare, then the chosen branch's ops.
+    fn txn(&mut self, req: &pb::TxnRequest) -> Result<(bool, Vec<pb::ResponseOp>), KvError> {
+        let mut ok = true;
+        for (i, c) in req.compare.iter().enumerate() {
+            // Evaluate every compare so malformed ones are reported even after a false one.
+            ok &= self.compare(i, c)?;
+        }
+        let ops = if ok { &req.success } else { &req.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            use pb::request_op::Request as Q;
+            use pb::response_op::Response as A;
+            let resp = match &op.request {
+                Some(Q::RequestRange(r)) => A::ResponseRange(self.range(r)?),
+                Some(Q::RequestPut(p)) => {
+                    let prev = self.put(p)?;
+                    A::ResponsePut(pb::PutResponse {
+                        header: None,
+                        prev_kv: if p.prev_kv { prev } else { None },
+                    })
+                }
+                Some(Q::RequestDeleteRange(d)) => {
+                    let range = KeyRange::new(&d.key, &d.range_end, d.prefix)?;
+                    let prev = self.delete_range(&range)?;
+                    A::ResponseDeleteRange(pb::DeleteRangeResponse {
+                        header: None,
+                        deleted: prev.len() as i64,
+                        prev_kvs: if d.prev_kv { prev } else { Vec::new() },
+                    })
+                }
+                None => return Err(KvError::InvalidArgument("no request set".into())),
+            };
+            responses.push(pb::ResponseOp {
+                response: Some(resp),
+            });
+        }
+        Ok((ok, responses))
+    }
+
+    /// Drop the log below `revision` (the store being at `current`).
+    fn compact(&mut self, revision: i64, current: i64) -> Result<(), KvError> {
+        let compact = self
+            .w
+            .get(META, META_COMPACT)?
+            .map(|b| from_be(&b))
+            .transpose()?
+            .unwrap_or(0);
+        if revision > current {
+            return Err(KvError::FutureRevision {
+                requested: revision,
+                current,
+            });
+        }
+        if revision <= compact {
+            return Err(KvError::Compacted {
+                requested: revision,
+                compact_revision: compact,
+            });
+        }
+        let mut old = Vec::new();
+        self.w.range_visit(LOG, &[], Some(&be(revision)), |k, _| {
+            old.push(k.to_vec());
+            true
+        })?;
+        for k in old {
+            self.wdel(LOG, &k)?;
+        }
+        self.wput(META, META_COMPACT, &be(revision))
+    }
+
+    /// Store a validated lease grant; its id.
+    fn grant(&mut self, req: &pb::LeaseGrantRequest) -> Result<i64, KvError> {
+        let id = if req.id == 0 {
+            let mut next = self
+                .w
+                .get(META, META_NEXT_LEASE)?
+                .map(|b| from_be(&b))
+                .transpose()?
+                .unwrap_or(1);
+            while self.w.get(LEASES, &be(next))?.is_some() {
+                next += 1;
+            }
+            self.wput(META, META_NEXT_LEASE, &be(next + 1))?;
+            next
+        } else {
+            if self.w.get(LEASES, &be(req.id))?.is_some() {
+                return Err(KvError::FailedPrecondition(format!(
+                    "lease {} already exists",
+                    req.id
+                )));
+            }
+            req.id
+        };
+        self.wput(
+            LEASES,
+            &be(id),
+            &LeaseRecord { ttl: req.ttl }.encode_to_vec(),
+        )?;
+        Ok(id)
     }
 }
 
@@ -525,16 +718,32 @@ impl EmbeddedKv {
         metrics.kv.set_keys(i64::try_from(keys).unwrap_or(i64::MAX));
         metrics.kv.set_leases(leases.len() as i64);
         let (hub, _) = broadcast::channel(HUB_CAPACITY);
+        let inner = Arc::new(Inner {
+            store,
+            #[cfg(test)]
+            gate: Mutex::new(()),
+            #[cfg(test)]
+            fail_next_batch: std::sync::atomic::AtomicBool::new(false),
+            revision: AtomicI64::new(revision),
+            hub,
+            leases: Mutex::new(leases),
+            lease_changed: Notify::new(),
+            metrics,
+            progress_interval,
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("weir-kv-writer".into())
+                .spawn(move || writer_loop(inner, rx))
+                .map_err(|e| KvError::Internal(format!("starting the KV writer thread: {e}")))?
+        };
         Ok(EmbeddedKv {
-            inner: Arc::new(Inner {
-                store,
-                write: Mutex::new(()),
-                revision: AtomicI64::new(revision),
-                hub,
-                leases: Mutex::new(leases),
-                lease_changed: Notify::new(),
-                metrics,
-                progress_interval,
+            inner,
+            writer: Arc::new(WriterHandle {
+                tx: Some(tx),
+                thread: Some(thread),
             }),
         })
     }
@@ -546,8 +755,88 @@ impl EmbeddedKv {
 
     /// Start the lease expiry task; it stops when `token` is cancelled.
     pub fn spawn_expiry(&self, token: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let kv = self.clone();
+        tokio::spawn(async move { kv.expiry_loop(token).await })
+    }
+
+    /// Queue `op` for the writer thread and wait until it is durable (or failed).
+    async fn submit(&self, op: WriteOp) -> Result<WriteOut, KvError> {
+        let (reply, answer) = oneshot::channel();
+        let tx = self.writer.tx.as_ref().ok_or_else(writer_stopped)?;
+        tx.send(Job { op, reply })
+            .await
+            .map_err(|_| writer_stopped())?;
+        // Unit tests run with tokio's paused clock, which auto-advances whenever the runtime
+        // is idle — also while a write is on the writer thread, which tokio cannot see (lease
+        // deadlines would pass mid-write). Waiting from the blocking pool, which tokio tracks,
+        // keeps the clock still. Production awaits the answer directly.
+        #[cfg(test)]
+        let answer = tokio::task::spawn_blocking(move || answer.blocking_recv())
+            .await
+            .map_err(|_| writer_stopped())?;
+        #[cfg(not(test))]
+        let answer = answer.await;
+        answer.map_err(|_| writer_stopped())?
+    }
+
+    /// Revoke `id` if it is (still) past its deadline.
+    async fn expire(&self, id: i64) -> Result<bool, KvError> {
+        {
+            let leases = lock(&self.inner.leases);
+            match leases.get(&id) {
+                Some(l) if l.deadline <= Instant::now() => {}
+                _ => return Ok(false),
+            }
+        }
+        match self
+            .submit(WriteOp::LeaseRevoke { id, expired: true })
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Revoked meanwhile: not an expiry; drop the stale deadline.
+            Err(KvError::LeaseNotFound(_)) => {
+                lock(&self.inner.leases).remove(&id);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn expiry_loop(self, token: CancellationToken) {
         let inner = self.inner.clone();
-        tokio::spawn(async move { inner.expiry_loop(token).await })
+        loop {
+            let earliest = lock(&inner.leases).values().map(|l| l.deadline).min();
+            let sleep = async {
+                match earliest {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = inner.lease_changed.notified() => continue,
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            let expired: Vec<i64> = lock(&inner.leases)
+                .iter()
+                .filter(|(_, l)| l.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                match self.expire(id).await {
+                    Ok(true) => tracing::info!(lease = id, "lease expired: revoked"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(lease = id, "revoking an expired lease failed: {e}");
+                        // Retry later rather than spinning.
+                        if let Some(l) = lock(&inner.leases).get_mut(&id) {
+                            l.deadline = Instant::now() + Duration::from_secs(1);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -561,68 +850,346 @@ impl EmbeddedKv {
     }
 }
 
+/// Most writes committed in one batch (one redb transaction, one fsync).
+pub const MAX_BATCH_OPS: usize = 256;
+/// A batch stops growing once its keys and values reach this many bytes.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Writes queued for the writer thread before submitters wait (backpressure).
+const WRITE_QUEUE: usize = 4096;
+
+/// A write, submitted to the writer thread (validated by the submitter).
+#[derive(Debug)]
+enum WriteOp {
+    Put(pb::PutRequest),
+    DeleteRange {
+        range: KeyRange,
+        prev_kv: bool,
+    },
+    Txn(pb::TxnRequest),
+    Compact(i64),
+    /// `now`: when the grant was asked for (the deadline counts from it; read on the
+    /// submitter's side so tests with a paused tokio clock see their own time).
+    LeaseGrant {
+        req: pb::LeaseGrantRequest,
+        now: Instant,
+    },
+    /// `expired`: revoked by the expiry task (counted as an expiry).
+    LeaseRevoke {
+        id: i64,
+        expired: bool,
+    },
+}
+
+impl WriteOp {
+    /// Bytes of keys and values, for the batch size limit.
+    fn size(&self) -> usize {
+        let put = |p: &pb::PutRequest| p.key.len() + p.value.len();
+        match self {
+            WriteOp::Put(p) => put(p),
+            WriteOp::Txn(t) => t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .map(|op| match &op.request {
+                    Some(pb::request_op::Request::RequestPut(p)) => put(p),
+                    _ => 64,
+                })
+                .sum(),
+            _ => 64,
+        }
+    }
+}
+
+/// A write's answer, headers filled with its revision.
+#[derive(Debug)]
+enum WriteOut {
+    Put(pb::PutResponse),
+    DeleteRange(pb::DeleteRangeResponse),
+    Txn(pb::TxnResponse),
+    Compact(pb::CompactionResponse),
+    LeaseGrant(pb::LeaseGrantResponse),
+    LeaseRevoke(pb::LeaseRevokeResponse),
+}
+
+impl WriteOut {
+    fn set_revision(&mut self, revision: i64) {
+        match self {
+            WriteOut::Put(r) => r.header = header(revision),
+            WriteOut::DeleteRange(r) => r.header = header(revision),
+            WriteOut::Txn(r) => {
+                r.header = header(revision);
+                for op in &mut r.responses {
+                    use pb::response_op::Response as A;
+                    match &mut op.response {
+                        Some(A::ResponseRange(x)) => x.header = header(revision),
+                        Some(A::ResponsePut(x)) => x.header = header(revision),
+                        Some(A::ResponseDeleteRange(x)) => x.header = header(revision),
+                        None => {}
+                    }
+                }
+            }
+            WriteOut::Compact(r) => r.header = header(revision),
+            WriteOut::LeaseGrant(r) => r.header = header(revision),
+            WriteOut::LeaseRevoke(r) => r.header = header(revision),
+        }
+    }
+}
+
+/// In-memory state to update once a write is durable (before its events are published).
+#[derive(Debug)]
+enum After {
+    Nothing,
+    Granted {
+        id: i64,
+        ttl: i64,
+        deadline: Instant,
+    },
+    Revoked {
+        id: i64,
+        expired: bool,
+    },
+    Compacted(i64),
+}
+
+/// A write applied inside a batch's transaction, waiting for the commit.
+struct Applied {
+    out: WriteOut,
+    batch: Option<Batch>,
+    keys_delta: i64,
+    after: After,
+}
+
+type Reply = oneshot::Sender<Result<WriteOut, KvError>>;
+
+/// A queued write and where its answer goes.
+struct Job {
+    op: WriteOp,
+    reply: Reply,
+}
+
+/// Why a batch's transaction was abandoned (nothing of it is written).
+enum Abort {
+    /// Write `i` failed after writing something: redo the batch without it.
+    Redo(usize, KvError),
+    /// The store failed: every write of the batch fails.
+    Store(String),
+}
+
+impl From<StoreError> for Abort {
+    fn from(e: StoreError) -> Self {
+        Abort::Store(e.to_string())
+    }
+}
+
+/// The writer thread's queue and handle, shared by the clones of an [`EmbeddedKv`]. Dropping
+/// the last clone closes the queue; the thread finishes what is queued, and the drop waits for
+/// it (so the store is released when the backend is gone).
+struct WriterHandle {
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+fn writer_stopped() -> KvError {
+    KvError::Internal("the KV writer thread stopped".into())
+}
+
+/// The writer thread: take what is queued (at least one write, at most a batch), apply it in
+/// one durable transaction, answer, repeat until the queue closes.
+fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        #[cfg(test)]
+        let _gate = lock(&inner.gate);
+        let mut bytes = first.op.size();
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(j) => {
+                    bytes += j.op.size();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        inner.commit_batch(jobs);
+    }
+}
+
+/// Apply one write of a batch at revision `*current` (the batch's so far); on success
+/// `*current` becomes its revision (unchanged when it wrote nothing). The error carries
+/// whether the write had already written something.
+fn apply_one(
+    w: &mut Writer<'_>,
+    current: &mut i64,
+    op: &WriteOp,
+) -> Result<Applied, (KvError, bool)> {
+    let mut tx = Tx {
+        w,
+        revision: *current + 1,
+        events: Vec::new(),
+        keys_delta: 0,
+        dirty: false,
+    };
+    let r = tx.apply(op, *current);
+    let Tx {
+        w,
+        revision,
+        events,
+        keys_delta,
+        dirty,
+    } = tx;
+    let (mut out, after) = r.map_err(|e| (e, dirty))?;
+    let batch = if events.is_empty() {
+        None
+    } else {
+        let record = LogRecord { events };
+        w.put(LOG, &be(revision), &record.encode_to_vec())
+            .map_err(|e| (KvError::Store(e), true))?;
+        *current = revision;
+        Some(Batch {
+            revision,
+            events: record.events,
+        })
+    };
+    out.set_revision(*current);
+    Ok(Applied {
+        out,
+        batch,
+        keys_delta,
+        after,
+    })
+}
+
 impl Inner {
-    /// Run `f` as one write transaction producing at most one revision; commit durably, then
-    /// publish the events. Returns `f`'s result and the store's revision afterwards.
-    fn mutate<T>(
-        &self,
-        f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, KvError>,
-    ) -> Result<(T, i64), KvError> {
-        self.mutate_then(f, || {})
+    /// Commit `jobs` as one durable redb transaction and answer each, in order. Each write
+    /// that changes something gets its own revision and log record, as if applied alone; a
+    /// write that fails (a compare-and-swap, a missing lease, …) fails alone. One that fails
+    /// after writing part of itself (e.g. a txn op after another) cannot be undone inside the
+    /// shared transaction: the batch is redone without it. A store failure (including the
+    /// commit) fails every write of the batch, and nothing is acknowledged.
+    fn commit_batch(&self, jobs: Vec<Job>) {
+        let n = jobs.len();
+        let mut redo: Vec<Option<KvError>> = std::iter::repeat_with(|| None).take(n).collect();
+        let mut outcome = Err("the batch was redone too often".to_string());
+        // Each redo drops one more write, so this ends within n + 1 attempts.
+        for _ in 0..=n {
+            let attempt = self.store.write(|w| {
+                let start = w
+                    .get(META, META_REVISION)?
+                    .map(|b| from_be(&b))
+                    .transpose()
+                    .map_err(|e| Abort::Store(e.to_string()))?
+                    .unwrap_or(1);
+                let mut current = start;
+                let mut results = Vec::with_capacity(n);
+                for (i, job) in jobs.iter().enumerate() {
+                    if redo.get(i).is_some_and(Option::is_some) {
+                        results.push(None);
+                        continue;
+                    }
+                    match apply_one(w, &mut current, &job.op) {
+                        Ok(a) => results.push(Some(Ok(a))),
+                        Err((KvError::Store(e), _)) => return Err(Abort::Store(e.to_string())),
+                        Err((e, true)) => return Err(Abort::Redo(i, e)),
+                        Err((e, false)) => results.push(Some(Err(e))),
+                    }
+                }
+                if current != start {
+                    w.put(META, META_REVISION, &be(current))?;
+                }
+                #[cfg(test)]
+                if self.fail_next_batch.swap(false, SeqCst) {
+                    return Err(Abort::Store("injected store failure".into()));
+                }
+                Ok::<_, Abort>(results)
+            });
+            match attempt {
+                Ok(results) => {
+                    outcome = Ok(results);
+                    break;
+                }
+                Err(Abort::Redo(i, e)) => {
+                    if let Some(slot) = redo.get_mut(i) {
+                        *slot = Some(e);
+                    }
+                }
+                Err(Abort::Store(msg)) => {
+                    outcome = Err(msg);
+                    break;
+                }
+            }
+        }
+        match outcome {
+            Err(msg) => {
+                tracing::warn!(writes = n, "KV batch commit failed, nothing written: {msg}");
+                for job in jobs {
+                    let _ = job.reply.send(Err(KvError::CommitFailed(msg.clone())));
+                }
+            }
+            Ok(results) => {
+                self.metrics.kv.batch_committed(n);
+                for ((job, result), redone) in jobs.into_iter().zip(results).zip(redo) {
+                    let answer = match (result, redone) {
+                        (Some(Ok(applied)), _) => Ok(self.publish(applied)),
+                        (Some(Err(e)), _) | (None, Some(e)) => Err(e),
+                        (None, None) => {
+                            Err(KvError::Internal("a write was lost in its batch".into()))
+                        }
+                    };
+                    // The submitter may be gone (cancelled); the write stands, as with etcd.
+                    let _ = job.reply.send(answer);
+                }
+            }
+        }
     }
 
-    /// [`Inner::mutate`], running `committed` after the commit and before the events are
-    /// published (so a watcher seeing them also sees in-memory state updated).
-    fn mutate_then<T>(
-        &self,
-        f: impl FnOnce(&mut Tx<'_, '_>) -> Result<T, KvError>,
-        committed: impl FnOnce(),
-    ) -> Result<(T, i64), KvError> {
-        let _w = lock(&self.write);
-        let (out, batch, keys_delta, revision) = self.store.write(|w| {
-            let current = w
-                .get(META, META_REVISION)?
-                .map(|b| from_be(&b))
-                .transpose()?
-                .unwrap_or(1);
-            let mut tx = Tx {
-                w,
-                revision: current + 1,
-                events: Vec::new(),
-                keys_delta: 0,
-            };
-            let out = f(&mut tx)?;
-            let Tx {
-                w,
-                events,
-                keys_delta,
-                revision,
-            } = tx;
-            if events.is_empty() {
-                return Ok::<_, KvError>((out, None, 0, current));
+    /// After the commit: update in-memory state, then publish the write's events.
+    fn publish(&self, a: Applied) -> WriteOut {
+        let lease_changed = !matches!(a.after, After::Nothing | After::Compacted(_));
+        match a.after {
+            After::Nothing => {}
+            After::Granted { id, ttl, deadline } => {
+                let n = {
+                    let mut leases = lock(&self.leases);
+                    leases.insert(id, LeaseState { ttl, deadline });
+                    leases.len()
+                };
+                self.metrics.kv.set_leases(n as i64);
             }
-            let record = LogRecord { events };
-            w.put(LOG, &be(revision), &record.encode_to_vec())?;
-            w.put(META, META_REVISION, &be(revision))?;
-            Ok((
-                out,
-                Some(Batch {
-                    revision,
-                    events: record.events,
-                }),
-                keys_delta,
-                revision,
-            ))
-        })?;
-        committed();
-        if let Some(batch) = batch {
-            self.revision.store(revision, SeqCst);
-            self.metrics.kv.set_revision(revision);
-            self.metrics.kv.add_keys(keys_delta);
+            After::Revoked { id, expired } => {
+                if expired {
+                    self.metrics.kv.lease_expired();
+                }
+                let n = {
+                    let mut leases = lock(&self.leases);
+                    leases.remove(&id);
+                    leases.len()
+                };
+                self.metrics.kv.set_leases(n as i64);
+            }
+            After::Compacted(revision) => self.metrics.kv.set_compact_revision(revision),
+        }
+        if let Some(batch) = a.batch {
+            self.revision.store(batch.revision, SeqCst);
+            self.metrics.kv.set_revision(batch.revision);
+            self.metrics.kv.add_keys(a.keys_delta);
             // No receivers is fine: nobody is watching.
             let _ = self.hub.send(Arc::new(batch));
         }
-        Ok((out, revision))
+        if lease_changed {
+            self.lease_changed.notify_one();
+        }
+        a.out
     }
 
     fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
@@ -694,125 +1261,6 @@ impl Inner {
         c.finish(current)
     }
 
-    fn put(&self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
-        validate_put(req)?;
-        let (prev, revision) = self.mutate(|tx| tx.put(req))?;
-        Ok(pb::PutResponse {
-            header: header(revision),
-            prev_kv: if req.prev_kv { prev } else { None },
-        })
-    }
-
-    fn delete_range(
-        &self,
-        req: &pb::DeleteRangeRequest,
-    ) -> Result<pb::DeleteRangeResponse, KvError> {
-        let range = KeyRange::new(&req.key, &req.range_end, req.prefix)?;
-        let (prev, revision) = self.mutate(|tx| tx.delete_range(&range))?;
-        Ok(pb::DeleteRangeResponse {
-            header: header(revision),
-            deleted: prev.len() as i64,
-            prev_kvs: if req.prev_kv { prev } else { Vec::new() },
-        })
-    }
-
-    fn txn(&self, req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
-        validate_txn(req)?;
-        let ((succeeded, mut responses), revision) = self.mutate(|tx| {
-            let mut ok = true;
-            for (i, c) in req.compare.iter().enumerate() {
-                // Evaluate every compare so malformed ones are reported even after a false one.
-                ok &= tx.compare(i, c)?;
-            }
-            let ops = if ok { &req.success } else { &req.failure };
-            let mut responses = Vec::with_capacity(ops.len());
-            for op in ops {
-                use pb::request_op::Request as Q;
-                use pb::response_op::Response as A;
-                let resp = match &op.request {
-                    Some(Q::RequestRange(r)) => A::ResponseRange(tx.range(r)?),
-                    Some(Q::RequestPut(p)) => {
-                        let prev = tx.put(p)?;
-                        A::ResponsePut(pb::PutResponse {
-                            header: None,
-                            prev_kv: if p.prev_kv { prev } else { None },
-                        })
-                    }
-                    Some(Q::RequestDeleteRange(d)) => {
-                        let range = KeyRange::new(&d.key, &d.range_end, d.prefix)?;
-                        let prev = tx.delete_range(&range)?;
-                        A::ResponseDeleteRange(pb::DeleteRangeResponse {
-                            header: None,
-                            deleted: prev.len() as i64,
-                            prev_kvs: if d.prev_kv { prev } else { Vec::new() },
-                        })
-                    }
-                    None => return Err(KvError::InvalidArgument("no request set".into())),
-                };
-                responses.push(pb::ResponseOp {
-                    response: Some(resp),
-                });
-            }
-            Ok((ok, responses))
-        })?;
-        for r in &mut responses {
-            use pb::response_op::Response as A;
-            match &mut r.response {
-                Some(A::ResponseRange(x)) => x.header = header(revision),
-                Some(A::ResponsePut(x)) => x.header = header(revision),
-                Some(A::ResponseDeleteRange(x)) => x.header = header(revision),
-                None => {}
-            }
-        }
-        Ok(pb::TxnResponse {
-            header: header(revision),
-            succeeded,
-            responses,
-        })
-    }
-
-    fn compact(&self, revision: i64) -> Result<pb::CompactionResponse, KvError> {
-        let _w = lock(&self.write);
-        let current = self.store.write(|w| {
-            let current = w
-                .get(META, META_REVISION)?
-                .map(|b| from_be(&b))
-                .transpose()?
-                .unwrap_or(1);
-            let compact = w
-                .get(META, META_COMPACT)?
-                .map(|b| from_be(&b))
-                .transpose()?
-                .unwrap_or(0);
-            if revision > current {
-                return Err(KvError::FutureRevision {
-                    requested: revision,
-                    current,
-                });
-            }
-            if revision <= compact {
-                return Err(KvError::Compacted {
-                    requested: revision,
-                    compact_revision: compact,
-                });
-            }
-            let mut old = Vec::new();
-            w.range_visit(LOG, &[], Some(&be(revision)), |k, _| {
-                old.push(k.to_vec());
-                true
-            })?;
-            for k in old {
-                w.delete(LOG, &k)?;
-            }
-            w.put(META, META_COMPACT, &be(revision))?;
-            Ok(current)
-        })?;
-        self.metrics.kv.set_compact_revision(revision);
-        Ok(pb::CompactionResponse {
-            header: header(current),
-        })
-    }
-
     /// Log records from `from` on (at most `max`), after checking `from` is not compacted.
     fn history(&self, from: i64, max: usize) -> Result<Vec<(i64, LogRecord)>, KvError> {
         let r = self.store.read()?;
@@ -835,105 +1283,6 @@ impl Inner {
         match err {
             Some(e) => Err(e),
             None => Ok(out),
-        }
-    }
-
-    fn lease_grant(&self, req: &pb::LeaseGrantRequest) -> Result<pb::LeaseGrantResponse, KvError> {
-        if req.ttl < 1 || req.ttl > MAX_LEASE_TTL {
-            return Err(KvError::InvalidArgument(format!(
-                "lease TTL must be 1..={MAX_LEASE_TTL} seconds, got {}",
-                req.ttl
-            )));
-        }
-        if req.id < 0 {
-            return Err(KvError::InvalidArgument("lease id is negative".into()));
-        }
-        let _w = lock(&self.write);
-        let id = self.store.write(|w| {
-            let id = if req.id == 0 {
-                let mut next = w
-                    .get(META, META_NEXT_LEASE)?
-                    .map(|b| from_be(&b))
-                    .transpose()?
-                    .unwrap_or(1);
-                while w.get(LEASES, &be(next))?.is_some() {
-                    next += 1;
-                }
-                w.put(META, META_NEXT_LEASE, &be(next + 1))?;
-                next
-            } else {
-                if w.get(LEASES, &be(req.id))?.is_some() {
-                    return Err(KvError::FailedPrecondition(format!(
-                        "lease {} already exists",
-                        req.id
-                    )));
-                }
-                req.id
-            };
-            w.put(
-                LEASES,
-                &be(id),
-                &LeaseRecord { ttl: req.ttl }.encode_to_vec(),
-            )?;
-            Ok(id)
-        })?;
-        let n = {
-            let mut leases = lock(&self.leases);
-            leases.insert(
-                id,
-                LeaseState {
-                    ttl: req.ttl,
-                    deadline: deadline_after(Instant::now(), req.ttl),
-                },
-            );
-            leases.len()
-        };
-        self.metrics.kv.set_leases(n as i64);
-        self.lease_changed.notify_one();
-        Ok(pb::LeaseGrantResponse {
-            header: header(self.revision.load(SeqCst)),
-            id,
-            ttl: req.ttl,
-        })
-    }
-
-    /// Revoke `id` (deleting its keys); `expired` counts it as an expiry.
-    fn lease_revoke(&self, id: i64, expired: bool) -> Result<i64, KvError> {
-        let ((), revision) = self.mutate_then(
-            |tx| tx.revoke(id),
-            || {
-                if expired {
-                    self.metrics.kv.lease_expired();
-                }
-                let n = {
-                    let mut leases = lock(&self.leases);
-                    leases.remove(&id);
-                    leases.len()
-                };
-                self.metrics.kv.set_leases(n as i64);
-            },
-        )?;
-        self.lease_changed.notify_one();
-        Ok(revision)
-    }
-
-    /// Revoke `id` if it is (still) past its deadline.
-    fn expire(&self, id: i64) -> Result<bool, KvError> {
-        {
-            let leases = lock(&self.leases);
-            match leases.get(&id) {
-                Some(l) if l.deadline <= Instant::now() => {}
-                _ => return Ok(false),
-            }
-        }
-        match self.lease_revoke(id, true) {
-            Ok(_) => Ok(true),
-            // Revoked meanwhile: not an expiry; drop the stale deadline.
-            Err(KvError::LeaseNotFound(_)) => {
-                lock(&self.leases).remove(&id);
-                Ok(false)
-            }
-            Err(e) => Err(e),
         }
     }
 
@@ -993,46 +1342,6 @@ impl Inner {
         pb::LeaseLeasesResponse {
             header: header(self.revision.load(SeqCst)),
             leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
-        }
-    }
-
-    async fn expiry_loop(self: Arc<Self>, token: CancellationToken) {
-        loop {
-            let earliest = lock(&self.leases).values().map(|l| l.deadline).min();
-            let sleep = async {
-                match earliest {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = self.lease_changed.notified() => continue,
-                _ = sleep => {}
-            }
-            let now = Instant::now();
-            let expired: Vec<i64> = lock(&self.leases)
-                .iter()
-                .filter(|(_, l)| l.deadline <= now)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                let inner = self.clone();
-                match tokio::task::spawn_blocking(move || inner.expire(id)).await {
-                    Ok(Ok(true)) => tracing::info!(lease = id, "lease expired: revoked"),
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(lease = id, "revoking an expired lease failed: {e}");
-                        // Retry later rather than spinning.
-                        if let Some(l) = lock(&self.leases).get_mut(&id) {
-                            l.deadline = Instant::now() + Duration::from_secs(1);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(lease = id, "lease expiry task failed: {e}");
-                    }
-                }
-            }
         }
     }
 }
@@ -1165,28 +1474,48 @@ impl Watcher {
     }
 }
 
+/// The answer of the kind asked for (the writer answers each write with its own kind).
+macro_rules! expect_out {
+    ($out:expr, $kind:ident) => {
+        match $out {
+            WriteOut::$kind(r) => Ok(r),
+            other => Err(KvError::Internal(format!(
+                "the KV writer answered {other:?} to a {} request",
+                stringify!($kind)
+            ))),
+        }
+    };
+}
+
 impl KvBackend for EmbeddedKv {
     async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
         self.blocking(move |i| i.range(&req)).await
     }
 
     async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse, KvError> {
-        self.blocking(move |i| i.put(&req)).await
+        validate_put(&req)?;
+        expect_out!(self.submit(WriteOp::Put(req)).await?, Put)
     }
 
     async fn delete_range(
         &self,
         req: pb::DeleteRangeRequest,
     ) -> Result<pb::DeleteRangeResponse, KvError> {
-        self.blocking(move |i| i.delete_range(&req)).await
+        let range = KeyRange::new(&req.key, &req.range_end, req.prefix)?;
+        let op = WriteOp::DeleteRange {
+            range,
+            prev_kv: req.prev_kv,
+        };
+        expect_out!(self.submit(op).await?, DeleteRange)
     }
 
     async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
-        self.blocking(move |i| i.txn(&req)).await
+        validate_txn(&req)?;
+        expect_out!(self.submit(WriteOp::Txn(req)).await?, Txn)
     }
 
     async fn compact(&self, req: pb::CompactionRequest) -> Result<pb::CompactionResponse, KvError> {
-        self.blocking(move |i| i.compact(req.revision)).await
+        expect_out!(self.submit(WriteOp::Compact(req.revision)).await?, Compact)
     }
 
     async fn watch(&self, req: pb::WatchRequest) -> Result<WatchStream, KvError> {
@@ -1233,19 +1562,31 @@ impl KvBackend for EmbeddedKv {
         &self,
         req: pb::LeaseGrantRequest,
     ) -> Result<pb::LeaseGrantResponse, KvError> {
-        self.blocking(move |i| i.lease_grant(&req)).await
+        if req.ttl < 1 || req.ttl > MAX_LEASE_TTL {
+            return Err(KvError::InvalidArgument(format!(
+                "lease TTL must be 1..={MAX_LEASE_TTL} seconds, got {}",
+                req.ttl
+            )));
+        }
+        if req.id < 0 {
+            return Err(KvError::InvalidArgument("lease id is negative".into()));
+        }
+        let op = WriteOp::LeaseGrant {
+            req,
+            now: Instant::now(),
+        };
+        expect_out!(self.submit(op).await?, LeaseGrant)
     }
 
     async fn lease_revoke(
         &self,
         req: pb::LeaseRevokeRequest,
     ) -> Result<pb::LeaseRevokeResponse, KvError> {
-        let revision = self
-            .blocking(move |i| i.lease_revoke(req.id, false))
-            .await?;
-        Ok(pb::LeaseRevokeResponse {
-            header: header(revision),
-        })
+        let op = WriteOp::LeaseRevoke {
+            id: req.id,
+            expired: false,
+        };
+        expect_out!(self.submit(op).await?, LeaseRevoke)
     }
 
     async fn lease_keep_alive(
@@ -1264,5 +1605,284 @@ impl KvBackend for EmbeddedKv {
 
     async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse, KvError> {
         Ok(self.inner.leases())
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use futures::StreamExt as _;
+
+    fn open() -> (EmbeddedKv, Arc<Metrics>) {
+        let store = Arc::new(Store::in_memory().expect("store"));
+        let metrics = Arc::new(Metrics::default());
+        let kv = EmbeddedKv::open(store, metrics.clone()).expect("open kv");
+        (kv, metrics)
+    }
+
+    fn put(k: &str, v: &str) -> pb::PutRequest {
+        pb::PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Queue `op` without waiting (the test holds the gate, so it joins the next batch).
+    fn enqueue(kv: &EmbeddedKv, op: WriteOp) -> oneshot::Receiver<Result<WriteOut, KvError>> {
+        let (reply, rx) = oneshot::channel();
+        kv.writer
+            .tx
+            .as_ref()
+            .expect("writer")
+            .try_send(Job { op, reply })
+            .expect("queued");
+        rx
+    }
+
+    fn revision(out: &WriteOut) -> i64 {
+        let h = match out {
+            WriteOut::Put(r) => &r.header,
+            WriteOut::DeleteRange(r) => &r.header,
+            WriteOut::Txn(r) => &r.header,
+            WriteOut::Compact(r) => &r.header,
+            WriteOut::LeaseGrant(r) => &r.header,
+            WriteOut::LeaseRevoke(r) => &r.header,
+        };
+        h.as_ref().expect("header").revision
+    }
+
+    async fn value(kv: &EmbeddedKv, k: &str) -> Option<pb::KeyValue> {
+        kv.range(pb::RangeRequest {
+            key: k.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .kvs
+        .into_iter()
+        .next()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_batch_one_commit_and_failing_writes_fail_alone() {
+        let (kv, metrics) = open();
+        let base = rev_of(kv.put(put("cas", "0")).await.expect("put").header);
+        let mut watch = kv
+            .watch(pb::WatchRequest {
+                key: b"".to_vec(),
+                range_end: vec![0],
+                start_revision: base + 1,
+                ..Default::default()
+            })
+            .await
+            .expect("watch");
+        let (commits, writes) = metrics.kv.commits();
+        let stale_cas = pb::PutRequest {
+            expected_mod_revision: Some(base - 1),
+            ..put("cas", "stale")
+        };
+        // A txn that fails after its first op wrote (a range at a revision inside a txn is
+        // refused): the batch is redone without it, so "partial" is never written.
+        let half_txn = pb::TxnRequest {
+            success: vec![
+                pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestPut(put("partial", "x"))),
+                },
+                pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                        key: b"a".to_vec(),
+                        revision: 1,
+                        ..Default::default()
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        let cas_txn = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: b"cas".to_vec(),
+                target: CompareTarget::Mod as i32,
+                result: CompareResult::Equal as i32,
+                target_union: Some(TargetUnion::ModRevision(base)),
+                ..Default::default()
+            }],
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestPut(put("cas", "won"))),
+            }],
+            ..Default::default()
+        };
+        let late_cas = pb::PutRequest {
+            expected_mod_revision: Some(base),
+            ..put("cas", "late")
+        };
+        let answers = {
+            let _gate = lock(&kv.inner.gate);
+            vec![
+                enqueue(&kv, WriteOp::Put(put("a", "1"))),
+                enqueue(&kv, WriteOp::Put(stale_cas)),
+                enqueue(&kv, WriteOp::Txn(half_txn)),
+                enqueue(
+                    &kv,
+                    WriteOp::Put(pb::PutRequest {
+                        lease: 999,
+                        ..put("leased", "x")
+                    }),
+                ),
+                enqueue(
+                    &kv,
+                    WriteOp::DeleteRange {
+                        range: KeyRange::new(b"missing", b"", false).expect("range"),
+                        prev_kv: false,
+                    },
+                ),
+                enqueue(&kv, WriteOp::Put(put("b", "2"))),
+                enqueue(&kv, WriteOp::Txn(cas_txn)),
+                enqueue(&kv, WriteOp::Put(late_cas)),
+            ]
+        };
+        let mut results = Vec::new();
+        for a in answers {
+            results.push(a.await.expect("answered"));
+        }
+        assert_eq!(
+            metrics.kv.commits(),
+            (commits + 1, writes + 8),
+            "eight writes, one durable commit"
+        );
+        let rev = |i: usize| match &results[i] {
+            Ok(out) => revision(out),
+            Err(e) => panic!("write {i} failed: {e}"),
+        };
+        assert_eq!(rev(0), base + 1, "put a: its own revision");
+        assert!(
+            matches!(results[1], Err(KvError::FailedPrecondition(_))),
+            "stale CAS"
+        );
+        assert!(
+            matches!(results[2], Err(KvError::InvalidArgument(_))),
+            "half txn"
+        );
+        assert!(matches!(results[3], Err(KvError::LeaseNotFound(999))));
+        assert_eq!(rev(4), base + 1, "deleting nothing makes no revision");
+        assert_eq!(rev(5), base + 2, "put b");
+        assert_eq!(rev(6), base + 3, "the CAS txn");
+        match &results[6] {
+            Ok(WriteOut::Txn(t)) => assert!(t.succeeded, "the txn's compare held"),
+            other => panic!("txn: {other:?}"),
+        }
+        assert!(
+            matches!(results[7], Err(KvError::FailedPrecondition(_))),
+            "the CAS after the txn sees the txn's write"
+        );
+        assert_eq!(kv.revision(), base + 3);
+        assert!(
+            value(&kv, "partial").await.is_none(),
+            "nothing of the failed txn"
+        );
+        assert!(value(&kv, "leased").await.is_none());
+        assert_eq!(value(&kv, "a").await.expect("a").mod_revision, base + 1);
+        assert_eq!(value(&kv, "b").await.expect("b").value, b"2");
+        let cas = value(&kv, "cas").await.expect("cas");
+        assert_eq!((cas.value.as_slice(), cas.version), (&b"won"[..], 2));
+        // Watchers see each write's revision once, in order, one response each.
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let r = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .expect("event in time")
+                .expect("stream open")
+                .expect("watch");
+            for e in r.events {
+                let kv = e.kv.expect("kv");
+                assert_eq!(r.header.as_ref().expect("header").revision, kv.mod_revision);
+                seen.push((
+                    kv.mod_revision,
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                ));
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (base + 1, "a".to_string()),
+                (base + 2, "b".to_string()),
+                (base + 3, "cas".to_string())
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_failure_fails_the_whole_batch_and_writes_nothing() {
+        let (kv, metrics) = open();
+        let base = rev_of(kv.put(put("k", "0")).await.expect("put").header);
+        let mut hub = kv.inner.hub.subscribe();
+        let answers = {
+            let _gate = lock(&kv.inner.gate);
+            kv.inner.fail_next_batch.store(true, SeqCst);
+            vec![
+                enqueue(&kv, WriteOp::Put(put("k", "1"))),
+                enqueue(&kv, WriteOp::Put(put("other", "1"))),
+                enqueue(
+                    &kv,
+                    WriteOp::Put(pb::PutRequest {
+                        expected_mod_revision: Some(0),
+                        ..put("k", "cas")
+                    }),
+                ),
+            ]
+        };
+        for a in answers {
+            assert!(
+                matches!(a.await.expect("answered"), Err(KvError::CommitFailed(_))),
+                "every write of the failed batch fails, CAS included"
+            );
+        }
+        assert_eq!(kv.revision(), base);
+        assert_eq!(value(&kv, "k").await.expect("k").value, b"0");
+        assert!(value(&kv, "other").await.is_none());
+        assert!(hub.try_recv().is_err(), "nothing published");
+        let (commits, _) = metrics.kv.commits();
+        // The next write works and takes the next revision.
+        let r = rev_of(kv.put(put("k", "2")).await.expect("put").header);
+        assert_eq!(r, base + 1);
+        assert_eq!(metrics.kv.commits().0, commits + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_cas_writers_exactly_one_wins_per_round() {
+        let (kv, metrics) = open();
+        for round in 0..5 {
+            let base = value(&kv, "race").await.map_or(0, |k| k.mod_revision);
+            let mut tasks = Vec::new();
+            for i in 0..32 {
+                let kv = kv.clone();
+                tasks.push(tokio::spawn(async move {
+                    kv.put(pb::PutRequest {
+                        expected_mod_revision: Some(base),
+                        ..put("race", &format!("{round}-{i}"))
+                    })
+                    .await
+                }));
+            }
+            let mut wins = 0;
+            for t in tasks {
+                match t.await.expect("task") {
+                    Ok(_) => wins += 1,
+                    Err(KvError::FailedPrecondition(_)) => {}
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            assert_eq!(wins, 1, "round {round}");
+            assert_eq!(value(&kv, "race").await.expect("race").version, round + 1);
+        }
+        let (commits, writes) = metrics.kv.commits();
+        assert_eq!(writes, 5 * 32);
+        assert!(commits <= writes);
+        drop(kv);
+    }
+
+    fn rev_of(h: Option<pb::ResponseHeader>) -> i64 {
+        h.expect("header").revision
     }
 }

@@ -11,6 +11,8 @@
 //! | `weir_cp_kv_requests_total` | counter | `op` (see [`Op`]) |
 //! | `weir_cp_kv_request_errors_total` | counter | `op` |
 //! | `weir_cp_kv_leases_expired_total` | counter | — |
+//! | `weir_cp_kv_commits_total` | counter | — (durable write batches of the embedded store) |
+//! | `weir_cp_kv_committed_writes_total` | counter | — (writes in those batches) |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -91,6 +93,8 @@ pub struct KvMetrics {
     requests: [AtomicU64; 11],
     errors: [AtomicU64; 11],
     leases_expired: AtomicU64,
+    commits: AtomicU64,
+    committed_writes: AtomicU64,
 }
 
 impl KvMetrics {
@@ -128,6 +132,20 @@ impl KvMetrics {
     /// A lease expired (was not kept alive).
     pub fn lease_expired(&self) {
         self.leases_expired.fetch_add(1, Relaxed);
+    }
+
+    /// The embedded store committed a batch of `writes` writes in one durable transaction.
+    pub fn batch_committed(&self, writes: usize) {
+        self.commits.fetch_add(1, Relaxed);
+        self.committed_writes.fetch_add(writes as u64, Relaxed);
+    }
+
+    /// (durable commits, writes in them) of the embedded store.
+    pub fn commits(&self) -> (u64, u64) {
+        (
+            self.commits.load(Relaxed),
+            self.committed_writes.load(Relaxed),
+        )
     }
 
     /// A watch stream opened (+1) or closed (-1).
@@ -206,6 +224,22 @@ impl KvMetrics {
                 let _ = writeln!(out, "{name}{{op=\"{}\"}} {}", op.as_str(), c.load(Relaxed));
             }
         }
+        for (name, help, v) in [
+            (
+                "weir_cp_kv_commits_total",
+                "Durable write transactions of the embedded KV store (group commits).",
+                &self.commits,
+            ),
+            (
+                "weir_cp_kv_committed_writes_total",
+                "Writes committed by those transactions (their sum of batch sizes).",
+                &self.committed_writes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP weir_cp_kv_leases_expired_total Leases revoked because they were not kept alive."
@@ -234,6 +268,8 @@ mod tests {
         m.error(Op::Txn);
         m.add_watchers(1);
         m.lease_expired();
+        m.batch_committed(3);
+        m.batch_committed(1);
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -245,6 +281,8 @@ mod tests {
             "weir_cp_kv_requests_total{op=\"range\"} 0",
             "weir_cp_kv_request_errors_total{op=\"txn\"} 1",
             "weir_cp_kv_leases_expired_total 1",
+            "weir_cp_kv_commits_total 2",
+            "weir_cp_kv_committed_writes_total 4",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

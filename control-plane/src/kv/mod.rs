@@ -147,6 +147,10 @@ pub enum KvError {
     /// The store failed (`UNAVAILABLE`); nothing was acknowledged.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The embedded store failed while committing a batch of writes (`UNAVAILABLE`); no write
+    /// of the batch was acknowledged or written.
+    #[error("store: commit failed, nothing written: {0}")]
+    CommitFailed(String),
     /// etcd (`--store etcd://`) failed or could not be reached (`UNAVAILABLE`).
     #[error("etcd: {0}")]
     Unavailable(String),

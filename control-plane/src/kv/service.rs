@@ -8,7 +8,7 @@
 //! [`KvError::FailedPrecondition`] → `FAILED_PRECONDITION`, [`KvError::Compacted`] and
 //! [`KvError::FutureRevision`] → `OUT_OF_RANGE` (the compacted case also carries the compact
 //! revision in the `weir-kv-compact-revision` metadata), [`KvError::LeaseNotFound`] →
-//! `NOT_FOUND`, [`KvError::Store`] → `UNAVAILABLE`, [`KvError::Internal`] → `INTERNAL`.
+//! `NOT_FOUND`, [`KvError::Store`] and [`KvError::CommitFailed`] → `UNAVAILABLE`, [`KvError::Internal`] → `INTERNAL`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,7 +47,9 @@ impl From<KvError> for Status {
             }
             KvError::FutureRevision { .. } => Status::out_of_range(msg),
             KvError::LeaseNotFound(_) => Status::not_found(msg),
-            KvError::Store(_) | KvError::Unavailable(_) => Status::unavailable(msg),
+            KvError::Store(_) | KvError::CommitFailed(_) | KvError::Unavailable(_) => {
+                Status::unavailable(msg)
+            }
             KvError::Internal(_) => Status::internal(msg),
         }
     }

@@ -92,6 +92,8 @@ async fn client(server: &str) -> anyhow::Result<ObjectsClient<Channel>> {
     };
     let ch = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(std::time::Duration::from_secs(5))
+        // tonic's default, made explicit: no Nagle stalls on small calls.
+        .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| format!("connecting to {server}"))?;

@@ -2,7 +2,10 @@
 //!
 //! Layout under the objects directory (`<data-dir>/objects/`, or a temp dir without one):
 //! `tmp/<id>` while a body streams in, then `blobs/<id>` after `fsync` and an atomic
-//! rename (and an `fsync` of `blobs/`). Only then is the metadata committed (redb commits
+//! rename (and an `fsync` of `blobs/`). Bodies are written in 1 MiB buffers by a blocking
+//! writer that also computes the MD5 (large bodies are written back in the background as they
+//! arrive, see [`FLUSH_EVERY`]); gets read 1 MiB chunks on a blocking reader straight into the
+//! `Bytes` they stream. Only then is the metadata committed (redb commits
 //! are durable when they return), and only then is the write acknowledged; the replaced
 //! blob is unlinked after the commit. Opening sweeps `tmp/` and any blob no record points
 //! at (left by a crash between the rename and the commit).
@@ -19,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use md5::{Digest as _, Md5};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use super::*;
 use crate::storage::Store;
@@ -29,8 +31,114 @@ const KEYS: &str = "objects.keys";
 const UPLOADS: &str = "objects.uploads";
 const PARTS: &str = "objects.parts";
 
-/// Size of the chunks a get streams.
-pub const READ_CHUNK: usize = 64 * 1024;
+/// Size of the chunks a get streams (read by a blocking reader, one `read` each, handed over
+/// without a copy).
+pub const READ_CHUNK: usize = 1024 * 1024;
+/// Chunks a get reads ahead of its consumer.
+const READ_AHEAD: usize = 2;
+/// A put writes the body in buffers of this size (small chunks are gathered, large ones pass
+/// through).
+pub const WRITE_BUFFER: usize = 1024 * 1024;
+/// Buffers queued for a put's writer.
+const WRITE_QUEUE: usize = 4;
+/// A put's flusher starts writing back (`fdatasync` in the background) each time this many more
+/// bytes were written, so the final `fsync` has little left to do.
+pub const FLUSH_EVERY: u64 = 8 * 1024 * 1024;
+
+/// Write the buffers from `rx` to a new file at `path`, hashing them; flush in the background
+/// every [`FLUSH_EVERY`] bytes, then `fsync`. Returns (bytes written, MD5).
+fn write_file(
+    path: &Path,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> std::io::Result<(u64, [u8; 16])> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    let mut h = Md5::new();
+    let mut size = 0u64;
+    let mut flushed_at = 0u64;
+    // Background write-back for large bodies: a thread that `fdatasync`s a second handle when
+    // asked, so the disk works while this thread hashes and writes the next buffers. Started
+    // at the first FLUSH_EVERY bytes (a small object gets its one `fsync` only).
+    let mut flusher: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<_>)> = None;
+    let written = (|| {
+        while let Some(buf) = rx.blocking_recv() {
+            h.update(&buf);
+            f.write_all(&buf)?;
+            size += buf.len() as u64;
+            if size - flushed_at >= FLUSH_EVERY {
+                flushed_at = size;
+                if flusher.is_none() {
+                    let f2 = f.try_clone()?;
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+                    let t = std::thread::Builder::new()
+                        .name("weir-obj-flush".into())
+                        .spawn(move || -> std::io::Result<()> {
+                            let mut result = Ok(());
+                            while rx.recv().is_ok() {
+                                if let Err(e) = f2.sync_data() {
+                                    result = Err(e);
+                                }
+                            }
+                            result
+                        })?;
+                    flusher = Some((tx, t));
+                }
+                if let Some((tx, _)) = &flusher {
+                    // A flush already pending covers these bytes too: never wait for it here.
+                    let _ = tx.try_send(());
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    if let Some((tx, t)) = flusher {
+        drop(tx);
+        t.join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("object flusher panicked")))?;
+    }
+    written?;
+    f.sync_all()?;
+    Ok((size, h.finalize().into()))
+}
+
+/// Stream `len` bytes of `f` from `first`: a blocking reader reads [`READ_CHUNK`]-sized chunks
+/// (at most [`READ_AHEAD`] ahead of the consumer) straight into the `Bytes` it hands over.
+fn read_stream(mut f: std::fs::File, first: u64, len: u64) -> ByteStream {
+    use std::io::{Read as _, Seek as _};
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, ObjError>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        if first > 0
+            && let Err(e) = f.seek(std::io::SeekFrom::Start(first))
+        {
+            let _ = tx.blocking_send(Err(ObjError::Io(e)));
+            return;
+        }
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(READ_CHUNK as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            let chunk = match (&mut f).take(n).read_to_end(&mut buf) {
+                Ok(0) => Err(ObjError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("object file ended {left} bytes early"),
+                ))),
+                Ok(got) => {
+                    left -= got as u64;
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => Err(ObjError::Io(e)),
+            };
+            let failed = chunk.is_err();
+            // The consumer is gone (client disconnected): stop reading.
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        }
+    });
+    Box::pin(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+        rx,
+    ))
+}
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Record {
@@ -189,6 +297,12 @@ impl EmbeddedObjects {
 
     /// Stream `body` into a new durable blob: `(id, size, md5)`. Nothing is left behind on
     /// error.
+    ///
+    /// The async side only regroups the body into [`WRITE_BUFFER`]-sized buffers (large chunks
+    /// pass through without a copy); a blocking writer hashes and writes each buffer, and a
+    /// background flusher starts writing back every [`FLUSH_EVERY`] bytes so the disk works
+    /// while the next bytes are hashed. The blob is durable when the final `fsync` of the file,
+    /// the rename and the `fsync` of `blobs/` have returned.
     async fn write_blob(
         &self,
         mut body: ByteStream,
@@ -196,35 +310,60 @@ impl EmbeddedObjects {
     ) -> Result<(String, u64, [u8; 16]), ObjError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let tmp = self.dir.join("tmp").join(&id);
-        let result = async {
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            let mut h = Md5::new();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let path = tmp.clone();
+        let writer = tokio::task::spawn_blocking(move || write_file(&path, rx));
+        let fed = async {
             let mut size = 0u64;
+            let mut pending = bytes::BytesMut::new();
             while let Some(chunk) = body.next().await {
                 let chunk: Bytes = chunk?;
                 size += chunk.len() as u64;
                 if size > MAX_OBJECT_SIZE {
                     return Err(ObjError::EntityTooLarge);
                 }
-                h.update(&chunk);
-                f.write_all(&chunk).await?;
+                let out = if pending.is_empty() && chunk.len() >= WRITE_BUFFER / 2 {
+                    chunk
+                } else {
+                    if pending.capacity() - pending.len() < chunk.len() {
+                        pending.reserve(WRITE_BUFFER.max(chunk.len()));
+                    }
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() < WRITE_BUFFER {
+                        continue;
+                    }
+                    pending.split().freeze()
+                };
+                if tx.send(out).await.is_err() {
+                    // The writer failed; its error is reported below.
+                    break;
+                }
             }
-            f.flush().await?;
-            f.sync_all().await?;
-            drop(f);
-            let md5: [u8; 16] = h.finalize().into();
-            if let Some(want) = expected_md5
-                && want != md5
-            {
-                return Err(ObjError::BadDigest(format!(
+            if !pending.is_empty() {
+                let _ = tx.send(pending.freeze()).await;
+            }
+            Ok(size)
+        }
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| ObjError::Io(std::io::Error::other(e.to_string())))
+            .and_then(|r| r.map_err(ObjError::Io));
+        let result = match (fed, written) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(size), Ok((written, md5))) if size == written => match expected_md5 {
+                Some(want) if want != md5 => Err(ObjError::BadDigest(format!(
                     "Content-MD5 {} but the body's MD5 is {}",
                     hex(&want),
                     hex(&md5)
-                )));
-            }
-            Ok((size, md5))
-        }
-        .await;
+                ))),
+                _ => Ok((size, md5)),
+            },
+            (Ok(size), Ok((written, _))) => Err(ObjError::Io(std::io::Error::other(format!(
+                "wrote {written} of {size} bytes"
+            )))),
+        };
         let (size, md5) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -480,18 +619,13 @@ impl ObjectBackend for EmbeddedObjects {
             let resolved = range.map(|r| r.resolve(rec.info.size)).transpose()?;
             // Opened before returning: a concurrent replace unlinks the old blob, but an
             // open file keeps its bytes.
-            let mut f = tokio::fs::File::open(self.blob_path(&rec.blob)).await?;
+            let path = self.blob_path(&rec.blob);
+            let f = blocking(move || Ok(std::fs::File::open(path)?)).await?;
             let (first, len) = match resolved {
                 Some((a, b)) => (a, b - a + 1),
                 None => (0, rec.info.size),
             };
-            if first > 0 {
-                f.seek(std::io::SeekFrom::Start(first)).await?;
-            }
-            let reader = f.take(len);
-            let stream = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK)
-                .map(|r| r.map_err(ObjError::Io));
-            Ok((rec.info, resolved, Box::pin(stream) as ByteStream))
+            Ok((rec.info, resolved, read_stream(f, first, len)))
         })
     }
 

@@ -1,7 +1,8 @@
 //! One test suite per store, run against every backend of that store through its storage
 //! trait:
 //! - KV ([`KvBackend`]): embedded (redb) and etcd — revisions/versions, CAS with a race of
-//!   concurrent writers (exactly one wins), txn, range pagination, watch from a revision and
+//!   concurrent writers (exactly one wins, through put and through txn), many concurrent puts
+//!   (one gap-free revision each, seen once and in order by a watcher), txn, range pagination, watch from a revision and
 //!   its resumption after the stream is dropped, compaction errors, lease expiry and revoke,
 //!   auto-compaction.
 //! - Registry ([`Backend`], and a [`Registry`] over it): embedded and etcd.
@@ -181,6 +182,118 @@ async fn kv_cas_and_versions<K: KvBackend>(kv: Arc<K>) {
         Err(KvError::LeaseNotFound(0x7777))
     ));
     assert!(get(&*kv, "l").await.is_none());
+}
+
+/// Many writers at once (the embedded store commits them in batches): puts to distinct keys
+/// each get their own revision, in one gap-free sequence a watcher sees once and in order;
+/// CAS writers racing through put and through txn on one key, exactly one wins per round.
+async fn kv_concurrent_writers<K: KvBackend>(kv: Arc<K>) {
+    let start = rev(&kv.put(put_req("conc/start", "")).await.expect("put").header);
+    let mut w = kv
+        .watch(pb::WatchRequest {
+            key: "conc/k/".into(),
+            prefix: true,
+            start_revision: start + 1,
+            ..Default::default()
+        })
+        .await
+        .expect("watch");
+    const N: usize = 48;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = kv
+                .put(put_req(&format!("conc/k/{i:02}"), &i.to_string()))
+                .await
+                .expect("put");
+            (rev(&r.header), i)
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        revs.push(t.await.expect("task"));
+    }
+    revs.sort_unstable();
+    let expected: Vec<i64> = (1..=N as i64).map(|d| start + d).collect();
+    assert_eq!(
+        revs.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+        expected,
+        "one revision per put, no gap, no repeat"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < N {
+        let r = next_resp(&mut w).await;
+        for (rv, ty, key) in evs(&r) {
+            assert_eq!(ty, EventType::Put);
+            seen.push((rv, key));
+        }
+    }
+    let want: Vec<(i64, String)> = revs
+        .iter()
+        .map(|(r, i)| (*r, format!("conc/k/{i:02}")))
+        .collect();
+    assert_eq!(
+        seen, want,
+        "the watcher sees each put once, in revision order"
+    );
+    for (r, i) in &revs {
+        let kv = get(&*kv, &format!("conc/k/{i:02}")).await.expect("key");
+        assert_eq!(
+            (kv.mod_revision, kv.value),
+            (*r, i.to_string().into_bytes())
+        );
+    }
+
+    for round in 0..3 {
+        let base = get(&*kv, "conc/race").await.map_or(0, |k| k.mod_revision);
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let kv = kv.clone();
+            tasks.push(tokio::spawn(async move {
+                let value = format!("{round}-{i}");
+                if i % 2 == 0 {
+                    let mut r = put_req("conc/race", &value);
+                    r.expected_mod_revision = Some(base);
+                    match kv.put(r).await {
+                        Ok(_) => true,
+                        Err(KvError::FailedPrecondition(_)) => false,
+                        Err(e) => panic!("CAS put: {e}"),
+                    }
+                } else {
+                    let t = kv
+                        .txn(pb::TxnRequest {
+                            compare: vec![pb::Compare {
+                                key: "conc/race".into(),
+                                target: CompareTarget::Mod as i32,
+                                result: CompareResult::Equal as i32,
+                                target_union: Some(TargetUnion::ModRevision(base)),
+                                ..Default::default()
+                            }],
+                            success: vec![pb::RequestOp {
+                                request: Some(pb::request_op::Request::RequestPut(put_req(
+                                    "conc/race",
+                                    &value,
+                                ))),
+                            }],
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("txn");
+                    t.succeeded
+                }
+            }));
+        }
+        let mut wins = 0;
+        for t in tasks {
+            if t.await.expect("task") {
+                wins += 1;
+            }
+        }
+        assert_eq!(wins, 1, "round {round}: exactly one CAS writer wins");
+        let race = get(&*kv, "conc/race").await.expect("race");
+        assert_eq!(race.version, round + 1, "one write per round");
+    }
 }
 
 /// Range pagination and transactions.
@@ -562,6 +675,7 @@ async fn kv_auto_compaction(kv: Arc<AnyKv>) {
 /// The whole KV suite on a fresh backend.
 async fn kv_suite(kv: Arc<AnyKv>) {
     kv_cas_and_versions(kv.clone()).await;
+    kv_concurrent_writers(kv.clone()).await;
     kv_txn_and_ranges(&*kv).await;
     kv_watch_resume_and_compaction(&*kv).await;
     kv_leases(&*kv).await;

@@ -91,6 +91,10 @@ pub async fn serve(s3: Arc<S3>, listener: tokio::net::TcpListener, shutdown: Can
                 }
             },
         };
+        // Small responses (headers, XML, ETags) must not wait for a delayed ACK (Nagle).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "S3: cannot set TCP_NODELAY");
+        }
         let s3 = s3.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
