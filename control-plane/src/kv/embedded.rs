@@ -1705,7 +1705,6 @@ mod batch_tests {
                 target: CompareTarget::Mod as i32,
                 result: CompareResult::Equal as i32,
                 target_union: Some(TargetUnion::ModRevision(base)),
-                ..Default::default()
             }],
             success: vec![pb::RequestOp {
                 request: Some(pb::request_op::Request::RequestPut(put("cas", "won"))),

@@ -268,7 +268,6 @@ async fn kv_concurrent_writers<K: KvBackend>(kv: Arc<K>) {
                                 target: CompareTarget::Mod as i32,
                                 result: CompareResult::Equal as i32,
                                 target_union: Some(TargetUnion::ModRevision(base)),
-                                ..Default::default()
                             }],
                             success: vec![pb::RequestOp {
                                 request: Some(pb::request_op::Request::RequestPut(put_req(
