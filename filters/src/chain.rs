@@ -189,9 +189,12 @@ pub struct PeerCert {
 pub struct StreamInfo<'a> {
     /// Downstream client address after XFF trust evaluation.
     pub downstream_remote: SocketAddr,
-    /// The connection's peer address (before XFF); defaults to `downstream_remote`, set with
-    /// [`StreamInfo::with_direct_remote`].
+    /// The connection's physical peer address (before XFF and the PROXY protocol); defaults
+    /// to `downstream_remote`, set with [`StreamInfo::with_direct_remote`].
     pub direct_remote: SocketAddr,
+    /// The connection's peer as the PROXY protocol restored it (before XFF; RBAC
+    /// `source_ip`); defaults to `direct_remote`, set with [`StreamInfo::with_source_remote`].
+    pub source_remote: SocketAddr,
     /// Local address the connection was accepted on.
     pub downstream_local: SocketAddr,
     /// Downstream connection id (per-connection rate limit buckets).
@@ -257,6 +260,7 @@ impl<'a> StreamInfo<'a> {
         Self {
             downstream_remote,
             direct_remote: downstream_remote,
+            source_remote: downstream_remote,
             downstream_local,
             connection_id,
             is_grpc,
@@ -278,9 +282,17 @@ impl<'a> StreamInfo<'a> {
         self
     }
 
-    /// The connection's peer address (RBAC `direct_remote_ip` / `source_ip`).
+    /// The connection's physical peer address (RBAC `direct_remote_ip`; also `source_ip`
+    /// unless [`StreamInfo::with_source_remote`] says otherwise).
     pub fn with_direct_remote(mut self, peer: SocketAddr) -> Self {
         self.direct_remote = peer;
+        self.source_remote = peer;
+        self
+    }
+
+    /// The connection's peer after the PROXY protocol (RBAC `source_ip`).
+    pub fn with_source_remote(mut self, peer: SocketAddr) -> Self {
+        self.source_remote = peer;
         self
     }
 

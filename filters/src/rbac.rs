@@ -17,7 +17,8 @@
 //!
 //! Principals: `any`, `authenticated` (Envoy's order: each peer URI SAN, then each DNS SAN,
 //! then the subject; without `principal_name` any TLS-terminated connection is
-//! authenticated), `source_ip` / `direct_remote_ip` (the connection's peer), `remote_ip` (the
+//! authenticated), `direct_remote_ip` (the connection's physical peer), `source_ip` (the
+//! peer after the PROXY protocol), `remote_ip` (the
 //! client address after `x-forwarded-for` evaluation), `header`, `url_path`, `and_ids`,
 //! `or_ids`, `not_id`. Permissions: `any`, `header`, `url_path`, `destination_ip`,
 //! `destination_port`, `destination_port_range`, `requested_server_name`, `and_rules`,
@@ -110,8 +111,11 @@ fn unmap(ip: IpAddr) -> IpAddr {
 /// What the engine evaluates: the connection, and the request for HTTP.
 #[derive(Debug, Clone, Copy)]
 pub struct RbacInput<'a> {
-    /// The connection's peer (`source_ip`, `direct_remote_ip`).
+    /// The connection's physical peer (`direct_remote_ip`).
     pub direct_remote: SocketAddr,
+    /// The connection's peer as the PROXY protocol restored it (`source_ip`: Envoy's
+    /// "honors proxy protocol, not XFF"); the physical peer without it.
+    pub source: SocketAddr,
     /// The client after `x-forwarded-for` evaluation (`remote_ip`); the peer for connections.
     pub remote: SocketAddr,
     /// The local address the connection was accepted on (`destination_ip`/`_port`).
@@ -160,8 +164,10 @@ pub enum Principal {
     Not(Box<Principal>),
     /// `authenticated` with its optional `principal_name`.
     Authenticated(Option<StringMatch>),
-    /// `source_ip` / `direct_remote_ip`.
+    /// `direct_remote_ip`: the physical peer.
     DirectRemoteIp(Cidr),
+    /// `source_ip`: the peer after the PROXY protocol.
+    SourceIp(Cidr),
     /// `remote_ip`.
     RemoteIp(Cidr),
     /// `header`.
@@ -316,6 +322,7 @@ impl Principal {
             Principal::Not(p) => !p.matches(input),
             Principal::Authenticated(m) => authenticated(m.as_ref(), input.tls),
             Principal::DirectRemoteIp(c) => c.contains(input.direct_remote.ip()),
+            Principal::SourceIp(c) => c.contains(input.source.ip()),
             Principal::RemoteIp(c) => c.contains(input.remote.ip()),
             Principal::Header(m) => header_matches(m.as_ref(), input),
             Principal::UrlPath(m) => path_matches(m, input),
@@ -381,7 +388,7 @@ impl Principal {
                 }
             }
             I::SourceIp(c) => {
-                Cidr::translate(c, &join(path, "source_ip"), errs).map(Principal::DirectRemoteIp)
+                Cidr::translate(c, &join(path, "source_ip"), errs).map(Principal::SourceIp)
             }
             I::DirectRemoteIp(c) => Cidr::translate(c, &join(path, "direct_remote_ip"), errs)
                 .map(Principal::DirectRemoteIp),
@@ -645,6 +652,7 @@ impl HttpFilter for RbacFilter {
         let s = ctx.stream;
         let input = RbacInput {
             direct_remote: s.direct_remote,
+            source: s.source_remote,
             remote: s.downstream_remote,
             local: s.downstream_local,
             tls: s.tls,
@@ -856,6 +864,7 @@ pub(crate) mod tests {
         static GET: Method = Method::GET;
         RbacInput {
             direct_remote: sa("10.0.0.1:5000"),
+            source: sa("10.0.0.1:5000"),
             remote: sa("192.168.1.5:5000"),
             local: sa("127.0.0.1:8080"),
             tls,
@@ -981,6 +990,30 @@ pub(crate) mod tests {
         let multi = tls(&["spiffe://x/a", "spiffe://x/b"], &[], "");
         let b = principal("authenticated: {principal_name: {exact: 'spiffe://x/b'}}");
         assert!(b.matches(&input("/", &h, Some(&multi))));
+    }
+
+    #[test]
+    fn source_ip_follows_the_proxy_protocol_and_direct_remote_ip_does_not() {
+        let h = HeaderMap::new();
+        // PROXY restored 203.0.113.7 over a physical peer 10.0.0.1; XFF said 192.168.1.5.
+        let i = RbacInput {
+            source: sa("203.0.113.7:1000"),
+            ..input("/", &h, None)
+        };
+        let t = |y: &str| principal(y).matches(&i);
+        assert!(t(
+            "source_ip: {address_prefix: 203.0.113.7, prefix_len: 32}"
+        ));
+        assert!(!t("source_ip: {address_prefix: 10.0.0.1, prefix_len: 32}"));
+        assert!(t(
+            "direct_remote_ip: {address_prefix: 10.0.0.1, prefix_len: 32}"
+        ));
+        assert!(!t(
+            "direct_remote_ip: {address_prefix: 203.0.113.7, prefix_len: 32}"
+        ));
+        assert!(t(
+            "remote_ip: {address_prefix: 192.168.1.5, prefix_len: 32}"
+        ));
     }
 
     #[test]

@@ -214,6 +214,10 @@ pub struct HcmConfig {
     pub request_headers_timeout: Duration,
     /// `stream_idle_timeout` (default 5 min; `None` = disabled).
     pub stream_idle_timeout: Option<Duration>,
+    /// `drain_timeout` (default 5 s): when the listener drains, an HTTP/1 connection keeps
+    /// serving this long, each response carrying `Connection: close`, before an idle one is
+    /// closed (HTTP/2 gets GOAWAY at once and finishes its streams).
+    pub drain_timeout: Duration,
     /// `normalize_path` (default false).
     pub normalize_path: bool,
     /// `merge_slashes`.
@@ -539,6 +543,12 @@ pub fn translate_hcm(
         errs,
     ))
     .unwrap_or(Duration::from_secs(60));
+    let drain_timeout = duration_or(
+        h.drain_timeout.as_ref(),
+        Duration::from_secs(5),
+        &join(path, "drain_timeout"),
+        errs,
+    );
     let stream_idle_timeout = non_zero(duration_or(
         h.stream_idle_timeout.as_ref(),
         Duration::from_secs(300),
@@ -610,6 +620,7 @@ pub fn translate_hcm(
         http2,
         request_timeout,
         request_headers_timeout,
+        drain_timeout,
         stream_idle_timeout,
         normalize_path: h.normalize_path.map(|b| b.value).unwrap_or(false),
         merge_slashes: h.merge_slashes,
@@ -804,6 +815,7 @@ mod tests {
         assert!(h.generate_request_id);
         assert!(!h.use_remote_address);
         assert_eq!(h.server_name, "weir");
+        assert_eq!(h.drain_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -812,9 +824,11 @@ mod tests {
             "{BASE}codec_type: HTTP2\nuse_remote_address: true\nxff_num_trusted_hops: 2\nserver_name: edge\n\
              common_http_protocol_options: {{idle_timeout: 0s, max_headers_count: 50, headers_with_underscores_action: REJECT_REQUEST}}\n\
              max_request_headers_kb: 8\nhttp2_protocol_options: {{max_concurrent_streams: 10}}\nrequest_timeout: 2s\n\
-             normalize_path: true\nmerge_slashes: true\npath_with_escaped_slashes_action: REJECT_REQUEST\nupgrade_configs: [{{upgrade_type: websocket}}]\n"
+             normalize_path: true\nmerge_slashes: true\npath_with_escaped_slashes_action: REJECT_REQUEST\nupgrade_configs: [{{upgrade_type: websocket}}]\n\
+             drain_timeout: 0.25s\n"
         ))
         .expect("valid");
+        assert_eq!(h.drain_timeout, Duration::from_millis(250));
         assert_eq!(h.codec, Codec::Http2);
         assert!(h.use_remote_address);
         assert_eq!(h.xff_num_trusted_hops, 2);

@@ -69,6 +69,8 @@ struct Conn {
     close: Notify,
     /// Whether the protocol counter for this connection was recorded.
     proto_counted: AtomicBool,
+    /// Whether the connection speaks HTTP/2 (known from its first request).
+    is_h2: AtomicBool,
     /// Per-request framing verdicts from the HTTP/1 observer, in request order.
     framing: Arc<Verdicts>,
     /// Per-connection HTTP filter state (per-connection rate limit buckets).
@@ -115,6 +117,7 @@ pub async fn serve_connection<I>(
         requests: AtomicU32::new(0),
         close: Notify::new(),
         proto_counted: AtomicBool::new(false),
+        is_h2: AtomicBool::new(false),
         framing: framing.clone(),
         filter_state: ConnectionState::default(),
     });
@@ -163,6 +166,9 @@ pub async fn serve_connection<I>(
     tokio::pin!(served);
 
     let mut closing = false;
+    let mut drain_armed = false;
+    let drain_grace = tokio::time::sleep(Duration::from_secs(86_400));
+    tokio::pin!(drain_grace);
     let idle = cfg.idle_timeout;
     let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::from_secs(86_400)));
     tokio::pin!(idle_sleep);
@@ -177,9 +183,23 @@ pub async fn serve_connection<I>(
                 }
                 break;
             }
-            _ = info.drain.cancelled(), if !closing => {
-                closing = true;
+            _ = info.drain.cancelled(), if !closing && !drain_armed => {
                 cfg.stats.downstream_cx_drain_close.increment(1);
+                if conn.is_h2.load(Ordering::Relaxed) || cfg.drain_timeout.is_zero() {
+                    // HTTP/2: GOAWAY now; in-flight streams finish.
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                } else {
+                    // HTTP/1: responses from now on carry `Connection: close` (a busy
+                    // connection closes after its next response); an idle one is closed
+                    // when `drain_timeout` ends, so a client that is about to reuse it is
+                    // not raced by an immediate close.
+                    drain_armed = true;
+                    drain_grace.as_mut().reset(Instant::now() + cfg.drain_timeout);
+                }
+            }
+            _ = &mut drain_grace, if drain_armed && !closing => {
+                closing = true;
                 served.as_mut().graceful_shutdown();
             }
             _ = conn.close.notified(), if !closing => {
@@ -513,6 +533,9 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
         start,
         log: None,
     };
+    if h2 {
+        conn.is_h2.store(true, Ordering::Relaxed);
+    }
     let n = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let mut close = false;
     if cfg.max_requests_per_connection.is_some_and(|max| n >= max) {
@@ -613,7 +636,9 @@ fn finish(
         }
         ServerHeader::PassThrough => {}
     }
-    if st.close && !st.h2 {
+    // A draining listener: HTTP/1 responses close their connection (see `drain_timeout`).
+    let close = st.close || st.conn.info.drain.is_cancelled();
+    if close && !st.h2 {
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -788,7 +813,8 @@ async fn process(
         rand::random(),
     )
     .with_tls(conn.info.tls.as_deref())
-    .with_direct_remote(conn.info.direct_peer);
+    .with_direct_remote(conn.info.direct_peer)
+    .with_source_remote(conn.info.peer);
     let mut fstate = ChainState::default();
     let resp = match chain.decode(req, &info, &mut fstate).await {
         Err(reply) => render_local(reply, st),

@@ -143,6 +143,7 @@ impl NetworkRbac {
     pub fn allows(&self, info: &ConnInfo) -> bool {
         let input = RbacInput {
             direct_remote: info.direct_peer,
+            source: info.peer,
             remote: info.peer,
             local: info.local,
             tls: info.tls.as_deref(),

@@ -94,13 +94,16 @@ impl Cluster {
         changed
     }
 
-    /// Whether the cluster had its first endpoints (EDS), DNS resolution (STRICT_DNS),
-    /// initial health checks and the SDS secrets of its TLS transport socket.
+    /// Whether the cluster had its first endpoints (EDS), DNS resolution (STRICT_DNS) and
+    /// initial health checks.
     pub fn is_warm(&self) -> bool {
-        self.warmed.is_cancelled() && self.hc_warmed.is_cancelled() && self.tls_warm()
+        self.warmed.is_cancelled() && self.hc_warmed.is_cancelled()
     }
 
-    fn tls_warm(&self) -> bool {
+    /// Whether the SDS secrets of the cluster's TLS transport socket arrived (or warming
+    /// stopped waiting for them). Clusters added over CDS warm on this too; static ones are
+    /// covered by the server's bounded wait for secrets at start.
+    pub fn secrets_warm(&self) -> bool {
         if self.tls_warmed.is_cancelled() {
             return true;
         }
@@ -111,12 +114,17 @@ impl Cluster {
         false
     }
 
-    /// Resolves once the cluster is warm (see [`Cluster::is_warm`]). SDS secrets arrive
-    /// through the shared registry, which is polled (warming only, never per request).
+    /// Resolves once the cluster is warm (see [`Cluster::is_warm`]).
     pub async fn warm(&self) {
         self.warmed.cancelled().await;
         self.hc_warmed.cancelled().await;
-        while !self.tls_warm() {
+    }
+
+    /// [`Cluster::warm`], then [`Cluster::secrets_warm`]. SDS secrets arrive through the
+    /// shared registry, which is polled (warming only, never per request).
+    pub async fn warm_with_secrets(&self) {
+        self.warm().await;
+        while !self.secrets_warm() {
             tokio::select! {
                 _ = self.tls_warmed.cancelled() => return,
                 _ = tokio::time::sleep(std::time::Duration::from_millis(25)) => {}
@@ -174,15 +182,17 @@ mod tests {
         assert!(errs.is_empty(), "{:?}", errs.0);
         let c = Cluster::new(Arc::new(cfg), &Store::new());
         // Static hosts, no health checks: only the secret is missing.
-        assert!(!c.is_warm());
-        let waiting = tokio::time::timeout(std::time::Duration::from_secs(1), c.warm()).await;
-        assert!(waiting.is_err(), "warm() waits for the secret");
+        assert!(c.is_warm());
+        assert!(!c.secrets_warm());
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_secs(1), c.warm_with_secrets()).await;
+        assert!(waiting.is_err(), "warm_with_secrets() waits for the secret");
         // initial_fetch_timeout: warming gives up and the cluster is used as it is.
         c.force_warm();
-        assert!(c.is_warm());
-        c.warm().await;
+        assert!(c.secrets_warm());
+        c.warm_with_secrets().await;
         // Without TLS nothing is awaited.
-        assert!(cluster_static().is_warm());
+        assert!(cluster_static().secrets_warm());
     }
 
     fn cluster_static() -> Cluster {

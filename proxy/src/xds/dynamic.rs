@@ -724,7 +724,7 @@ impl Dynamic {
             };
             let name = r.name;
             let entry = inner.clusters.entry(name.clone()).or_default();
-            if cluster.is_warm() {
+            if cluster.is_warm() && cluster.secrets_warm() {
                 entry.warming = None;
                 self.activate_cluster(inner, &name, stored, cluster);
             } else {
@@ -752,7 +752,7 @@ impl Dynamic {
         let timeout = fetch_timeout(cluster.config().eds.as_ref().map(|e| &e.source));
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let warm = cluster.warm();
+            let warm = cluster.warm_with_secrets();
             let timed_out = match timeout {
                 Some(t) => tokio::time::timeout(t, warm).await.is_err(),
                 None => {

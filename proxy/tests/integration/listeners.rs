@@ -492,3 +492,70 @@ async fn a_new_listener_at_runtime() {
     assert!(matches!(m.add_or_update(late), Err(ListenerError::Stopped)));
     p.stop().await;
 }
+
+/// A draining listener keeps its idle HTTP/1 keep-alive connections usable for the HCM's
+/// `drain_timeout` (default 5 s): the next request is served with `Connection: close`
+/// instead of racing an immediate close; a connection left idle is closed when the
+/// drain_timeout ends.
+#[tokio::test]
+async fn drain_serves_idle_http1_connections_once_more_with_connection_close() {
+    let (p, old, _new) = two_backends(30).await;
+    let addr = p.addr("http");
+    let mut reused = h1(addr).await;
+    let mut idle = h1(addr).await;
+    for c in [&mut reused, &mut idle] {
+        let r = c.send_request(req("/")).await.expect("first request");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers().get("connection").is_none());
+        r.into_body().collect().await.expect("body");
+    }
+    assert_eq!(old.hits(), 2);
+
+    let cfg = translate(&p, &http_listener("http", 0, "new", "ingress2"));
+    p.handle
+        .state
+        .listener_manager
+        .add_or_update(cfg)
+        .expect("update");
+    eventually("drain started", || {
+        p.stat("http.ingress.downstream_cx_drain_close") == 2
+    })
+    .await;
+
+    // The idle connection of the drained version still takes a request (the old routes),
+    // answered with `Connection: close`, and is closed after it.
+    reused.ready().await.expect("still open");
+    let r = reused
+        .send_request(req("/"))
+        .await
+        .expect("served while draining");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-backend"], "old");
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    r.into_body().collect().await.expect("body");
+    let next = tokio::time::timeout(Duration::from_secs(5), async {
+        match reused.ready().await {
+            Ok(()) => reused.send_request(req("/")).await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .expect("bounded");
+    assert!(next.is_err(), "closed after the Connection: close response");
+
+    // The connection nobody used again is closed when the drain_timeout ends.
+    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+        while !idle.is_closed() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection is closed after drain_timeout"
+    );
+    p.stop().await;
+}

@@ -740,6 +740,9 @@ async fn listener_change_drains_the_old_version_and_routes_change_in_place() {
     let r = c.send_request(req()).await.expect("second");
     assert_eq!(tag(r.headers()), "v2", "same connection, new routes");
     let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+    // An idle keep-alive connection would keep the drained version (and its RDS slot) in use
+    // for the HCM's drain_timeout; this test is about what happens once nothing uses it.
+    drop(c);
 
     // Start a slow request, then replace the listener with one using an inline route.
     let slow = tokio::spawn(async move {
