@@ -112,16 +112,18 @@ pub fn parse(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
 
 fn parse_v1(data: &[u8]) -> Peeked<Result<Header, ParseError>> {
     let window = &data[..data.len().min(V1_MAX)];
-    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
-        if window.contains(&b'\n') {
-            return Peeked::Done(Err(ParseError::V1("line ends without CR")));
-        }
+    // The line ends at the first CR or LF: a bare LF is an error whatever follows it, so a
+    // prefix and the whole input are decided the same way.
+    let Some(cr) = window.iter().position(|&b| b == b'\r' || b == b'\n') else {
         return if data.len() >= V1_MAX {
             Peeked::Done(Err(ParseError::V1("longer than 107 bytes")))
         } else {
             Peeked::NeedMore
         };
     };
+    if window[cr] == b'\n' {
+        return Peeked::Done(Err(ParseError::V1("line ends without CR")));
+    }
     match window.get(cr + 1) {
         None if data.len() < V1_MAX => return Peeked::NeedMore,
         Some(b'\n') => {}
@@ -463,6 +465,17 @@ mod tests {
         a.extend_from_slice(&51000u16.to_be_bytes());
         a.extend_from_slice(&443u16.to_be_bytes());
         a
+    }
+
+    #[test]
+    fn a_bare_lf_is_decided_before_any_later_cr() {
+        // Found by the proxy_protocol fuzz target: an LF before the first CR.
+        let full = b"PROXY TCP4 1\nQUIT 2\r9";
+        let want = Peeked::Done(Err(ParseError::V1("line ends without CR")));
+        assert_eq!(parse(full), want);
+        for cut in 14..full.len() {
+            assert_eq!(parse(&full[..cut]), want, "prefix {cut}");
+        }
     }
 
     #[test]
