@@ -80,7 +80,7 @@ impl Store {
 
     /// A scope for `listener.<ip>_<port>.*`.
     pub fn listener(self: &Arc<Self>, addr: std::net::SocketAddr) -> Scope {
-        let a = format!("{}_{}", addr.ip(), addr.port());
+        let a = listener_stat_name(addr);
         self.scope(
             format!("listener.{a}."),
             "envoy_listener_",
@@ -377,9 +377,28 @@ pub fn class_index(status: u16) -> usize {
     (status / 100).clamp(1, 5) as usize - 1
 }
 
+/// The `<address>` of `listener.<address>.*`, as Envoy spells it: the address string with
+/// `:` sanitized to `_` — `0.0.0.0_80`, `[__]_15001`, `[__1]_8080`.
+pub fn listener_stat_name(addr: std::net::SocketAddr) -> String {
+    match addr {
+        std::net::SocketAddr::V4(a) => format!("{}_{}", a.ip(), a.port()),
+        std::net::SocketAddr::V6(a) => format!("[{}]_{}", a.ip(), a.port()).replace(':', "_"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listener_addresses_are_named_as_envoy_names_them() {
+        let n = |a: &str| listener_stat_name(a.parse().expect("addr"));
+        assert_eq!(n("0.0.0.0:80"), "0.0.0.0_80");
+        assert_eq!(n("10.1.2.3:15006"), "10.1.2.3_15006");
+        assert_eq!(n("[::]:15001"), "[__]_15001");
+        assert_eq!(n("[::1]:8080"), "[__1]_8080");
+        assert_eq!(n("[fd77:3::2]:443"), "[fd77_3__2]_443");
+    }
 
     #[test]
     fn envoy_names_both_ways() {

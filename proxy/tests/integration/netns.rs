@@ -1,7 +1,9 @@
 //! Network-namespace harness for the sidecar tests.
 //!
 //! [`Net::new`] creates a hub namespace (IP forwarding on) and one namespace per member, each
-//! joined to the hub by a veth pair on its own /24 (`10.77.<i>.2`, gateway `10.77.<i>.1`).
+//! joined to the hub by a veth pair on its own /24 (`10.77.<i>.2`, gateway `10.77.<i>.1`)
+//! and its own IPv6 /64 (`fd77:<i>::2`, gateway `fd77:<i>::1`; added with `nodad` so the
+//! addresses are usable at once).
 //! Namespace names are unique per process and test (`w<pid>-<n>-<role>`); dropping the
 //! [`Net`] deletes every namespace (and with it the veths and iptables rules), also when
 //! the test panics.
@@ -18,7 +20,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,11 +90,17 @@ pub fn skip(test: &str) -> bool {
 pub struct Ns {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 impl Ns {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip.into(), port)
+    }
+
+    /// The member's IPv6 address with `port`.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip6.into(), port)
     }
 }
 
@@ -128,7 +136,7 @@ impl Net {
             &hub,
             "sh",
             "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward; echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
         ])?;
         for (i, role) in roles.iter().enumerate() {
             let name = format!("{base}-{role}");
@@ -173,11 +181,28 @@ impl Net {
                 "via",
                 &format!("10.77.{i}.1"),
             ])?;
+            let (hub6, member6) = (format!("fd77:{i}::1/64"), format!("fd77:{i}::2/64"));
+            sh(&["ip", "-n", &hub, "addr", "add", &hub6, "dev", &hv, "nodad"])?;
+            sh(&[
+                "ip", "-n", &name, "addr", "add", &member6, "dev", "eth0", "nodad",
+            ])?;
+            sh(&[
+                "ip",
+                "-n",
+                &name,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd77:{i}::1"),
+            ])?;
             net.members.insert(
                 role.to_string(),
                 Ns {
                     name,
                     ip: Ipv4Addr::new(10, 77, i as u8, 2),
+                    ip6: Ipv6Addr::new(0xfd77, i as u16, 0, 0, 0, 0, 0, 2),
                 },
             );
         }

@@ -458,3 +458,153 @@ async fn outbound_http_grpc_tcp_and_inbound_go_through_the_sidecar() {
         0
     );
 }
+
+/// The example bootstrap plus its IPv6 twins (Istio programs both families): `[::]:15001`
+/// and `[::]:15006` (IPv6 only, beside the IPv4 ones on the same ports), and the
+/// `bind_to_port: false` `[::]:80` listener the virtual listener hands IPv6 HTTP to.
+fn dual_stack_bootstrap() -> String {
+    let v6 = r#"  - name: virtualOutbound6
+    address: {socket_address: {address: "::", port_value: 15001}}
+    use_original_dst: true
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
+    filter_chains:
+    - name: passthrough
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: PassthroughCluster6
+          cluster: PassthroughCluster
+  - name: "[::]_80"
+    address: {socket_address: {address: "::", port_value: 80}}
+    bind_to_port: false
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound6_80
+          route_config:
+            name: "80v6"
+            virtual_hosts:
+            - name: allow_any
+              domains: ["*"]
+              routes: [{match: {prefix: /}, route: {cluster: outbound_http, timeout: 15s}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  - name: virtualInbound6
+    address: {socket_address: {address: "::", port_value: 15006}}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}
+    filter_chains:
+    - name: inbound_8080
+      filter_chain_match: {destination_port: 8080}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound6_8080
+          route_config:
+            name: inbound6|8080
+            virtual_hosts:
+            - name: inbound
+              domains: ["*"]
+              routes: [{match: {prefix: /}, route: {cluster: "inbound|8080||", timeout: 15s}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#;
+    let base = example_bootstrap();
+    let at = base.find("  listeners:\n").expect("listeners") + "  listeners:\n".len();
+    format!("{}{v6}{}", &base[..at], &base[at..])
+}
+
+/// The same interception over IPv6: `weir-init --ipv6` programs ip6tables, the IPv6
+/// original destination is read with `IP6T_SO_ORIGINAL_DST`, and the `[::]` listeners take
+/// the hand-off; IPv4 keeps working beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_outbound_and_inbound_go_through_the_sidecar() {
+    if netns::skip("ipv6_outbound_and_inbound_go_through_the_sidecar") {
+        return;
+    }
+    let mut net = Net::new(&["client", "app", "server"]).expect("namespaces");
+    let (client, app, server) = (net.ns("client"), net.ns("app"), net.ns("server"));
+
+    let http_seen = serve_http(netns::bind(&server, server.addr6(80)), "server6");
+    let http4_seen = serve_http(netns::bind(&server, server.addr(80)), "server4");
+    let tcp_seen = serve_echo(netns::bind(&server, server.addr6(7000)));
+    let app_seen = serve_http(
+        netns::bind(&app, "0.0.0.0:8080".parse().expect("addr")),
+        "app",
+    );
+
+    net.exec("app", &[WEIR_INIT, "--proxy-uid", "1337", "--ipv6"])
+        .expect("weir-init --ipv6");
+    let (admin, log) = start_weir(&mut net, "app", &dual_stack_bootstrap()).await;
+    let before = netns::stats(&app, admin).await;
+
+    // HTTP to an IPv6 server: 15001 over IPv6, handed to [::]:80, routed to the original
+    // destination; the server sees weir's connection from the app's IPv6 address, once.
+    let (status, body) = netns::http_get(&app, server.addr6(80), "/six")
+        .await
+        .expect("IPv6 HTTP through the sidecar");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with(&format!("server6 peer=[{}]:", app.ip6)),
+        "{body}"
+    );
+    assert_eq!(http_seen.all().len(), 1, "one upstream connection, no loop");
+
+    // Raw TCP over IPv6: passthrough.
+    assert_eq!(
+        tcp_roundtrip(&app, server.addr6(7000), b"v6 bytes").await,
+        b"v6 bytes"
+    );
+    assert_eq!(tcp_seen.all().len(), 1);
+
+    // IPv4 beside it still works through the IPv4 listeners.
+    let (status, body) = netns::http_get(&app, server.addr(80), "/four")
+        .await
+        .expect("IPv4 HTTP through the sidecar");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("server4 peer="), "{body}");
+    assert_eq!(http4_seen.all().len(), 1);
+
+    // Inbound over IPv6: the client calls the app's IPv6 address; ip6tables sends it to
+    // [::]:15006, whose chain for port 8080 delivers it to the app on 127.0.0.1.
+    let (status, body) = netns::http_get(&client, app.addr6(8080), "/in6")
+        .await
+        .expect("inbound IPv6 HTTP");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("app peer=127.0.0.1:"), "{body}");
+    assert_eq!(app_seen.all().len(), 1);
+
+    let after = netns::stats(&app, admin).await;
+    let dump = || {
+        format!(
+            "stats after:\n{:?}\nlog:\n{}",
+            after
+                .iter()
+                .filter(|(k, _)| k.starts_with("listener.") || k.starts_with("http."))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    for (stat, want) in [
+        // Envoy's listener stat names for IPv6 addresses: `[::]:80` → `[__]_80`.
+        ("listener.[__]_15001.downstream_cx_total", 1),
+        ("listener.[__]_80.downstream_cx_total", 1),
+        ("http.outbound6_80.downstream_rq_total", 1),
+        ("tcp.PassthroughCluster6.downstream_cx_total", 1),
+        ("listener.[__]_15006.downstream_cx_total", 1),
+        ("http.inbound6_8080.downstream_rq_total", 1),
+        ("listener.0.0.0.0_80.downstream_cx_total", 1),
+        ("cluster.outbound_http.upstream_cx_total", 2),
+    ] {
+        assert_eq!(delta(&before, &after, stat), want, "{stat}\n{}", dump());
+    }
+}
