@@ -41,7 +41,7 @@ pub(super) fn clusters(state: &ServerState, q: &Query) -> Response<Body> {
         .all()
         .into_iter()
         .map(|c| {
-            let hosts = c.hosts();
+            let hosts = c.admin_hosts();
             (c, hosts)
         })
         .collect();

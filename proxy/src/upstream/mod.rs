@@ -743,6 +743,22 @@ impl Cluster {
         self.host_set.load().hosts.clone()
     }
 
+    /// Every host the admin `/clusters` page shows: the host set, plus the on-demand hosts
+    /// of an ORIGINAL_DST cluster (sorted by address so the page is stable), as Envoy lists
+    /// an original-destination cluster's current hosts.
+    pub fn admin_hosts(&self) -> Arc<Vec<Arc<Host>>> {
+        match &self.original_dst {
+            None => self.hosts(),
+            Some(od) => {
+                let mut all: Vec<Arc<Host>> = self.hosts().iter().cloned().collect();
+                let mut extra = od.hosts();
+                extra.sort_by_key(|h| h.address);
+                all.extend(extra);
+                Arc::new(all)
+            }
+        }
+    }
+
     /// Pick a host with the cluster's `lb_policy` across priorities (Envoy's priority load
     /// with overprovisioning factor 1.4 and the healthy panic threshold), using per-worker
     /// state and no shared lock. `ctx.hash` drives RING_HASH / MAGLEV; hosts in `ctx.avoid`

@@ -555,6 +555,26 @@ async fn use_original_dst_hands_off_to_the_destination_listener_or_passes_throug
     // The passthrough host is the restored destination with the port override.
     assert_eq!(p.stat("cluster.PassthroughCluster.membership_total"), 1);
     assert_eq!(p.stat("cluster.PassthroughCluster.upstream_cx_total"), 1);
+    // ... and it is listed by /clusters (text and JSON), as Envoy lists an original-dst
+    // cluster's current hosts.
+    let host = format!("127.0.0.1:{}", pass_echo.port());
+    let (status, _, body) = get(p.admin(), "admin", "/clusters").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains(&format!("PassthroughCluster::{host}::cx_total::1")),
+        "{text}"
+    );
+    let (_, _, body) = get(p.admin(), "admin", "/clusters?format=json").await;
+    let v = json(&body);
+    let pass = v["cluster_statuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "PassthroughCluster"))
+        .expect("PassthroughCluster in /clusters?format=json");
+    assert_eq!(
+        pass["host_statuses"][0]["address"]["socket_address"]["port_value"],
+        pass_echo.port()
+    );
     p.stop().await;
 }
 
