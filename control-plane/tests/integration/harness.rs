@@ -497,3 +497,60 @@ pub fn write(path: &Path, text: &str) {
     }
     std::fs::write(path, text).expect("write");
 }
+
+/// The bootstrap's `static_resources` head with the `weir-cp` ADS cluster (h2, STATIC at
+/// `xds`); a test appends its own listeners/clusters after it.
+pub fn weir_cp_cluster(xds: std::net::SocketAddr) -> String {
+    format!(
+        r#"static_resources:
+  clusters:
+  - name: weir-cp
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: weir-cp
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
+"#,
+        ip = xds.ip(),
+        port = xds.port()
+    )
+}
+
+/// An `http_connection_manager` network filter (indented for a filter chain's `filters:`)
+/// routing every request to `cluster`; `extra` goes before `route_config`, `filters` before
+/// the router.
+pub fn hcm(stat_prefix: &str, cluster: &str, extra: &str, filters: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {stat_prefix}
+{extra}          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: /}}, route: {{cluster: "{cluster}", timeout: 5s}}}}]
+          http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    )
+}
+
+/// An in-process weir's stat by its Envoy name (0 when absent).
+pub fn proxy_stat(p: &weir_proxy::server::ServerHandle, name: &str) -> u64 {
+    p.state
+        .stats
+        .render_text()
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}

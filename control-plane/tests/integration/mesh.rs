@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use weir_control_plane::ControlPlane;
 
-use crate::harness::{Server, WAIT};
+use crate::harness::{Server, WAIT, proxy_stat, weir_cp_cluster};
 
 /// An HTTP/1.1 backend answering `200 <name>`.
 async fn backend(name: &'static str) -> SocketAddr {
@@ -90,23 +90,8 @@ dynamic_resources:
     grpc_services: [{{envoy_grpc: {{cluster_name: weir-cp}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
   lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: weir-cp
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: weir-cp
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
-"#,
-        port = xds.port()
-    )
+"#
+    ) + &weir_cp_cluster(xds)
 }
 
 async fn start_proxy(yaml: &str) -> weir_proxy::server::ServerHandle {
@@ -144,16 +129,6 @@ async fn get(addr: SocketAddr) -> (u16, String, String) {
         .to_string();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned(), tag)
-}
-
-fn stat(p: &weir_proxy::server::ServerHandle, name: &str) -> u64 {
-    p.state
-        .stats
-        .render_text()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
@@ -219,7 +194,7 @@ async fn mesh(api_type: &str) {
         }
     }
     assert_eq!(bs, 30, "weights 1:3 over 40 smooth round-robin picks");
-    assert_eq!(stat(&proxy, "control_plane.connected_state"), 1);
+    assert_eq!(proxy_stat(&proxy, "control_plane.connected_state"), 1);
     proxy.stop().await;
     cp.stop().await;
 }
@@ -253,7 +228,7 @@ async fn weir_cp_restart_resyncs_the_proxy() {
 
     cp.stop().await;
     until("proxy notices", async || {
-        stat(&proxy, "control_plane.connected_state") == 0
+        proxy_stat(&proxy, "control_plane.connected_state") == 0
     })
     .await;
     assert_eq!(
@@ -277,7 +252,7 @@ async fn weir_cp_restart_resyncs_the_proxy() {
         },
     ));
     until("reconnected", async || {
-        stat(&proxy, "control_plane.connected_state") == 1
+        proxy_stat(&proxy, "control_plane.connected_state") == 1
     })
     .await;
     cp.apply_text(
@@ -383,7 +358,7 @@ async fn registry_instances_become_weir_endpoints() {
         all_b
     })
     .await;
-    assert!(stat(&proxy, "cluster_manager.cluster_updated") >= 2);
+    assert!(proxy_stat(&proxy, "cluster_manager.cluster_updated") >= 2);
     proxy.stop().await;
     cp.stop().await;
 }
@@ -435,10 +410,13 @@ async fn weir_authenticates_to_weir_cp_with_a_token() {
         );
     let refused = start_proxy(&no_token).await;
     assert!(refused.listener_addr("ingress").is_none());
-    assert_eq!(stat(&refused, "control_plane.connected_state"), 0);
-    assert_eq!(stat(&refused, "cluster_manager.cds.init_fetch_timeout"), 1);
+    assert_eq!(proxy_stat(&refused, "control_plane.connected_state"), 0);
+    assert_eq!(
+        proxy_stat(&refused, "cluster_manager.cds.init_fetch_timeout"),
+        1
+    );
     until("stream failures counted", async || {
-        stat(&refused, "cluster_manager.cds.update_failure") >= 1
+        proxy_stat(&refused, "cluster_manager.cds.update_failure") >= 1
     })
     .await;
     refused.stop().await;
@@ -454,7 +432,7 @@ async fn weir_authenticates_to_weir_cp_with_a_token() {
     let proxy = start_proxy(&with_token).await;
     let ingress = proxy.listener_addr("ingress").expect("ingress from LDS");
     assert_eq!(get(ingress).await, (200, "a".into(), "v1".into()));
-    assert_eq!(stat(&proxy, "control_plane.connected_state"), 1);
+    assert_eq!(proxy_stat(&proxy, "control_plane.connected_state"), 1);
     proxy.stop().await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(WAIT, task).await;

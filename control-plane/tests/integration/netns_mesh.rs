@@ -28,6 +28,8 @@ mod netns;
 
 use netns::{NS_WAIT, Net};
 
+use crate::harness::{hcm, weir_cp_cluster};
+
 const SDS: &str = "{ads: {}, resource_api_version: V3}";
 
 /// `target/<profile>/<name>` next to this test binary (`target/<profile>/deps/...`), or the
@@ -97,43 +99,8 @@ dynamic_resources:
     api_type: GRPC
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: weir-cp}}}}]
-static_resources:
-  clusters:
-  - name: weir-cp
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: weir-cp
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}
-"#,
-        ip = xds.ip(),
-        port = xds.port()
-    )
-}
-
-fn hcm(stat_prefix: &str, cluster: &str, extra: &str, filters: &str) -> String {
-    format!(
-        r#"      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {stat_prefix}
-{extra}          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: "{cluster}", timeout: 5s}}}}]
-          http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "#
-    )
+    ) + &weir_cp_cluster(xds)
 }
 
 const ORIGINAL_DST_FILTER: &str = r#"    listener_filters:

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
-use crate::harness::{Server, WAIT};
+use crate::harness::{Server, WAIT, hcm, proxy_stat, weir_cp_cluster};
 
 /// The application behind the server sidecar: answers with the XFCC header it received.
 async fn app() -> SocketAddr {
@@ -56,43 +56,7 @@ dynamic_resources:
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: weir-cp}}}}]
 "#
-    ) + &format!(
-        r#"static_resources:
-  clusters:
-  - name: weir-cp
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: weir-cp
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
-"#,
-        port = xds.port()
-    )
-}
-
-fn hcm(stat_prefix: &str, cluster: &str, extra: &str, filters: &str) -> String {
-    format!(
-        r#"      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: {stat_prefix}
-{extra}          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: {cluster}, timeout: 5s}}}}]
-          http_filters:
-{filters}          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-"#
-    )
+    ) + &weir_cp_cluster(xds)
 }
 
 /// The server sidecar: mTLS inbound (SDS `default` + `ROOTCA`), RBAC allowing only
@@ -204,16 +168,6 @@ async fn get(addr: SocketAddr) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn stat(p: &weir_proxy::server::ServerHandle, name: &str) -> u64 {
-    p.state
-        .stats
-        .render_text()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test]
 async fn sidecars_get_certificates_from_weir_cp_and_rbac_checks_spiffe_ids() {
     let cp = Server::start().await;
@@ -235,8 +189,8 @@ async fn sidecars_get_certificates_from_weir_cp_and_rbac_checks_spiffe_ids() {
     let (status, body) = get(batch.listener_addr("outbound").expect("outbound")).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body, "RBAC: access denied");
-    assert_eq!(stat(&server, "http.inbound.rbac.allowed"), 1);
-    assert_eq!(stat(&server, "http.inbound.rbac.denied"), 1);
+    assert_eq!(proxy_stat(&server, "http.inbound.rbac.allowed"), 1);
+    assert_eq!(proxy_stat(&server, "http.inbound.rbac.denied"), 1);
 
     // A plain-text client, and a TLS client without a mesh certificate, never reach the app.
     let mut s = tokio::net::TcpStream::connect(inbound)
