@@ -34,6 +34,12 @@
 //! With `inject.xds_token_secret`, the ADS `grpc_services` entry moves to `--config-yaml`
 //! with `authorization: Bearer $(WEIR_XDS_TOKEN)`, the variable coming from that Secret
 //! (which must exist in the pod's namespace): the token never appears in the pod spec.
+//! With `inject.xds_tls`, the sidecar reaches weir-cp over TLS: the `weir-cp` cluster gets an
+//! `UpstreamTlsContext` (SNI and a DNS SAN check for `xds_tls.sni`, default the host of
+//! `xds_address`; ALPN h2) trusting the CA in a ConfigMap (`xds_tls.ca_config_map`, which
+//! must exist in the pod's namespace, Istio's `istio-ca-root-cert` pattern), mounted
+//! read-only at `/etc/weir/xds-ca/ca.crt` by a `weir-xds-ca` volume — so the bearer token
+//! and the node's identity claim never cross the network in plain text.
 //!
 //! **Traffic annotations** (Istio's names under `traffic.sidecar.weir.io/`):
 //! `excludeInboundPorts`, `excludeOutboundPorts` (comma-separated ports) and
@@ -111,6 +117,7 @@ pub const PROMETHEUS_PORT: u16 = 15090;
 ///   proxy_image: weir/weir:0.1.0
 ///   xds_address: weir-cp.weir-system.svc:18000
 ///   xds_token_secret: {name: weir-xds-token, key: token}   # optional
+///   xds_tls: {ca_config_map: {name: weir-cp-ca, key: ca.crt}}  # optional, sni: host
 /// ```
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +140,9 @@ pub struct InjectSettings {
     /// `xds:read` and the workload identities of that namespace.
     #[serde(default)]
     pub xds_token_secret: Option<SecretKeyRef>,
+    /// ADS over TLS: the CA that signed weir-cp's serving certificate and the name to check.
+    #[serde(default)]
+    pub xds_tls: Option<XdsTls>,
     /// The proxy's uid (and gid); weir-init exempts its traffic from redirection.
     #[serde(default = "default_uid")]
     pub proxy_uid: u32,
@@ -163,7 +173,24 @@ pub struct WebhookTls {
     pub key_file: std::path::PathBuf,
 }
 
-/// `inject.xds_token_secret`.
+/// `inject.xds_tls`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsTls {
+    /// A ConfigMap (in each application namespace) holding the PEM CA bundle that verifies
+    /// weir-cp's xDS serving certificate.
+    pub ca_config_map: SecretKeyRef,
+    /// SNI sent to weir-cp and the DNS SAN its certificate must carry; default: the host of
+    /// `xds_address`.
+    #[serde(default)]
+    pub sni: Option<String>,
+}
+
+/// Where the `weir-xds-ca` volume is mounted in the sidecar.
+pub const XDS_CA_DIR: &str = "/etc/weir/xds-ca";
+const XDS_CA_VOLUME: &str = "weir-xds-ca";
+
+/// `inject.xds_token_secret` (and `xds_tls.ca_config_map`: the same name/key pair).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretKeyRef {
@@ -239,6 +266,20 @@ impl InjectSettings {
         if self.concurrency == 0 {
             return bad("concurrency", "must be positive".into());
         }
+        if let Some(t) = &self.xds_tls {
+            if t.ca_config_map.name.trim().is_empty() || t.ca_config_map.key.trim().is_empty() {
+                return bad("xds_tls.ca_config_map", "name and key must be set".into());
+            }
+            let sni = self.xds_sni().unwrap_or_default();
+            if sni.is_empty() || sni.parse::<IpAddr>().is_ok() || sni.contains([' ', '"', ':']) {
+                return bad(
+                    "xds_tls.sni",
+                    format!(
+                        "{sni:?} is not a DNS name (weir-cp's certificate is checked against it)"
+                    ),
+                );
+            }
+        }
         for (field, v) in [
             ("proxy_resources", &self.proxy_resources),
             ("init_resources", &self.init_resources),
@@ -263,6 +304,17 @@ impl InjectSettings {
 
     fn init_image(&self) -> &str {
         self.init_image.as_deref().unwrap_or(&self.proxy_image)
+    }
+
+    /// With `xds_tls`: the name weir-cp's certificate is checked against.
+    fn xds_sni(&self) -> Option<String> {
+        let t = self.xds_tls.as_ref()?;
+        Some(match &t.sni {
+            Some(s) => s.trim().to_string(),
+            None => split_host_port(&self.xds_address)
+                .map(|(h, _)| h)
+                .unwrap_or_default(),
+        })
     }
 }
 
@@ -674,6 +726,25 @@ impl Injector {
                 "initial_metadata": [{"key": "authorization", "value": "Bearer $(WEIR_XDS_TOKEN)"}],
             }]}});
         }
+        let mut volumes = vec![json!({
+            "name": BOOTSTRAP_VOLUME,
+            "downwardAPI": {"items": [{
+                "path": "bootstrap.yaml",
+                "fieldRef": {"fieldPath": format!("metadata.annotations['{BOOTSTRAP_ANNOTATION}']")},
+            }]},
+        })];
+        let mut mounts =
+            vec![json!({"name": BOOTSTRAP_VOLUME, "mountPath": BOOTSTRAP_DIR, "readOnly": true})];
+        if let Some(t) = &s.xds_tls {
+            volumes.push(json!({
+                "name": XDS_CA_VOLUME,
+                "configMap": {
+                    "name": t.ca_config_map.name,
+                    "items": [{"key": t.ca_config_map.key, "path": "ca.crt"}],
+                },
+            }));
+            mounts.push(json!({"name": XDS_CA_VOLUME, "mountPath": XDS_CA_DIR, "readOnly": true}));
+        }
         let proxy = json!({
             "name": PROXY_CONTAINER,
             "image": s.proxy_image,
@@ -709,20 +780,13 @@ impl Injector {
                 "readOnlyRootFilesystem": true,
                 "capabilities": {"drop": ["ALL"]},
             },
-            "volumeMounts": [{"name": BOOTSTRAP_VOLUME, "mountPath": BOOTSTRAP_DIR, "readOnly": true}],
-        });
-        let volume = json!({
-            "name": BOOTSTRAP_VOLUME,
-            "downwardAPI": {"items": [{
-                "path": "bootstrap.yaml",
-                "fieldRef": {"fieldPath": format!("metadata.annotations['{BOOTSTRAP_ANNOTATION}']")},
-            }]},
+            "volumeMounts": mounts,
         });
         let status = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "initContainers": [INIT_CONTAINER],
             "containers": [PROXY_CONTAINER],
-            "volumes": [BOOTSTRAP_VOLUME],
+            "volumes": volumes.iter().map(|v| v["name"].clone()).collect::<Vec<_>>(),
         })
         .to_string();
 
@@ -752,9 +816,9 @@ impl Injector {
         }
         // Existing init containers run first, with the network as they had it; interception
         // starts with weir-init, last.
-        ops.push(append_op(spec, "initContainers", init)?);
-        ops.push(append_op(spec, "containers", proxy)?);
-        ops.push(append_op(spec, "volumes", volume)?);
+        ops.extend(append_ops(spec, "initContainers", vec![init])?);
+        ops.extend(append_ops(spec, "containers", vec![proxy])?);
+        ops.extend(append_ops(spec, "volumes", volumes)?);
         Ok(ops)
     }
 }
@@ -825,13 +889,20 @@ fn decide(
 }
 
 /// `add` to the end of `spec.<field>`, or create the array.
-fn append_op(spec: &Value, field: &'static str, value: Value) -> Result<Value, InjectError> {
+/// Append `values` (at least one) to `/spec/<field>`: one `-` add per value onto an existing
+/// array, or one add creating the array.
+fn append_ops(
+    spec: &Value,
+    field: &'static str,
+    values: Vec<Value>,
+) -> Result<Vec<Value>, InjectError> {
     Ok(match spec.get(field) {
-        Some(Value::Array(_)) => {
-            json!({"op": "add", "path": format!("/spec/{field}/-"), "value": value})
-        }
+        Some(Value::Array(_)) => values
+            .into_iter()
+            .map(|value| json!({"op": "add", "path": format!("/spec/{field}/-"), "value": value}))
+            .collect(),
         None | Some(Value::Null) => {
-            json!({"op": "add", "path": format!("/spec/{field}"), "value": [value]})
+            vec![json!({"op": "add", "path": format!("/spec/{field}"), "value": values})]
         }
         Some(_) => return Err(InjectError::Shape(field)),
     })
@@ -901,6 +972,23 @@ pub fn render_bootstrap(s: &InjectSettings) -> String {
     } else {
         "    grpc_services: [{envoy_grpc: {cluster_name: weir-cp}}]\n".to_string()
     };
+    let xds_tls = match s.xds_sni() {
+        None => String::new(),
+        Some(sni) => format!(
+            "    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: \"{sni}\"
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{filename: {XDS_CA_DIR}/ca.crt}}
+            match_typed_subject_alt_names:
+            - {{san_type: DNS, matcher: {{exact: \"{sni}\"}}}}
+"
+        ),
+    };
     let forward = |name: &str, port: u16, prefix: &str| {
         format!(
             "  - name: {name}
@@ -946,7 +1034,7 @@ static_resources:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
         \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
         explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
+{xds_tls}    load_assignment:
       cluster_name: weir-cp
       endpoints:
       - lb_endpoints:

@@ -466,19 +466,25 @@ fn expand(s: &str) -> String {
 
 /// The injected sidecar's command line is a valid weir configuration with the node identity
 /// weir-cp's CA reads.
-fn check_weir_accepts(inj: &Injector, token: bool) {
+fn check_weir_accepts(inj: &Injector, token: bool) -> weir_proxy::config::Snapshot {
     let (_, pod, _) = run(inj, &fixture("opt-in.json"), NamespacePolicy::PodOptIn);
     let pod = pod.expect("patched");
     let a = args(container(&pod, "containers", "weir-proxy"));
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("bootstrap.yaml");
-    std::fs::write(
-        &path,
-        pod["metadata"]["annotations"][BOOTSTRAP_ANNOTATION]
-            .as_str()
-            .expect("bootstrap"),
-    )
-    .expect("write");
+    let mut bootstrap = pod["metadata"]["annotations"][BOOTSTRAP_ANNOTATION]
+        .as_str()
+        .expect("bootstrap")
+        .to_string();
+    if bootstrap.contains(XDS_CA_DIR) {
+        // The ConfigMap volume, as the kubelet would mount it: a real CA certificate.
+        let ca = rcgen::generate_simple_self_signed(vec!["weir-cp-ca".to_string()]).expect("CA");
+        let ca_dir = dir.path().join("xds-ca");
+        std::fs::create_dir_all(&ca_dir).expect("mkdir");
+        std::fs::write(ca_dir.join("ca.crt"), ca.cert.pem()).expect("write CA");
+        bootstrap = bootstrap.replace(XDS_CA_DIR, &ca_dir.to_string_lossy());
+    }
+    std::fs::write(&path, bootstrap).expect("write");
     let opts = weir_proxy::cli::Options {
         config_path: Some(path),
         config_yaml: flag(&a, "--config-yaml").map(|s| expand(&s)),
@@ -511,6 +517,101 @@ fn check_weir_accepts(inj: &Injector, token: bool) {
         snap.xds.ads.as_ref().map(|a| a.initial_metadata.is_empty()),
         Some(!token)
     );
+    snap
+}
+
+#[test]
+fn xds_tls_mounts_the_ca_and_verifies_weir_cp() {
+    let inj = injector_with(&format!(
+        "{SETTINGS}xds_token_secret: {{name: weir-xds-token, key: token}}\n\
+         xds_tls: {{ca_config_map: {{name: weir-cp-ca, key: root.pem}}}}\n"
+    ));
+    let (_, pod, _) = run(&inj, &fixture("opt-in.json"), NamespacePolicy::PodOptIn);
+    let pod = pod.expect("patched");
+    let proxy = container(&pod, "containers", "weir-proxy");
+    assert_eq!(
+        proxy["volumeMounts"],
+        json!([
+            {"name": "weir-bootstrap", "mountPath": "/etc/weir", "readOnly": true},
+            {"name": "weir-xds-ca", "mountPath": "/etc/weir/xds-ca", "readOnly": true},
+        ])
+    );
+    let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+    let ca = volumes
+        .iter()
+        .find(|v| v["name"] == "weir-xds-ca")
+        .expect("CA volume");
+    assert_eq!(
+        ca["configMap"],
+        json!({"name": "weir-cp-ca", "items": [{"key": "root.pem", "path": "ca.crt"}]})
+    );
+    let status: Value = serde_json::from_str(
+        pod["metadata"]["annotations"][STATUS_ANNOTATION]
+            .as_str()
+            .expect("status"),
+    )
+    .expect("status json");
+    assert_eq!(status["volumes"], json!(["weir-bootstrap", "weir-xds-ca"]));
+    // Onto existing volumes: both appended, the pod's own kept first.
+    let (_, pod, _) = run(
+        &inj,
+        &fixture("existing-arrays.json"),
+        NamespacePolicy::PodOptIn,
+    );
+    assert_eq!(
+        names(&pod.expect("patched")["spec"]["volumes"]),
+        [
+            "kube-api-access-7xk2p",
+            "cache",
+            "weir-bootstrap",
+            "weir-xds-ca"
+        ]
+    );
+
+    // weir accepts it, and the weir-cp cluster verifies weir-cp's name over TLS with h2.
+    let snap = check_weir_accepts(&inj, true);
+    let cp = snap
+        .clusters
+        .iter()
+        .find(|c| c.name == "weir-cp")
+        .expect("weir-cp cluster");
+    let tls = cp.tls.as_ref().expect("ADS over TLS");
+    assert_eq!(tls.sni, "weir-cp.weir-system.svc");
+    let text = inj.bootstrap();
+    assert!(text.contains("alpn_protocols: [h2]"), "{text}");
+    assert!(
+        text.contains("{san_type: DNS, matcher: {exact: \"weir-cp.weir-system.svc\"}}"),
+        "{text}"
+    );
+
+    // Without xds_tls: plain text, no CA volume.
+    let plain = check_weir_accepts(&injector(), false);
+    let cp = plain
+        .clusters
+        .iter()
+        .find(|c| c.name == "weir-cp")
+        .expect("cluster");
+    assert!(cp.tls.is_none());
+
+    // An explicit SNI; a SNI that is not a DNS name is refused at startup.
+    let inj = injector_with(&format!(
+        "{SETTINGS}xds_tls: {{ca_config_map: {{name: c, key: k}}, sni: xds.mesh.example}}\n"
+    ));
+    assert!(inj.bootstrap().contains("sni: \"xds.mesh.example\""));
+    for bad in ["sni: 10.0.0.1", "sni: \"\"", "sni: \"a b\""] {
+        let s: InjectSettings = serde_yaml::from_str(&format!(
+            "{SETTINGS}xds_tls: {{ca_config_map: {{name: c, key: k}}, {bad}}}\n"
+        ))
+        .expect("parses");
+        let e = s.validate().expect_err(bad);
+        assert!(e.to_string().contains("inject.xds_tls.sni"), "{e}");
+    }
+    let s: InjectSettings = serde_yaml::from_str(&format!(
+        "{SETTINGS}xds_tls: {{ca_config_map: {{name: \"\", key: k}}}}\n"
+    ))
+    .expect("parses");
+    let e = s.validate().expect_err("empty name");
+    assert!(e.to_string().contains("xds_tls.ca_config_map"), "{e}");
 }
 
 #[test]
