@@ -121,6 +121,9 @@ pub struct ServerState {
     pub admin_socket: Mutex<Option<std::net::TcpListener>>,
     /// The hot-restart socket this process listens on (set by the binary).
     pub hot_restart_socket: OnceLock<std::path::PathBuf>,
+    /// Overload manager and connection limits, read by workers without locks
+    /// ([`crate::overload`]).
+    pub overload: Arc<crate::overload::Overload>,
     /// Hot-restart generation.
     generation: AtomicU64,
     /// Drain time bound set by a hot-restart child (seconds; `u64::MAX`: none).
@@ -138,6 +141,7 @@ impl ServerState {
     ) -> Arc<Self> {
         let stats = snapshot.stats.clone();
         let server_stats = ServerStats::new(&stats);
+        let overload = Arc::new(crate::overload::Overload::new(&snapshot.limits, &stats));
         server_stats.state.set(3.0);
         server_stats.concurrency.set(concurrency as f64);
         server_stats
@@ -171,6 +175,7 @@ impl ServerState {
             admin_stop: hard_stop.child_token(),
             admin_socket: Mutex::new(None),
             hot_restart_socket: OnceLock::new(),
+            overload,
             generation: AtomicU64::new(0),
             drain_limit_s: AtomicU64::new(u64::MAX),
             hard_stop,
@@ -376,6 +381,8 @@ pub async fn start_with(
         // (Envoy's init manager), bounded by the default initial_fetch_timeout.
         wait_for_secrets(&state).await;
     }
+    // Overload manager: monitors sampled every refresh_interval on this (main) runtime.
+    state.overload.spawn(state.hard_stop.clone());
     // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
     state.clusters.initialized().await;
     // Bind every static listener before the workers run: their commands wait in the
