@@ -11,6 +11,9 @@
 //! from its parent (listeners and admin); [`ServerState::drain_for_hot_restart`] is the
 //! parent's side (stop accepting, admin included, and exit within the parent shutdown time).
 //!
+//! Overload manager ([`crate::overload`]): `ServerState::overload` holds the limits every
+//! worker reads; its monitor task runs on the main runtime.
+//!
 //! Lifecycle: `ready` (and `/ready` 200) only once listeners accept, which for an
 //! xDS-configured proxy is after the initial fetch (or its `initial_fetch_timeout`s); with
 //! `--exit-on-zero-active-connections` any drain (also `/drain_listeners`) ends in shutdown,

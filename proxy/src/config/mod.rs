@@ -231,8 +231,9 @@ pub struct Snapshot {
     pub xds: crate::xds::XdsConfig,
     /// Route slots of connection managers using RDS (shared with the xDS client).
     pub rds: Arc<crate::route::RdsRegistry>,
-    /// `overload_manager` and the runtime connection limits ([`crate::overload`]).
-    pub limits: crate::overload::LimitsConfig,
+    /// `overload_manager` and the runtime connection limits ([`crate::overload`]); boxed so
+    /// the snapshot (moved into the server's start future) stays small.
+    pub limits: Arc<crate::overload::LimitsConfig>,
 }
 
 /// Bootstrap fields weir understands; anything else set is rejected.
@@ -382,7 +383,7 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
         stats: stats.clone(),
         xds,
         rds,
-        limits,
+        limits: Arc::new(limits),
     })
 }
 
@@ -565,7 +566,7 @@ mod tests {
         .expect("parses");
         let snap = translate(b, &Store::new()).expect("valid");
         assert_eq!(snap.limits.listener_connection_limits["l"], 4);
-        assert_eq!(snap.limits.overload.expect("om").actions.len(), 1);
+        assert_eq!(snap.limits.overload.as_ref().expect("om").actions.len(), 1);
         let b = parse_bootstrap(
             "overload_manager:\n  actions:\n  - name: envoy.overload_actions.stop_accepting_requests\n    triggers: [{name: heap, threshold: {value: 0.95}}]\n",
         )

@@ -16,6 +16,11 @@
 //! ([`crate::trace`]), and at the end of the response body ([`DownstreamDone`]) one access log
 //! line per logger ([`crate::access_log`]) and, when sampled, one span are emitted. Without
 //! either, nothing is captured beyond a few words on the stack.
+//!
+//! Overload ([`crate::overload`]): per request, `disable_http_keepalive` turns keep-alive off
+//! (HTTP/1 `Connection: close`, HTTP/2 GOAWAY) and `stop_accepting_requests` answers a local
+//! 503 `envoy overloaded` (flag `OM`) before routing. `per_connection_buffer_limit_bytes` caps
+//! hyper's HTTP/1 read buffer (with `max_request_headers_kb`) and the HTTP/2 stream window.
 
 pub mod body;
 pub mod h1_observer;

@@ -444,7 +444,10 @@ impl Overload {
         if self.draw(Action::RejectIncomingConnections) {
             return Err(Refused::OverloadReject);
         }
-        let listener = match self.listener_limits.get(listener) {
+        let listener = match (!self.listener_limits.is_empty())
+            .then(|| self.listener_limits.get(listener))
+            .flatten()
+        {
             Some(l) => Some(l.try_acquire().ok_or(Refused::ListenerLimit)?),
             None => None,
         };

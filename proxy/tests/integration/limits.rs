@@ -240,6 +240,36 @@ async fn global_connection_limit_spares_exempt_listeners_and_admin() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_connection_limit_from_the_static_runtime_layer() {
+    let yaml = format!(
+        "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy.resource_limits.listener.http.connection_limit: 1\n  - name: admin\n    admin_layer: {{}}\n{}",
+        http_bootstrap(&direct_ok(), "", "").replace("  clusters:\n", "  clusters: []\n")
+    );
+    let p = Proxy::start(&yaml).await;
+    let a = p.addr("http");
+    let held = held_http1(a).await;
+    refused(a).await;
+    stat_until(
+        &p,
+        "listener.127.0.0.1_0.downstream_cx_overflow",
+        "listener overflow counted",
+        |v| v == 1,
+    )
+    .await;
+    assert_eq!(
+        p.stat("listener.127.0.0.1_0.downstream_global_cx_overflow"),
+        0
+    );
+    drop(held);
+    eventually("the slot is free", || {
+        p.stat("server.total_connections") == 0
+    })
+    .await;
+    assert_eq!(get(a, "x", "/").await.0, StatusCode::OK);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_accepting_requests_sheds_with_503_and_recovers() {
     let file = Pressure::new("rq", "0");
     let log = std::env::temp_dir().join(format!("weir-limits-{}-al.log", std::process::id()));
