@@ -38,6 +38,7 @@ pub mod hot_restart;
 pub mod http;
 pub mod init;
 pub mod listener;
+pub mod overload;
 pub mod route;
 pub mod server;
 pub mod stats;

@@ -11,6 +11,9 @@
 //! from its parent (listeners and admin); [`ServerState::drain_for_hot_restart`] is the
 //! parent's side (stop accepting, admin included, and exit within the parent shutdown time).
 //!
+//! Overload manager ([`crate::overload`]): `ServerState::overload` holds the limits every
+//! worker reads; its monitor task runs on the main runtime.
+//!
 //! Lifecycle: `ready` (and `/ready` 200) only once listeners accept, which for an
 //! xDS-configured proxy is after the initial fetch (or its `initial_fetch_timeout`s); with
 //! `--exit-on-zero-active-connections` any drain (also `/drain_listeners`) ends in shutdown,
@@ -121,6 +124,9 @@ pub struct ServerState {
     pub admin_socket: Mutex<Option<std::net::TcpListener>>,
     /// The hot-restart socket this process listens on (set by the binary).
     pub hot_restart_socket: OnceLock<std::path::PathBuf>,
+    /// Overload manager and connection limits, read by workers without locks
+    /// ([`crate::overload`]).
+    pub overload: Arc<crate::overload::Overload>,
     /// Hot-restart generation.
     generation: AtomicU64,
     /// Drain time bound set by a hot-restart child (seconds; `u64::MAX`: none).
@@ -138,6 +144,7 @@ impl ServerState {
     ) -> Arc<Self> {
         let stats = snapshot.stats.clone();
         let server_stats = ServerStats::new(&stats);
+        let overload = Arc::new(crate::overload::Overload::new(&snapshot.limits, &stats));
         server_stats.state.set(3.0);
         server_stats.concurrency.set(concurrency as f64);
         server_stats
@@ -171,6 +178,7 @@ impl ServerState {
             admin_stop: hard_stop.child_token(),
             admin_socket: Mutex::new(None),
             hot_restart_socket: OnceLock::new(),
+            overload,
             generation: AtomicU64::new(0),
             drain_limit_s: AtomicU64::new(u64::MAX),
             hard_stop,
@@ -376,6 +384,8 @@ pub async fn start_with(
         // (Envoy's init manager), bounded by the default initial_fetch_timeout.
         wait_for_secrets(&state).await;
     }
+    // Overload manager: monitors sampled every refresh_interval on this (main) runtime.
+    state.overload.spawn(state.hard_stop.clone());
     // Cluster warming: STRICT_DNS clusters get their first resolution before listeners accept.
     state.clusters.initialized().await;
     // Bind every static listener before the workers run: their commands wait in the

@@ -94,6 +94,12 @@ pub struct HcmStats {
     pub downstream_cx_idle_timeout: Counter,
     /// `downstream_cx_drain_close`.
     pub downstream_cx_drain_close: Counter,
+    /// `downstream_cx_overload_disable_keepalive`: responses that closed their connection
+    /// because of `envoy.overload_actions.disable_http_keepalive`.
+    pub downstream_cx_overload_disable_keepalive: Counter,
+    /// `downstream_rq_overload_close`: requests answered 503 because of
+    /// `envoy.overload_actions.stop_accepting_requests`.
+    pub downstream_rq_overload_close: Counter,
     /// `downstream_cx_protocol_error`.
     pub downstream_cx_protocol_error: Counter,
     /// `downstream_rq_total`.
@@ -143,6 +149,9 @@ impl HcmStats {
             downstream_cx_destroy: s.counter("downstream_cx_destroy"),
             downstream_cx_idle_timeout: s.counter("downstream_cx_idle_timeout"),
             downstream_cx_drain_close: s.counter("downstream_cx_drain_close"),
+            downstream_cx_overload_disable_keepalive: s
+                .counter("downstream_cx_overload_disable_keepalive"),
+            downstream_rq_overload_close: s.counter("downstream_rq_overload_close"),
             downstream_cx_protocol_error: s.counter("downstream_cx_protocol_error"),
             downstream_rq_total: s.counter("downstream_rq_total"),
             downstream_rq_http1_total: s.counter("downstream_rq_http1_total"),

@@ -231,10 +231,21 @@ pub struct Snapshot {
     pub xds: crate::xds::XdsConfig,
     /// Route slots of connection managers using RDS (shared with the xDS client).
     pub rds: Arc<crate::route::RdsRegistry>,
+    /// `overload_manager` and the runtime connection limits ([`crate::overload`]); boxed so
+    /// the snapshot (moved into the server's start future) stays small.
+    pub limits: Arc<crate::overload::LimitsConfig>,
 }
 
 /// Bootstrap fields weir understands; anything else set is rejected.
-const BOOTSTRAP_FIELDS: &[&str] = &["node", "static_resources", "dynamic_resources", "admin"];
+const BOOTSTRAP_FIELDS: &[&str] = &[
+    "node",
+    "static_resources",
+    "dynamic_resources",
+    "admin",
+    // Edge limits (crate::overload).
+    "overload_manager",
+    "layered_runtime",
+];
 
 /// Parse YAML or JSON text into a bootstrap proto.
 pub fn parse_bootstrap(text: &str) -> Result<Bootstrap, ConfigErrors> {
@@ -265,6 +276,11 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
             .as_ref()
             .and_then(|_| socket_address(a.address.as_ref(), "admin.address", &mut errs))
     });
+    let limits = crate::overload::translate::limits(
+        bootstrap.overload_manager.as_ref(),
+        bootstrap.layered_runtime.as_ref(),
+        &mut errs,
+    );
     let mut listeners = Vec::new();
     let mut clusters = Vec::new();
     let rds = Arc::new(crate::route::RdsRegistry::default());
@@ -367,6 +383,7 @@ pub fn translate(bootstrap: Bootstrap, stats: &Arc<Store>) -> Result<Snapshot, C
         stats: stats.clone(),
         xds,
         rds,
+        limits: Arc::new(limits),
     })
 }
 
@@ -539,5 +556,22 @@ mod tests {
             &mut errs,
         );
         assert_eq!(errs.0[0].path, "y");
+    }
+
+    #[test]
+    fn overload_manager_and_runtime_are_translated_with_paths() {
+        let b = parse_bootstrap(
+            "overload_manager:\n  resource_monitors:\n  - name: heap\n    typed_config: {'@type': type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig, max_heap_size_bytes: 1000000}\n  actions:\n  - name: envoy.overload_actions.stop_accepting_requests\n    triggers: [{name: heap, threshold: {value: 0.95}}]\nlayered_runtime: {layers: [{name: s, static_layer: {envoy.resource_limits.listener.l.connection_limit: 4}}]}\n",
+        )
+        .expect("parses");
+        let snap = translate(b, &Store::new()).expect("valid");
+        assert_eq!(snap.limits.listener_connection_limits["l"], 4);
+        assert_eq!(snap.limits.overload.as_ref().expect("om").actions.len(), 1);
+        let b = parse_bootstrap(
+            "overload_manager:\n  actions:\n  - name: envoy.overload_actions.stop_accepting_requests\n    triggers: [{name: heap, threshold: {value: 0.95}}]\n",
+        )
+        .expect("parses");
+        let e = translate(b, &Store::new()).expect_err("unknown monitor");
+        assert_eq!(e.0[0].path, "overload_manager.actions[0].triggers[0].name");
     }
 }

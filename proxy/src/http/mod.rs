@@ -16,6 +16,11 @@
 //! ([`crate::trace`]), and at the end of the response body ([`DownstreamDone`]) one access log
 //! line per logger ([`crate::access_log`]) and, when sampled, one span are emitted. Without
 //! either, nothing is captured beyond a few words on the stack.
+//!
+//! Overload ([`crate::overload`]): per request, `disable_http_keepalive` turns keep-alive off
+//! (HTTP/1 `Connection: close`, HTTP/2 GOAWAY) and `stop_accepting_requests` answers a local
+//! 503 `envoy overloaded` (flag `OM`) before routing. `per_connection_buffer_limit_bytes` caps
+//! hyper's HTTP/1 read buffer (with `max_request_headers_kb`) and the HTTP/2 stream window.
 
 pub mod body;
 pub mod h1_observer;
@@ -127,21 +132,32 @@ pub async fn serve_connection<I>(
         async move { Ok::<_, Infallible>(handle(req, c).await) }
     });
 
+    let head_limit = cfg
+        .max_request_headers_bytes
+        .min(info.buffer_limit as usize)
+        .max(8192);
+    // HTTP/2 stream windows bound what a stream buffers (per_connection_buffer_limit_bytes,
+    // not below the protocol's default window).
+    let stream_window = cfg
+        .http2
+        .initial_stream_window_size
+        .min(info.buffer_limit.max(65_535));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.request_headers_timeout)
         .max_headers(cfg.max_headers_count)
-        // hyper's read buffer bounds the request head: past it hyper answers 431.
-        .max_buf_size(cfg.max_request_headers_bytes.max(8192))
+        // hyper's read buffer bounds the request head: past it hyper answers 431. The
+        // listener's per_connection_buffer_limit_bytes caps it too (hyper's floor is 8 KiB).
+        .max_buf_size(head_limit)
         .keep_alive(true)
         .half_close(false);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.http2.max_concurrent_streams)
-        .initial_stream_window_size(cfg.http2.initial_stream_window_size)
+        .initial_stream_window_size(stream_window)
         .initial_connection_window_size(cfg.http2.initial_connection_window_size)
         .max_header_list_size(cfg.max_request_headers_bytes as u32)
         .max_pending_accept_reset_streams(Some(50))
@@ -154,7 +170,7 @@ pub async fn serve_connection<I>(
     };
     // hyper drops Content-Length when Transfer-Encoding is present; the observer sees the
     // raw request heads (it stops itself on the HTTP/2 preface with the auto codec).
-    let max_buf = cfg.max_request_headers_bytes.max(8192);
+    let max_buf = head_limit;
     let io = Observer::new(
         io,
         framing,
@@ -542,6 +558,14 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
         close = !h2;
         conn.close.notify_one();
     }
+    // Overload manager (crate::overload): keep-alive off (HTTP/1 `Connection: close`, HTTP/2
+    // GOAWAY), then shedding below.
+    let overload = &conn.state.overload;
+    if !close && overload.disable_keepalive() {
+        s.downstream_cx_overload_disable_keepalive.increment(1);
+        close = !h2;
+        conn.close.notify_one();
+    }
     let is_grpc = req
         .headers()
         .get(CONTENT_TYPE)
@@ -574,7 +598,17 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
         conn.framing.pop()
     };
     let (mut parts, body) = req.into_parts();
-    let resp = match process(&mut parts, body, &mut st, framing).await {
+    let processed = if overload.shed_request() {
+        s.downstream_rq_overload_close.increment(1);
+        Err(LocalReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "envoy overloaded",
+            "OM",
+        ))
+    } else {
+        process(&mut parts, body, &mut st, framing).await
+    };
+    let resp = match processed {
         Ok(r) => r,
         Err(reply) => {
             st.obs.local_reply(&reply);

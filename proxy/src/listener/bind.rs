@@ -133,6 +133,7 @@ mod tests {
             matcher: ChainMatcher::default(),
             stats: ListenerStats::noop(),
             intercept: Default::default(),
+            ignore_global_conn_limit: false,
         })
     }
 

@@ -13,6 +13,14 @@
 //!   `envoy.filters.network.local_ratelimit` filters (before the terminal filter) take a
 //!   token per new connection and close it at once when empty
 //!   ([`weir_filters::local_ratelimit::ConnectionLimiter`]).
+//! - [`connection_limit`]: `envoy.filters.network.connection_limit` (before the terminal
+//!   filter): a concurrent connection cap per filter config, checked when the connection is
+//!   set up; over it the connection is closed (after `delay`) without being read.
+//! - Edge limits at accept ([`crate::overload`]): the global downstream connection limit
+//!   (`ignore_global_conn_limit` listeners are exempt but counted), the overload actions
+//!   `reject_incoming_connections` / `stop_accepting_connections`, and the listener's runtime
+//!   connection limit; `per_connection_buffer_limit_bytes` bounds hyper's HTTP/1 read buffer,
+//!   HTTP/2 stream windows and send buffers, and tcp_proxy's copy buffers.
 //! - [`rbac`]: `envoy.filters.network.rbac` (before the terminal filter), evaluated once per
 //!   connection after the TLS handshake; a denied connection is closed.
 //! - [`tcp_proxy`]: the `tcp_proxy` network filter and its byte-moving engines (splice on
@@ -26,6 +34,7 @@
 //! OWNER: listener helper. Interface used by `server` and the xDS client (LDS).
 
 pub mod chain_match;
+pub mod connection_limit;
 pub mod manager;
 pub mod rbac;
 pub mod tcp_proxy;
@@ -95,6 +104,9 @@ pub struct ListenerConfig {
     pub stats: ListenerStats,
     /// `use_original_dst` / `bind_to_port` (transparent interception).
     pub intercept: Intercept,
+    /// `ignore_global_conn_limit`: the global downstream connection limit does not refuse
+    /// this listener's connections (they still count in it).
+    pub ignore_global_conn_limit: bool,
 }
 
 /// Listener options of transparent interception (see docs/arch-intercept.md).
@@ -156,6 +168,10 @@ pub struct FilterChain {
     /// `envoy.filters.network.local_ratelimit` filters before the terminal one, in order: a
     /// new connection takes a token from each; the first without one closes it at once.
     pub rate_limits: Vec<Arc<weir_filters::local_ratelimit::ConnectionLimiter>>,
+    /// `envoy.filters.network.connection_limit` filters before the terminal one, in order
+    /// (checked after the local rate limits): each holds a slot for the connection's
+    /// lifetime; the first over its limit closes it ([`connection_limit::admit`]).
+    pub connection_limits: Vec<Arc<connection_limit::ConnectionLimit>>,
     /// `envoy.filters.network.rbac` filters before the terminal one, in order: evaluated once
     /// per connection after the TLS handshake; the first that denies closes it
     /// ([`rbac::admit`]).
@@ -191,6 +207,12 @@ pub struct ListenerStats {
     pub downstream_cx_length_ms: Histogram,
     /// `downstream_pre_cx_timeout`: listener filters timed out.
     pub downstream_pre_cx_timeout: Counter,
+    /// `downstream_global_cx_overflow`: refused by the global connection limit.
+    pub downstream_global_cx_overflow: Counter,
+    /// `downstream_cx_overload_reject`: refused by `reject_incoming_connections`.
+    pub downstream_cx_overload_reject: Counter,
+    /// `downstream_cx_overflow`: refused by the listener's runtime connection limit.
+    pub downstream_cx_overflow: Counter,
 }
 
 impl ListenerStats {
@@ -203,6 +225,9 @@ impl ListenerStats {
             no_filter_chain_match: scope.counter("no_filter_chain_match"),
             downstream_cx_length_ms: scope.histogram("downstream_cx_length_ms"),
             downstream_pre_cx_timeout: scope.counter("downstream_pre_cx_timeout"),
+            downstream_global_cx_overflow: scope.counter("downstream_global_cx_overflow"),
+            downstream_cx_overload_reject: scope.counter("downstream_cx_overload_reject"),
+            downstream_cx_overflow: scope.counter("downstream_cx_overflow"),
         }
     }
 
@@ -215,6 +240,9 @@ impl ListenerStats {
             no_filter_chain_match: Counter::noop(),
             downstream_cx_length_ms: Histogram::noop(),
             downstream_pre_cx_timeout: Counter::noop(),
+            downstream_global_cx_overflow: Counter::noop(),
+            downstream_cx_overload_reject: Counter::noop(),
+            downstream_cx_overflow: Counter::noop(),
         }
     }
 }

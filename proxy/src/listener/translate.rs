@@ -41,6 +41,8 @@ const LISTENER_FIELDS: &[&str] = &[
     "bind_to_port",
     // Transparent interception (docs/arch-intercept.md).
     "use_original_dst",
+    // Edge limits (docs/arch-limits.md).
+    "ignore_global_conn_limit",
 ];
 
 const CHAIN_FIELDS: &[&str] = &[
@@ -241,6 +243,7 @@ pub fn translate_listener(
         matcher,
         stats: ListenerStats::new(&ctx.stats.listener(address)),
         intercept,
+        ignore_global_conn_limit: l.ignore_global_conn_limit,
     })
 }
 
@@ -431,6 +434,7 @@ fn filter_chain(
     };
     let mut terminal = None;
     let mut rate_limits = Vec::new();
+    let mut connection_limits = Vec::new();
     let mut rbac = Vec::new();
     if fc.filters.is_empty() {
         errs.add(
@@ -466,6 +470,26 @@ fn filter_chain(
             crate::route::filters::merge_errors(errs, ferrs);
             if let Some(l) = l {
                 rate_limits.push(Arc::new(l));
+            }
+            continue;
+        }
+        // envoy.filters.network.connection_limit: before the terminal filter.
+        if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
+            && any.type_url == super::connection_limit::TYPE_URL
+        {
+            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
+            if j + 1 == fc.filters.len() {
+                errs.add(
+                    &fp,
+                    "envoy.filters.network.connection_limit is not terminal: a tcp_proxy or \
+                     http_connection_manager must follow it",
+                );
+            }
+            let tp = join(&fp, "typed_config");
+            if let Some(c) =
+                super::connection_limit::ConnectionLimit::translate(any, &tp, ctx, errs)
+            {
+                connection_limits.push(Arc::new(c));
             }
             continue;
         }
@@ -523,6 +547,7 @@ fn filter_chain(
         name: fc.name.clone(),
         filter_chain_match,
         rate_limits,
+        connection_limits,
         rbac,
         filter,
         tls,
@@ -573,7 +598,7 @@ fn network_filter(
                 tpath,
                 format!(
                     "network filter {} is not supported (weir has envoy.filters.network.local_ratelimit, \
-                     envoy.filters.network.rbac, \
+                     envoy.filters.network.connection_limit, envoy.filters.network.rbac, \
                      {TCP_PROXY_FILTER} and \
                      {HCM_FILTER})",
                     weir_xds_api::type_name(other)
@@ -1312,5 +1337,46 @@ mod tests {
         ] {
             assert!(p.contains(&want.to_string()), "{want} missing: {p:?}");
         }
+    }
+
+    const CONN_LIMIT: &str = r#"
+      - name: envoy.filters.network.connection_limit
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit
+          stat_prefix: edge
+          max_connections: 2
+"#;
+
+    #[test]
+    fn connection_limit_before_the_terminal_filter_and_global_limit_opt_out() {
+        let l = ok(&format!(
+            "{}ignore_global_conn_limit: true
+",
+            listener(&format!(
+                "filter_chains:\n- filters:{CONN_LIMIT}{NET_RL}{TCP}"
+            ))
+        ));
+        assert!(l.ignore_global_conn_limit);
+        let c = &l.filter_chains[0];
+        assert_eq!(c.connection_limits.len(), 1);
+        assert_eq!(c.connection_limits[0].max_connections, 2);
+        assert_eq!(c.rate_limits.len(), 1);
+        assert!(
+            !ok(&listener(&format!("filter_chains:\n- filters:{TCP}"))).ignore_global_conn_limit
+        );
+        // Alone (not followed by a terminal filter), or with bad fields: errors at paths.
+        let p = err_paths(&listener(&format!(
+            "filter_chains:\n- filters:{CONN_LIMIT}"
+        )));
+        assert!(
+            p.contains(&"l.filter_chains[0].filters[0]".to_string()),
+            "{p:?}"
+        );
+        let bad = CONN_LIMIT.replace("max_connections: 2", "max_connections: 0");
+        let p = err_paths(&listener(&format!("filter_chains:\n- filters:{bad}{TCP}")));
+        assert_eq!(
+            p,
+            ["l.filter_chains[0].filters[0].typed_config.max_connections"]
+        );
     }
 }

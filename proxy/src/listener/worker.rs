@@ -8,6 +8,14 @@
 //! protocol, the chain's TLS handshake (`transport_socket`, within its handshake timeout),
 //! `ConnInfo.tls`, then the terminal filter. A listener without listener filters skips the
 //! filter stage entirely.
+//!
+//! Edge limits ([`crate::overload`]): an accepted socket is first admitted by
+//! [`Overload::admit`](crate::overload::Overload::admit) (global connection limit,
+//! `reject_incoming_connections`, the listener's runtime limit; refused sockets are closed at
+//! once and counted on the listener); while `stop_accepting_connections` is saturated the
+//! accept loops do not accept (connections wait in the backlog). After chain selection the
+//! chain's local rate limits and then its connection limits run before the connection is
+//! counted and its TLS handshake starts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use super::intercept::{self, Facts};
 use super::manager::{ListenerVersion, WorkerCmd, WorkerCommands};
 use super::{ChainInput, ConnInfo, ListenerStats, NetworkFilter};
+use crate::overload::Refused;
 use crate::server::ServerState;
 use crate::tls::inspector::Hello;
 
@@ -124,10 +133,27 @@ async fn accept_loop(
     state: Arc<ServerState>,
     local: TaskTracker,
 ) {
+    // `stop_accepting_connections`: `true` while saturated.
+    let mut paused = state.overload.accept_paused();
     loop {
+        if let Some(rx) = paused.as_mut()
+            && *rx.borrow_and_update()
+        {
+            tracing::debug!(listener = %current.load().cfg.name, "overload: not accepting");
+            let sender_gone = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                r = rx.wait_for(|p| !*p) => r.is_err(),
+            };
+            if sender_gone {
+                paused = None;
+            }
+            continue;
+        }
         let r = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            _ = pause_changed(&mut paused) => continue,
             r = listener.accept() => r,
         };
         match r {
@@ -153,6 +179,18 @@ async fn accept_loop(
     drop(listener);
 }
 
+/// Resolves when the `stop_accepting_connections` state changes (never without one).
+async fn pause_changed(rx: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 fn dispatch(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
@@ -161,12 +199,34 @@ fn dispatch(
     local: &TaskTracker,
 ) {
     let cfg = &version.cfg;
+    // Global connection limit, reject_incoming_connections, the listener's limit: refused
+    // sockets are closed at once (dropped).
+    let admitted = match state
+        .overload
+        .admit(&cfg.name, cfg.ignore_global_conn_limit)
+    {
+        Ok(a) => a,
+        Err(why) => {
+            let c = match why {
+                Refused::GlobalLimit => &cfg.stats.downstream_global_cx_overflow,
+                Refused::OverloadReject => &cfg.stats.downstream_cx_overload_reject,
+                Refused::ListenerLimit => &cfg.stats.downstream_cx_overflow,
+            };
+            c.increment(1);
+            tracing::debug!(listener = %cfg.name, %peer, reason = ?why, "connection refused at accept");
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
     // Dual-stack (`ipv4_compat`) sockets see IPv4 peers as `::ffff:a.b.c.d`; report IPv4 as
     // Envoy does.
     let peer = unmap(peer);
     let local_addr = unmap(stream.local_addr().unwrap_or(cfg.address));
-    let conn = serve(stream, peer, local_addr, version.clone(), state.clone());
+    let serve = serve(stream, peer, local_addr, version.clone(), state.clone());
+    let conn = async move {
+        serve.await;
+        drop(admitted);
+    };
     state
         .connections
         .spawn(local.track_future(version.connections.track_future(conn)));
@@ -232,6 +292,21 @@ async fn serve(
         tracing::debug!(listener = %cfg.name, %peer, "connection rate limited; closing");
         return;
     }
+    // Connection limits: a slot per filter for the connection's lifetime; over a limit the
+    // connection is closed (after the filter's `delay`) without being read.
+    let _limits = match super::connection_limit::admit(&chain.connection_limits) {
+        Ok(guards) => guards,
+        Err(delay) => {
+            tracing::debug!(listener = %cfg.name, %peer, "connection limit reached; closing");
+            if let Some(d) = delay {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = version.hard_stop.cancelled() => {}
+                }
+            }
+            return;
+        }
+    };
     let _guard = ConnGuard::new(&cfg.stats, &st.server_stats.total_connections);
     let mut info = ConnInfo {
         peer,

@@ -468,6 +468,33 @@ async fn edge_gateway_example_behaves_as_documented() {
                 && field(l, "protocol") == "HTTP/2"),
         "{lines:?}"
     );
+
+    // Edge limits: the connection limit filter counted the HTTPS connections and limited
+    // none; the overload manager samples memory and the global connection count, with
+    // neither action active.
+    let stats = p.stats();
+    assert_eq!(stats["connection_limit.edge_cx.limited_connections"], "0");
+    assert!(stats.contains_key("connection_limit.edge_cx.active_connections"));
+    // The process's resident memory is well over 0.5% of 2 GiB (the test binary alone).
+    eventually("fixed_heap sampled", || {
+        p.stat("overload.envoy.resource_monitors.fixed_heap.pressure") >= 1
+    })
+    .await;
+    assert_eq!(
+        p.stat("overload.envoy.resource_monitors.fixed_heap.failed_updates"),
+        0
+    );
+    for a in ["stop_accepting_requests", "disable_http_keepalive"] {
+        let k = format!("overload.envoy.overload_actions.{a}.active");
+        assert_eq!(p.stats().get(&k).map(String::as_str), Some("0"), "{k}");
+    }
+    assert!(p.stat("overload.envoy.resource_monitors.fixed_heap.pressure") < 80);
+    assert_eq!(
+        p.stats()
+            .get("listener.0.0.0.0_0.downstream_global_cx_overflow")
+            .map(String::as_str),
+        Some("0")
+    );
     p.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,6 +14,7 @@ mod hot_restart;
 mod intercept;
 mod lb;
 mod lifecycle;
+mod limits;
 mod listeners;
 mod netns;
 mod observability;
