@@ -41,7 +41,7 @@ const LISTENER_FIELDS: &[&str] = &[
     "bind_to_port",
     // Transparent interception (docs/arch-intercept.md).
     "use_original_dst",
-    // Edge limits (docs/arch-limits.md).
+    // Edge limits (docs/design/limits.md).
     "ignore_global_conn_limit",
 ];
 

@@ -24,7 +24,7 @@
 //! `downstream_cx_overload_reject`, `downstream_cx_overflow`; HCM counters
 //! `downstream_rq_overload_close`, `downstream_cx_overload_disable_keepalive`.
 //!
-//! See docs/arch-limits.md for semantics and deviations from Envoy.
+//! See docs/design/limits.md for semantics and deviations from Envoy.
 
 pub mod translate;
 
