@@ -498,3 +498,46 @@ async fn edge_gateway_example_behaves_as_documented() {
     p.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Kubernetes gateway's bootstrap (deploy/gateway/configmap.yaml) is the example with
+/// Kubernetes paths: with the mounted files in place, weir loads it, edge limits included.
+#[test]
+fn kubernetes_gateway_bootstrap_loads() {
+    let cm: serde_yaml::Value =
+        serde_yaml::from_str(include_str!("../../../deploy/gateway/configmap.yaml"))
+            .expect("configmap yaml");
+    let mut text = cm["data"]["bootstrap.yaml"]
+        .as_str()
+        .expect("data.bootstrap.yaml")
+        .to_string();
+    // The Secret and ConfigMap volumes, as the kubelet would mount them.
+    let dir = std::env::temp_dir().join(format!("weir-k8s-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let certs = Certs::new();
+    certs.leaf(&dir, "www", &["www.example.com", "example.com"]);
+    certs.leaf(&dir, "api", &["api.example.com"]);
+    std::fs::write(dir.join("jwks.json"), Jwt::new().jwks()).expect("jwks");
+    let d = dir.to_string_lossy().into_owned();
+    sub(&mut text, "/etc/weir/certs/", &format!("{d}/"));
+    sub(&mut text, "/etc/weir/jwt/", &format!("{d}/"));
+    let opts = weir_proxy::cli::Options {
+        config_yaml: Some(text),
+        ..Default::default()
+    };
+    let snap = weir_proxy::config::load(&opts).unwrap_or_else(|e| panic!("weir refuses: {e}"));
+    let names: Vec<&str> = snap.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["http", "https", "health"]);
+    let overload = snap.limits.overload.as_ref().expect("overload_manager");
+    assert_eq!(overload.monitors.len(), 2, "{overload:?}");
+    assert_eq!(overload.actions.len(), 2, "{overload:?}");
+    let health = snap
+        .listeners
+        .iter()
+        .find(|l| l.name == "health")
+        .expect("health");
+    assert!(
+        health.ignore_global_conn_limit,
+        "probes are not refused by the global limit"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
