@@ -38,7 +38,7 @@
 //! `UpstreamTlsContext` (SNI and a DNS SAN check for `xds_tls.sni`, default the host of
 //! `xds_address`; ALPN h2) trusting the CA in a ConfigMap (`xds_tls.ca_config_map`, which
 //! must exist in the pod's namespace, Istio's `istio-ca-root-cert` pattern), mounted
-//! read-only at `/etc/weir/xds-ca/ca.crt` by a `weir-xds-ca` volume — so the bearer token
+//! read-only at `/etc/weir-xds-ca/ca.crt` by a `weir-xds-ca` volume — so the bearer token
 //! and the node's identity claim never cross the network in plain text.
 //!
 //! **Traffic annotations** (Istio's names under `traffic.sidecar.weir.io/`):
@@ -186,8 +186,9 @@ pub struct XdsTls {
     pub sni: Option<String>,
 }
 
-/// Where the `weir-xds-ca` volume is mounted in the sidecar.
-pub const XDS_CA_DIR: &str = "/etc/weir/xds-ca";
+/// Where the `weir-xds-ca` volume is mounted in the sidecar (not under the bootstrap's
+/// read-only downward-API volume at /etc/weir: a mount point cannot be made inside it).
+pub const XDS_CA_DIR: &str = "/etc/weir-xds-ca";
 const XDS_CA_VOLUME: &str = "weir-xds-ca";
 
 /// `inject.xds_token_secret` (and `xds_tls.ca_config_map`: the same name/key pair).

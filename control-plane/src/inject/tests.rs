@@ -533,7 +533,7 @@ fn xds_tls_mounts_the_ca_and_verifies_weir_cp() {
         proxy["volumeMounts"],
         json!([
             {"name": "weir-bootstrap", "mountPath": "/etc/weir", "readOnly": true},
-            {"name": "weir-xds-ca", "mountPath": "/etc/weir/xds-ca", "readOnly": true},
+            {"name": "weir-xds-ca", "mountPath": "/etc/weir-xds-ca", "readOnly": true},
         ])
     );
     let volumes = pod["spec"]["volumes"].as_array().expect("volumes");

@@ -13,7 +13,8 @@
 use anyhow::{Context as _, bail};
 use md5::{Digest as _, Md5};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tonic::transport::Channel;
+
+use crate::auth::client::AuthChannel;
 
 use super::hex;
 use crate::proto::objects as pb;
@@ -31,6 +32,10 @@ pub struct ObjectsArgs {
     /// The weir-cp gRPC address (`serve --xds-address`).
     #[arg(long, global = true, default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Credentials and TLS (`--token` / `WEIR_CP_TOKEN`, `--ca-file`, `--cert-file`,
+    /// `--key-file`).
+    #[command(flatten)]
+    pub auth: crate::auth::client::ClientAuthArgs,
     #[command(subcommand)]
     pub command: ObjectsCommand,
 }
@@ -84,19 +89,8 @@ fn split(target: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-async fn client(server: &str) -> anyhow::Result<ObjectsClient<Channel>> {
-    let url = if server.contains("://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let ch = tonic::transport::Endpoint::from_shared(url)?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        // tonic's default, made explicit: no Nagle stalls on small calls.
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
+async fn client(args: &ObjectsArgs) -> anyhow::Result<ObjectsClient<AuthChannel>> {
+    let ch = args.auth.grpc_channel(&args.server).await?;
     Ok(ObjectsClient::new(ch)
         .max_decoding_message_size(crate::MAX_ENCODING_MESSAGE_SIZE)
         .max_encoding_message_size(crate::MAX_DECODING_MESSAGE_SIZE))
@@ -104,7 +98,7 @@ async fn client(server: &str) -> anyhow::Result<ObjectsClient<Channel>> {
 
 /// Run `weir-cp objects …`.
 pub async fn run(args: ObjectsArgs) -> anyhow::Result<()> {
-    let mut c = client(&args.server).await?;
+    let mut c = client(&args).await?;
     match args.command {
         ObjectsCommand::Mb { bucket } => {
             c.create_bucket(pb::CreateBucketRequest {

@@ -553,6 +553,42 @@ async fn cli_sends_tokens() {
     .await
     .expect("cli");
     assert!(ok && out.contains("i1"), "{out}{err}");
+
+    // Objects: refused without a token and with a read-only one; --token and the
+    // environment work.
+    let (ok, _, err) = run(vec!["objects", "mb", "bucket-one", "--server", &xds], None)
+        .await
+        .expect("cli");
+    assert!(
+        !ok && err.to_lowercase().contains("unauthenticated"),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        vec!["objects", "mb", "bucket-one", "--server", &xds],
+        Some(OBR),
+    )
+    .await
+    .expect("cli");
+    assert!(!ok && err.to_lowercase().contains("permission"), "{err}");
+    let (ok, _, err) = run(
+        vec![
+            "objects",
+            "--server",
+            &xds,
+            "mb",
+            "bucket-one",
+            "--token",
+            OBW,
+        ],
+        None,
+    )
+    .await
+    .expect("cli");
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(vec!["objects", "ls", "--server", &xds], Some(OBR))
+        .await
+        .expect("cli");
+    assert!(ok && out.contains("bucket-one"), "{out}{err}");
 }
 
 /// A CA, a server certificate (localhost, 127.0.0.1) and client certificates, as PEM files.
