@@ -159,10 +159,7 @@ pub fn frame(rec: &WalRecord) -> Result<Vec<u8>, WalError> {
 pub fn parse(data: &[u8]) -> (Vec<WalRecord>, usize) {
     let mut out: Vec<WalRecord> = Vec::new();
     let mut at = 0usize;
-    loop {
-        let Some(head) = data.get(at..at + HEADER) else {
-            break;
-        };
+    while let Some(head) = data.get(at..at + HEADER) {
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
         let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         if len == 0 {
