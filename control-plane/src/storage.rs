@@ -64,6 +64,8 @@ fn table(name: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
 /// The shared embedded database.
 pub struct Store {
     db: redb::Database,
+    /// The directory holding the file (`None` in memory).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -80,14 +82,17 @@ impl Store {
             source,
         })?;
         let db = redb::Database::create(dir.join(DB_FILE))?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            dir: Some(dir.to_path_buf()),
+        })
     }
 
     /// A store that lives in memory only.
     pub fn in_memory() -> Result<Self, StoreError> {
         let db =
             redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Ok(Store { db })
+        Ok(Store { db, dir: None })
     }
 
     /// Run `f` in a write transaction and commit durably. If `f` fails nothing is written.
@@ -100,6 +105,38 @@ impl Store {
         let out = f(&mut w)?;
         txn.commit().map_err(StoreError::from)?;
         Ok(out)
+    }
+
+    /// The directory the store lives in (`None` in memory): a subsystem keeping files of
+    /// its own beside the database (the KV's write-ahead log) puts them there.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// [`Store::write`], but the commit is **not durable** (redb's `Durability::None`: visible
+    /// to readers at once, made durable by the next durable commit of any subsystem or by
+    /// [`Store::sync`]; after a crash the store is back at the last durable commit). Only for
+    /// a caller that keeps its own durable log of what it writes (the KV's write-ahead log).
+    pub fn write_non_durable<T, E>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let mut txn = self.db.begin_write().map_err(StoreError::from)?;
+        txn.set_durability(redb::Durability::None);
+        let mut w = Writer { txn: &txn };
+        let out = f(&mut w)?;
+        txn.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Make every earlier commit durable (an empty durable commit: one fsync).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// A consistent read view.
@@ -297,6 +334,29 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(s.read().expect("r").get("t", b"k").expect("get"), None);
+    }
+
+    #[test]
+    fn non_durable_writes_are_visible_and_made_durable_by_sync() {
+        let dir = temp_dir("sync");
+        {
+            let s = Store::open(&dir).expect("open");
+            assert_eq!(s.dir(), Some(dir.as_path()));
+            s.write_non_durable(|w| w.put("t", b"k", b"v"))
+                .expect("write");
+            assert_eq!(
+                s.read().expect("r").get("t", b"k").expect("get"),
+                Some(b"v".to_vec())
+            );
+            s.sync().expect("sync");
+        }
+        let s = Store::open(&dir).expect("reopen");
+        assert_eq!(
+            s.read().expect("r").get("t", b"k").expect("get"),
+            Some(b"v".to_vec())
+        );
+        assert_eq!(Store::in_memory().expect("mem").dir(), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -14,13 +14,20 @@
 //! queued to one writer thread per backend. The thread takes everything queued (up to
 //! [`MAX_BATCH_OPS`] writes or `MAX_BATCH_BYTES`), applies the writes in queue order inside
 //! one redb write transaction — each write that changes something gets its own revision and
-//! log record, exactly as if alone — commits it durably (redb's `Durability::Immediate`: one
-//! fsync for the batch), then, write by write, updates in-memory state, publishes the
+//! log record, exactly as if alone — makes it durable, then, write by write, updates in-memory state, publishes the
 //! revision's events to the watch hub (so the hub sees revisions in order) and answers. A
 //! write that fails fails alone (one that fails after writing part of itself makes the batch
 //! be redone without it); a store failure fails the whole batch and nothing is
-//! acknowledged. No timer: writes that arrive during a commit form the next batch. See
-//! `docs/arch-cpperf.md`. The log doubles as MVCC history: a read at an older revision takes the
+//! acknowledged. No timer: writes that arrive during a commit form the next batch.
+//!
+//! ## Durability
+//! On disk, the batch's table mutations are appended to the write-ahead log ([`super::wal`])
+//! and `fdatasync`ed (one sequential append, like etcd's WAL), then redb commits with
+//! `Durability::None`; a checkpoint (an empty durable redb commit) every
+//! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, when idle after
+//! [`CHECKPOINT_INTERVAL`], and at shutdown lets the log start over. On open the records
+//! newer than redb's `kv.meta` `wal_seq` are replayed. In memory (no data directory) redb
+//! commits with `Durability::Immediate`. See `docs/design/store-performance.md`. The log doubles as MVCC history: a read at an older revision takes the
 //! current state of the range and undoes the log's events newer than that revision (each
 //! event stores its `prev_kv`); compaction deletes log records below the compact revision.
 //!
@@ -47,6 +54,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::wal::{self, Mutation, Wal, WalRecord};
 use super::{
     KeyRange, KvBackend, KvError, MAX_LEASE_TTL, MAX_TXN_OPS, WatchStream, header, validate_put,
 };
@@ -64,6 +72,10 @@ const LEASE_KEYS: &str = "kv.lease_keys";
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACT: &[u8] = b"compact_revision";
 const META_NEXT_LEASE: &[u8] = b"next_lease";
+/// The last write-ahead log record applied (see [`super::wal`]).
+const META_WAL_SEQ: &[u8] = b"wal_seq";
+/// Every table the KV writes (the only ones a log record may name).
+const TABLES: [&str; 5] = [KEYS, LOG, META, LEASES, LEASE_KEYS];
 
 /// Log records a watcher reads from the store at a time while catching up.
 const HISTORY_PAGE: usize = 256;
@@ -127,6 +139,9 @@ struct Inner {
     #[cfg(test)]
     fail_next_batch: std::sync::atomic::AtomicBool,
     revision: AtomicI64,
+    /// The write-ahead log (stores on disk; `None` in memory, where every commit is made
+    /// "durable" by redb directly). Used by the writer thread only.
+    wal: Option<Mutex<WalState>>,
     hub: broadcast::Sender<Arc<Batch>>,
     leases: Mutex<HashMap<i64, LeaseState>>,
     lease_changed: Notify,
@@ -260,6 +275,22 @@ impl Collector {
     }
 }
 
+/// Put `key` and note it in `muts` (for the write-ahead log).
+fn record_put(
+    w: &mut Writer<'_>,
+    muts: &mut Vec<Mutation>,
+    table: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), StoreError> {
+    muts.push(Mutation {
+        table: table.to_string(),
+        key: key.to_vec(),
+        value: Some(value.to_vec()),
+    });
+    w.put(table, key, value)
+}
+
 fn meta(r: &Reader, key: &[u8]) -> Result<Option<i64>, KvError> {
     r.get(META, key)?.map(|b| from_be(&b)).transpose()
 }
@@ -269,6 +300,8 @@ fn meta(r: &Reader, key: &[u8]) -> Result<Option<i64>, KvError> {
 /// cannot be undone inside the shared transaction, so the batch is redone without the op).
 struct Tx<'a, 'b> {
     w: &'a mut Writer<'b>,
+    /// Every change made, for the write-ahead log.
+    muts: &'a mut Vec<Mutation>,
     revision: i64,
     events: Vec<pb::Event>,
     keys_delta: i64,
@@ -278,11 +311,16 @@ struct Tx<'a, 'b> {
 impl Tx<'_, '_> {
     fn wput(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), KvError> {
         self.dirty = true;
-        Ok(self.w.put(table, key, value)?)
+        Ok(record_put(self.w, self.muts, table, key, value)?)
     }
 
     fn wdel(&mut self, table: &str, key: &[u8]) -> Result<bool, KvError> {
         self.dirty = true;
+        self.muts.push(Mutation {
+            table: table.to_string(),
+            key: key.to_vec(),
+            value: None,
+        });
         Ok(self.w.delete(table, key)?)
     }
 
@@ -688,6 +726,10 @@ impl EmbeddedKv {
         metrics: Arc<Metrics>,
         progress_interval: Duration,
     ) -> Result<EmbeddedKv, KvError> {
+        let wal = match store.dir() {
+            Some(dir) => Some(Mutex::new(open_wal(&store, &dir.join(wal::WAL_FILE))?)),
+            None => None,
+        };
         let r = store.read()?;
         let revision = meta(&r, META_REVISION)?.unwrap_or(1);
         let compact = meta(&r, META_COMPACT)?.unwrap_or(0);
@@ -725,6 +767,7 @@ impl EmbeddedKv {
             #[cfg(test)]
             fail_next_batch: std::sync::atomic::AtomicBool::new(false),
             revision: AtomicI64::new(revision),
+            wal,
             hub,
             leases: Mutex::new(leases),
             lease_changed: Notify::new(),
@@ -848,6 +891,77 @@ impl EmbeddedKv {
             .await
             .map_err(|e| KvError::Internal(format!("store task failed: {e}")))?
     }
+}
+
+/// The write-ahead log and the writer's bookkeeping around it.
+struct WalState {
+    wal: Wal,
+    /// The next record's sequence number.
+    next_seq: u64,
+    /// Batches appended since the last checkpoint.
+    since_checkpoint: usize,
+    last_checkpoint: std::time::Instant,
+    /// Set when a record of a failed batch could not be taken back: the log and the store
+    /// disagree, so every later write fails (a restart replays the log).
+    poisoned: Option<String>,
+}
+
+/// Checkpoint (make redb durable, start the log over) after this many logged batches…
+const CHECKPOINT_BATCHES: usize = 512;
+/// …or once the log holds this many bytes…
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// …or, when no write is waiting, this long after the last checkpoint.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Open the write-ahead log at `path`, apply to `store` (durably) what it holds beyond the
+/// store's last applied record, and start it over.
+fn open_wal(store: &Store, path: &std::path::Path) -> Result<WalState, KvError> {
+    let wal_err = |e: wal::WalError| KvError::Internal(e.to_string());
+    let (mut w, records) = Wal::open(path).map_err(wal_err)?;
+    let applied = meta(&store.read()?, META_WAL_SEQ)?.unwrap_or(0) as u64;
+    let pending = wal::to_replay(path, records, applied).map_err(wal_err)?;
+    let last = pending.last().map_or(applied, |r| r.seq);
+    if !pending.is_empty() {
+        replay(store, &pending)?;
+        tracing::info!(
+            records = pending.len(),
+            last,
+            "KV: replayed the write-ahead log"
+        );
+    }
+    // Everything in the log is now durable in the store.
+    w.rewind();
+    Ok(WalState {
+        wal: w,
+        next_seq: last + 1,
+        since_checkpoint: 0,
+        last_checkpoint: std::time::Instant::now(),
+        poisoned: None,
+    })
+}
+
+/// Apply `records` (consecutive, not yet in the store) in one durable transaction.
+fn replay(store: &Store, records: &[WalRecord]) -> Result<(), KvError> {
+    store.write(|w| {
+        for rec in records {
+            for m in &rec.mutations {
+                let Some(table) = TABLES.iter().find(|t| **t == m.table) else {
+                    return Err(KvError::Internal(format!(
+                        "write-ahead log record {} names unknown table {:?}",
+                        rec.seq, m.table
+                    )));
+                };
+                match &m.value {
+                    Some(v) => w.put(table, &m.key, v)?,
+                    None => {
+                        w.delete(table, &m.key)?;
+                    }
+                }
+            }
+            w.put(META, META_WAL_SEQ, &be(rec.seq as i64))?;
+        }
+        Ok(())
+    })
 }
 
 /// Most writes committed in one batch (one redb transaction, one fsync).
@@ -1022,6 +1136,14 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         inner.commit_batch(jobs);
+        inner.maybe_checkpoint(rx.is_empty());
+    }
+    // Shutting down: leave nothing to replay.
+    if let Some(state) = &inner.wal {
+        let mut st = lock(state);
+        if st.since_checkpoint > 0 && st.poisoned.is_none() {
+            inner.checkpoint(&mut st);
+        }
     }
 }
 
@@ -1030,11 +1152,13 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
 /// whether the write had already written something.
 fn apply_one(
     w: &mut Writer<'_>,
+    muts: &mut Vec<Mutation>,
     current: &mut i64,
     op: &WriteOp,
 ) -> Result<Applied, (KvError, bool)> {
     let mut tx = Tx {
         w,
+        muts,
         revision: *current + 1,
         events: Vec::new(),
         keys_delta: 0,
@@ -1043,6 +1167,7 @@ fn apply_one(
     let r = tx.apply(op, *current);
     let Tx {
         w,
+        muts,
         revision,
         events,
         keys_delta,
@@ -1053,7 +1178,7 @@ fn apply_one(
         None
     } else {
         let record = LogRecord { events };
-        w.put(LOG, &be(revision), &record.encode_to_vec())
+        record_put(w, muts, LOG, &be(revision), &record.encode_to_vec())
             .map_err(|e| (KvError::Store(e), true))?;
         *current = revision;
         Some(Batch {
@@ -1071,19 +1196,33 @@ fn apply_one(
 }
 
 impl Inner {
-    /// Commit `jobs` as one durable redb transaction and answer each, in order. Each write
-    /// that changes something gets its own revision and log record, as if applied alone; a
-    /// write that fails (a compare-and-swap, a missing lease, …) fails alone. One that fails
-    /// after writing part of itself (e.g. a txn op after another) cannot be undone inside the
-    /// shared transaction: the batch is redone without it. A store failure (including the
-    /// commit) fails every write of the batch, and nothing is acknowledged.
+    /// Commit `jobs` as one durable batch and answer each, in order. Each write that changes
+    /// something gets its own revision and log record, as if applied alone; a write that fails
+    /// (a compare-and-swap, a missing lease, …) fails alone. One that fails after writing part
+    /// of itself (e.g. a txn op after another) cannot be undone inside the shared transaction:
+    /// the batch is redone without it. A store failure (including the commit) fails every
+    /// write of the batch, and nothing is acknowledged.
+    ///
+    /// Durable: with a write-ahead log, the batch's mutations are appended to it and
+    /// `fdatasync`ed, then redb commits without an fsync of its own; in memory, redb commits
+    /// with `Durability::Immediate`. Either way before any write is answered or published.
     fn commit_batch(&self, jobs: Vec<Job>) {
         let n = jobs.len();
+        let mut wal = self.wal.as_ref().map(lock);
+        if let Some(msg) = wal.as_ref().and_then(|st| st.poisoned.clone()) {
+            for job in jobs {
+                let _ = job.reply.send(Err(KvError::CommitFailed(msg.clone())));
+            }
+            return;
+        }
+        let logged = wal.is_some();
         let mut redo: Vec<Option<KvError>> = std::iter::repeat_with(|| None).take(n).collect();
         let mut outcome = Err("the batch was redone too often".to_string());
         // Each redo drops one more write, so this ends within n + 1 attempts.
         for _ in 0..=n {
-            let attempt = self.store.write(|w| {
+            // Where this attempt's log record went, once appended (durable).
+            let mut appended: Option<u64> = None;
+            let body = |w: &mut Writer<'_>| {
                 let start = w
                     .get(META, META_REVISION)?
                     .map(|b| from_be(&b))
@@ -1091,13 +1230,14 @@ impl Inner {
                     .map_err(|e| Abort::Store(e.to_string()))?
                     .unwrap_or(1);
                 let mut current = start;
+                let mut muts = Vec::new();
                 let mut results = Vec::with_capacity(n);
                 for (i, job) in jobs.iter().enumerate() {
                     if redo.get(i).is_some_and(Option::is_some) {
                         results.push(None);
                         continue;
                     }
-                    match apply_one(w, &mut current, &job.op) {
+                    match apply_one(w, &mut muts, &mut current, &job.op) {
                         Ok(a) => results.push(Some(Ok(a))),
                         Err((KvError::Store(e), _)) => return Err(Abort::Store(e.to_string())),
                         Err((e, true)) => return Err(Abort::Redo(i, e)),
@@ -1105,14 +1245,48 @@ impl Inner {
                     }
                 }
                 if current != start {
-                    w.put(META, META_REVISION, &be(current))?;
+                    record_put(w, &mut muts, META, META_REVISION, &be(current))?;
                 }
                 #[cfg(test)]
                 if self.fail_next_batch.swap(false, SeqCst) {
                     return Err(Abort::Store("injected store failure".into()));
                 }
+                // Last step before the commit: make the batch durable in the log.
+                if let Some(st) = wal.as_deref_mut()
+                    && !muts.is_empty()
+                {
+                    let seq = st.next_seq;
+                    w.put(META, META_WAL_SEQ, &be(seq as i64))?;
+                    let frame = wal::frame(&WalRecord {
+                        seq,
+                        mutations: muts,
+                    })
+                    .map_err(|e| Abort::Store(e.to_string()))?;
+                    appended = Some(
+                        st.wal
+                            .append(&frame)
+                            .map_err(|e| Abort::Store(e.to_string()))?,
+                    );
+                }
                 Ok::<_, Abort>(results)
-            });
+            };
+            let attempt = if logged {
+                self.store.write_non_durable(body)
+            } else {
+                self.store.write(body)
+            };
+            if let (Some(st), Some(at)) = (wal.as_deref_mut(), appended) {
+                if attempt.is_ok() {
+                    st.next_seq += 1;
+                    st.since_checkpoint += 1;
+                } else if let Err(e) = st.wal.undo(at) {
+                    // The commit failed after the record was durable, and it cannot be taken
+                    // back: a restart would apply a batch that was answered as failed.
+                    let msg = format!("the KV write-ahead log is out of step with the store: {e}");
+                    tracing::error!("{msg}");
+                    st.poisoned = Some(msg);
+                }
+            }
             match attempt {
                 Ok(results) => {
                     outcome = Ok(results);
@@ -1129,6 +1303,7 @@ impl Inner {
                 }
             }
         }
+        drop(wal);
         match outcome {
             Err(msg) => {
                 tracing::warn!(writes = n, "KV batch commit failed, nothing written: {msg}");
@@ -1151,6 +1326,37 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Checkpoint if due (see [`CHECKPOINT_BATCHES`]); `idle`: no write is waiting.
+    fn maybe_checkpoint(&self, idle: bool) {
+        let Some(state) = &self.wal else { return };
+        let mut st = lock(state);
+        if st.poisoned.is_some() || st.since_checkpoint == 0 {
+            return;
+        }
+        if st.since_checkpoint >= CHECKPOINT_BATCHES
+            || st.wal.offset() >= CHECKPOINT_BYTES
+            || (idle && st.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+        {
+            self.checkpoint(&mut st);
+        }
+    }
+
+    /// Make redb durable (one fsync covering every batch since the last checkpoint), then
+    /// start the log over. On failure the log keeps everything and it is tried again later.
+    fn checkpoint(&self, st: &mut WalState) {
+        match self.store.sync() {
+            Ok(()) => {
+                st.wal.rewind();
+                st.since_checkpoint = 0;
+                self.metrics.kv.checkpointed();
+            }
+            Err(e) => {
+                tracing::warn!("KV checkpoint failed (the write-ahead log keeps the writes): {e}")
+            }
+        }
+        st.last_checkpoint = std::time::Instant::now();
     }
 
     /// After the commit: update in-memory state, then publish the write's events.
@@ -1489,6 +1695,12 @@ macro_rules! expect_out {
 
 impl KvBackend for EmbeddedKv {
     async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
+        // A single key at the current revision is one B-tree lookup in redb's cache: run it
+        // here rather than paying a hand-off to the blocking pool and back per get (ranges,
+        // prefixes and reads of older revisions, which may scan, still go there).
+        if req.range_end.is_empty() && !req.prefix && req.revision == 0 {
+            return self.inner.range(&req);
+        }
         self.blocking(move |i| i.range(&req)).await
     }
 
@@ -1883,5 +2095,184 @@ mod batch_tests {
 
     fn rev_of(h: Option<pb::ResponseHeader>) -> i64 {
         h.expect("header").revision
+    }
+}
+
+#[cfg(test)]
+mod wal_tests {
+    use super::*;
+
+    fn put(k: &str, v: &str) -> pb::PutRequest {
+        pb::PutRequest {
+            key: k.into(),
+            value: v.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn get(kv: &EmbeddedKv, k: &str) -> Option<pb::KeyValue> {
+        kv.range(pb::RangeRequest {
+            key: k.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("range")
+        .kvs
+        .pop()
+    }
+
+    fn open_at(dir: &std::path::Path) -> Result<(EmbeddedKv, Arc<Metrics>), KvError> {
+        let store = Arc::new(Store::open(dir).expect("store"));
+        let metrics = Arc::new(Metrics::default());
+        Ok((EmbeddedKv::open(store, metrics.clone())?, metrics))
+    }
+
+    /// The writes of a first life: puts (one a CAS failure, which logs nothing), a txn, a
+    /// delete and a lease; returns the log file as it was once they were all acknowledged.
+    async fn first_life(dir: &std::path::Path) -> (Vec<u8>, i64) {
+        let (kv, metrics) = open_at(dir).expect("open");
+        for i in 0..5 {
+            kv.put(put(&format!("k{i}"), &format!("v{i}")))
+                .await
+                .expect("put");
+        }
+        assert!(
+            kv.put(pb::PutRequest {
+                expected_mod_revision: Some(99),
+                ..put("k0", "cas")
+            })
+            .await
+            .is_err()
+        );
+        kv.delete_range(pb::DeleteRangeRequest {
+            key: "k1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+        let lease = kv
+            .lease_grant(pb::LeaseGrantRequest { ttl: 600, id: 0 })
+            .await
+            .expect("grant")
+            .id;
+        kv.put(pb::PutRequest {
+            lease,
+            ..put("leased", "x")
+        })
+        .await
+        .expect("leased put");
+        let revision = kv.revision();
+        let log = std::fs::read(dir.join(wal::WAL_FILE)).expect("read log");
+        // A clean shutdown checkpoints: nothing left to replay.
+        drop(kv);
+        assert_eq!(metrics.kv.checkpoints(), 1);
+        (log, revision)
+    }
+
+    #[tokio::test]
+    async fn a_store_that_lost_its_non_durable_commits_gets_them_back_from_the_log() {
+        let first = tempfile::tempdir().expect("dir");
+        let (log, revision) = first_life(first.path()).await;
+        // A store back at its last durable state before any of those writes (as after a
+        // crash between checkpoints), with the log as it was on disk.
+        let crashed = tempfile::tempdir().expect("dir");
+        std::fs::write(crashed.path().join(wal::WAL_FILE), &log).expect("write log");
+        let (kv, _) = open_at(crashed.path()).expect("replay");
+        assert_eq!(kv.revision(), revision);
+        let k0 = get(&kv, "k0").await.expect("k0");
+        assert_eq!((k0.value.as_slice(), k0.mod_revision), (&b"v0"[..], 2));
+        assert!(get(&kv, "k1").await.is_none(), "the delete was replayed");
+        let leased = get(&kv, "leased").await.expect("leased");
+        assert_eq!(kv.lease_leases().await.expect("leases").leases.len(), 1);
+        assert_eq!(
+            kv.lease_leases().await.expect("leases").leases[0].id,
+            leased.lease
+        );
+        // History (kv.log) came back too: a read at an older revision sees k1.
+        let old = kv
+            .range(pb::RangeRequest {
+                key: "k1".into(),
+                revision: revision - 2,
+                ..Default::default()
+            })
+            .await
+            .expect("old read");
+        assert_eq!(old.kvs.len(), 1);
+        // New writes continue the revisions and the log's sequence.
+        let r = kv.put(put("after", "1")).await.expect("put");
+        assert_eq!(r.header.expect("header").revision, revision + 1);
+        drop(kv);
+        // Replaying again is a no-op (everything is applied; the reopened log is skipped).
+        std::fs::write(crashed.path().join(wal::WAL_FILE), &log).expect("write log");
+        let (kv, _) = open_at(crashed.path()).expect("reopen");
+        assert_eq!(kv.revision(), revision + 1);
+        assert_eq!(get(&kv, "after").await.expect("after").value, b"1");
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_ignored_on_replay() {
+        let first = tempfile::tempdir().expect("dir");
+        let (log, revision) = first_life(first.path()).await;
+        let (records, end) = wal::parse(&log);
+        let last = records.last().expect("records").clone();
+        // The next record, cut off mid-write (never acknowledged).
+        let next = wal::frame(&WalRecord {
+            seq: last.seq + 1,
+            mutations: vec![Mutation {
+                table: KEYS.into(),
+                key: b"torn".to_vec(),
+                value: Some(b"never acknowledged".to_vec()),
+            }],
+        })
+        .expect("frame");
+        let mut torn = log[..end].to_vec();
+        torn.extend_from_slice(&next[..next.len() - 3]);
+        let crashed = tempfile::tempdir().expect("dir");
+        std::fs::write(crashed.path().join(wal::WAL_FILE), &torn).expect("write log");
+        let (kv, _) = open_at(crashed.path()).expect("replay");
+        assert_eq!(kv.revision(), revision);
+        assert!(get(&kv, "torn").await.is_none());
+        assert!(get(&kv, "k4").await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_log_that_does_not_continue_the_store_refuses_to_open() {
+        let first = tempfile::tempdir().expect("dir");
+        let (log, _) = first_life(first.path()).await;
+        let (mut records, _) = wal::parse(&log);
+        // Only the records after the first: batch 1 is missing.
+        records.remove(0);
+        let mut gap = Vec::new();
+        for r in &records {
+            gap.extend_from_slice(&wal::frame(r).expect("frame"));
+        }
+        let crashed = tempfile::tempdir().expect("dir");
+        std::fs::write(crashed.path().join(wal::WAL_FILE), &gap).expect("write log");
+        match open_at(crashed.path()) {
+            Err(KvError::Internal(msg)) => assert!(msg.contains("missing"), "{msg}"),
+            other => panic!("expected a gap error, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_naming_a_foreign_table_is_rejected() {
+        let dir = tempfile::tempdir().expect("dir");
+        let rec = WalRecord {
+            seq: 1,
+            mutations: vec![Mutation {
+                table: "objects.keys".into(),
+                key: b"k".to_vec(),
+                value: Some(Vec::new()),
+            }],
+        };
+        std::fs::write(
+            dir.path().join(wal::WAL_FILE),
+            wal::frame(&rec).expect("frame"),
+        )
+        .expect("write log");
+        match open_at(dir.path()) {
+            Err(KvError::Internal(msg)) => assert!(msg.contains("unknown table"), "{msg}"),
+            other => panic!("expected an error, got {:?}", other.map(|_| ())),
+        }
     }
 }

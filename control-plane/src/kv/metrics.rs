@@ -13,6 +13,7 @@
 //! | `weir_cp_kv_leases_expired_total` | counter | — |
 //! | `weir_cp_kv_commits_total` | counter | — (durable write batches of the embedded store) |
 //! | `weir_cp_kv_committed_writes_total` | counter | — (writes in those batches) |
+//! | `weir_cp_kv_checkpoints_total` | counter | — (durable redb commits that let the write-ahead log start over) |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -95,6 +96,7 @@ pub struct KvMetrics {
     leases_expired: AtomicU64,
     commits: AtomicU64,
     committed_writes: AtomicU64,
+    checkpoints: AtomicU64,
 }
 
 impl KvMetrics {
@@ -138,6 +140,16 @@ impl KvMetrics {
     pub fn batch_committed(&self, writes: usize) {
         self.commits.fetch_add(1, Relaxed);
         self.committed_writes.fetch_add(writes as u64, Relaxed);
+    }
+
+    /// The embedded store made redb durable and started its write-ahead log over.
+    pub fn checkpointed(&self) {
+        self.checkpoints.fetch_add(1, Relaxed);
+    }
+
+    /// Checkpoints of the embedded store's write-ahead log so far.
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Relaxed)
     }
 
     /// (durable commits, writes in them) of the embedded store.
@@ -235,6 +247,11 @@ impl KvMetrics {
                 "Writes committed by those transactions (their sum of batch sizes).",
                 &self.committed_writes,
             ),
+            (
+                "weir_cp_kv_checkpoints_total",
+                "Durable redb commits after which the embedded KV's write-ahead log starts over.",
+                &self.checkpoints,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
@@ -270,6 +287,7 @@ mod tests {
         m.lease_expired();
         m.batch_committed(3);
         m.batch_committed(1);
+        m.checkpointed();
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -283,6 +301,7 @@ mod tests {
             "weir_cp_kv_leases_expired_total 1",
             "weir_cp_kv_commits_total 2",
             "weir_cp_kv_committed_writes_total 4",
+            "weir_cp_kv_checkpoints_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

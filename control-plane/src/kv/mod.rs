@@ -24,6 +24,8 @@
 //!   [`crate::etcd::kv::EtcdKv`] with `--store etcd://…`.
 //! - [`service`]: the tonic services (`KV`, `Watch`, `Lease`) over any backend, built in one
 //!   place ([`service::services`]) so an auth interceptor can wrap them.
+//! - [`wal`]: the embedded backend's write-ahead log (one `fdatasync` per group-committed
+//!   batch; redb made durable by periodic checkpoints).
 //! - [`metrics`]: `weir_cp_kv_*` metrics.
 //! - [`compaction`]: auto-compaction (`--kv-auto-compaction-retention`), on any backend.
 //! - [`cli`]: `weir-cp kv …` (a gRPC client).
@@ -35,6 +37,7 @@ pub mod compaction;
 pub mod embedded;
 pub mod metrics;
 pub mod service;
+pub mod wal;
 
 use std::future::Future;
 use std::pin::Pin;

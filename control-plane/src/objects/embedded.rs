@@ -3,8 +3,8 @@
 //! Layout under the objects directory (`<data-dir>/objects/`, or a temp dir without one):
 //! `tmp/<id>` while a body streams in, then `blobs/<id>` after `fsync` and an atomic
 //! rename (and an `fsync` of `blobs/`). Bodies are written in 1 MiB buffers by a blocking
-//! writer that also computes the MD5 (large bodies are written back in the background as they
-//! arrive, see [`FLUSH_EVERY`]); gets read 1 MiB chunks on a blocking reader straight into the
+//! writer while a second thread computes the MD5 from the same buffers (large bodies are
+//! written back in the background as they arrive, see [`FLUSH_EVERY`]); gets read 1 MiB chunks on a blocking reader straight into the
 //! `Bytes` they stream. Only then is the metadata committed (redb commits
 //! are durable when they return), and only then is the write acknowledged; the replaced
 //! blob is unlinked after the commit. Opening sweeps `tmp/` and any blob no record points
@@ -45,15 +45,21 @@ const WRITE_QUEUE: usize = 4;
 /// bytes were written, so the final `fsync` has little left to do.
 pub const FLUSH_EVERY: u64 = 8 * 1024 * 1024;
 
-/// Write the buffers from `rx` to a new file at `path`, hashing them; flush in the background
-/// every [`FLUSH_EVERY`] bytes, then `fsync`. Returns (bytes written, MD5).
-fn write_file(
-    path: &Path,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> std::io::Result<(u64, [u8; 16])> {
+/// MD5 of the buffers from `rx` (a put's hasher thread, beside its writer).
+fn hash_buffers(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> [u8; 16] {
+    let mut h = Md5::new();
+    while let Some(buf) = rx.blocking_recv() {
+        h.update(&buf);
+    }
+    h.finalize().into()
+}
+
+/// Write the buffers from `rx` to a new file at `path`; flush in the background every
+/// [`FLUSH_EVERY`] bytes, then `fsync`. Returns the bytes written. (The MD5 is computed from
+/// the same buffers on another thread: [`hash_buffers`].)
+fn write_file(path: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> std::io::Result<u64> {
     use std::io::Write as _;
     let mut f = std::fs::File::create(path)?;
-    let mut h = Md5::new();
     let mut size = 0u64;
     let mut flushed_at = 0u64;
     // Background write-back for large bodies: a thread that `fdatasync`s a second handle when
@@ -62,7 +68,6 @@ fn write_file(
     let mut flusher: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<_>)> = None;
     let written = (|| {
         while let Some(buf) = rx.blocking_recv() {
-            h.update(&buf);
             f.write_all(&buf)?;
             size += buf.len() as u64;
             if size - flushed_at >= FLUSH_EVERY {
@@ -98,7 +103,7 @@ fn write_file(
     }
     written?;
     f.sync_all()?;
-    Ok((size, h.finalize().into()))
+    Ok(size)
 }
 
 /// Stream `len` bytes of `f` from `first`: a blocking reader reads [`READ_CHUNK`]-sized chunks
@@ -299,9 +304,9 @@ impl EmbeddedObjects {
     /// error.
     ///
     /// The async side only regroups the body into [`WRITE_BUFFER`]-sized buffers (large chunks
-    /// pass through without a copy); a blocking writer hashes and writes each buffer, and a
-    /// background flusher starts writing back every [`FLUSH_EVERY`] bytes so the disk works
-    /// while the next bytes are hashed. The blob is durable when the final `fsync` of the file,
+    /// pass through without a copy) and hands each to two blocking threads: a writer, with a
+    /// background flusher that starts writing back every [`FLUSH_EVERY`] bytes, and a hasher
+    /// (MD5), so hashing overlaps the disk's work. The blob is durable when the final `fsync` of the file,
     /// the rename and the `fsync` of `blobs/` have returned.
     async fn write_blob(
         &self,
@@ -310,9 +315,13 @@ impl EmbeddedObjects {
     ) -> Result<(String, u64, [u8; 16]), ObjError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let tmp = self.dir.join("tmp").join(&id);
+        // Writer and hasher each get every buffer (a `Bytes` clone: no copy) and run side by
+        // side, so a put costs max(write + fsync, MD5) rather than their sum.
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (htx, hrx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
         let path = tmp.clone();
         let writer = tokio::task::spawn_blocking(move || write_file(&path, rx));
+        let hasher = tokio::task::spawn_blocking(move || hash_buffers(hrx));
         let fed = async {
             let mut size = 0u64;
             let mut pending = bytes::BytesMut::new();
@@ -334,22 +343,30 @@ impl EmbeddedObjects {
                     }
                     pending.split().freeze()
                 };
-                if tx.send(out).await.is_err() {
+                if tx.send(out.clone()).await.is_err() || htx.send(out).await.is_err() {
                     // The writer failed; its error is reported below.
                     break;
                 }
             }
             if !pending.is_empty() {
-                let _ = tx.send(pending.freeze()).await;
+                let last = pending.freeze();
+                if tx.send(last.clone()).await.is_ok() {
+                    let _ = htx.send(last).await;
+                }
             }
             Ok(size)
         }
         .await;
         drop(tx);
+        drop(htx);
+        let md5 = hasher
+            .await
+            .map_err(|e| ObjError::Io(std::io::Error::other(e.to_string())));
         let written = writer
             .await
             .map_err(|e| ObjError::Io(std::io::Error::other(e.to_string())))
-            .and_then(|r| r.map_err(ObjError::Io));
+            .and_then(|r| r.map_err(ObjError::Io))
+            .and_then(|n| md5.map(|m| (n, m)));
         let result = match (fed, written) {
             (Err(e), _) | (Ok(_), Err(e)) => Err(e),
             (Ok(size), Ok((written, md5))) if size == written => match expected_md5 {
