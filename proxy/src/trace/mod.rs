@@ -537,8 +537,18 @@ pub fn encode_span<'t>(
     fixed: impl Iterator<Item = (&'t str, &'t str)>,
 ) -> otlp::EncodedSpan {
     const ATTR: u32 = 9;
-    let mut v =
-        Vec::with_capacity(512 + f.path.len().min(max_path) + f.user_agent.map_or(0, str::len));
+    // Enough for the fixed tags (~700 bytes with ids and framing) and the variable ones:
+    // one allocation, no regrowth.
+    let var = f.authority.len()
+        + f.path.len().min(max_path)
+        + f.user_agent.map_or(0, str::len)
+        + f.request_id.map_or(0, str::len)
+        + f.tracestate.map_or(0, str::len)
+        + f.tags
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>();
+    let mut v = Vec::with_capacity(1024 + var);
     let mut e = otlp::Enc(&mut v);
     e.bytes(1, &f.ctx.trace_id.to_be_bytes());
     e.bytes(2, &f.ctx.span_id.to_be_bytes());

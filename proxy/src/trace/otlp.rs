@@ -5,10 +5,10 @@
 //! A request's span is encoded to protobuf bytes on the request's thread straight from
 //! borrowed facts ([`Enc`], [`EncodedSpan`]: one allocation per span, no owned attribute
 //! strings), and queued with `try_send` on a bounded channel (full = dropped and counted).
-//! The batching task ([`run`]) sends a batch once [`FLUSH_SPANS`] spans wait (or every
-//! [`FLUSH_INTERVAL`]: Envoy's OpenTelemetry defaults) and a call slot is free; up to
-//! [`MAX_IN_FLIGHT`] calls run at once, so while they are busy the next batch grows up to
-//! [`MAX_BATCH`] spans. A batch is framed around the encoded spans ([`BatchHeader::frame`]:
+//! The batching task ([`run`]) sends a batch once [`FLUSH_SPANS`] spans wait and no call
+//! runs (or every [`FLUSH_INTERVAL`]: Envoy's OpenTelemetry defaults); while a call runs
+//! the next batch grows, and another call starts only at [`BUSY_BATCH`] spans, up to
+//! [`MAX_IN_FLIGHT`] calls and [`MAX_BATCH`] spans per call. A batch is framed around the encoded spans ([`BatchHeader::frame`]:
 //! resource and scope encoded once per exporter), with an export timeout. A failed export
 //! (collector down, no host, timeout, non-OK gRPC status) drops the batch and counts it.
 //! Requests never wait on any of this. The prost message types stay: tests decode what a
@@ -29,6 +29,8 @@ pub const FLUSH_SPANS: usize = 5;
 /// Export calls running at once (Envoy's gRPC client does not wait for one call before
 /// starting the next either).
 pub const MAX_IN_FLIGHT: usize = 4;
+/// Spans that start another call while one is already running.
+pub const BUSY_BATCH: usize = 128;
 /// Flush interval (Envoy's `flush_interval_ms`).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Spans queued before dropping.
@@ -278,11 +280,10 @@ impl ExportSink for ClusterSink {
     }
 }
 
-/// The batching loop: collect spans; whenever at least [`FLUSH_SPANS`] are waiting (or the
-/// [`FLUSH_INTERVAL`] timer fires with any waiting) and fewer than [`MAX_IN_FLIGHT`] calls
-/// are running, send up to [`MAX_BATCH`] of them in one call. While every call slot is
-/// busy the batch grows (up to [`MAX_BATCH`], then the queue fills and new spans are
-/// dropped at `try_send`), so a fast request rate makes large batches, not many calls.
+/// The batching loop: collect spans and send up to [`MAX_BATCH`] of them in one call when
+/// [`ready`] says so. While calls run the batch grows (up to [`MAX_BATCH`], then the queue
+/// fills and new spans are dropped at `try_send`), so a fast request rate makes large
+/// batches, not many calls.
 pub async fn run<S: ExportSink>(
     mut rx: tokio::sync::mpsc::Receiver<EncodedSpan>,
     sink: S,
@@ -314,9 +315,7 @@ pub async fn run<S: ExportSink>(
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
             _ = tick.tick(), if open => timer = !batch.is_empty(),
         }
-        // Closed: everything left goes out regardless of size.
-        let ready = batch.len() >= FLUSH_SPANS || timer || (!open && !batch.is_empty());
-        if ready && calls.len() < MAX_IN_FLIGHT {
+        if ready(batch.len(), calls.len(), timer, open) {
             if timer {
                 stats.timer_flushed.increment(1);
             }
@@ -326,6 +325,17 @@ pub async fn run<S: ExportSink>(
             calls.spawn(async move { export(&sink, &header, &spans, &stats).await });
         }
     }
+}
+
+/// Whether to start a call now with `waiting` spans while `running` calls are in flight:
+/// [`FLUSH_SPANS`] start one when none runs; more calls (up to [`MAX_IN_FLIGHT`]) start
+/// only once [`BUSY_BATCH`] spans wait, so a busy proxy sends a few large batches rather
+/// than many small ones. The timer and closing send whatever waits.
+pub fn ready(waiting: usize, running: usize, timer: bool, open: bool) -> bool {
+    if waiting == 0 || running >= MAX_IN_FLIGHT {
+        return false;
+    }
+    timer || !open || waiting >= BUSY_BATCH || (running == 0 && waiting >= FLUSH_SPANS)
 }
 
 async fn export<S: ExportSink>(
@@ -758,13 +768,31 @@ mod tests {
         )
     }
 
+    #[test]
+    fn when_a_call_starts() {
+        assert!(!ready(0, 0, true, false), "nothing to send");
+        assert!(!ready(4, 0, false, true));
+        assert!(ready(FLUSH_SPANS, 0, false, true));
+        assert!(
+            !ready(FLUSH_SPANS, 1, false, true),
+            "one runs: grow the batch"
+        );
+        assert!(ready(BUSY_BATCH, 1, false, true));
+        assert!(
+            !ready(MAX_BATCH, MAX_IN_FLIGHT, true, false),
+            "every slot busy"
+        );
+        assert!(ready(1, 2, true, true), "the timer sends stragglers");
+        assert!(ready(1, 3, false, false), "closing sends the rest");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn busy_calls_grow_the_next_batch_and_closing_flushes() {
         let fake = Fake::default();
         let (store, st) = stats();
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let task = tokio::spawn(run(rx, fake.clone(), BatchHeader::new(vec![]), st));
-        // 4 calls of 5 spans start and hang; the next 1000 spans wait for a slot.
+        // A call of 5 spans, then calls of BUSY_BATCH start and hang; the rest waits.
         for i in 0..1020 {
             tx.try_send(span(i)).expect("queue has room");
             tokio::task::yield_now().await;
