@@ -4,6 +4,9 @@
 # by OTLP/gRPC (benches/weir-bench-obs.yaml, port 18085) to a stub collector (nginx h2c on
 # 18095 answering grpc-status 0), same backend, one worker each, interleaved rounds. Reports
 # medians of requests per proxy CPU-second and their ratio (target: obs/plain >= 0.90).
+# Where the cost goes: three more weir processes run the same rounds, generated from
+# weir-bench-obs.yaml: the access log only ("log"), tracing only ("trace", 100 % sampled and
+# exported) and both with 1 % random sampling ("obs1"); each row is against plain.
 #   benches/obs.sh [ROUNDS]     (default 5 rounds)
 # Needs: nginx-light wrk nghttp2-client bc (installed if missing).
 set -euo pipefail
@@ -37,13 +40,46 @@ cleanup() {
   [ -f /tmp/bench-backend.pid ] && kill "$(cat /tmp/bench-backend.pid)" 2>/dev/null || true
   [ -f "$OUT/collector.pid" ] && kill "$(cat "$OUT/collector.pid")" 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -f /tmp/weir-bench-access.log
+  rm -f /tmp/weir-bench-access.log /tmp/weir-bench-access-1.log
 }
 trap cleanup EXIT
 nginx -c "$SHARED/backend-nginx.conf"
 nginx -c "$OUT/collector.conf"
+# Variants of weir-bench-obs.yaml on their own ports (listener, admin, tcp + OFFSET).
+python3 - "$OUT" <<'PY'
+import sys
+out = sys.argv[1]
+src = open("benches/weir-bench-obs.yaml").read()
+def without(s, first, last):
+    keep, skip = [], False
+    for l in s.split("\n"):
+        t = l.strip()
+        if not skip and t.startswith(first):
+            skip = True
+            continue
+        if skip:
+            skip = not t.startswith(last)
+            continue
+        keep.append(l)
+    return "\n".join(keep)
+def ports(s, off):
+    for p in (18085, 18993, 18096):
+        s = s.replace(f"port_value: {p}}}", f"port_value: {p + off}}}")
+    return s
+open(f"{out}/log.yaml", "w").write(ports(without(src, "tracing:", "service_name:"), 100))
+trace = without(src, "access_log:", "path: /tmp/weir-bench-access.log")
+open(f"{out}/trace.yaml", "w").write(ports(trace, 200))
+obs1 = src.replace("random_sampling: {value: 100}", "random_sampling: {value: 1}")
+obs1 = obs1.replace("/tmp/weir-bench-access.log", "/tmp/weir-bench-access-1.log")
+open(f"{out}/obs1.yaml", "w").write(ports(obs1, 300))
+PY
+grep -q "tracing:" "$OUT/log.yaml" && { echo "log variant still traces"; exit 1; }
+grep -q "access_log:" "$OUT/trace.yaml" && { echo "trace variant still logs"; exit 1; }
 ./target/release/weir -c benches/weir-bench.yaml --concurrency 1 --log-level warn & PLAIN=$!; pids+=($PLAIN)
 ./target/release/weir -c benches/weir-bench-obs.yaml --concurrency 1 --log-level warn & OBS=$!; pids+=($OBS)
+./target/release/weir -c "$OUT/log.yaml" --concurrency 1 --log-level warn & LOG=$!; pids+=($LOG)
+./target/release/weir -c "$OUT/trace.yaml" --concurrency 1 --log-level warn & TRACE=$!; pids+=($TRACE)
+./target/release/weir -c "$OUT/obs1.yaml" --concurrency 1 --log-level warn & OBS1=$!; pids+=($OBS1)
 sleep 2
 
 cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -58,12 +94,20 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "== round $r"
   bash "$SHARED/measure.sh" plain 18083 "$PLAIN" | tee -a "$OUT/h1"
   bash "$SHARED/measure.sh" obs 18085 "$OBS" | tee -a "$OUT/h1"
+  bash "$SHARED/measure.sh" log 18185 "$LOG" | tee -a "$OUT/h1"
+  bash "$SHARED/measure.sh" trace 18285 "$TRACE" | tee -a "$OUT/h1"
+  bash "$SHARED/measure.sh" obs1 18385 "$OBS1" | tee -a "$OUT/h1"
   h2 plain 18083 "$PLAIN" | tee -a "$OUT/h2"
   h2 obs 18085 "$OBS" | tee -a "$OUT/h2"
+  h2 log 18185 "$LOG" | tee -a "$OUT/h2"
+  h2 trace 18285 "$TRACE" | tee -a "$OUT/h2"
+  h2 obs1 18385 "$OBS1" | tee -a "$OUT/h2"
 done
 echo "== access log lines and spans (sent / dropped):"
 wc -l < /tmp/weir-bench-access.log || true
-curl -s http://127.0.0.1:18993/stats | grep -E 'tracing.opentelemetry|filesystem' || true
+for a in obs:18993 log:19093 trace:19193 obs1:19293; do
+  curl -s "http://127.0.0.1:${a#*:}/stats" | grep -E 'tracing.opentelemetry|filesystem' | sed "s/^/${a%%:*} /" || true
+done
 python3 - "$OUT" <<'PY'
 import re, statistics, sys, collections
 out = sys.argv[1]
@@ -78,5 +122,11 @@ print("|---|---|---|---|")
 for name, f in [("HTTP/1.1", "h1"), ("HTTP/2", "h2")]:
     d = med(f)
     print(f"| {name} | {d['plain']:.0f} | {d['obs']:.0f} | {d['obs']/d['plain']:.3f} |")
+print("\n| variant / plain | HTTP/1.1 | HTTP/2 |")
+print("|---|---|---|")
+h1, h2 = med("h1"), med("h2")
+for v, label in [("log", "access log only"), ("trace", "tracing only (100 %)"),
+                 ("obs", "access log + tracing (100 %)"), ("obs1", "access log + tracing (1 %)")]:
+    print(f"| {label} | {h1[v]/h1['plain']:.3f} | {h2[v]/h2['plain']:.3f} |")
 PY
 echo "raw results in $OUT"

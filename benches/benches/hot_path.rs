@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request decisions: route matching over 1,000 routes,
 //! filter-chain selection, and load-balancer picks; plus the cost of applying a
 //! 10,000-endpoint EDS update; and the per-request observability work (access log line
-//! formatting, trace header extraction/injection). Run: `cargo bench -p weir-benches`.
+//! formatting, what is kept of the request headers for it, trace header
+//! extraction/injection, span encoding). Run: `cargo bench -p weir-benches`.
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -317,7 +318,99 @@ fn bench_obs(c: &mut Criterion) {
             black_box(h)
         })
     });
+    // The request's span: the owned prost `Span` (~15 attribute `String`s) encoded by prost,
+    // against the direct encoding request handling uses.
+    let facts = weir_proxy::trace::SpanFacts {
+        ctx: SpanContext {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            parent_span_id: Some(0x1234),
+            sampled: true,
+        },
+        name: "ingress",
+        kind: weir_proxy::trace::otlp::SPAN_KIND_SERVER,
+        tags: &[],
+        tracestate: None,
+        start: std::time::SystemTime::now(),
+        end: std::time::SystemTime::now(),
+        authority: "svc.example.com",
+        path: "/api/v1/items?page=2",
+        method: "GET",
+        scheme: "http",
+        protocol: "HTTP/1.1",
+        status: 200,
+        flags: ResponseFlags::default(),
+        upstream_cluster: Some("backend"),
+        upstream_host: Some("127.0.0.1:18080".parse().expect("addr")),
+        request_id: Some("6a1c43f2-51e1-4a0c-9b62-0c1f0a43a1f1"),
+        user_agent: Some("wrk/4.2"),
+        peer_address: weir_proxy::trace::PeerAddress::Ip("127.0.0.1".parse().expect("ip")),
+        peer_uri_san: None,
+        peer_subject: None,
+        node_id: "bench",
+        request_size: 0,
+        response_size: 19,
+    };
+    g.bench_function("span_build_then_prost_encode", |b| {
+        b.iter(|| {
+            let s = weir_proxy::trace::build_span(black_box(&facts), 256);
+            black_box(weir_proxy::trace::otlp::grpc_frame(&s))
+        })
+    });
+    g.bench_function("span_encode_direct", |b| {
+        b.iter(|| {
+            black_box(weir_proxy::trace::encode_span(
+                black_box(&facts),
+                256,
+                std::iter::empty(),
+            ))
+        })
+    });
+    // What the connection manager keeps of the request headers for the default format: a
+    // copy of the whole map, against the four headers the format reads.
+    let logs = default_format_logs();
+    let mut full = req.clone();
+    for (k, v) in [
+        ("accept", "*/*"),
+        ("host", "svc.example.com"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("x-envoy-expected-rq-timeout-ms", "15000"),
+    ] {
+        full.insert(k, v.parse().expect("v"));
+    }
+    g.bench_function("request_headers_full_clone", |b| {
+        b.iter(|| black_box(black_box(&full).clone()))
+    });
+    g.bench_function("request_headers_capture_needed", |b| {
+        b.iter(|| black_box(logs.request_headers().capture(black_box(&full))))
+    });
     g.finish();
+}
+
+/// The access loggers of weir-bench-obs.yaml: one file log in Envoy's default format.
+fn default_format_logs() -> weir_proxy::access_log::AccessLogs {
+    use weir_xds_api::pb::envoy::config::accesslog::v3::AccessLog;
+    let path = std::env::temp_dir().join("weir-hot-path-bench.log");
+    let l: AccessLog = weir_xds_api::from_yaml(&format!(
+        "name: f\ntyped_config: {{'@type': type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {}}}\n",
+        path.display()
+    ))
+    .expect("access log yaml");
+    let clusters: HashSet<&str> = HashSet::new();
+    let stats = Store::new();
+    let ctx = TranslateCtx {
+        clusters: &clusters,
+        stats: &stats,
+        rds: None,
+        rds_table: false,
+    };
+    let mut errs = Errors::default();
+    let logs = weir_proxy::access_log::translate(&[l], "access_log", &ctx, &mut errs);
+    assert!(errs.is_empty(), "{:?}", errs.0);
+    logs
 }
 
 fn serde_json_value() -> serde_json::Value {

@@ -162,6 +162,21 @@ impl ResponseFlags {
         }
     }
 
+    /// The rendering, allocated only when two or more flags are set (`-` and a single
+    /// code are static strings).
+    pub fn rendered(self) -> std::borrow::Cow<'static, str> {
+        if self.is_empty() {
+            return std::borrow::Cow::Borrowed("-");
+        }
+        if self.0.is_power_of_two() {
+            let bit = self.0.trailing_zeros() as usize;
+            if let Some((_, c)) = ALL.get(bit) {
+                return std::borrow::Cow::Borrowed(c);
+            }
+        }
+        std::borrow::Cow::Owned(self.to_string_envoy())
+    }
+
     /// The rendering as a string.
     pub fn to_string_envoy(self) -> String {
         let mut s = String::new();
@@ -229,6 +244,11 @@ mod tests {
         f.set_code("NR");
         f.set_code("RBAC");
         assert_eq!(f.to_string_envoy(), "UF,NR,URX");
+        assert_eq!(f.rendered(), "UF,NR,URX");
+        assert_eq!(ResponseFlags::default().rendered(), "-");
+        let mut one = ResponseFlags::default();
+        one.set(Flag::UpstreamRetryLimitExceeded);
+        assert!(matches!(one.rendered(), std::borrow::Cow::Borrowed("URX")));
         assert!(f.has(Flag::NoRouteFound));
         assert!(!f.has(Flag::NoHealthyUpstream));
     }

@@ -388,11 +388,32 @@ impl Format {
             .any(|p| matches!(p, Part::Cmd { op: Op::Req(_), .. }))
     }
 
+    /// The header names `%REQ%` (`req`), `%RESP%` and `%TRAILER%` (`resp`) read, both
+    /// alternatives of `X?Y` (pseudo-headers included; callers skip those).
+    pub fn header_names(&self, req: &mut Vec<String>, resp: &mut Vec<String>) {
+        for p in &self.parts {
+            let (h, to) = match p {
+                Part::Cmd { op: Op::Req(h), .. } => (h, &mut *req),
+                Part::Cmd {
+                    op: Op::Resp(h) | Op::Trailer(h),
+                    ..
+                } => (h, &mut *resp),
+                _ => continue,
+            };
+            for n in std::iter::once(&h.main).chain(h.alt.as_ref()) {
+                if !to.contains(n) {
+                    to.push(n.clone());
+                }
+            }
+        }
+    }
+
     /// Append the rendering of `rec`.
     pub fn render_into(&self, rec: &LogRecord<'_>, out: &mut String) {
         for p in &self.parts {
             match p {
                 Part::Lit(l) => out.push_str(l),
+                Part::Cmd { op, max: None } if render_direct(op, rec, out) => {}
                 Part::Cmd { op, max } => match value(op, rec) {
                     Val::Missing => {
                         if !self.omit_empty {
@@ -414,6 +435,71 @@ impl Format {
         self.render_into(rec, &mut s);
         s
     }
+}
+
+/// Operators whose untruncated value is written straight into `out` (no temporary
+/// `String`); false for the others.
+fn render_direct(op: &Op, rec: &LogRecord<'_>, out: &mut String) -> bool {
+    let (addr, port) = match op {
+        Op::StartTime(None) => {
+            write_default_time(rec.start_time, out);
+            return true;
+        }
+        Op::UpstreamHost => (rec.upstream_host, true),
+        Op::UpstreamLocalAddress => (rec.upstream_local, true),
+        Op::DownstreamRemoteAddress => (rec.downstream_remote, true),
+        Op::DownstreamRemoteAddressWithoutPort => (rec.downstream_remote, false),
+        Op::DownstreamLocalAddress => (rec.downstream_local, true),
+        Op::DownstreamLocalAddressWithoutPort => (rec.downstream_local, false),
+        _ => return false,
+    };
+    match addr {
+        Some(a) if port => {
+            let _ = write!(out, "{a}");
+            true
+        }
+        Some(a) => {
+            let _ = write!(out, "{}", a.ip());
+            true
+        }
+        // Missing: the generic path renders `-` or nothing.
+        None => false,
+    }
+}
+
+/// `%Y-%m-%dT%H:%M:%S.%3fZ` (the default `%START_TIME%`), as [`strftime`] renders it.
+fn write_default_time(t: SystemTime, out: &mut String) {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, mo, d) = civil(days);
+    let two = |n: i64, out: &mut String| {
+        out.push((b'0' + (n / 10 % 10) as u8) as char);
+        out.push((b'0' + (n % 10) as u8) as char);
+    };
+    if (0..10_000).contains(&y) {
+        two(y / 100, out);
+        two(y % 100, out);
+    } else {
+        let _ = write!(out, "{y:04}");
+    }
+    out.push('-');
+    two(i64::from(mo), out);
+    out.push('-');
+    two(i64::from(d), out);
+    out.push('T');
+    two(sod / 3600, out);
+    out.push(':');
+    two((sod / 60) % 60, out);
+    out.push(':');
+    two(sod % 60, out);
+    out.push('.');
+    let ms = since.subsec_millis();
+    out.push((b'0' + (ms / 100) as u8) as char);
+    out.push((b'0' + (ms / 10 % 10) as u8) as char);
+    out.push((b'0' + (ms % 10) as u8) as char);
+    out.push('Z');
 }
 
 fn push_truncated(out: &mut String, s: &str, max: Option<usize>) {
@@ -517,7 +603,7 @@ pub fn value<'a>(op: &Op, rec: &LogRecord<'a>) -> Val<'a> {
         // Envoy prints 0 when there was no response (TCP, or a reset before headers).
         Op::ResponseCode => Val::Int(u64::from(rec.response_code)),
         Op::ResponseCodeDetails => opt_str(rec.response_code_details),
-        Op::ResponseFlags => Val::Str(Cow::Owned(rec.flags.to_string_envoy())),
+        Op::ResponseFlags => Val::Str(rec.flags.rendered()),
         Op::BytesReceived => Val::Int(rec.bytes_received),
         Op::BytesSent => Val::Int(rec.bytes_sent),
         Op::Duration => ms(rec.duration),
@@ -664,7 +750,21 @@ impl JsonFormat {
         out.push('}');
     }
 
-    /// Whether any command reads request headers.
+    /// [`Format::header_names`] of every value.
+    pub fn header_names(&self, req: &mut Vec<String>, resp: &mut Vec<String>) {
+        fn walk(fields: &[(String, JsonNode)], req: &mut Vec<String>, resp: &mut Vec<String>) {
+            for (_, v) in fields {
+                match v {
+                    JsonNode::Fmt(f) => f.header_names(req, resp),
+                    JsonNode::Obj(o) => walk(o, req, resp),
+                    JsonNode::Const(_) => {}
+                }
+            }
+        }
+        walk(&self.root, req, resp);
+    }
+
+    /// Whether any value reads request headers.
     pub fn uses_request_headers(&self) -> bool {
         fn any(fields: &[(String, JsonNode)]) -> bool {
             fields.iter().any(|(_, v)| match v {
@@ -960,6 +1060,31 @@ mod tests {
         serde_json::from_str::<serde_json::Value>(&out).expect("valid json");
         let e = JsonFormat::parse(&serde_json::json!({"a": {"b": "%BAD%"}})).expect_err("bad");
         assert_eq!(e.0, ".a.b");
+    }
+
+    #[test]
+    fn default_start_time_matches_strftime() {
+        for t in [
+            UNIX_EPOCH,
+            UNIX_EPOCH + Duration::new(951_782_400, 123_456_789),
+            UNIX_EPOCH + Duration::new(1_795_000_000, 999_999_999),
+            UNIX_EPOCH + Duration::new(253_402_300_799, 5_000_000), // 9999-12-31T23:59:59
+        ] {
+            let mut s = String::new();
+            write_default_time(t, &mut s);
+            assert_eq!(s, strftime(t, "%Y-%m-%dT%H:%M:%S.%3fZ"));
+        }
+        let f = Format::parse("%START_TIME% %UPSTREAM_HOST% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_LOCAL_ADDRESS%").expect("format");
+        let rec = LogRecord {
+            start_time: UNIX_EPOCH + Duration::new(951_782_400, 7_000_000),
+            upstream_host: Some("10.0.0.2:8080".parse().expect("addr")),
+            downstream_remote: Some("[::1]:5000".parse().expect("addr")),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.render(&rec),
+            "2000-02-29T00:00:00.007Z 10.0.0.2:8080 ::1 -"
+        );
     }
 
     #[test]

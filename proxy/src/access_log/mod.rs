@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! config time:  AccessLog proto -> AccessLogger { filter, Formatter (parsed once), Arc<Sink> }
-//! request end:  LogRecord (borrowed facts) -> filter? -> format into a String (worker)
-//!               -> Sink::write: try_send on a bounded channel (never blocks; full = dropped
-//!                  and counted) -> writer thread per file/stream -> write + flush
+//! request end:  LogRecord (borrowed facts) -> filter? -> format into a thread-local
+//!               String (worker; no allocation) -> Sink::write: append to the sink's buffer
+//!               (short lock, never waits for I/O; over the limit = dropped and counted)
+//!               -> writer thread per file/stream: swap the buffer out every 100 ms (or at
+//!                  64 KiB) and write it with one syscall
 //! ```
 //!
 //! Supported loggers: `envoy.access_loggers.file` (`FileAccessLog`: `path`, `format`,
@@ -49,17 +51,23 @@ impl Formatter {
     /// Render one line.
     pub fn render(&self, rec: &LogRecord<'_>) -> String {
         let mut s = String::with_capacity(256);
-        match self {
-            Formatter::Text(f) => f.render_into(rec, &mut s),
-            Formatter::Json(f) => f.render_into(rec, &mut s),
-        }
+        self.render_into(rec, &mut s);
         s
     }
 
-    fn uses_request_headers(&self) -> bool {
+    /// Append the rendering of one line to `out`.
+    pub fn render_into(&self, rec: &LogRecord<'_>, out: &mut String) {
         match self {
-            Formatter::Text(f) => f.uses_request_headers(),
-            Formatter::Json(f) => f.uses_request_headers(),
+            Formatter::Text(f) => f.render_into(rec, out),
+            Formatter::Json(f) => f.render_into(rec, out),
+        }
+    }
+
+    /// The request and response header names the format reads.
+    pub fn header_names(&self, req: &mut Vec<String>, resp: &mut Vec<String>) {
+        match self {
+            Formatter::Text(f) => f.header_names(req, resp),
+            Formatter::Json(f) => f.header_names(req, resp),
         }
     }
 }
@@ -157,22 +165,84 @@ pub struct AccessLogger {
     pub sink: Arc<Sink>,
 }
 
+/// Which headers of a request or response the loggers read: what the connection manager
+/// keeps for the request's end (a few refcounted [`http::HeaderValue`] clones instead of a
+/// copy of the whole map).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HeaderNeeds {
+    /// None.
+    #[default]
+    Nothing,
+    /// These (lower-case, no pseudo-headers).
+    Some(Vec<http::HeaderName>),
+    /// Every header (a header filter matches on the whole map).
+    All,
+}
+
+impl HeaderNeeds {
+    fn from_names(names: Vec<String>) -> Self {
+        let names: Vec<http::HeaderName> = names
+            .iter()
+            .filter(|n| !n.starts_with(':'))
+            .filter_map(|n| http::HeaderName::try_from(n.as_str()).ok())
+            .collect();
+        if names.is_empty() {
+            HeaderNeeds::Nothing
+        } else {
+            HeaderNeeds::Some(names)
+        }
+    }
+
+    /// Whether nothing is needed.
+    pub fn is_nothing(&self) -> bool {
+        matches!(self, HeaderNeeds::Nothing)
+    }
+
+    /// The needed part of `h` (`None` when nothing is).
+    pub fn capture(&self, h: &http::HeaderMap) -> Option<http::HeaderMap> {
+        match self {
+            HeaderNeeds::Nothing => None,
+            HeaderNeeds::All => Some(h.clone()),
+            HeaderNeeds::Some(names) => {
+                let mut out = http::HeaderMap::with_capacity(names.len());
+                for n in names {
+                    for v in h.get_all(n) {
+                        out.append(n.clone(), v.clone());
+                    }
+                }
+                Some(out)
+            }
+        }
+    }
+}
+
 /// The access loggers of one connection manager or tcp_proxy.
 #[derive(Debug, Clone, Default)]
 pub struct AccessLogs {
     loggers: Vec<AccessLogger>,
-    request_headers: bool,
+    request_headers: HeaderNeeds,
+    response_headers: HeaderNeeds,
 }
 
 impl AccessLogs {
     /// Loggers.
     pub fn new(loggers: Vec<AccessLogger>) -> Self {
-        let request_headers = loggers.iter().any(|l| {
-            l.format.uses_request_headers() || matches!(l.filter, Some(ref f) if needs_headers(f))
-        });
+        let (mut req, mut resp) = (Vec::new(), Vec::new());
+        for l in &loggers {
+            l.format.header_names(&mut req, &mut resp);
+        }
+        let request_headers = if loggers
+            .iter()
+            .any(|l| matches!(l.filter, Some(ref f) if needs_headers(f)))
+        {
+            HeaderNeeds::All
+        } else {
+            HeaderNeeds::from_names(req)
+        };
         Self {
             loggers,
             request_headers,
+            response_headers: HeaderNeeds::from_names(resp),
         }
     }
 
@@ -183,7 +253,17 @@ impl AccessLogs {
 
     /// Whether a format or filter reads request headers (keep a copy of them).
     pub fn needs_request_headers(&self) -> bool {
-        self.request_headers
+        !self.request_headers.is_nothing()
+    }
+
+    /// The request headers formats and filters read.
+    pub fn request_headers(&self) -> &HeaderNeeds {
+        &self.request_headers
+    }
+
+    /// The response headers and trailers formats read.
+    pub fn response_headers(&self) -> &HeaderNeeds {
+        &self.response_headers
     }
 
     /// The loggers.
@@ -191,15 +271,32 @@ impl AccessLogs {
         &self.loggers
     }
 
-    /// Log one request/connection to every logger whose filter accepts it.
+    /// Log one request/connection to every logger whose filter accepts it. The line is
+    /// rendered into a per-thread buffer and copied into the sink's flush buffer: no
+    /// allocation per line.
     pub fn log(&self, rec: &LogRecord<'_>) {
+        thread_local! {
+            static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
+        }
         for l in &self.loggers {
             if let Some(f) = &l.filter
                 && !f.evaluate(rec, rand::random())
             {
                 continue;
             }
-            l.sink.write(l.format.render(rec));
+            LINE.with(|line| match line.try_borrow_mut() {
+                Ok(mut line) => {
+                    line.clear();
+                    l.format.render_into(rec, &mut line);
+                    l.sink.write(&line);
+                    if line.capacity() > 64 * 1024 {
+                        // One huge line does not pin its memory to the thread.
+                        *line = String::with_capacity(512);
+                    }
+                }
+                // Not reentrant in practice; a nested call gets its own buffer.
+                Err(_) => l.sink.write(&l.format.render(rec)),
+            });
         }
     }
 }

@@ -1,12 +1,18 @@
 //! Where log lines go: one writer thread per file (shared by every logger naming the same
-//! path) or per standard stream, fed by a bounded channel. Requests only `try_send`: when the
-//! channel is full the line is dropped and counted, never waited for. Files are reopened on
-//! `SIGUSR1` or `POST /reopen_logs` (log rotation), as Envoy does.
+//! path) or per standard stream, fed by an in-memory buffer, as Envoy's file access log
+//! does (`AccessLogFileImpl`: a locked buffer, flushed by a timer or when it grows).
+//!
+//! Requests render their line into a thread-local `String` (no allocation per line) and
+//! append it to the sink's buffer under a short lock (a `memcpy`; the lock keeps lines from
+//! different workers in the order they finished). They never wait for I/O: the writer
+//! thread swaps the buffer out every [`FLUSH_INTERVAL`], or as soon as it holds
+//! [`FLUSH_BYTES`], and writes it with one `write` per swap. When the buffer holds
+//! [`MAX_BUFFERED`] bytes (the writer fell behind), lines are dropped and counted. Files are
+//! reopened on `SIGUSR1` or `POST /reopen_logs` (log rotation), as Envoy does.
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -14,8 +20,13 @@ use metrics::Counter;
 
 use crate::stats::Store;
 
-/// Lines a sink buffers before dropping.
-pub const DEFAULT_CAPACITY: usize = 16 * 1024;
+/// How often the writer writes what is buffered (Envoy's `file_flush_interval_msec` is
+/// 1 s; weir flushes sooner so `tail -f` and tests see lines quickly).
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Buffered bytes that wake the writer before the interval (Envoy's flush size, 64 KiB).
+pub const FLUSH_BYTES: usize = 64 * 1024;
+/// Buffered bytes beyond which lines are dropped (the writer is behind).
+pub const MAX_BUFFERED: usize = 4 * 1024 * 1024;
 
 /// Where a sink writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,12 +42,14 @@ pub enum Target {
 /// `filesystem.*` stats (Envoy's names; `write_dropped` is weir's).
 #[derive(Debug, Clone)]
 pub struct SinkStats {
-    /// `filesystem.write_buffered`: lines queued for the writer.
+    /// `filesystem.write_buffered`: lines moved into the flush buffer.
     pub write_buffered: Counter,
-    /// `filesystem.write_completed`: writes done.
+    /// `filesystem.write_completed`: writes of the buffer done.
     pub write_completed: Counter,
     /// `filesystem.write_failed`: writes (or opens) that failed.
     pub write_failed: Counter,
+    /// `filesystem.flushed_by_timer`: flushes started by the interval, not by size.
+    pub flushed_by_timer: Counter,
     /// `filesystem.reopen_failed`.
     pub reopen_failed: Counter,
     /// `filesystem.write_dropped`: lines dropped because the writer fell behind.
@@ -51,6 +64,7 @@ impl SinkStats {
             write_buffered: s.counter("write_buffered"),
             write_completed: s.counter("write_completed"),
             write_failed: s.counter("write_failed"),
+            flushed_by_timer: s.counter("flushed_by_timer"),
             reopen_failed: s.counter("reopen_failed"),
             write_dropped: s.counter("write_dropped"),
         }
@@ -62,34 +76,39 @@ impl SinkStats {
             write_buffered: Counter::noop(),
             write_completed: Counter::noop(),
             write_failed: Counter::noop(),
+            flushed_by_timer: Counter::noop(),
             reopen_failed: Counter::noop(),
             write_dropped: Counter::noop(),
         }
     }
 }
 
-enum Msg {
-    Line(String),
-    Reopen,
+/// The state shared by a sink and its writer thread.
+#[derive(Debug)]
+struct Shared {
+    /// Lines not yet handed to the writer.
+    buf: Mutex<Pending>,
+    /// The sink is gone: write what is left and end.
+    closed: AtomicBool,
 }
 
-/// A log destination with its writer thread. The thread ends (after writing what is queued)
-/// when the last logger using the sink is dropped.
+/// The buffer, and where in it a reopen was asked for (lines before it go to the old file).
+#[derive(Debug, Default)]
+struct Pending {
+    data: Vec<u8>,
+    reopen_at: Option<usize>,
+}
+
+/// A log destination with its writer thread. The thread ends (after writing what is
+/// buffered) when the last logger using the sink is dropped.
 #[derive(Debug)]
 pub struct Sink {
     target: Target,
-    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
+    writer: std::thread::Thread,
+    limit: usize,
     stats: SinkStats,
     dropped: AtomicU64,
-}
-
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Msg::Line(l) => write!(f, "Line({} bytes)", l.len()),
-            Msg::Reopen => f.write_str("Reopen"),
-        }
-    }
 }
 
 fn registry() -> &'static Mutex<HashMap<Target, Weak<Sink>>> {
@@ -105,36 +124,54 @@ impl Sink {
         if let Some(s) = reg.get(&target).and_then(Weak::upgrade) {
             return Ok(s);
         }
-        let s = Sink::new(target.clone(), DEFAULT_CAPACITY, SinkStats::new(stats))?;
+        let s = Sink::new(target.clone(), MAX_BUFFERED, SinkStats::new(stats))?;
         reg.insert(target, Arc::downgrade(&s));
         Ok(s)
     }
 
-    /// A private sink with `capacity` queued lines (tests use tiny ones).
-    pub fn new(target: Target, capacity: usize, stats: SinkStats) -> std::io::Result<Arc<Sink>> {
+    /// A private sink buffering at most `limit` bytes (tests use tiny ones).
+    pub fn new(target: Target, limit: usize, stats: SinkStats) -> std::io::Result<Arc<Sink>> {
         let out = open(&target)?;
-        let (tx, rx) = sync_channel(capacity.max(1));
-        let t = target.clone();
-        let st = stats.clone();
-        std::thread::Builder::new()
+        let shared = Arc::new(Shared {
+            buf: Mutex::new(Pending::default()),
+            closed: AtomicBool::new(false),
+        });
+        let (t, st, sh) = (target.clone(), stats.clone(), shared.clone());
+        let handle = std::thread::Builder::new()
             .name("weir-access-log".into())
-            .spawn(move || writer(t, out, rx, st))?;
+            .spawn(move || writer(t, out, sh, st))?;
         Ok(Arc::new(Sink {
             target,
-            tx,
+            shared,
+            writer: handle.thread().clone(),
+            limit: limit.max(1),
             stats,
             dropped: AtomicU64::new(0),
         }))
     }
 
-    /// Queue a line; drop it (and count) when the writer is behind. Never blocks.
-    pub fn write(&self, line: String) {
-        match self.tx.try_send(Msg::Line(line)) {
-            Ok(()) => self.stats.write_buffered.increment(1),
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+    /// Buffer a line; drop it (and count) when the writer is behind. Never waits for I/O.
+    pub fn write(&self, line: &str) {
+        let wake = {
+            let mut p = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
+            let b = &mut p.data;
+            if b.len() + line.len() > self.limit {
+                drop(p);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 self.stats.write_dropped.increment(1);
+                return;
             }
+            let before = b.len();
+            if b.capacity() == 0 {
+                b.reserve(FLUSH_BYTES.min(self.limit));
+            }
+            b.extend_from_slice(line.as_bytes());
+            // Wake the writer once, when the buffer crosses the flush size.
+            before < FLUSH_BYTES && b.len() >= FLUSH_BYTES
+        };
+        self.stats.write_buffered.increment(1);
+        if wake {
+            self.writer.unpark();
         }
     }
 
@@ -149,37 +186,45 @@ impl Sink {
     }
 
     fn reopen(&self) {
-        // A full queue reopens at the next periodic check instead.
-        let _ = self.tx.try_send(Msg::Reopen);
+        {
+            let mut p = self.shared.buf.lock().unwrap_or_else(|p| p.into_inner());
+            if p.reopen_at.is_none() {
+                p.reopen_at = Some(p.data.len());
+            }
+        }
+        self.writer.unpark();
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.writer.unpark();
     }
 }
 
 /// Reopen every file sink (`SIGUSR1`, `POST /reopen_logs`).
 pub fn reopen_all() {
-    REOPEN_GEN.fetch_add(1, Ordering::SeqCst);
     let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
     for s in reg.values().filter_map(Weak::upgrade) {
         s.reopen();
     }
 }
 
-static REOPEN_GEN: AtomicU64 = AtomicU64::new(0);
-
 enum Out {
-    File(std::io::BufWriter<std::fs::File>),
+    File(std::fs::File),
     Stdout,
     Stderr,
 }
 
 fn open(t: &Target) -> std::io::Result<Out> {
     Ok(match t {
-        Target::File(p) => Out::File(std::io::BufWriter::with_capacity(
-            64 * 1024,
+        Target::File(p) => Out::File(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)?,
-        )),
+        ),
         Target::Stdout => Out::Stdout,
         Target::Stderr => Out::Stderr,
     })
@@ -189,63 +234,65 @@ impl Out {
     fn write(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             Out::File(f) => f.write_all(b),
-            Out::Stdout => std::io::stdout().lock().write_all(b),
+            Out::Stdout => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(b)?;
+                o.flush()
+            }
             Out::Stderr => std::io::stderr().lock().write_all(b),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Out::File(f) => f.flush(),
-            Out::Stdout => std::io::stdout().flush(),
-            Out::Stderr => std::io::stderr().flush(),
         }
     }
 }
 
-/// The writer loop: write what is queued, flush when the queue is empty, reopen on request
-/// (or when the reopen generation moved while the queue was full), end when every sender is
-/// gone.
-fn writer(target: Target, mut out: Out, rx: Receiver<Msg>, stats: SinkStats) {
-    let mut gen_seen = REOPEN_GEN.load(Ordering::SeqCst);
-    let reopen = |out: &mut Out, gen_seen: &mut u64| {
-        let _ = out.flush();
-        *gen_seen = REOPEN_GEN.load(Ordering::SeqCst);
-        match open(&target) {
-            Ok(o) => *out = o,
-            Err(e) => {
-                stats.reopen_failed.increment(1);
-                tracing::warn!(target = ?target, error = %e, "access log reopen failed");
+/// The writer loop: every [`FLUSH_INTERVAL`] (or when woken: the buffer crossed
+/// [`FLUSH_BYTES`], a reopen, the sink closing) swap the buffer out and write it; reopen on
+/// request; end, after a last write, when the sink is dropped.
+fn writer(target: Target, mut out: Out, shared: Arc<Shared>, stats: SinkStats) {
+    // The buffer handed back and forth keeps its capacity.
+    let mut spare: Vec<u8> = Vec::new();
+    let write = |out: &mut Out, b: &[u8]| {
+        if !b.is_empty() {
+            match out.write(b) {
+                Ok(()) => stats.write_completed.increment(1),
+                Err(_) => stats.write_failed.increment(1),
             }
         }
     };
     loop {
-        let msg = match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => {
-                if REOPEN_GEN.load(Ordering::SeqCst) != gen_seen {
-                    reopen(&mut out, &mut gen_seen);
-                }
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
+        let started = std::time::Instant::now();
+        std::thread::park_timeout(FLUSH_INTERVAL);
+        let closed = shared.closed.load(Ordering::SeqCst);
+        let reopen_at = {
+            let mut p = shared.buf.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::swap(&mut p.data, &mut spare);
+            p.reopen_at.take()
         };
-        let mut next = Some(msg);
-        while let Some(m) = next.take() {
-            match m {
-                Msg::Line(l) => match out.write(l.as_bytes()) {
-                    Ok(()) => stats.write_completed.increment(1),
-                    Err(_) => stats.write_failed.increment(1),
-                },
-                Msg::Reopen => reopen(&mut out, &mut gen_seen),
-            }
-            next = rx.try_recv().ok();
+        if !spare.is_empty() && started.elapsed() >= FLUSH_INTERVAL {
+            stats.flushed_by_timer.increment(1);
         }
-        if out.flush().is_err() {
-            stats.write_failed.increment(1);
+        match reopen_at {
+            // Lines buffered before the reopen go to the old file, the rest to the new one.
+            Some(at) => {
+                let at = at.min(spare.len());
+                write(&mut out, &spare[..at]);
+                match open(&target) {
+                    Ok(o) => out = o,
+                    Err(e) => {
+                        stats.reopen_failed.increment(1);
+                        tracing::warn!(target = ?target, error = %e, "access log reopen failed");
+                    }
+                }
+                write(&mut out, &spare[at..]);
+            }
+            None => write(&mut out, &spare),
+        }
+        spare.clear();
+        // Do not keep a burst's worth of memory around.
+        spare.shrink_to(FLUSH_BYTES * 2);
+        if closed {
+            return;
         }
     }
-    let _ = out.flush();
 }
 
 #[cfg(test)]
@@ -272,10 +319,10 @@ mod tests {
     #[test]
     fn full_channel_drops_and_counts_without_blocking() {
         let p = tmp("drop");
-        // Capacity 1: the writer cannot keep up with a burst sent without yielding.
-        let s = Sink::new(Target::File(p.clone()), 1, SinkStats::noop()).expect("sink");
+        // A 64-byte buffer: a burst written faster than the 100 ms flush must drop.
+        let s = Sink::new(Target::File(p.clone()), 64, SinkStats::noop()).expect("sink");
         for i in 0..2000 {
-            s.write(format!("line {i}\n"));
+            s.write(&format!("line {i}\n"));
         }
         let dropped = s.dropped();
         assert!(dropped > 0, "a burst into a 1-slot queue must drop");
@@ -292,16 +339,38 @@ mod tests {
     fn reopen_follows_rotation() {
         let p = tmp("rotate");
         let s = Sink::new(Target::File(p.clone()), 64, SinkStats::noop()).expect("sink");
-        s.write("one\n".into());
+        s.write("one\n");
         assert_eq!(wait_for(&p, 1), "one\n");
         let rotated = format!("{p}.1");
         std::fs::rename(&p, &rotated).expect("rotate");
         s.reopen();
-        s.write("two\n".into());
+        s.write("two\n");
         assert_eq!(wait_for(&p, 1), "two\n");
         assert_eq!(std::fs::read_to_string(&rotated).expect("old"), "one\n");
         let _ = std::fs::remove_file(&p);
         let _ = std::fs::remove_file(&rotated);
+    }
+
+    #[test]
+    fn lines_are_written_by_the_timer_and_on_drop_in_order() {
+        let p = tmp("order");
+        let s = Sink::new(Target::File(p.clone()), MAX_BUFFERED, SinkStats::noop()).expect("sink");
+        for i in 0..100 {
+            s.write(&format!("a {i}\n"));
+        }
+        // No wake-up below FLUSH_BYTES: the interval writes them.
+        let text = wait_for(&p, 100);
+        let want: String = (0..100).map(|i| format!("a {i}\n")).collect();
+        assert_eq!(text, want);
+        // Lines still buffered when the last user goes are written by the exiting writer.
+        for i in 0..10 {
+            s.write(&format!("b {i}\n"));
+        }
+        drop(s);
+        let text = wait_for(&p, 110);
+        assert!(text.ends_with("b 8\nb 9\n"), "{text}");
+        assert_eq!(text.lines().count(), 110);
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

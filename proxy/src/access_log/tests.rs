@@ -161,3 +161,55 @@ fn bad_configs_have_paths() {
         assert!(paths.contains(&want), "{want} missing in {e:?}");
     }
 }
+
+#[test]
+fn only_the_headers_formats_read_are_kept() {
+    let p = tmp("needs");
+    let logs = translate_yaml(&format!(
+        "- name: f\n  typed_config:\n    '@type': type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: {p}\n\
+         - name: j\n  typed_config:\n    '@type': type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: {p}\n    json_format: {{a: '%REQ(X-A?X-B)%', n: {{t: '%TRAILER(grpc-status)%', r: '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%'}}}}\n"
+    ))
+    .expect("valid");
+    let names = |n: &HeaderNeeds| match n {
+        HeaderNeeds::Some(v) => v.iter().map(|h| h.as_str().to_string()).collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    // The default format's REQ(:METHOD) / REQ(:AUTHORITY) / :PATH read no header map.
+    assert_eq!(
+        names(logs.request_headers()),
+        [
+            "x-envoy-original-path",
+            "x-forwarded-for",
+            "user-agent",
+            "x-request-id",
+            "x-a",
+            "x-b"
+        ]
+    );
+    assert_eq!(
+        names(logs.response_headers()),
+        ["x-envoy-upstream-service-time", "grpc-status"]
+    );
+    let mut h = http::HeaderMap::new();
+    h.insert("user-agent", "curl".parse().expect("v"));
+    h.append("x-forwarded-for", "1.1.1.1".parse().expect("v"));
+    h.append("x-forwarded-for", "2.2.2.2".parse().expect("v"));
+    h.insert("x-unrelated", "zzz".parse().expect("v"));
+    let kept = logs.request_headers().capture(&h).expect("kept");
+    assert_eq!(kept.len(), 3);
+    assert!(kept.get("x-unrelated").is_none());
+    assert_eq!(
+        kept.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+        ["1.1.1.1", "2.2.2.2"]
+    );
+    // A header filter matches on the whole map; no %REQ% at all keeps nothing.
+    let logs = translate_yaml(&format!(
+        "- name: h\n  filter: {{header_filter: {{header: {{name: x-log, present_match: true}}}}}}\n  typed_config:\n    '@type': type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: {p}\n    log_format: {{text_format_source: {{inline_string: \"%RESPONSE_CODE%\\n\"}}}}\n"
+    ))
+    .expect("valid");
+    assert_eq!(logs.request_headers(), &HeaderNeeds::All);
+    assert_eq!(logs.request_headers().capture(&h).expect("all"), h);
+    assert!(logs.response_headers().is_nothing());
+    assert!(logs.response_headers().capture(&h).is_none());
+    let _ = std::fs::remove_file(&p);
+}

@@ -255,8 +255,12 @@ struct PendingLog {
     path: String,
     authority: String,
     protocol: &'static str,
+    /// The request headers the access logs read.
     request_headers: Option<http::HeaderMap>,
-    response_headers: http::HeaderMap,
+    /// The response headers the access logs read.
+    response_headers: Option<http::HeaderMap>,
+    /// The response's `content-length`.
+    content_length: Option<u64>,
     status: u16,
     details: Option<&'static str>,
     flags: ResponseFlags,
@@ -350,11 +354,7 @@ impl PendingLog {
         let bytes_sent = self.bytes_sent.load(Ordering::Relaxed);
         // hyper drops a body whose Content-Length is fully written without polling its end:
         // only a short body is a downstream termination.
-        let short = self
-            .response_headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_none_or(|len| bytes_sent < len);
+        let short = self.content_length.is_none_or(|len| bytes_sent < len);
         match outcome {
             Outcome::Dropped if short => flags.set(Flag::DownstreamConnectionTermination),
             Outcome::Error if flags.is_empty() => flags.set(Flag::UpstreamRemoteReset),
@@ -366,7 +366,11 @@ impl PendingLog {
             .bytes_received
             .as_ref()
             .map_or(0, |b| b.load(Ordering::Relaxed));
-        let trace_id = self.span.filter(|s| s.sampled).map(|s| s.trace_id_hex());
+        let mut hex = [0u8; 32];
+        let trace_id = self
+            .span
+            .filter(|s| s.sampled)
+            .map(|s| s.trace_id_hex_into(&mut hex));
         if !cfg.access_logs.is_empty() {
             let details = match self.details {
                 Some(d) => crate::access_log::flags::local_reply_details(d),
@@ -380,7 +384,7 @@ impl PendingLog {
                 path: Some(&self.path),
                 authority: Some(&self.authority),
                 scheme: Some("http"),
-                response_headers: Some(&self.response_headers),
+                response_headers: self.response_headers.as_ref(),
                 response_trailers: None,
                 protocol: Some(self.protocol),
                 response_code: self.status,
@@ -397,7 +401,7 @@ impl PendingLog {
                 downstream_remote: Some(self.downstream_remote),
                 downstream_local: Some(conn.info.local),
                 tls: conn.info.tls.as_deref(),
-                trace_id: trace_id.as_deref(),
+                trace_id,
                 route_name: self.route_name.as_deref(),
                 is_health_check: self.is_health_check,
             };
@@ -424,12 +428,12 @@ impl PendingLog {
                 scheme: "http",
                 protocol: self.protocol,
                 status: self.status,
-                flags: flags.to_string_envoy(),
+                flags,
                 upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
-                upstream_host: self.host.map(|h| h.to_string()),
+                upstream_host: self.host,
                 request_id: hv(&self.trace.request_id),
                 user_agent: hv(&self.trace.user_agent),
-                peer_address: self.downstream_remote.ip().to_string(),
+                peer_address: crate::trace::PeerAddress::Ip(self.downstream_remote.ip()),
                 peer_uri_san: peer
                     .filter(|p| !p.uri_sans.is_empty())
                     .map(|p| p.uri_sans.join(",")),
@@ -438,7 +442,7 @@ impl PendingLog {
                 request_size: bytes_received,
                 response_size: bytes_sent,
             };
-            tc.record(tc.build_span(&facts), &conn.state.clusters);
+            tc.record(tc.encode_span(&facts), &conn.state.clusters);
         }
     }
 }
@@ -630,7 +634,11 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
             authority,
             protocol: st.hctx.protocol,
             request_headers: o.request_headers,
-            response_headers: resp.headers().clone(),
+            response_headers: cfg.access_logs.response_headers().capture(resp.headers()),
+            content_length: resp
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
             status: resp.status().as_u16(),
             details: o.details,
             flags: o.flags,
@@ -906,9 +914,7 @@ fn observe_request(req: &mut http::request::Parts, st: &mut Stream<'_>, cfg: &Hc
             seen,
         };
     }
-    if cfg.access_logs.needs_request_headers() {
-        st.obs.request_headers = Some(req.headers.clone());
-    }
+    st.obs.request_headers = cfg.access_logs.request_headers().capture(&req.headers);
 }
 
 /// What `respond` needs besides the route.

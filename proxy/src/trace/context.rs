@@ -264,6 +264,16 @@ impl SpanContext {
         format!("{:032x}", self.trace_id)
     }
 
+    /// [`Self::trace_id_hex`] written into `buf` (no allocation).
+    pub fn trace_id_hex_into<'b>(&self, buf: &'b mut [u8; 32]) -> &'b str {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = HEX[((self.trace_id >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        // Only ASCII hex digits were written.
+        std::str::from_utf8(buf).unwrap_or("")
+    }
+
     /// The upstream request's `traceparent`.
     pub fn traceparent(&self) -> String {
         format!(
@@ -277,7 +287,18 @@ impl SpanContext {
     /// Write the propagation headers for the upstream request: always `traceparent` (and
     /// `tracestate` kept as received); B3 headers rewritten in the forms the caller used.
     pub fn inject(&self, h: &mut HeaderMap, seen: Seen) {
-        if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
+        // `00-{trace:32}-{span:16}-{flags:2}` built on the stack (one copy into the value).
+        let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let mut hex = [0u8; 32];
+        tp[3..35].copy_from_slice(self.trace_id_hex_into(&mut hex).as_bytes());
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for i in 0..16 {
+            tp[36 + i] = HEX[((self.span_id >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        if self.sampled {
+            tp[54] = b'1';
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&tp) {
             h.insert("traceparent", v);
         }
         let sampled = if self.sampled { "1" } else { "0" };
@@ -396,6 +417,7 @@ mod tests {
             h["traceparent"],
             "00-000000000000000064fe8b2a57d3eff7-0000000000000abc-01"
         );
+        assert_eq!(h["traceparent"], sc.traceparent().as_str());
         assert_eq!(h["x-b3-traceid"], "64fe8b2a57d3eff7");
         assert_eq!(h["x-b3-spanid"], "0000000000000abc");
         assert_eq!(h["x-b3-parentspanid"], "e457b5a2e4d86bd1");
@@ -418,6 +440,16 @@ mod tests {
             "64-bit ids stay 64-bit"
         );
         assert_eq!(sc.trace_id_hex(), "00000000000000000000000000001234");
+        let mut buf = [0u8; 32];
+        assert_eq!(sc.trace_id_hex_into(&mut buf), sc.trace_id_hex());
+        let big = SpanContext {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            ..sc
+        };
+        assert_eq!(
+            big.trace_id_hex_into(&mut buf),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     #[test]

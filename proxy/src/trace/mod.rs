@@ -330,7 +330,7 @@ pub fn translate(
 }
 
 /// Facts of a finished request for its span.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SpanFacts<'a> {
     /// The span's context.
     pub ctx: SpanContext,
@@ -359,18 +359,19 @@ pub struct SpanFacts<'a> {
     pub protocol: &'a str,
     /// Response status (0: none).
     pub status: u16,
-    /// Rendered response flags.
-    pub flags: String,
+    /// Response flags.
+    pub flags: crate::access_log::ResponseFlags,
     /// Upstream cluster.
     pub upstream_cluster: Option<&'a str>,
     /// Upstream host.
-    pub upstream_host: Option<String>,
+    pub upstream_host: Option<std::net::SocketAddr>,
     /// `x-request-id`.
     pub request_id: Option<&'a str>,
     /// `user-agent`.
     pub user_agent: Option<&'a str>,
-    /// Downstream address.
-    pub peer_address: String,
+    /// The peer: the downstream address (without port) on request spans, the upstream
+    /// host (with port) on upstream spans.
+    pub peer_address: PeerAddress,
     /// Peer identity (URI SANs of the client certificate).
     pub peer_uri_san: Option<String>,
     /// Peer subject.
@@ -404,6 +405,11 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
         }
         url.truncate(end);
     }
+    let mut addr = AddrBuf::default();
+    let peer = addr.peer(f.peer_address).to_string();
+    let upstream_host = f
+        .upstream_host
+        .map(|h| AddrBuf::default().socket(h).to_string());
     let mut attrs = vec![
         Kv::string("component", "proxy"),
         Kv::string("node_id", f.node_id),
@@ -412,11 +418,11 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
         Kv::string("http.protocol", f.protocol),
         Kv::string("downstream_cluster", "-"),
         Kv::string("user_agent", f.user_agent.unwrap_or("-")),
-        Kv::string("peer.address", f.peer_address.clone()),
+        Kv::string("peer.address", peer),
         Kv::string("request_size", f.request_size.to_string()),
         Kv::string("response_size", f.response_size.to_string()),
         Kv::string("http.status_code", f.status.to_string()),
-        Kv::string("response_flags", f.flags.clone()),
+        Kv::string("response_flags", f.flags.to_string_envoy()),
     ];
     if let Some(id) = f.request_id {
         attrs.push(Kv::string("guid:x-request-id", id));
@@ -425,8 +431,8 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
         attrs.push(Kv::string("upstream_cluster", c));
         attrs.push(Kv::string("upstream_cluster.name", c));
     }
-    if let Some(h) = &f.upstream_host {
-        attrs.push(Kv::string("upstream_address", h.clone()));
+    if let Some(h) = upstream_host {
+        attrs.push(Kv::string("upstream_address", h));
     }
     if let Some(s) = &f.peer_uri_san {
         attrs.push(Kv::string("peer.uri_san", s.clone()));
@@ -462,6 +468,148 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
     }
 }
 
+/// The peer address tag of a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAddress {
+    /// A downstream peer: the IP only.
+    Ip(std::net::IpAddr),
+    /// An upstream host: address and port.
+    Socket(std::net::SocketAddr),
+}
+
+/// A stack buffer to render an address without allocating (the longest, a scoped IPv6
+/// socket address, is well below 64 bytes).
+struct AddrBuf {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl Default for AddrBuf {
+    fn default() -> Self {
+        Self {
+            buf: [0; 64],
+            len: 0,
+        }
+    }
+}
+
+impl std::fmt::Write for AddrBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(std::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl AddrBuf {
+    fn show(&mut self, v: &dyn std::fmt::Display) -> &str {
+        use std::fmt::Write as _;
+        self.len = 0;
+        if write!(self, "{v}").is_err() {
+            self.len = 0;
+        }
+        // Only whole `str`s were copied in.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+
+    fn socket(&mut self, a: std::net::SocketAddr) -> &str {
+        self.show(&a)
+    }
+
+    fn peer(&mut self, p: PeerAddress) -> &str {
+        match p {
+            PeerAddress::Ip(ip) => self.show(&ip),
+            PeerAddress::Socket(a) => self.show(&a),
+        }
+    }
+}
+
+/// [`build_span`] encoded straight to protobuf bytes (the same message, byte for byte, as
+/// prost encodes `build_span`'s result with `fixed` tags appended), without the owned
+/// attribute strings: what request handling records.
+pub fn encode_span<'t>(
+    f: &SpanFacts<'_>,
+    max_path: usize,
+    fixed: impl Iterator<Item = (&'t str, &'t str)>,
+) -> otlp::EncodedSpan {
+    const ATTR: u32 = 9;
+    // Enough for the fixed tags (~700 bytes with ids and framing) and the variable ones:
+    // one allocation, no regrowth.
+    let var = f.authority.len()
+        + f.path.len().min(max_path)
+        + f.user_agent.map_or(0, str::len)
+        + f.request_id.map_or(0, str::len)
+        + f.tracestate.map_or(0, str::len)
+        + f.tags
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>();
+    let mut v = Vec::with_capacity(1024 + var);
+    let mut e = otlp::Enc(&mut v);
+    e.bytes(1, &f.ctx.trace_id.to_be_bytes());
+    e.bytes(2, &f.ctx.span_id.to_be_bytes());
+    e.string(3, f.tracestate.unwrap_or(""));
+    if let Some(p) = f.ctx.parent_span_id {
+        e.bytes(4, &p.to_be_bytes());
+    }
+    e.string(5, f.name);
+    e.int32(6, f.kind);
+    e.fixed64(7, ns(f.start));
+    e.fixed64(8, ns(f.end));
+    e.attr(ATTR, "component", "proxy");
+    e.attr(ATTR, "node_id", f.node_id);
+    e.attr_parts(
+        ATTR,
+        "http.url",
+        &[f.scheme, "://", f.authority, f.path],
+        max_path,
+    );
+    e.attr(ATTR, "http.method", f.method);
+    e.attr(ATTR, "http.protocol", f.protocol);
+    e.attr(ATTR, "downstream_cluster", "-");
+    e.attr(ATTR, "user_agent", f.user_agent.unwrap_or("-"));
+    let mut addr = AddrBuf::default();
+    e.attr(ATTR, "peer.address", addr.peer(f.peer_address));
+    e.attr_u64(ATTR, "request_size", f.request_size);
+    e.attr_u64(ATTR, "response_size", f.response_size);
+    e.attr_u64(ATTR, "http.status_code", u64::from(f.status));
+    e.attr(ATTR, "response_flags", &f.flags.rendered());
+    if let Some(id) = f.request_id {
+        e.attr(ATTR, "guid:x-request-id", id);
+    }
+    if let Some(c) = f.upstream_cluster {
+        e.attr(ATTR, "upstream_cluster", c);
+        e.attr(ATTR, "upstream_cluster.name", c);
+    }
+    if let Some(h) = f.upstream_host {
+        e.attr(ATTR, "upstream_address", addr.socket(h));
+    }
+    if let Some(s) = &f.peer_uri_san {
+        e.attr(ATTR, "peer.uri_san", s);
+    }
+    if let Some(s) = f.peer_subject {
+        e.attr(ATTR, "peer.subject", s);
+    }
+    for (k, v) in f.tags {
+        e.attr(ATTR, k, v);
+    }
+    let error = f.status == 0 || f.status >= 500;
+    if error {
+        e.attr(ATTR, "error", "true");
+    }
+    for (k, v) in fixed {
+        e.attr(ATTR, k, v);
+    }
+    if error {
+        e.message(15, |m| m.int32(3, otlp::STATUS_ERROR));
+    }
+    otlp::EncodedSpan(v)
+}
+
 impl TracingConfig {
     /// [`build_span`] with this configuration's path length and fixed custom tags.
     pub fn build_span(&self, f: &SpanFacts<'_>) -> otlp::Span {
@@ -472,8 +620,13 @@ impl TracingConfig {
         s
     }
 
+    /// [`encode_span`] with this configuration's path length and fixed custom tags.
+    pub fn encode_span(&self, f: &SpanFacts<'_>) -> otlp::EncodedSpan {
+        encode_span(f, self.max_path_tag_length, self.fixed_tags())
+    }
+
     /// Record a finished, sampled span (starts the exporter on first use).
-    pub fn record(&self, span: otlp::Span, clusters: &Arc<crate::upstream::ClusterManager>) {
+    pub fn record(&self, span: otlp::EncodedSpan, clusters: &Arc<crate::upstream::ClusterManager>) {
         let Some(p) = &self.provider else { return };
         let exp = p.exporter.get_or_init(|| {
             otlp::Exporter::start(
@@ -500,7 +653,7 @@ pub struct UpstreamSpan {
     start: SystemTime,
     name: String,
     cluster: String,
-    host: String,
+    host: std::net::SocketAddr,
     url: (String, String, String),
     protocol: &'static str,
     node_id: String,
@@ -565,7 +718,7 @@ impl UpstreamSpan {
             start: SystemTime::now(),
             name: format!("router {} egress", a.cluster),
             cluster: a.cluster.to_string(),
-            host: a.host.to_string(),
+            host: a.host,
             url: (a.authority.into(), a.path.into(), a.method.into()),
             protocol: a.protocol,
             node_id: state.snapshot.load().node.id.clone(),
@@ -596,19 +749,22 @@ impl Drop for UpstreamSpan {
             scheme: "http",
             protocol: self.protocol,
             status: self.status,
-            flags: "-".into(),
+            flags: crate::access_log::ResponseFlags::default(),
             upstream_cluster: Some(&self.cluster),
-            upstream_host: Some(self.host.clone()),
+            upstream_host: Some(self.host),
             request_id: None,
             user_agent: None,
-            peer_address: self.host.clone(),
+            peer_address: PeerAddress::Socket(self.host),
             peer_uri_san: None,
             peer_subject: None,
             node_id: &self.node_id,
             request_size: 0,
             response_size: 0,
         };
-        tc.record(build_span(&f, tc.max_path_tag_length), &self.clusters);
+        tc.record(
+            encode_span(&f, tc.max_path_tag_length, std::iter::empty()),
+            &self.clusters,
+        );
     }
 }
 
@@ -714,12 +870,16 @@ mod tests {
             scheme: "http",
             protocol: "HTTP/1.1",
             status: 503,
-            flags: "UH".into(),
+            flags: {
+                let mut f = crate::access_log::ResponseFlags::default();
+                f.set(crate::access_log::Flag::NoHealthyUpstream);
+                f
+            },
             upstream_cluster: Some("backend"),
             upstream_host: None,
             request_id: Some("rid"),
             user_agent: None,
-            peer_address: "10.0.0.1".into(),
+            peer_address: PeerAddress::Ip("10.0.0.1".parse().expect("ip")),
             peer_uri_san: Some("spiffe://td/ns/a/sa/b".into()),
             peer_subject: None,
             node_id: "node-1",
@@ -749,6 +909,86 @@ mod tests {
         assert_eq!(s.kind, otlp::SPAN_KIND_SERVER);
         assert_eq!(s.end_time_unix_nano, 3_000_000);
         assert_eq!(s.status.expect("error status").code, otlp::STATUS_ERROR);
+    }
+
+    #[test]
+    fn direct_encoding_is_prosts_encoding_of_build_span() {
+        use prost::Message;
+        let tags = vec![("tenant".to_string(), "t1".to_string())];
+        let fixed = [("zone", "z1"), ("env", "")];
+        let mut two = crate::access_log::ResponseFlags::default();
+        two.set(crate::access_log::Flag::UpstreamRetryLimitExceeded);
+        two.set(crate::access_log::Flag::UpstreamConnectionFailure);
+        let base = SpanFacts {
+            ctx: SpanContext {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                span_id: 0x00f067aa0ba902b7,
+                parent_span_id: None,
+                sampled: true,
+            },
+            name: "ingress",
+            kind: otlp::SPAN_KIND_SERVER,
+            tags: &[],
+            tracestate: None,
+            start: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123),
+            end: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_125),
+            authority: "svc.example.com",
+            path: "/api/é/items?page=2",
+            method: "GET",
+            scheme: "http",
+            protocol: "HTTP/1.1",
+            status: 200,
+            flags: crate::access_log::ResponseFlags::default(),
+            upstream_cluster: Some("backend"),
+            upstream_host: Some("127.0.0.1:18080".parse().expect("addr")),
+            request_id: Some("6a1c43f2-51e1-4a0c-9b62-0c1f0a43a1f1"),
+            user_agent: Some("wrk/4.2"),
+            peer_address: PeerAddress::Ip("10.0.0.1".parse().expect("ip")),
+            peer_uri_san: None,
+            peer_subject: None,
+            node_id: "node-1",
+            request_size: 0,
+            response_size: 19,
+        };
+        let variants = [
+            base.clone(),
+            // Parent, tracestate, tags, error status, two flags, a cut inside "é".
+            SpanFacts {
+                ctx: SpanContext {
+                    parent_span_id: Some(7),
+                    ..base.ctx
+                },
+                tracestate: Some("a=b"),
+                tags: &tags,
+                status: 503,
+                flags: two,
+                ..base.clone()
+            },
+            // An upstream span: no response, peer with port, TLS identity, IPv6.
+            SpanFacts {
+                kind: otlp::SPAN_KIND_CLIENT,
+                status: 0,
+                upstream_host: Some("[::1]:9000".parse().expect("addr")),
+                peer_address: PeerAddress::Socket("[::1]:9000".parse().expect("addr")),
+                peer_uri_san: Some("spiffe://td/ns/a/sa/b".into()),
+                peer_subject: Some("CN=client"),
+                user_agent: None,
+                request_id: None,
+                upstream_cluster: None,
+                ..base.clone()
+            },
+        ];
+        for (i, f) in variants.iter().enumerate() {
+            for max in [256, 24, 26] {
+                let mut want = build_span(f, max);
+                for (k, v) in fixed {
+                    want.attributes.push(otlp::KeyValue::string(k, v));
+                }
+                let got = encode_span(f, max, fixed.into_iter());
+                assert_eq!(got.0, want.encode_to_vec(), "variant {i}, max {max}");
+                assert_eq!(got.decode().expect("decodes"), want);
+            }
+        }
     }
 
     #[test]
