@@ -220,6 +220,7 @@ pub fn local_reply_details(code: &str) -> &str {
         "UT" => "upstream_response_timeout",
         "DT" => "request_overall_timeout",
         "RL" => "local_rate_limited",
+        "OM" => "overload",
         "FI" => "fault_filter_abort",
         "LH" => "health_check_failed",
         "DPE" => "downstream_protocol_error",
@@ -266,6 +267,7 @@ mod tests {
         s.merge(ResponseFlags(1 << Flag::NoHealthyUpstream as u32));
         assert_eq!(s.get().to_string_envoy(), "UH,DC");
         assert_eq!(local_reply_details("UH"), "no_healthy_upstream");
+        assert_eq!(local_reply_details("OM"), "overload");
         assert_eq!(local_reply_details("XYZ"), "XYZ");
     }
 }
