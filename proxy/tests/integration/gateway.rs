@@ -446,8 +446,12 @@ async fn edge_gateway_example_behaves_as_documented() {
 
     // The access log: one JSON line per request, with the SNI and the client.
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Lines are written asynchronously (buffered, flushed every 100 ms) and an HTTP/2
+    // stream's line when the stream ends: wait for every line this test checks.
     eventually("access log lines", || {
-        read().lines().filter(|l| l.contains("/api/orders")).count() >= 15
+        let text = read();
+        text.lines().filter(|l| l.contains("/api/orders")).count() >= 15
+            && text.contains("/grpc.health.v1.Health/Check")
     })
     .await;
     let lines: Vec<Value> = read()
