@@ -134,6 +134,9 @@ pub struct LocalReply {
     pub flag: &'static str,
     /// An explicit gRPC status (fault `grpc_status` abort); `None` maps `status` as Envoy does.
     pub grpc_status: Option<u32>,
+    /// `%RESPONSE_CODE_DETAILS%` when it is not the one Envoy derives from `flag` (RBAC's
+    /// `rbac_access_denied_matched_policy[<policy>]`).
+    pub details: Option<String>,
 }
 
 impl LocalReply {
@@ -145,7 +148,14 @@ impl LocalReply {
             headers: HeaderMap::new(),
             flag,
             grpc_status: None,
+            details: None,
         }
+    }
+
+    /// The same reply with explicit response code details.
+    pub fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = Some(details.into());
+        self
     }
 }
 

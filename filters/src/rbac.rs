@@ -674,7 +674,10 @@ impl HttpFilter for RbacFilter {
             FilterAction::Continue
         } else {
             self.enforced.denied.increment(1);
-            FilterAction::Respond(LocalReply::new(StatusCode::FORBIDDEN, DENIED_BODY, "-"))
+            FilterAction::Respond(
+                LocalReply::new(StatusCode::FORBIDDEN, DENIED_BODY, "-")
+                    .with_details(Self::details(d.policy)),
+            )
         }
     }
 }

@@ -263,6 +263,8 @@ struct PendingLog {
     content_length: Option<u64>,
     status: u16,
     details: Option<&'static str>,
+    /// Explicit details of a local reply (RBAC's matched policy), over `details`.
+    reply_details: Option<String>,
     flags: ResponseFlags,
     cluster: Option<Arc<Cluster>>,
     host: Option<std::net::SocketAddr>,
@@ -372,10 +374,11 @@ impl PendingLog {
             .filter(|s| s.sampled)
             .map(|s| s.trace_id_hex_into(&mut hex));
         if !cfg.access_logs.is_empty() {
-            let details = match self.details {
-                Some(d) => crate::access_log::flags::local_reply_details(d),
-                None if self.status != 0 => "via_upstream",
-                None => "-",
+            let details = match (&self.reply_details, self.details) {
+                (Some(d), _) => d.as_str(),
+                (None, Some(d)) => crate::access_log::flags::local_reply_details(d),
+                (None, None) if self.status != 0 => "via_upstream",
+                (None, None) => "-",
             };
             let rec = LogRecord {
                 start_time: self.start_time,
@@ -473,6 +476,8 @@ pub(crate) struct Observed {
     pub(crate) flags: ResponseFlags,
     /// The local reply code (`NR`, `UH`, ...) when weir answered itself.
     pub(crate) details: Option<&'static str>,
+    /// A local reply's explicit details (`LocalReply::details`).
+    pub(crate) reply_details: Option<String>,
     /// The upstream cluster chosen.
     pub(crate) cluster: Option<Arc<Cluster>>,
     /// The upstream host of the last attempt.
@@ -495,6 +500,7 @@ impl Observed {
     fn local_reply(&mut self, reply: &LocalReply) {
         self.flags.set_code(reply.flag);
         self.details = Some(reply.flag);
+        self.reply_details = reply.details.clone();
     }
 }
 
@@ -641,6 +647,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
             status: resp.status().as_u16(),
             details: o.details,
+            reply_details: o.reply_details,
             flags: o.flags,
             cluster: o.cluster,
             host: o.host,

@@ -707,3 +707,50 @@ async fn jwt_remote_jwks_non_200_and_unknown_cluster_fail_the_fetch() {
     }
     assert_eq!(b.hits(), 0);
 }
+
+/// A denial's `%RESPONSE_CODE_DETAILS%` names the matched policy as Envoy's does
+/// (`rbac_access_denied_matched_policy[<name>]`; `[none]` when no ALLOW policy matched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_rbac_denial_details_name_the_matched_policy() {
+    let b = Backend::start("b").await;
+    let log = std::env::temp_dir().join(format!("weir-rbac-details-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let access_log = format!(
+        "          access_log: [{{name: f, typed_config: {{'@type': type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {}, log_format: {{text_format_source: {{inline_string: \"%REQ(:PATH)% %RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\\n\"}}}}}}}}]",
+        log.display()
+    );
+    let rbac = filter(
+        "envoy.filters.http.rbac",
+        RBAC,
+        "
+rules:
+  action: DENY
+  policies:
+    block-admin:
+      permissions: [{url_path: {path: {prefix: /admin}}}]
+      principals: [{any: true}]
+",
+    );
+    let p = Proxy::start(&http_bootstrap_filters(
+        &all_to("b", "5s"),
+        &cluster("b", &[b.port()]),
+        &access_log,
+        &rbac,
+    ))
+    .await;
+    let a = p.addr("http");
+    let (s, _, _) = get_h(a, "/admin/x", &[]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = get_h(a, "/ok", &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("two access log lines", || read().lines().count() >= 2).await;
+    let text = read();
+    assert!(
+        text.contains("/admin/x 403 rbac_access_denied_matched_policy[block-admin]\n"),
+        "{text}"
+    );
+    assert!(text.contains("/ok 200 via_upstream\n"), "{text}");
+    p.stop().await;
+    let _ = std::fs::remove_file(&log);
+}
