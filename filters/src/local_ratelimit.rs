@@ -47,6 +47,7 @@ use weir_xds_api::pb::envoy::extensions::filters::network::local_ratelimit::v3::
 
 use crate::chain::{FilterContext, StreamInfo};
 use crate::config::{ConfigErrors, FactoryContext, Fraction, HeaderAdd, StatScope, join};
+use crate::matcher::unpack_or_error;
 use crate::ratelimit::{Descriptor, RateLimitPolicy};
 use crate::token_bucket::{BucketSpec, Consumed, TokenBucket};
 use crate::{FilterAction, HttpFilter, HttpFilterFactory, LocalReply, type_urls};
@@ -586,7 +587,7 @@ impl HttpFilterFactory for Factory {
         ctx: &dyn FactoryContext,
         errs: &mut ConfigErrors,
     ) -> Option<Arc<dyn HttpFilter>> {
-        let c = unpack(config, path, errs)?;
+        let c = unpack_or_error(config, path, errs)?;
         let config = Config::translate(&c, path, false, ctx, errs)?;
         Some(Arc::new(LocalRateLimitFilter {
             config: Arc::new(config),
@@ -600,23 +601,9 @@ impl HttpFilterFactory for Factory {
         ctx: &dyn FactoryContext,
         errs: &mut ConfigErrors,
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
-        let c = unpack(config, path, errs)?;
+        let c = unpack_or_error(config, path, errs)?;
         let config = Config::translate(&c, path, true, ctx, errs)?;
         Some(Arc::new(config))
-    }
-}
-
-fn unpack<T: prost::Message + prost::Name + Default>(
-    any: &Any,
-    path: &str,
-    errs: &mut ConfigErrors,
-) -> Option<T> {
-    match weir_xds_api::unpack::<T>(any) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            errs.add(path, e.to_string());
-            None
-        }
     }
 }
 
@@ -641,7 +628,7 @@ impl ConnectionLimiter {
         ctx: &dyn FactoryContext,
         errs: &mut ConfigErrors,
     ) -> Option<ConnectionLimiter> {
-        let c: NetLocalRateLimit = unpack(any, path, errs)?;
+        let c: NetLocalRateLimit = unpack_or_error(any, path, errs)?;
         errs.reject_unsupported(
             &c,
             &["stat_prefix", "token_bucket", "runtime_enabled"],

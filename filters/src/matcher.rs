@@ -33,6 +33,21 @@ pub trait ErrorSink {
     );
 }
 
+/// Unpack a typed `Any` config as `T`; a wrong type or bad bytes is an error at `path`.
+pub fn unpack_or_error<T: prost::Message + prost::Name + Default>(
+    any: &weir_xds_api::Any,
+    path: &str,
+    errs: &mut impl ErrorSink,
+) -> Option<T> {
+    match weir_xds_api::unpack::<T>(any) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errs.error(path.to_string(), e.to_string());
+            None
+        }
+    }
+}
+
 impl ErrorSink for ConfigErrors {
     fn error(&mut self, path: String, message: String) {
         self.add(path, message);

@@ -211,6 +211,14 @@ impl Store {
         out
     }
 
+    /// One stat's `/stats` text value by its Envoy name (`cluster.c.upstream_rq_total`).
+    pub fn text_stat(&self, name: &str) -> Option<String> {
+        self.render_text()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
     fn lookup(&self, name: &str, labels: &[(String, String)]) -> Option<String> {
         let key = series_key(name, labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.dotted.get(&key).map(|d| d.clone())

@@ -548,9 +548,7 @@ pub fn hcm(stat_prefix: &str, cluster: &str, extra: &str, filters: &str) -> Stri
 pub fn proxy_stat(p: &weir_proxy::server::ServerHandle, name: &str) -> u64 {
     p.state
         .stats
-        .render_text()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .text_stat(name)
+        .and_then(|v| v.parse::<f64>().ok())
         .map_or(0, |v| v as u64)
 }

@@ -189,12 +189,7 @@ mod tests {
     }
 
     fn stat(store: &Store, name: &str) -> String {
-        store
-            .render_text()
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-            .unwrap_or_default()
+        store.text_stat(name).unwrap_or_default()
     }
 
     #[test]

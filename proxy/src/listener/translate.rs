@@ -448,14 +448,13 @@ fn filter_chain(
         if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
             && any.type_url == weir_filters::type_urls::NETWORK_LOCAL_RATELIMIT
         {
-            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
-            if j + 1 == fc.filters.len() {
-                errs.add(
-                    &fp,
-                    "envoy.filters.network.local_ratelimit is not terminal: a tcp_proxy or \
-                     http_connection_manager must follow it",
-                );
-            }
+            non_terminal(
+                f,
+                "envoy.filters.network.local_ratelimit",
+                j + 1 == fc.filters.len(),
+                &fp,
+                errs,
+            );
             let fctx = crate::route::filters::ProxyFactoryContext {
                 ctx,
                 hcm_prefix: "",
@@ -477,14 +476,13 @@ fn filter_chain(
         if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
             && any.type_url == super::connection_limit::TYPE_URL
         {
-            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
-            if j + 1 == fc.filters.len() {
-                errs.add(
-                    &fp,
-                    "envoy.filters.network.connection_limit is not terminal: a tcp_proxy or \
-                     http_connection_manager must follow it",
-                );
-            }
+            non_terminal(
+                f,
+                "envoy.filters.network.connection_limit",
+                j + 1 == fc.filters.len(),
+                &fp,
+                errs,
+            );
             let tp = join(&fp, "typed_config");
             if let Some(c) =
                 super::connection_limit::ConnectionLimit::translate(any, &tp, ctx, errs)
@@ -497,14 +495,13 @@ fn filter_chain(
         if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type
             && any.type_url == weir_filters::type_urls::NETWORK_RBAC
         {
-            errs.reject_unsupported(f, &["name", "typed_config"], &fp);
-            if j + 1 == fc.filters.len() {
-                errs.add(
-                    &fp,
-                    "envoy.filters.network.rbac is not terminal: a tcp_proxy or \
-                     http_connection_manager must follow it",
-                );
-            }
+            non_terminal(
+                f,
+                "envoy.filters.network.rbac",
+                j + 1 == fc.filters.len(),
+                &fp,
+                errs,
+            );
             let tp = join(&fp, "typed_config");
             if let Some(r) = super::rbac::NetworkRbac::translate(any, &tp, ctx, errs) {
                 rbac.push(Arc::new(r));
@@ -821,6 +818,20 @@ fn chain_match(m: &FilterChainMatch, path: &str, errs: &mut Errors) -> ChainMatc
         source_type,
         source_prefix_ranges: cidrs(&m.source_prefix_ranges, path, "source_prefix_ranges", errs),
         source_ports,
+    }
+}
+
+/// A network filter that must sit in front of the terminal one: only `name`/`typed_config`,
+/// and never last in the chain.
+fn non_terminal(f: &Filter, name: &str, last: bool, fp: &str, errs: &mut Errors) {
+    errs.reject_unsupported(f, &["name", "typed_config"], fp);
+    if last {
+        errs.add(
+            fp,
+            format!(
+                "{name} is not terminal: a tcp_proxy or http_connection_manager must follow it"
+            ),
+        );
     }
 }
 

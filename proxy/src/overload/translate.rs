@@ -16,6 +16,7 @@ use super::{
     OverloadConfig, Trigger,
 };
 use crate::config::{Errors, duration_or, join};
+use weir_filters::matcher::unpack_or_error;
 
 const FIXED_HEAP_URL: &str =
     "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig";
@@ -184,7 +185,7 @@ fn monitor(m: &pb::ResourceMonitor, path: &str, errs: &mut Errors) -> Option<Mon
     };
     match any.type_url.as_str() {
         FIXED_HEAP_URL => {
-            let c: FixedHeapConfig = unpack(any, &tp, errs)?;
+            let c: FixedHeapConfig = unpack_or_error(any, &tp, errs)?;
             errs.reject_unsupported(&c, &["max_heap_size_bytes"], &tp);
             if c.max_heap_size_bytes == 0 {
                 errs.add(join(&tp, "max_heap_size_bytes"), "must be greater than 0");
@@ -195,7 +196,7 @@ fn monitor(m: &pb::ResourceMonitor, path: &str, errs: &mut Errors) -> Option<Mon
             })
         }
         INJECTED_URL => {
-            let c: InjectedResourceConfig = unpack(any, &tp, errs)?;
+            let c: InjectedResourceConfig = unpack_or_error(any, &tp, errs)?;
             if c.filename.is_empty() {
                 errs.add(join(&tp, "filename"), "filename is required");
                 return None;
@@ -205,7 +206,7 @@ fn monitor(m: &pb::ResourceMonitor, path: &str, errs: &mut Errors) -> Option<Mon
             })
         }
         DOWNSTREAM_CX_URL => {
-            let c: DownstreamConnectionsConfig = unpack(any, &tp, errs)?;
+            let c: DownstreamConnectionsConfig = unpack_or_error(any, &tp, errs)?;
             if c.max_active_downstream_connections <= 0 {
                 errs.add(
                     join(&tp, "max_active_downstream_connections"),
@@ -225,20 +226,6 @@ fn monitor(m: &pb::ResourceMonitor, path: &str, errs: &mut Errors) -> Option<Mon
                     weir_xds_api::type_name(other)
                 ),
             );
-            None
-        }
-    }
-}
-
-fn unpack<T: prost::Message + prost::Name + Default>(
-    any: &weir_xds_api::Any,
-    path: &str,
-    errs: &mut Errors,
-) -> Option<T> {
-    match weir_xds_api::unpack::<T>(any) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            errs.add(path, e.to_string());
             None
         }
     }

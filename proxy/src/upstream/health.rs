@@ -1792,10 +1792,7 @@ mod tests {
 
     fn stat(store: &Store, name: &str) -> String {
         store
-            .render_text()
-            .into_iter()
-            .find(|(k, _)| k == &format!("cluster.c.health_check.{name}"))
-            .map(|(_, v)| v)
+            .text_stat(&format!("cluster.c.health_check.{name}"))
             .unwrap_or_else(|| panic!("no stat {name}"))
     }
 

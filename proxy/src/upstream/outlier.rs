@@ -1017,10 +1017,7 @@ mod tests {
 
     fn stat(store: &Store, name: &str) -> String {
         store
-            .render_text()
-            .into_iter()
-            .find(|(k, _)| k == &format!("cluster.c.outlier_detection.{name}"))
-            .map(|(_, v)| v)
+            .text_stat(&format!("cluster.c.outlier_detection.{name}"))
             .unwrap_or_else(|| panic!("no stat {name}"))
     }
 
