@@ -165,8 +165,7 @@ pub fn required(method: &Method, path: &str) -> Required {
     }
 }
 
-/// The connection's verified client certificates (TLS with client CA only).
-type PeerCerts = Option<Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>>;
+use crate::http_server::PeerCerts;
 
 async fn handle(
     cp: Arc<ControlPlane>,
@@ -312,9 +311,6 @@ pub async fn serve(
     .await
 }
 
-/// How long a client may take for its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Serve the API on `listener`, checking requests with `auth`, over TLS with `tls`, until
 /// `shutdown` is cancelled.
 pub async fn serve_with(
@@ -324,85 +320,10 @@ pub async fn serve_with(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Small responses written in pieces must not wait for a delayed ACK (Nagle).
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "API: cannot set TCP_NODELAY");
-        }
-        let cp = cp.clone();
-        let auth = auth.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => serve_connection(cp, auth, None, stream, shutdown).await,
-                Some(acceptor) => {
-                    let tls_stream = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => r,
-                    };
-                    let stream = match tls_stream {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "API TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("API TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let certs = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-                    serve_connection(cp, auth, certs, stream, shutdown).await
-                }
-            }
-        });
-    }
-}
-
-async fn serve_connection<IO>(
-    cp: Arc<ControlPlane>,
-    auth: Arc<Authenticator>,
-    peer_certs: PeerCerts,
-    io: IO,
-    shutdown: CancellationToken,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = hyper::service::service_fn(move |req| {
-        let cp = cp.clone();
-        let auth = auth.clone();
-        let certs = peer_certs.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(cp, auth, certs, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "API connection error");
-            }
-        }
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
+    crate::http_server::serve("API", listener, tls, shutdown, move |req, certs| {
+        handle(cp.clone(), auth.clone(), certs, req)
+    })
+    .await
 }
 
 /// Errors of the API client.

@@ -50,6 +50,7 @@ pub mod ca;
 pub mod cache;
 pub mod configdir;
 pub mod etcd;
+pub mod http_server;
 pub mod inject;
 pub mod kv;
 pub mod metrics;
@@ -483,6 +484,11 @@ pub async fn run(
     tasks.extend(cp.kv.spawn_expiry(token.clone()));
     // The object store: its gRPC service (built in one place) and the S3 endpoint.
     let objects_service = objects::grpc::server(cp.objects.clone(), cp.objects_metrics.clone());
+    // The HTTP endpoints (API, S3) are HTTPS whenever the gRPC port is (`auth.tls`).
+    let http_tls = server_tls
+        .as_ref()
+        .map(auth::tls::ServerTls::http_acceptor)
+        .transpose()?;
     if let Some(s3) = opts.s3 {
         let endpoint = objects::s3::S3::new(
             cp.objects.clone(),
@@ -492,19 +498,16 @@ pub async fn run(
         tasks.push(tokio::spawn(objects::s3::serve(
             endpoint,
             s3,
+            http_tls.clone(),
             token.clone(),
         )));
     }
     if let Some(api) = opts.api {
-        let tls = server_tls
-            .as_ref()
-            .map(auth::tls::ServerTls::http_acceptor)
-            .transpose()?;
         tasks.push(tokio::spawn(api::serve_with(
             cp.clone(),
             api,
             authn.clone(),
-            tls,
+            http_tls,
             token.clone(),
         )));
     }

@@ -28,14 +28,7 @@ impl ConfigErrors {
         supported: &[&str],
         path: &str,
     ) {
-        for f in weir_xds_api::set_fields(msg) {
-            if !supported.contains(&f.as_str()) {
-                self.add(
-                    join(path, &f),
-                    format!("field is not supported by weir ({})", T::full_name()),
-                );
-            }
-        }
+        crate::matcher::ErrorSink::unsupported(self, msg, supported, path);
     }
 
     /// Whether nothing was recorded.

@@ -24,13 +24,23 @@ const REGEX_DFA_LIMIT: usize = 2 << 20;
 pub trait ErrorSink {
     /// Record an error at `path`.
     fn error(&mut self, path: String, message: String);
-    /// Record an error for every set field of `msg` not in `supported`.
+    /// Record an error for every set field of `msg` not in `supported`: for messages where
+    /// an ignored field would change what traffic does.
     fn unsupported<T: prost::Message + prost::Name>(
         &mut self,
         msg: &T,
         supported: &[&str],
         path: &str,
-    );
+    ) {
+        for f in weir_xds_api::set_fields(msg) {
+            if !supported.contains(&f.as_str()) {
+                self.error(
+                    crate::config::join(path, &f),
+                    format!("field is not supported by weir ({})", T::full_name()),
+                );
+            }
+        }
+    }
 }
 
 /// Unpack a typed `Any` config as `T`; a wrong type or bad bytes is an error at `path`.
@@ -51,15 +61,6 @@ pub fn unpack_or_error<T: prost::Message + prost::Name + Default>(
 impl ErrorSink for ConfigErrors {
     fn error(&mut self, path: String, message: String) {
         self.add(path, message);
-    }
-
-    fn unsupported<T: prost::Message + prost::Name>(
-        &mut self,
-        msg: &T,
-        supported: &[&str],
-        path: &str,
-    ) {
-        self.reject_unsupported(msg, supported, path);
     }
 }
 

@@ -8,13 +8,11 @@
 //! probe on the webhook port).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -24,10 +22,6 @@ use super::{Injector, NamespacePolicy, WebhookTls};
 
 /// Largest request body accepted (the API server caps objects at about 3 MiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
-/// How long a client may take for its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the webhook cannot serve.
 #[derive(Debug, thiserror::Error)]
@@ -134,56 +128,12 @@ pub async fn serve(
     tls: tokio_rustls::TlsAcceptor,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let injector = injector.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => match r {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "webhook TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("webhook TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
-            let svc = hyper::service::service_fn(move |req| {
-                let injector = injector.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(injector, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "webhook connection error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+    crate::http_server::serve(
+        "webhook",
+        listener,
+        Some(tls),
+        shutdown,
+        move |req, _certs| handle(injector.clone(), req),
+    )
+    .await
 }

@@ -40,6 +40,11 @@ struct S3Server {
 
 impl S3Server {
     async fn start() -> S3Server {
+        S3Server::start_with(Settings::default()).await
+    }
+
+    /// Start with `base` settings (e.g. `auth.tls`) plus the test's access keys.
+    async fn start_with(base: Settings) -> S3Server {
         let dir = temp_dir("objects");
         let cp = weir_control_plane::ControlPlane::open(Some(&dir)).expect("open");
         let xds = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -65,7 +70,7 @@ impl S3Server {
                     },
                 ],
             },
-            ..Default::default()
+            ..base
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(weir_control_plane::run(
@@ -916,34 +921,20 @@ fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-#[tokio::test]
-async fn boto3_against_the_s3_endpoint() {
-    let have = Command::new(python())
-        .args(["-c", "import boto3"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !have {
-        assert!(
-            std::env::var("WEIR_REQUIRE_BOTO3").as_deref() != Ok("1"),
-            "WEIR_REQUIRE_BOTO3=1 but boto3 is not importable (pip install boto3)"
-        );
-        eprintln!(
-            "\n*** SKIPPED boto3_against_the_s3_endpoint: boto3 is missing (pip install boto3) ***\n"
-        );
-        return;
-    }
-    let srv = S3Server::start().await;
+/// Run tests/python/s3_boto3.py against `endpoint` (trusting `ca_bundle` for HTTPS).
+async fn run_boto3(endpoint: String, ca_bundle: Option<std::path::PathBuf>) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/s3_boto3.py");
-    let endpoint = format!("http://{}", srv.s3);
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .args([script, &endpoint, AK, SK])
+        let mut cmd = Command::new(python());
+        cmd.args([script, &endpoint, AK, SK])
             .env_remove("AWS_PROFILE")
             .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .output()
-            .expect("run python")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+        match ca_bundle {
+            Some(ca) => cmd.env("AWS_CA_BUNDLE", ca),
+            None => cmd.env_remove("AWS_CA_BUNDLE"),
+        };
+        cmd.output().expect("run python")
     })
     .await
     .unwrap();
@@ -954,6 +945,68 @@ async fn boto3_against_the_s3_endpoint() {
         "boto3 script failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.starts_with("OK "), "{stdout}");
+}
+
+/// Whether boto3 can be imported; skipping loudly unless WEIR_REQUIRE_BOTO3=1.
+fn have_boto3(test: &str) -> bool {
+    let have = Command::new(python())
+        .args(["-c", "import boto3"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var("WEIR_REQUIRE_BOTO3").as_deref() != Ok("1"),
+            "WEIR_REQUIRE_BOTO3=1 but boto3 is not importable (pip install boto3)"
+        );
+        eprintln!("\n*** SKIPPED {test}: boto3 is missing (pip install boto3) ***\n");
+    }
+    have
+}
+
+#[tokio::test]
+async fn boto3_against_the_s3_endpoint() {
+    if !have_boto3("boto3_against_the_s3_endpoint") {
+        return;
+    }
+    let srv = S3Server::start().await;
+    run_boto3(format!("http://{}", srv.s3), None).await;
+    srv.stop().await;
+}
+
+/// With `auth.tls` the S3 endpoint is HTTPS like the API: boto3 works through it trusting
+/// the CA, and a plain-text request gets no answer.
+#[tokio::test]
+async fn s3_endpoint_serves_https_with_auth_tls() {
+    let p = crate::auth::pki("s3-tls");
+    let settings = Settings::parse(&crate::auth::tls_settings(&p), "test").expect("settings");
+    let srv = S3Server::start_with(settings).await;
+    // Plain text: the TLS server reads garbage and closes; no HTTP answer comes back.
+    let mut plain = tokio::net::TcpStream::connect(srv.s3)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut plain, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut got),
+    )
+    .await
+    .expect("the server closes");
+    assert!(
+        !got.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    if have_boto3("s3_endpoint_serves_https_with_auth_tls") {
+        run_boto3(
+            format!("https://localhost:{}", srv.s3.port()),
+            Some(p.ca.clone()),
+        )
+        .await;
+    }
     srv.stop().await;
 }
 

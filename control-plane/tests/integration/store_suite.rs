@@ -1478,7 +1478,12 @@ async fn objects_conditional_get(backend: Arc<dyn ObjectBackend>) {
         .expect("bind");
     let addr = l.local_addr().expect("addr");
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(weir_control_plane::objects::s3::serve(s3, l, stop.clone()));
+    let task = tokio::spawn(weir_control_plane::objects::s3::serve(
+        s3,
+        l,
+        None,
+        stop.clone(),
+    ));
     let data = pattern(70_000, 21);
     let info = backend
         .put_object(

@@ -54,15 +54,6 @@ impl weir_filters::matcher::ErrorSink for Errors {
     fn error(&mut self, path: String, message: String) {
         self.add(path, message);
     }
-
-    fn unsupported<T: prost::Message + prost::Name>(
-        &mut self,
-        msg: &T,
-        supported: &[&str],
-        path: &str,
-    ) {
-        self.reject_unsupported(msg, supported, path);
-    }
 }
 
 impl Errors {
@@ -82,14 +73,7 @@ impl Errors {
         supported: &[&str],
         path: &str,
     ) {
-        for f in weir_xds_api::set_fields(msg) {
-            if !supported.contains(&f.as_str()) {
-                self.add(
-                    join(path, &f),
-                    format!("field is not supported by weir ({})", T::full_name()),
-                );
-            }
-        }
+        weir_filters::matcher::ErrorSink::unsupported(self, msg, supported, path);
     }
 
     /// Whether nothing was recorded.
@@ -108,13 +92,7 @@ impl Errors {
 }
 
 /// `join("a.b", "c")` = `a.b.c`; `join("", "c")` = `c`.
-pub fn join(path: &str, field: &str) -> String {
-    if path.is_empty() {
-        field.to_string()
-    } else {
-        format!("{path}.{field}")
-    }
-}
+pub use weir_filters::config::join;
 
 /// Proto duration -> std duration; negative or out-of-range durations are errors.
 pub fn duration(d: &PbDuration, path: &str, errs: &mut Errors) -> Duration {

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::SslStats;
 use super::config::{SanMatcher, UpstreamTlsConfig};
 use super::secrets::SecretRegistry;
-use super::server::{BuildError, cert_pair, provider, validation, versions};
+use super::server::{BuildError, cert_pair, provider, trusted_ca_certs, validation, versions};
 
 /// Chain to the roots, then SAN matchers (or the SNI with `auto_sni_san_validation`).
 #[derive(Debug)]
@@ -331,16 +331,7 @@ impl ClientTls {
             .and_then(|c| cert_pair(c, &self.registry).ok())
             .and_then(|p| super::certs::certs(&p.chain).ok())
             .unwrap_or_default();
-        let ca = self
-            .cfg
-            .common
-            .validation
-            .as_ref()
-            .and_then(|v| validation(v, &self.registry).ok())
-            .and_then(|v| v.trusted_ca)
-            .and_then(|p| super::certs::certs(&p).ok())
-            .unwrap_or_default();
-        (chain, ca)
+        (chain, trusted_ca_certs(&self.cfg.common, &self.registry))
     }
 
     /// Whether the config offers `h2` by ALPN.

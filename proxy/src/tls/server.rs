@@ -191,6 +191,21 @@ pub(super) fn cert_pair(
     }
 }
 
+/// The trusted CA certificates a context validates peers with, as `/certs` shows them (empty
+/// when there is no validation context or its secret has not arrived).
+pub(super) fn trusted_ca_certs(
+    common: &super::config::CommonTls,
+    reg: &SecretRegistry,
+) -> Vec<CertificateDer<'static>> {
+    common
+        .validation
+        .as_ref()
+        .and_then(|v| validation(v, reg).ok())
+        .and_then(|v| v.trusted_ca)
+        .and_then(|p| super::certs::certs(&p).ok())
+        .unwrap_or_default()
+}
+
 /// Resolve a validation source (SDS values merged with the combined default's SAN matchers).
 pub(super) fn validation(
     src: &ValidationSource,
@@ -489,16 +504,7 @@ impl ServerTls {
             .iter()
             .flat_map(|c| c.key.cert.first().cloned())
             .collect();
-        let ca = self
-            .cfg
-            .common
-            .validation
-            .as_ref()
-            .and_then(|v| validation(v, &self.registry).ok())
-            .and_then(|v| v.trusted_ca)
-            .and_then(|p| super::certs::certs(&p).ok())
-            .unwrap_or_default();
-        (chain, ca)
+        (chain, trusted_ca_certs(&self.cfg.common, &self.registry))
     }
 }
 

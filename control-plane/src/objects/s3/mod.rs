@@ -13,7 +13,6 @@
 pub mod sigv4;
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -24,7 +23,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
 use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -77,47 +75,18 @@ impl S3 {
     }
 }
 
-/// Serve S3 on `listener` until `shutdown` is cancelled.
-pub async fn serve(s3: Arc<S3>, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "S3 accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Small responses (headers, XML, ETags) must not wait for a delayed ACK (Nagle).
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "S3: cannot set TCP_NODELAY");
-        }
-        let s3 = s3.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let s3 = s3.clone();
-                async move { Ok::<_, Infallible>(handle(s3, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "S3 connection error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
-    }
+/// Serve S3 on `listener` until `shutdown` is cancelled, over TLS when `tls` is set (weir-cp's
+/// `auth.tls`: the S3 endpoint is then HTTPS like the API; access keys still authenticate).
+pub async fn serve(
+    s3: Arc<S3>,
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    crate::http_server::serve("S3", listener, tls, shutdown, move |req, _certs| {
+        handle(s3.clone(), req)
+    })
+    .await
 }
 
 /// An S3 operation (the `op` metric label).
