@@ -435,3 +435,38 @@ static_resources:
 {clusters}"#
     )
 }
+
+/// The static `xds` cluster an ADS bootstrap points at: HTTP/2 to 127.0.0.1:`port`, as one
+/// item of `static_resources.clusters` (2-space indent).
+pub fn xds_cluster_yaml(port: u16) -> String {
+    format!(
+        r#"  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
+"#
+    )
+}
+
+/// Forward a fake xDS server's inbound request stream into a channel the test reads.
+pub fn forward_requests<M: Send + 'static>(
+    mut inbound: tonic::Streaming<M>,
+) -> futures::channel::mpsc::UnboundedReceiver<M> {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            if tx.unbounded_send(m).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}

@@ -452,19 +452,8 @@ dynamic_resources:
   lds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 2s}}
 static_resources:
   clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
-"#
+{xds}"#,
+            xds = xds_cluster_yaml(xds_port)
         ),
     );
     let dir = short_dir("xdsready");

@@ -1057,15 +1057,7 @@ mod ads {
             &self,
             req: Request<Streaming<DiscoveryRequest>>,
         ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-            let mut inbound = req.into_inner();
-            let (rtx, rrx) = mpsc::unbounded();
-            tokio::spawn(async move {
-                while let Ok(Some(m)) = inbound.message().await {
-                    if rtx.unbounded_send(m).is_err() {
-                        return;
-                    }
-                }
-            });
+            let rrx = crate::harness::forward_requests(req.into_inner());
             let (tx, rx) = mpsc::unbounded();
             let _ = self.0.unbounded_send((rrx, tx));
             Ok(Response::new(Box::pin(rx)))

@@ -173,15 +173,7 @@ impl AggregatedDiscoveryService for FakeAds {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let metadata = req.metadata().clone();
-        let mut inbound = req.into_inner();
-        let (rtx, rrx) = mpsc::unbounded();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inbound.message().await {
-                if rtx.unbounded_send(m).is_err() {
-                    return;
-                }
-            }
-        });
+        let rrx = forward_requests(req.into_inner());
         let (tx, rx) = mpsc::unbounded();
         let _ = self.sotw.unbounded_send(SotwStream {
             metadata,
@@ -197,15 +189,7 @@ impl AggregatedDiscoveryService for FakeAds {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut inbound = req.into_inner();
-        let (rtx, rrx) = mpsc::unbounded();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inbound.message().await {
-                if rtx.unbounded_send(m).is_err() {
-                    return;
-                }
-            }
-        });
+        let rrx = forward_requests(req.into_inner());
         let (tx, rx) = mpsc::unbounded();
         let _ = self.delta.unbounded_send(DeltaStream {
             requests: rrx,
@@ -288,20 +272,8 @@ dynamic_resources:
   lds_config: {{ads: {{}}, resource_api_version: V3, initial_fetch_timeout: 10s}}
 static_resources:
   clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}
-{extra_static}"#,
-        port = ads.port()
+{xds}{extra_static}"#,
+        xds = xds_cluster_yaml(ads.port())
     )
 }
 
