@@ -84,6 +84,51 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket="boto", Paginati
 check(seen == ["a/1", "a/2", "b/1", "c", "d", "dir/obj.bin", "e & f<g>"], seen)
 check(pages == 4, pages)
 
+# ListObjects (v1): markers, NextMarker on a common prefix, the same pages as v2.
+r = s3.list_objects(Bucket="boto", Delimiter="/")
+check([p["Prefix"] for p in r["CommonPrefixes"]] == ["a/", "b/", "dir/"], r.get("CommonPrefixes"))
+check([o["Key"] for o in r["Contents"]] == ["c", "d", "e & f<g>"], r.get("Contents"))
+seen, prefixes, pages = [], [], 0
+for page in s3.get_paginator("list_objects").paginate(Bucket="boto", Delimiter="/",
+                                                      PaginationConfig={"PageSize": 2}):
+    pages += 1
+    seen += [o["Key"] for o in page.get("Contents", [])]
+    prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+check(prefixes == ["a/", "b/", "dir/"], prefixes)
+check(seen == ["c", "d", "e & f<g>"], seen)
+check(pages == 3, pages)
+r = s3.list_objects(Bucket="boto", Marker="c", MaxKeys=2)
+check([o["Key"] for o in r["Contents"]] == ["d", "dir/obj.bin"] and r["IsTruncated"], r)
+
+# CopyObject: metadata kept (COPY) or replaced (REPLACE); conditions on the source.
+r = s3.copy_object(Bucket="boto", Key="copy.bin", CopySource={"Bucket": "boto", "Key": "dir/obj.bin"})
+check(r["CopyObjectResult"]["ETag"].strip('"') == hashlib.md5(body).hexdigest(), r)
+g = s3.get_object(Bucket="boto", Key="copy.bin")
+check(g["Body"].read() == body and g["Metadata"] == {"color": "blue"}, "copy keeps metadata")
+check(g["ContentType"] == "application/x-test", g["ContentType"])
+s3.copy_object(Bucket="boto", Key="copy.bin", CopySource="boto/copy.bin",
+               MetadataDirective="REPLACE", Metadata={"color": "red"}, ContentType="text/plain")
+h = s3.head_object(Bucket="boto", Key="copy.bin")
+check(h["Metadata"] == {"color": "red"} and h["ContentType"] == "text/plain", h)
+for kwargs, code in [({"Key": "other.bin", "CopySourceIfMatch": '"nope"'}, 412),
+                     ({"Key": "copy.bin"}, 400)]:
+    try:
+        s3.copy_object(Bucket="boto", CopySource="boto/copy.bin", **kwargs)
+        raise AssertionError("copy onto itself / failed condition accepted")
+    except ClientError as e:
+        check(e.response["ResponseMetadata"]["HTTPStatusCode"] == code, e.response)
+
+# DeleteObjects: deleted, missing keys count as deleted, quiet mode lists nothing.
+for k in ["del/1", "del/2", "del/3"]:
+    s3.put_object(Bucket="boto", Key=k, Body=b"x")
+r = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "del/1"}, {"Key": "del/2"},
+                                                           {"Key": "del/missing"}]})
+check(sorted(d["Key"] for d in r["Deleted"]) == ["del/1", "del/2", "del/missing"], r)
+check(not r.get("Errors"), r)
+r = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "del/3"}], "Quiet": True})
+check(not r.get("Deleted") and not r.get("Errors"), r)
+check("Contents" not in s3.list_objects_v2(Bucket="boto", Prefix="del/"), "del/ emptied")
+
 # Multipart via upload_fileobj with a small threshold: 3 parts of 5 MiB, 5 MiB, 1 MiB.
 big = hashlib.sha256(b"seed").digest() * (11 * 1024 * 1024 // 32)
 cfg = TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024,
@@ -97,6 +142,14 @@ check(h["ETag"].strip('"') == want, (h["ETag"], want))
 out = io.BytesIO()
 s3.download_fileobj("boto", "big.bin", out)
 check(out.getvalue() == big, "multipart download")
+
+# A managed copy over the multipart threshold: UploadPartCopy with source ranges.
+s3.copy({"Bucket": "boto", "Key": "big.bin"}, "boto", "big-copy.bin", Config=cfg)
+out = io.BytesIO()
+s3.download_fileobj("boto", "big-copy.bin", out)
+check(out.getvalue() == big, "multipart copy")
+h = s3.head_object(Bucket="boto", Key="big-copy.bin")
+check(h["ETag"].endswith('-%d"' % len(parts)), h["ETag"])
 
 # Wrong secret: 403 SignatureDoesNotMatch, nothing written.
 bad = client(sk + "x")

@@ -10,6 +10,9 @@
 //! stream (the signed SHA-256, `Content-MD5`, aws-chunked chunk signatures); a mismatch
 //! fails the write, and the backend then keeps nothing.
 
+mod copy;
+mod delete;
+mod list;
 pub mod sigv4;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,10 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::sigv4::{AuthError, ChunkDecoder, ChunkSigner, SignatureParams};
 use super::metrics::ObjectsMetrics;
-use super::{
-    ByteRange, ByteStream, ListRequest, MAX_LIST_KEYS, ObjError, ObjectBackend, ObjectInfo,
-    PutOptions, hex, iso8601,
-};
+use super::{ByteRange, ByteStream, ObjError, ObjectBackend, ObjectInfo, PutOptions, hex, iso8601};
 use crate::settings::{S3Settings, Scope};
 
 /// Largest CompleteMultipartUpload body read (1 MiB).
@@ -98,13 +98,17 @@ pub enum Op {
     DeleteBucket,
     HeadBucket,
     GetBucketLocation,
+    ListObjects,
     ListObjectsV2,
+    DeleteObjects,
     PutObject,
+    CopyObject,
     GetObject,
     HeadObject,
     DeleteObject,
     CreateMultipartUpload,
     UploadPart,
+    UploadPartCopy,
     CompleteMultipartUpload,
     AbortMultipartUpload,
     ListParts,
@@ -120,13 +124,17 @@ impl Op {
             Op::DeleteBucket => "DeleteBucket",
             Op::HeadBucket => "HeadBucket",
             Op::GetBucketLocation => "GetBucketLocation",
+            Op::ListObjects => "ListObjects",
             Op::ListObjectsV2 => "ListObjectsV2",
+            Op::DeleteObjects => "DeleteObjects",
             Op::PutObject => "PutObject",
+            Op::CopyObject => "CopyObject",
             Op::GetObject => "GetObject",
             Op::HeadObject => "HeadObject",
             Op::DeleteObject => "DeleteObject",
             Op::CreateMultipartUpload => "CreateMultipartUpload",
             Op::UploadPart => "UploadPart",
+            Op::UploadPartCopy => "UploadPartCopy",
             Op::CompleteMultipartUpload => "CompleteMultipartUpload",
             Op::AbortMultipartUpload => "AbortMultipartUpload",
             Op::ListParts => "ListParts",
@@ -134,16 +142,19 @@ impl Op {
         }
     }
 
-    fn scope(self) -> Scope {
+    /// The scopes an access key needs (a copy reads its source and writes its target).
+    fn scopes(self) -> &'static [Scope] {
         match self {
             Op::ListBuckets
             | Op::HeadBucket
             | Op::GetBucketLocation
+            | Op::ListObjects
             | Op::ListObjectsV2
             | Op::GetObject
             | Op::HeadObject
-            | Op::ListParts => Scope::ObjectsRead,
-            _ => Scope::ObjectsWrite,
+            | Op::ListParts => &[Scope::ObjectsRead],
+            Op::CopyObject | Op::UploadPartCopy => &[Scope::ObjectsRead, Scope::ObjectsWrite],
+            _ => &[Scope::ObjectsWrite],
         }
     }
 }
@@ -351,7 +362,8 @@ struct Parsed {
     query: Vec<(String, String)>,
 }
 
-fn classify(method: &Method, path: &str, query: Vec<(String, String)>) -> Parsed {
+/// Name the operation; `copy`: the request carries `x-amz-copy-source`.
+fn classify(method: &Method, path: &str, query: Vec<(String, String)>, copy: bool) -> Parsed {
     let has = |n: &str| query.iter().any(|(k, _)| k == n);
     let p = path.trim_start_matches('/');
     let (b, k) = p.split_once('/').unwrap_or((p, ""));
@@ -364,9 +376,16 @@ fn classify(method: &Method, path: &str, query: Vec<(String, String)>) -> Parsed
         ("HEAD", false, true) => Op::HeadBucket,
         ("GET", false, true) if has("location") => Op::GetBucketLocation,
         ("GET", false, true) if query.iter().all(|(k, _)| LIST_PARAMS.contains(&k.as_str())) => {
-            Op::ListObjectsV2
+            if query.iter().any(|(k, v)| k == "list-type" && v == "2") {
+                Op::ListObjectsV2
+            } else {
+                Op::ListObjects
+            }
         }
+        ("POST", false, true) if has("delete") => Op::DeleteObjects,
+        ("PUT", false, false) if has("partNumber") && has("uploadId") && copy => Op::UploadPartCopy,
         ("PUT", false, false) if has("partNumber") && has("uploadId") => Op::UploadPart,
+        ("PUT", false, false) if !has("uploadId") && copy => Op::CopyObject,
         ("PUT", false, false) if !has("uploadId") => Op::PutObject,
         ("GET", false, false) if has("uploadId") => Op::ListParts,
         ("GET", false, false) => Op::GetObject,
@@ -385,8 +404,10 @@ fn classify(method: &Method, path: &str, query: Vec<(String, String)>) -> Parsed
     }
 }
 
+/// Query parameters of ListObjectsV2 and ListObjects (v1: `marker`).
 const LIST_PARAMS: &[&str] = &[
     "list-type",
+    "marker",
     "prefix",
     "delimiter",
     "max-keys",
@@ -404,6 +425,7 @@ async fn handle(s3: Arc<S3>, req: Request<Incoming>) -> Response<Body> {
         req.method(),
         &path,
         sigv4::parse_query(req.uri().query().unwrap_or("")),
+        req.headers().contains_key("x-amz-copy-source"),
     );
     let op = parsed.op;
     let mut resp = match dispatch(&s3, req, parsed).await {
@@ -529,7 +551,7 @@ fn authenticate(
         tracing::debug!(canonical_request = %creq, "S3 signature mismatch");
         return Err(AuthError::Mismatch);
     }
-    if !scopes.contains(&op.scope()) {
+    if !op.scopes().iter().all(|s| scopes.contains(s)) {
         return Ok(None);
     }
     Ok(Some((params, key)))
@@ -765,6 +787,12 @@ fn q<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+fn part_number(query: &[(String, String)]) -> Result<u32, S3Error> {
+    q(query, "partNumber")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| S3Error::new(StatusCode::BAD_REQUEST, "InvalidArgument", "bad partNumber"))
+}
+
 async fn dispatch(
     s3: &Arc<S3>,
     req: Request<Incoming>,
@@ -834,15 +862,24 @@ async fn dispatch(
                 ),
             ))
         }
-        Op::ListObjectsV2 => list_v2(b, bucket, &p.query).await,
-        Op::PutObject => {
-            if req.headers().contains_key("x-amz-copy-source") {
-                return Err(S3Error::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "NotImplemented",
-                    "CopyObject is not implemented by weir-cp",
-                ));
+        Op::ListObjects => list::list(b, bucket, &p.query, list::Version::V1).await,
+        Op::ListObjectsV2 => list::list(b, bucket, &p.query, list::Version::V2).await,
+        Op::DeleteObjects => {
+            let h = req.headers().clone();
+            let body = read_small(body_stream(s3, req, &sig)?, MAX_XML_BODY).await?;
+            delete::delete_objects(b, &h, bucket, &body).await
+        }
+        Op::CopyObject | Op::UploadPartCopy => {
+            let h = req.headers();
+            let source = copy::parse_source(header(h, "x-amz-copy-source").unwrap_or_default())?;
+            if p.op == Op::CopyObject {
+                return copy::copy_object(b, h, source, bucket, key).await;
             }
+            let number = part_number(&p.query)?;
+            let upload_id = q(&p.query, "uploadId").unwrap_or_default();
+            copy::upload_part_copy(b, h, source, (bucket, key, upload_id, number)).await
+        }
+        Op::PutObject => {
             let opts = put_options(req.headers())?;
             let body = body_stream(s3, req, &sig)?;
             let info = b.put_object(bucket, key, opts, body).await?;
@@ -924,11 +961,7 @@ async fn dispatch(
             ))
         }
         Op::UploadPart => {
-            let number: u32 = q(&p.query, "partNumber")
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| {
-                    S3Error::new(StatusCode::BAD_REQUEST, "InvalidArgument", "bad partNumber")
-                })?;
+            let number = part_number(&p.query)?;
             let upload_id = q(&p.query, "uploadId").unwrap_or_default().to_string();
             let md5 = content_md5(req.headers())?;
             let body = body_stream(s3, req, &sig)?;
@@ -997,86 +1030,6 @@ async fn dispatch(
     }
 }
 
-/// Render a ListObjectsV2 response.
-async fn list_v2(
-    b: &dyn ObjectBackend,
-    bucket: &str,
-    query: &[(String, String)],
-) -> Result<Response<Body>, S3Error> {
-    let max_keys = match q(query, "max-keys") {
-        Some(v) => v.parse::<usize>().map_err(|_| {
-            S3Error::new(
-                StatusCode::BAD_REQUEST,
-                "InvalidArgument",
-                "max-keys is not a number",
-            )
-        })?,
-        None => MAX_LIST_KEYS,
-    };
-    let url = q(query, "encoding-type") == Some("url");
-    let enc = |s: &str| {
-        if url {
-            sigv4::uri_encode(s.as_bytes(), true)
-        } else {
-            xml_escape(s)
-        }
-    };
-    let req = ListRequest {
-        prefix: q(query, "prefix").unwrap_or_default().to_string(),
-        delimiter: q(query, "delimiter").map(str::to_string),
-        max_keys,
-        start_after: q(query, "start-after").map(str::to_string),
-        continuation_token: q(query, "continuation-token").map(str::to_string),
-    };
-    let res = b.list_objects(bucket, req.clone()).await?;
-    let mut doc = format!(
-        "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{}</Name><Prefix>{}</Prefix><MaxKeys>{}</MaxKeys><KeyCount>{}</KeyCount><IsTruncated>{}</IsTruncated>",
-        xml_escape(bucket),
-        enc(&req.prefix),
-        max_keys,
-        res.objects.len() + res.common_prefixes.len(),
-        res.truncated
-    );
-    if let Some(d) = &req.delimiter {
-        doc.push_str(&format!("<Delimiter>{}</Delimiter>", enc(d)));
-    }
-    if url {
-        doc.push_str("<EncodingType>url</EncodingType>");
-    }
-    if let Some(t) = &req.continuation_token {
-        doc.push_str(&format!(
-            "<ContinuationToken>{}</ContinuationToken>",
-            xml_escape(t)
-        ));
-    }
-    if let Some(t) = &res.next_token {
-        doc.push_str(&format!(
-            "<NextContinuationToken>{}</NextContinuationToken>",
-            xml_escape(t)
-        ));
-    }
-    if let Some(s) = &req.start_after {
-        doc.push_str(&format!("<StartAfter>{}</StartAfter>", enc(s)));
-    }
-    for o in &res.objects {
-        doc.push_str(&format!(
-            "<Contents><Key>{}</Key><LastModified>{}</LastModified><ETag>&quot;{}&quot;</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents>",
-            enc(&o.key),
-            iso8601(o.modified_ms),
-            o.etag,
-            o.size
-        ));
-    }
-    for cp in &res.common_prefixes {
-        doc.push_str(&format!(
-            "<CommonPrefixes><Prefix>{}</Prefix></CommonPrefixes>",
-            enc(cp)
-        ));
-    }
-    doc.push_str("</ListBucketResult>");
-    Ok(xml(StatusCode::OK, doc))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1108,18 +1061,28 @@ mod tests {
     #[test]
     fn classification() {
         let c = |m: &str, path: &str, q: &str| {
-            classify(&m.parse().unwrap(), path, sigv4::parse_query(q)).op
+            classify(&m.parse().unwrap(), path, sigv4::parse_query(q), false).op
         };
         assert_eq!(c("GET", "/", ""), Op::ListBuckets);
         assert_eq!(c("PUT", "/b", ""), Op::CreateBucket);
         assert_eq!(c("GET", "/b", "list-type=2&prefix=a"), Op::ListObjectsV2);
+        assert_eq!(c("GET", "/b", "prefix=a&marker=x"), Op::ListObjects);
+        assert_eq!(c("GET", "/b", ""), Op::ListObjects);
+        assert_eq!(c("POST", "/b", "delete"), Op::DeleteObjects);
+        let copy = |q: &str| classify(&Method::PUT, "/b/k", sigv4::parse_query(q), true).op;
+        assert_eq!(copy(""), Op::CopyObject);
+        assert_eq!(copy("partNumber=2&uploadId=u"), Op::UploadPartCopy);
+        assert_eq!(
+            Op::CopyObject.scopes(),
+            &[Scope::ObjectsRead, Scope::ObjectsWrite]
+        );
         assert_eq!(c("GET", "/b", "acl"), Op::Unsupported);
         assert_eq!(c("PUT", "/b/k", "partNumber=1&uploadId=x"), Op::UploadPart);
         assert_eq!(c("POST", "/b/k", "uploads"), Op::CreateMultipartUpload);
         assert_eq!(c("POST", "/b/k", "uploadId=x"), Op::CompleteMultipartUpload);
         assert_eq!(c("DELETE", "/b/k", "uploadId=x"), Op::AbortMultipartUpload);
         assert_eq!(c("GET", "/b/k", "uploadId=x"), Op::ListParts);
-        let p = classify(&Method::GET, "/b/a%20b/c", vec![]);
+        let p = classify(&Method::GET, "/b/a%20b/c", vec![], false);
         assert_eq!((p.bucket.as_str(), p.key.as_str()), ("b", "a b/c"));
     }
 }
