@@ -23,9 +23,16 @@ if ! command -v protoc >/dev/null 2>&1 || ! command -v etcd >/dev/null 2>&1; the
   fi
 fi
 export WEIR_REQUIRE_ETCD=1
-# boto3 is a real S3 client for weir-cp's S3 endpoint test.
-if ! python3 -c 'import boto3' >/dev/null 2>&1; then
-  python3 -m pip install -q boto3
+# Real S3 clients for weir-cp's S3 endpoint tests: boto3 and the AWS CLI (PyPI, installed
+# together so pip picks one botocore for both) and rclone (Debian). WEIR_REQUIRE_BOTO3=1
+# makes any of them missing a failure instead of a skip.
+if ! python3 -c 'import boto3' >/dev/null 2>&1 || ! command -v aws >/dev/null 2>&1; then
+  python3 -m pip install -q boto3 awscli
+fi
+if ! command -v rclone >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rclone) >/dev/null
+  fi
 fi
 export WEIR_REQUIRE_BOTO3=1
 # moto's server is the local S3-compatible store the `--objects s3://` backend is tested

@@ -1090,3 +1090,250 @@ async fn acknowledged_puts_survive_kill_9() {
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Run `program args` with `env` and the AWS environment cleared; its stdout, or a panic with
+/// both outputs.
+async fn run_client(program: &str, args: Vec<String>, env: Vec<(String, String)>) -> String {
+    let program = program.to_string();
+    let shown = format!("{program} {}", args.join(" "));
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(&program);
+        cmd.args(&args);
+        for v in [
+            "AWS_PROFILE",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_CA_BUNDLE",
+        ] {
+            cmd.env_remove(v);
+        }
+        cmd.envs(env).output().expect("run the client")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{shown} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Whether `program --version` runs; a loud skip unless WEIR_REQUIRE_BOTO3=1 (scripts/test.sh
+/// installs boto3, the AWS CLI and rclone together and sets it).
+fn have_client(program: &str, test: &str) -> bool {
+    let have = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var("WEIR_REQUIRE_BOTO3").as_deref() != Ok("1"),
+            "WEIR_REQUIRE_BOTO3=1 but {program} is missing"
+        );
+        eprintln!("\n*** SKIPPED {test}: {program} is missing ***\n");
+    }
+    have
+}
+
+/// A local tree for the sync clients: two small files and one over the AWS CLI's 8 MiB
+/// multipart threshold.
+fn client_tree(tag: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let dir = temp_dir(tag);
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    std::fs::write(dir.join("a.txt"), b"alpha\n").expect("write");
+    std::fs::write(dir.join("sub/b.txt"), b"beta\n").expect("write");
+    let big: Vec<u8> = (0..9 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(dir.join("big.bin"), &big).expect("write");
+    (dir, big)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_cli_against_the_s3_endpoint() {
+    if !have_client("aws", "aws_cli_against_the_s3_endpoint") {
+        return;
+    }
+    let srv = S3Server::start().await;
+    let (dir, big) = client_tree("awscli");
+    let config = dir.join("aws-config");
+    std::fs::write(
+        &config,
+        "[default]\nregion = us-east-1\ns3 =\n  addressing_style = path\n",
+    )
+    .expect("config");
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID".to_string(), AK.to_string()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), SK.to_string()),
+        ("AWS_CONFIG_FILE".to_string(), config.display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+            "/dev/null".to_string(),
+        ),
+    ];
+    let endpoint = format!("http://{}", srv.s3);
+    let aws = |args: &[&str]| {
+        let mut v: Vec<String> = vec!["--endpoint-url".into(), endpoint.clone()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        run_client("aws", v, env.clone())
+    };
+    let d = dir.display().to_string();
+    aws(&["s3", "mb", "s3://cli"]).await;
+    // sync: PutObject for the small files, a multipart upload for big.bin.
+    aws(&[
+        "s3",
+        "sync",
+        &d,
+        "s3://cli/data/",
+        "--exclude",
+        "aws-config",
+    ])
+    .await;
+    let ls = aws(&["s3", "ls", "s3://cli/data/", "--recursive"]).await;
+    for k in ["data/a.txt", "data/sub/b.txt", "data/big.bin"] {
+        assert!(ls.contains(k), "{ls}");
+    }
+    // A second sync finds nothing to do (sizes and times compare through ListObjectsV2).
+    let again = aws(&[
+        "s3",
+        "sync",
+        &d,
+        "s3://cli/data/",
+        "--exclude",
+        "aws-config",
+    ])
+    .await;
+    assert!(!again.contains("upload:"), "{again}");
+    // Bucket-to-bucket copy: a multipart copy (UploadPartCopy) of big.bin, CopyObject of a.txt.
+    aws(&["s3", "cp", "s3://cli/data/big.bin", "s3://cli/copy/big.bin"]).await;
+    aws(&["s3", "cp", "s3://cli/data/a.txt", "s3://cli/copy/a.txt"]).await;
+    let out = dir.join("big.out");
+    aws(&[
+        "s3",
+        "cp",
+        "s3://cli/copy/big.bin",
+        &out.display().to_string(),
+    ])
+    .await;
+    assert!(
+        std::fs::read(&out).expect("downloaded") == big,
+        "copied bytes differ"
+    );
+    // ListObjects (v1) with a delimiter.
+    let v1 = aws(&[
+        "s3api",
+        "list-objects",
+        "--bucket",
+        "cli",
+        "--delimiter",
+        "/",
+    ])
+    .await;
+    let v1: serde_json::Value = serde_json::from_str(&v1).expect("json");
+    let prefixes: Vec<&str> = v1["CommonPrefixes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["Prefix"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(prefixes, ["copy/", "data/"], "{v1}");
+    // DeleteObjects, then rm --recursive for the rest, then the bucket.
+    let del = aws(&[
+        "s3api",
+        "delete-objects",
+        "--bucket",
+        "cli",
+        "--delete",
+        "Objects=[{Key=copy/a.txt},{Key=copy/big.bin}]",
+    ])
+    .await;
+    assert!(del.contains("copy/big.bin"), "{del}");
+    aws(&["s3", "rm", "s3://cli", "--recursive"]).await;
+    aws(&["s3", "rb", "s3://cli"]).await;
+    let buckets = aws(&["s3", "ls"]).await;
+    assert!(!buckets.contains("cli"), "{buckets}");
+    // The operations the CLI used, as weir-cp counted them.
+    let m = srv.cp.metrics.render();
+    for op in [
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "UploadPartCopy",
+        "CopyObject",
+        "ListObjects",
+        "ListObjectsV2",
+        "DeleteObjects",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "weir_cp_objects_s3_requests_total{{op=\"{op}\",status=\"200\"}}"
+            )),
+            "{op} not counted:\n{m}"
+        );
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rclone_against_the_s3_endpoint() {
+    if !have_client("rclone", "rclone_against_the_s3_endpoint") {
+        return;
+    }
+    let srv = S3Server::start().await;
+    let (dir, _big) = client_tree("rclone");
+    // Provider "Other" lists with ListObjects v1; one key per page exercises its markers.
+    let env: Vec<(String, String)> = [
+        ("RCLONE_CONFIG", "/dev/null"),
+        ("RCLONE_CONFIG_W_TYPE", "s3"),
+        ("RCLONE_CONFIG_W_PROVIDER", "Other"),
+        ("RCLONE_CONFIG_W_ACCESS_KEY_ID", AK),
+        ("RCLONE_CONFIG_W_SECRET_ACCESS_KEY", SK),
+        ("RCLONE_CONFIG_W_REGION", "us-east-1"),
+        ("RCLONE_CONFIG_W_FORCE_PATH_STYLE", "true"),
+        ("RCLONE_S3_LIST_CHUNK", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain([(
+        "RCLONE_CONFIG_W_ENDPOINT".to_string(),
+        format!("http://{}", srv.s3),
+    )])
+    .collect();
+    let rclone = |args: &[&str]| {
+        run_client(
+            "rclone",
+            args.iter().map(|s| s.to_string()).collect(),
+            env.clone(),
+        )
+    };
+    let d = dir.display().to_string();
+    rclone(&["mkdir", "w:rcl"]).await;
+    rclone(&["copy", &d, "w:rcl/data"]).await;
+    let mut listed: Vec<String> = rclone(&["lsf", "-R", "--files-only", "w:rcl"])
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["data/a.txt", "data/big.bin", "data/sub/b.txt"]);
+    // check compares sizes and MD5s (our ETags) with the local files.
+    rclone(&["check", &d, "w:rcl/data"]).await;
+    // Server-side copy (CopyObject), then read it back.
+    rclone(&["copyto", "w:rcl/data/a.txt", "w:rcl/copied.txt"]).await;
+    assert_eq!(rclone(&["cat", "w:rcl/copied.txt"]).await, "alpha\n");
+    rclone(&["purge", "w:rcl"]).await;
+    let left = rclone(&["lsf", "w:"]).await;
+    assert!(!left.contains("rcl"), "{left}");
+    // rclone listed with ListObjects v1, one key per page (markers), and copied server-side.
+    let m = srv.cp.metrics.render();
+    let count = |op: &str| -> u64 {
+        let k = format!("weir_cp_objects_s3_requests_total{{op=\"{op}\",status=\"200\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("ListObjects") > 3, "{m}");
+    assert_eq!(count("CopyObject"), 1, "{m}");
+    srv.stop().await;
+}
