@@ -338,6 +338,30 @@ impl HeaderAdd {
     }
 }
 
+/// The first `name=value` in the `Cookie` headers (Envoy's `parseCookieValue`); an empty value
+/// counts as absent.
+pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    for h in headers.get_all(http::header::COOKIE) {
+        let Ok(s) = h.to_str() else { continue };
+        for pair in s.split(';') {
+            let Some((k, v)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            if k.trim() == name {
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|x| x.strip_suffix('"'))
+                    .unwrap_or(v);
+                if !v.is_empty() {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 //!               | first `rules[]` entry whose match fits | none (continue)
 //!   strip incoming forward_payload_header / claim_to_headers names (anti-spoofing)
 //!   evaluate(requirement):
-//!     provider_name p      -> token from p's locations -> parse -> iss -> exp/nbf -> aud
+//!     provider_name p      -> token from p's locations (headers, params, cookies) -> parse
+//!                             -> iss -> sub (subjects) -> exp/nbf -> lifetime -> aud
 //!                             -> JWKS (local, or the remote cache) -> signature
 //!     requires_any/all     -> children (any: first Ok wins; errors other than "missing" win)
 //!     allow_missing(_or_failed) -> every provider's token, provider picked by `iss`
@@ -32,8 +33,7 @@
 //! - `remote_jwks.async_fetch` is accepted: weir always fetches on demand (no pre-fetch).
 //! - Local JWKS must be JWKS JSON (Envoy also accepts PEM).
 //! - Only the first token found for a provider is verified.
-//! - `from_cookies`, `subjects`, `require_expiration`, `max_lifetime`, `jwt_cache_config`,
-//!   `header_in_metadata`, `failed_status_in_metadata`, `normalize_payload_in_metadata`,
+//! - `jwt_cache_config`, `header_in_metadata`, `failed_status_in_metadata`, `normalize_payload_in_metadata`,
 //!   `clear_route_cache`, `filter_state_rules`, `strip_failure_response`,
 //!   `extract_only_without_validation`, `retry_policy` are rejected.
 //! - A per-route `requirement_name` missing from `requirement_map` answers 403
@@ -63,6 +63,7 @@ use weir_xds_api::pb::envoy::extensions::filters::http::jwt_authn::v3 as pb;
 use crate::chain::{FilterContext, StreamInfo};
 use crate::config::{ConfigErrors, FactoryContext, RequestMatcher, StatScope, duration, join};
 use crate::fetch::{FetchRequest, UpstreamFetch};
+use crate::matcher::StringMatch;
 use crate::rbac::full_regex;
 use crate::{FilterAction, HttpFilter, HttpFilterFactory, LocalReply, type_urls};
 
@@ -80,6 +81,8 @@ enum Location {
     Header(HeaderName, Box<str>),
     /// A query parameter.
     Param(Box<str>),
+    /// A cookie (`from_cookies`; the cookie stays on the request, as in Envoy).
+    Cookie(Box<str>),
 }
 
 /// A found token and where it came from.
@@ -134,6 +137,12 @@ impl Location {
                                 header: None,
                             })
                     })
+            }
+            Location::Cookie(name) => {
+                crate::config::cookie_value(&req.headers, name).map(|t| Found {
+                    token: t.to_string(),
+                    header: None,
+                })
             }
         }
     }
@@ -259,7 +268,32 @@ struct Provider {
     pad_forward_payload_header: bool,
     claim_to_headers: Vec<ClaimToHeader>,
     clock_skew: u64,
+    /// `subjects`: the `sub` claim must match.
+    subjects: Option<StringMatch>,
+    /// `max_lifetime` (or unbounded for `require_expiration`): `exp` must be present and,
+    /// when bounded, `exp - now` below it.
+    max_lifetime: Option<Option<Duration>>,
     keys: KeySource,
+}
+
+impl Provider {
+    /// Envoy's `isSubjectAllowed` (an absent `sub` is the empty string).
+    fn subject_allowed(&self, jwt: &Jwt) -> bool {
+        self.subjects
+            .as_ref()
+            .is_none_or(|m| m.matches(jwt.payload.get("sub").and_then(Value::as_str).unwrap_or("")))
+    }
+
+    /// Envoy's `isLifetimeAllowed`: the remaining lifetime (`exp - now`) below `max_lifetime`;
+    /// with `require_expiration` only that `exp` is present.
+    fn lifetime_allowed(&self, jwt: &Jwt, now: u64) -> bool {
+        match self.max_lifetime {
+            None => true,
+            Some(_) if jwt.exp == 0 => false,
+            Some(None) => true,
+            Some(Some(max)) => Duration::from_secs(jwt.exp.saturating_sub(now)) < max,
+        }
+    }
 }
 
 /// Envoy's audience normalization: scheme and trailing slash do not count.
@@ -453,7 +487,13 @@ impl<'f> Eval<'f, '_> {
         if !p.issuer.is_empty() && jwt.iss != p.issuer {
             return Err(Status::JwtUnknownIssuer.into());
         }
+        if !p.subject_allowed(&jwt) {
+            return Err(Status::JwtVerificationFail.into());
+        }
         jwt.check_time(self.now, p.clock_skew)?;
+        if !p.lifetime_allowed(&jwt, self.now) {
+            return Err(Status::JwtExpired.into());
+        }
         if !audiences_allowed(audiences.unwrap_or(&p.audiences), &jwt.audiences) {
             return Err(Status::JwtAudienceNotAllowed.into());
         }
@@ -872,6 +912,10 @@ fn translate_provider(
             "forward",
             "from_headers",
             "from_params",
+            "from_cookies",
+            "subjects",
+            "require_expiration",
+            "max_lifetime",
             "forward_payload_header",
             "pad_forward_payload_header",
             "payload_in_metadata",
@@ -1001,7 +1045,16 @@ fn translate_provider(
         }
         locations.push(Location::Param(q.as_str().into()));
     }
-    if p.from_headers.is_empty() && p.from_params.is_empty() {
+    for (i, c) in p.from_cookies.iter().enumerate() {
+        if c.is_empty() || c.contains([';', '=', ' ']) {
+            errs.add(
+                format!("{path}.from_cookies[{i}]"),
+                "must be a cookie name (non-empty, no ';', '=' or spaces)",
+            );
+        }
+        locations.push(Location::Cookie(c.as_str().into()));
+    }
+    if p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty() {
         // Envoy's defaults.
         locations.push(Location::Header(
             http::header::AUTHORIZATION,
@@ -1033,6 +1086,15 @@ fn translate_provider(
             });
         }
     }
+    let subjects = p
+        .subjects
+        .as_ref()
+        .and_then(|m| StringMatch::translate(m, &join(path, "subjects"), errs));
+    let max_lifetime = match &p.max_lifetime {
+        Some(d) => Some(Some(duration(d, &join(path, "max_lifetime"), errs))),
+        None if p.require_expiration => Some(None),
+        None => None,
+    };
     if errs.len() != before {
         return None;
     }
@@ -1050,6 +1112,8 @@ fn translate_provider(
         } else {
             u64::from(p.clock_skew_seconds)
         },
+        subjects,
+        max_lifetime,
         keys: keys?,
     })
 }
@@ -1656,6 +1720,104 @@ rules:
         assert!(run(&f, &s, "/either/x", &[], None).await.reply.is_none());
     }
 
+    #[tokio::test]
+    async fn cookies_subjects_and_lifetimes() {
+        let k = TestKey::es384("k");
+        let yaml = format!(
+            r#"
+providers:
+  svid:
+    issuer: spire
+    local_jwks: {{inline_string: '{keys}'}}
+    from_cookies: [session, other]
+    subjects: {{prefix: 'spiffe://example.org/'}}
+    max_lifetime: 3600s
+  exp:
+    issuer: exp
+    local_jwks: {{inline_string: '{keys}'}}
+    require_expiration: true
+rules:
+- match: {{prefix: /svid}}
+  requires: {{provider_name: svid}}
+- match: {{prefix: /exp}}
+  requires: {{provider_name: exp}}
+"#,
+            keys = jwks(&[&k])
+        );
+        let ctx = CountingCtx::default();
+        let f = build(&yaml, &ctx).expect("filter");
+        let s = Server::default();
+        let svid = |sub: &str, exp: u64| k.token(&json!({"iss": "spire", "sub": sub, "exp": exp}));
+        let good = svid("spiffe://example.org/ns/a/sa/b", NOW + 600);
+        let cookie = |t: &str| format!("theme=dark; session=\"{t}\"; x=1");
+        // Found in the cookie (quoted, among others); the cookie stays on the request.
+        let out = run(&f, &s, "/svid", &[("cookie", &cookie(&good))], None).await;
+        assert!(out.reply.is_none(), "{:?}", out.reply);
+        assert!(out.headers.contains_key("cookie"));
+        // The second cookie name works too; the default Authorization location does not.
+        let out = run(
+            &f,
+            &s,
+            "/svid",
+            &[("cookie", &format!("other={good}"))],
+            None,
+        )
+        .await;
+        assert!(out.reply.is_none(), "{:?}", out.reply);
+        let r = run(
+            &f,
+            &s,
+            "/svid",
+            &[("authorization", &format!("Bearer {good}"))],
+            None,
+        )
+        .await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is missing");
+        // A subject outside the prefix, or none: verification fails.
+        for t in [
+            svid("spiffe://evil.org/x", NOW + 600),
+            k.token(&json!({"iss": "spire", "exp": NOW + 600})),
+        ] {
+            let r = run(&f, &s, "/svid", &[("cookie", &cookie(&t))], None).await;
+            assert_eq!(r.reply.expect("denied").body, "Jwt verification fails");
+        }
+        // Lifetime: under an hour left is fine, more is not, no exp is not.
+        let long = svid("spiffe://example.org/x", NOW + 3600);
+        let r = run(&f, &s, "/svid", &[("cookie", &cookie(&long))], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is expired");
+        let forever = k.token(&json!({"iss": "spire", "sub": "spiffe://example.org/x"}));
+        let r = run(&f, &s, "/svid", &[("cookie", &cookie(&forever))], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is expired");
+        let ok = svid("spiffe://example.org/x", NOW + 3599);
+        let r = run(&f, &s, "/svid", &[("cookie", &cookie(&ok))], None).await;
+        assert!(r.reply.is_none(), "{:?}", r.reply);
+        // require_expiration: any exp, but one must be there.
+        let bearer = |t: String| format!("Bearer {t}");
+        let t = k.token(&json!({"iss": "exp", "exp": NOW + 10 * 86_400}));
+        let r = run(&f, &s, "/exp", &[("authorization", &bearer(t))], None).await;
+        assert!(r.reply.is_none(), "{:?}", r.reply);
+        let t = k.token(&json!({"iss": "exp"}));
+        let r = run(&f, &s, "/exp", &[("authorization", &bearer(t))], None).await;
+        assert_eq!(r.reply.expect("denied").body, "Jwt is expired");
+        // Bad config: an empty cookie name, a bad subjects matcher.
+        let e = build(
+            &format!(
+                "providers: {{p: {{local_jwks: {{inline_string: '{}'}}, from_cookies: [''], subjects: {{safe_regex: {{regex: '('}}}}}}}}",
+                jwks(&[&k])
+            ),
+            &ctx,
+        )
+        .expect_err("rejected");
+        let paths: Vec<&str> = e.iter().map(|(p, _)| p.as_str()).collect();
+        assert!(paths.contains(&"jwt.providers[p].from_cookies[0]"), "{e:?}");
+        assert!(
+            paths
+                .iter()
+                .any(|p| p.starts_with("jwt.providers[p].subjects")),
+            "{e:?}"
+        );
+    }
+
     fn remote_config(cache: &str) -> String {
         format!(
             r#"
@@ -1824,9 +1986,9 @@ rules:
         );
         assert_eq!(e[0].0, "jwt.providers[p].remote_jwks.retry_policy");
         let e = err(
-            "providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}}, from_cookies: [c]}}",
+            "providers: {p: {remote_jwks: {http_uri: {uri: 'http://x/k', cluster: c, timeout: 1s}}, header_in_metadata: h}}",
         );
-        assert_eq!(e[0].0, "jwt.providers[p].from_cookies");
+        assert_eq!(e[0].0, "jwt.providers[p].header_in_metadata");
         let e = err("rules: [{match: {prefix: /}, requires: {provider_name: nope}}]");
         assert_eq!(e[0].0, "jwt.rules[0].requires.provider_name");
         let e = err("rules: [{match: {prefix: /}, requirement_name: nope}]");

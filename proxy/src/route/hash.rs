@@ -26,6 +26,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use weir_filters::config::cookie_value;
 use weir_xds_api::pb::envoy::config::route::v3::route_action::{
     HashPolicy as PbHashPolicy, hash_policy::PolicySpecifier as P,
 };
@@ -267,30 +268,6 @@ fn header_hash(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
             Some(xxhash64(&values.concat()))
         }
     }
-}
-
-/// The first `name=value` in the `Cookie` headers (Envoy's `parseCookieValue`); an empty value
-/// counts as absent.
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    for h in headers.get_all(http::header::COOKIE) {
-        let Ok(s) = h.to_str() else { continue };
-        for pair in s.split(';') {
-            let Some((k, v)) = pair.trim().split_once('=') else {
-                continue;
-            };
-            if k.trim() == name {
-                let v = v.trim();
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|x| x.strip_suffix('"'))
-                    .unwrap_or(v);
-                if !v.is_empty() {
-                    return Some(v);
-                }
-            }
-        }
-    }
-    None
 }
 
 /// The first value of query parameter `name` (raw, not decoded); `a` alone is `""`.
