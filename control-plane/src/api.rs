@@ -165,19 +165,44 @@ pub fn required(method: &Method, path: &str) -> Required {
     }
 }
 
-use crate::http_server::PeerCerts;
+use crate::http_server::Conn;
+use crate::ratelimit::{self, Api, RequestLimiter};
+
+/// 429 with `retry-after` and the API's JSON error shape.
+fn too_many_requests(l: &ratelimit::Limited) -> Resp {
+    let body = serde_json::json!({
+        "error": format!("rate limit exceeded: retry in {} s", l.retry_after_secs()),
+        "errors": []
+    });
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, l.retry_after_secs().into());
+    r
+}
 
 async fn handle(
     cp: Arc<ControlPlane>,
     auth: Arc<Authenticator>,
-    peer_certs: PeerCerts,
+    limiter: Arc<RequestLimiter>,
+    conn: Conn,
     req: hyper::Request<Incoming>,
 ) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Health probes are never limited; everything else is, before authentication.
+    if path != "/healthz"
+        && let Err(l) = limiter.check(Api::Http, Some(conn.remote.ip()))
+    {
+        return too_many_requests(&l);
+    }
     if let Err(denied) = auth.http(
         req.headers(),
-        peer_certs.as_deref().map(|c| c.as_slice()),
+        conn.certs.as_deref().map(|c| c.as_slice()),
         required(&method, &path),
         &format!("{method} {path}"),
     ) {
@@ -305,6 +330,7 @@ pub async fn serve(
         cp,
         listener,
         Arc::new(Authenticator::open()),
+        Arc::new(RequestLimiter::unlimited()),
         None,
         shutdown,
     )
@@ -317,11 +343,12 @@ pub async fn serve_with(
     cp: Arc<ControlPlane>,
     listener: tokio::net::TcpListener,
     auth: Arc<Authenticator>,
+    limiter: Arc<RequestLimiter>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    crate::http_server::serve("API", listener, tls, shutdown, move |req, certs| {
-        handle(cp.clone(), auth.clone(), certs, req)
+    crate::http_server::serve("API", listener, tls, shutdown, move |req, conn| {
+        handle(cp.clone(), auth.clone(), limiter.clone(), conn, req)
     })
     .await
 }

@@ -11,6 +11,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +33,17 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// The connection's verified client certificates (TLS with a client CA only).
 pub type PeerCerts = Option<Arc<Vec<CertificateDer<'static>>>>;
 
+/// What a handler knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Its verified client certificates.
+    pub certs: PeerCerts,
+}
+
 /// Serve HTTP/1.1 on `listener` until `shutdown` is cancelled, over TLS when `tls` is set.
-/// Every request goes to `handler` with the connection's client certificates. `endpoint`
+/// Every request goes to `handler` with its connection's [`Conn`]. `endpoint`
 /// names the endpoint in log lines ("API", "S3", "webhook").
 pub async fn serve<H, Fut, B>(
     endpoint: &'static str,
@@ -42,14 +52,14 @@ pub async fn serve<H, Fut, B>(
     shutdown: CancellationToken,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, PeerCerts) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Conn) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -68,7 +78,11 @@ pub async fn serve<H, Fut, B>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let Some(acceptor) = tls else {
-                return serve_connection(endpoint, stream, None, handler, shutdown).await;
+                let conn = Conn {
+                    remote,
+                    certs: None,
+                };
+                return serve_connection(endpoint, stream, conn, handler, shutdown).await;
             };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -90,7 +104,8 @@ pub async fn serve<H, Fut, B>(
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-            serve_connection(endpoint, stream, certs, handler, shutdown).await
+            let conn = Conn { remote, certs };
+            serve_connection(endpoint, stream, conn, handler, shutdown).await
         });
     }
 }
@@ -98,19 +113,19 @@ pub async fn serve<H, Fut, B>(
 async fn serve_connection<IO, H, Fut, B>(
     endpoint: &'static str,
     io: IO,
-    certs: PeerCerts,
+    conn: Conn,
     handler: H,
     shutdown: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Fn(Request<Incoming>, PeerCerts) -> Fut + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Conn) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let svc = hyper::service::service_fn(move |req| {
-        let answer = handler(req, certs.clone());
+        let answer = handler(req, conn.clone());
         async move { Ok::<_, Infallible>(answer.await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()

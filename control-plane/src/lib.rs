@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod objects;
 pub mod operator;
 pub mod proto;
+pub mod ratelimit;
 pub mod registry;
 pub mod resource;
 pub mod settings;
@@ -119,6 +120,9 @@ pub enum Error {
     /// The `auth:` settings cannot be used, or no credentials on a non-loopback address.
     #[error("{0}")]
     Auth(#[from] auth::AuthConfigError),
+    /// Invalid `limits:` settings.
+    #[error("{0}")]
+    Limits(#[from] ratelimit::LimitError),
     /// A listener's address could not be read.
     #[error("reading a listening address: {0}")]
     Listener(#[source] std::io::Error),
@@ -439,6 +443,8 @@ pub async fn run(
         );
     }
     cp.metrics.add_collector(authn.clone());
+    let limiter = Arc::new(ratelimit::RequestLimiter::new(&opts.settings.limits)?);
+    cp.metrics.add_collector(limiter.clone());
     // The mesh CA: load or create the root (shared through etcd with `--store etcd`).
     let root_store = match &cp.etcd {
         Some(etcd) => ca::RootStore::Etcd(etcd.clone()),
@@ -479,6 +485,7 @@ pub async fn run(
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(cp.ca.clone().run_rotation(token.clone())));
+    tasks.extend(limiter.spawn_sweeper(token.clone()));
     // The KV store: its services (one place, for an auth layer to wrap) and lease expiry.
     let kv = kv::service::services(cp.kv.clone(), cp.metrics.clone(), token.clone());
     tasks.extend(cp.kv.spawn_expiry(token.clone()));
@@ -499,6 +506,7 @@ pub async fn run(
             endpoint,
             s3,
             http_tls.clone(),
+            limiter.clone(),
             token.clone(),
         )));
     }
@@ -507,6 +515,7 @@ pub async fn run(
             cp.clone(),
             api,
             authn.clone(),
+            limiter.clone(),
             http_tls,
             token.clone(),
         )));
@@ -527,7 +536,9 @@ pub async fn run(
     let result = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Every gRPC service below is behind this one layer (method -> scope table).
+        // Every gRPC service below is behind these layers: the per-client request rate
+        // (outermost, so bad credentials are limited too), then auth (method -> scope table).
+        .layer(ratelimit::GrpcLimitLayer::new(limiter.clone()))
         .layer(auth::grpc::AuthLayer::new(authn.clone()))
         .add_service(health)
         .add_service(ads)

@@ -22,6 +22,9 @@
 //!   - access_key_id: AKIAWEIREXAMPLE
 //!     secret_access_key: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
 //!     scopes: [objects:read, objects:write]
+//! limits:                    # per-client request rates (see crate::ratelimit)
+//!   requests_per_second: 50
+//!   burst: 100
 //! inject:                    # the sidecar injection webhook (see crate::inject)
 //!   tls: {cert_file: /etc/weir-cp/webhook/tls.crt, key_file: /etc/weir-cp/webhook/tls.key}
 //!   proxy_image: weir/weir:0.1.0
@@ -53,6 +56,9 @@ pub struct Settings {
     /// `serve --webhook-address`.
     #[serde(default)]
     pub inject: Option<crate::inject::InjectSettings>,
+    /// Per-client request-rate limits on every API (see `crate::ratelimit`).
+    #[serde(default)]
+    pub limits: crate::ratelimit::LimitSettings,
 }
 
 /// A permission a credential carries.

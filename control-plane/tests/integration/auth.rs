@@ -368,7 +368,26 @@ async fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    http_from(None, addr, method, path, token, body).await
+}
+
+/// [`http`] from the local address `source` (e.g. 127.0.0.2: another client on loopback).
+async fn http_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
+    let mut s = match source {
+        None => tokio::net::TcpStream::connect(addr).await.expect("connect"),
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.bind(SocketAddr::new(ip, 0)).expect("bind source");
+            sock.connect(addr).await.expect("connect")
+        }
+    };
     let auth = token
         .map(|t| format!("authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -1058,4 +1077,74 @@ async fn objects_grpc_needs_objects_scopes() {
         .map(|b| b.name)
         .collect();
     assert_eq!(names, ["allowed"], "the refused bucket was not created");
+}
+
+/// `limits:` gives every client address one bucket across the gRPC APIs and the HTTP API,
+/// checked before authentication; health checks are exempt; refusals are RESOURCE_EXHAUSTED
+/// and 429 with `retry-after`, counted by API.
+#[tokio::test]
+async fn request_rates_are_limited_per_client() {
+    // One request per 100 s sustained, 3 at once: the 4th within the test is refused.
+    let s = start(&format!(
+        "{}limits: {{requests_per_second: 0.01, burst: 3}}\n",
+        token_settings()
+    ))
+    .await;
+    let ch = channel(s.xds, &creds(Some(KVR))).await;
+    assert_eq!(kv_get(ch.clone(), "k").await.expect("1st"), None);
+    assert_eq!(kv_get(ch.clone(), "k").await.expect("2nd"), None);
+    let (st, _, body) = http(s.api, "GET", "/v1/status", Some(KVR), "").await;
+    assert_eq!(st, 200, "3rd: {body}");
+    // The bucket is empty for 127.0.0.1, whichever API and whatever credentials.
+    let e = kv_get(ch.clone(), "k").await.expect_err("4th");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("rate limit"), "{}", e.message());
+    let e = kv_get(channel(s.xds, &creds(Some("wrong"))).await, "k")
+        .await
+        .expect_err("limited before auth");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    let (st, head, body) = http(s.api, "GET", "/v1/status", Some(KVR), "").await;
+    assert_eq!(st, 429, "{body}");
+    assert!(head.contains("retry-after: "), "{head}");
+    assert!(body.contains("rate limit exceeded"), "{body}");
+    // Health checks are exempt.
+    assert_eq!(http(s.api, "GET", "/healthz", None, "").await.0, 200);
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health is not limited");
+    assert_eq!(health.into_inner().status, 1);
+    // Another client address has its own bucket.
+    let other = Some("127.0.0.2".parse().expect("ip"));
+    let (st, _, body) = http_from(other, s.api, "GET", "/v1/status", Some(KVR), "").await;
+    assert_eq!(st, 200, "{body}");
+    let m = s.cp.metrics.render();
+    assert!(
+        m.contains("weir_cp_rate_limited_total{api=\"grpc\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("weir_cp_rate_limited_total{api=\"http\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn bad_limits_are_refused() {
+    for bad in [
+        "limits: {requests_per_second: -1}\n",
+        "limits: {requests_per_second: 5, burst: 0}\n",
+        "limits: {rps: 5}\n",
+    ] {
+        let refused = Settings::parse(bad, "test")
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                weir_control_plane::ratelimit::RequestLimiter::new(&s.limits)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        assert!(refused.is_err(), "{bad}");
+    }
 }

@@ -1337,3 +1337,34 @@ async fn rclone_against_the_s3_endpoint() {
     assert_eq!(count("CopyObject"), 1, "{m}");
     srv.stop().await;
 }
+
+/// Over its request rate (`limits:`), an S3 client gets 503 `SlowDown` with `retry-after`
+/// (what AWS SDKs back off on), before its signature is even checked.
+#[tokio::test]
+async fn s3_clients_over_their_request_rate_slow_down() {
+    let settings = Settings {
+        limits: weir_control_plane::ratelimit::LimitSettings {
+            requests_per_second: 0.01,
+            burst: Some(2),
+        },
+        ..Default::default()
+    };
+    let srv = S3Server::start_with(settings).await;
+    let a = srv.s3;
+    assert_eq!(send(a, "GET", "/", &[], vec![], rw()).await.status, 200);
+    assert_eq!(send(a, "GET", "/", &[], vec![], rw()).await.status, 200);
+    let r = send(a, "GET", "/", &[], vec![], rw()).await;
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (503, "SlowDown"),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("retry-after").parse::<u64>().unwrap_or(0) >= 1);
+    let m = srv.cp.metrics.render();
+    assert!(
+        m.contains("weir_cp_rate_limited_total{api=\"s3\"} 1"),
+        "{m}"
+    );
+    srv.stop().await;
+}

@@ -1482,6 +1482,7 @@ async fn objects_conditional_get(backend: Arc<dyn ObjectBackend>) {
         s3,
         l,
         None,
+        Arc::new(weir_control_plane::ratelimit::RequestLimiter::unlimited()),
         stop.clone(),
     ));
     let data = pattern(70_000, 21);

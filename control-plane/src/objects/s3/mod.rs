@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use self::sigv4::{AuthError, ChunkDecoder, ChunkSigner, SignatureParams};
 use super::metrics::ObjectsMetrics;
 use super::{ByteRange, ByteStream, ObjError, ObjectBackend, ObjectInfo, PutOptions, hex, iso8601};
+use crate::ratelimit::{Api, Limited, RequestLimiter};
 use crate::settings::{S3Settings, Scope};
 
 /// Largest CompleteMultipartUpload body read (1 MiB).
@@ -81,10 +82,12 @@ pub async fn serve(
     s3: Arc<S3>,
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limiter: Arc<RequestLimiter>,
     shutdown: CancellationToken,
 ) {
-    crate::http_server::serve("S3", listener, tls, shutdown, move |req, _certs| {
-        handle(s3.clone(), req)
+    crate::http_server::serve("S3", listener, tls, shutdown, move |req, conn| {
+        let limited = limiter.check(Api::S3, Some(conn.remote.ip())).err();
+        handle(s3.clone(), req, limited)
     })
     .await
 }
@@ -417,7 +420,8 @@ const LIST_PARAMS: &[&str] = &[
     "fetch-owner",
 ];
 
-async fn handle(s3: Arc<S3>, req: Request<Incoming>) -> Response<Body> {
+/// Answer one request; `limited`: the client is over its request rate (503 `SlowDown`).
+async fn handle(s3: Arc<S3>, req: Request<Incoming>, limited: Option<Limited>) -> Response<Body> {
     let request_id = format!("{:016X}", s3.next_id.fetch_add(1, Relaxed));
     let path = req.uri().path().to_string();
     let is_head = req.method() == Method::HEAD;
@@ -428,10 +432,21 @@ async fn handle(s3: Arc<S3>, req: Request<Incoming>) -> Response<Body> {
         req.headers().contains_key("x-amz-copy-source"),
     );
     let op = parsed.op;
-    let mut resp = match dispatch(&s3, req, parsed).await {
+    let answer = match limited {
+        Some(l) => Err(S3Error::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            format!(
+                "Please reduce your request rate (retry in {} s)",
+                l.retry_after_secs()
+            ),
+        )),
+        None => dispatch(&s3, req, parsed).await,
+    };
+    let mut resp = match answer {
         Ok(r) => r,
         Err(e) => {
-            if e.status.is_server_error() {
+            if e.status.is_server_error() && e.code != "SlowDown" {
                 tracing::warn!(
                     op = op.as_str(),
                     code = e.code,
@@ -451,6 +466,10 @@ async fn handle(s3: Arc<S3>, req: Request<Incoming>) -> Response<Body> {
             }
         }
     };
+    if let Some(l) = limited {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, l.retry_after_secs().into());
+    }
     if let Ok(v) = http::HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-amz-request-id", v);
     }
