@@ -674,6 +674,7 @@ fn golden_injected_example_app() {
         "configmap",
     )
     .expect("settings");
+    crate::ratelimit::RequestLimiter::new(&settings.limits).expect("valid limits");
     let inj = Injector::new(settings.inject.expect("inject block")).expect("valid");
     let app = std::fs::read_to_string(deploy.join("example-app/app.yaml")).expect("app");
     let mut deployment = None;
