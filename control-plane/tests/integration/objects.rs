@@ -949,19 +949,7 @@ async fn run_boto3(endpoint: String, ca_bundle: Option<std::path::PathBuf>) {
 
 /// Whether boto3 can be imported; skipping loudly unless WEIR_REQUIRE_BOTO3=1.
 fn have_boto3(test: &str) -> bool {
-    let have = Command::new(python())
-        .args(["-c", "import boto3"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !have {
-        assert!(
-            std::env::var("WEIR_REQUIRE_BOTO3").as_deref() != Ok("1"),
-            "WEIR_REQUIRE_BOTO3=1 but boto3 is not importable (pip install boto3)"
-        );
-        eprintln!("\n*** SKIPPED {test}: boto3 is missing (pip install boto3) ***\n");
-    }
-    have
+    have_client(&python(), &["-c", "import boto3"], test)
 }
 
 #[tokio::test]
@@ -1121,19 +1109,23 @@ async fn run_client(program: &str, args: Vec<String>, env: Vec<(String, String)>
     stdout
 }
 
-/// Whether `program --version` runs; a loud skip unless WEIR_REQUIRE_BOTO3=1 (scripts/test.sh
-/// installs boto3, the AWS CLI and rclone together and sets it).
-fn have_client(program: &str, test: &str) -> bool {
+/// Whether `program args` runs (e.g. `--version`); a loud skip unless WEIR_REQUIRE_BOTO3=1
+/// (scripts/test.sh installs boto3, the AWS CLI and rclone together and sets it).
+fn have_client(program: &str, args: &[&str], test: &str) -> bool {
     let have = Command::new(program)
-        .arg("--version")
+        .args(args)
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
         assert!(
             std::env::var("WEIR_REQUIRE_BOTO3").as_deref() != Ok("1"),
-            "WEIR_REQUIRE_BOTO3=1 but {program} is missing"
+            "WEIR_REQUIRE_BOTO3=1 but `{program} {}` fails (pip install boto3 awscli; apt-get install rclone)",
+            args.join(" ")
         );
-        eprintln!("\n*** SKIPPED {test}: {program} is missing ***\n");
+        eprintln!(
+            "\n*** SKIPPED {test}: `{program} {}` fails ***\n",
+            args.join(" ")
+        );
     }
     have
 }
@@ -1154,7 +1146,7 @@ fn client_tree(tag: &str) -> (std::path::PathBuf, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_cli_against_the_s3_endpoint() {
-    if !have_client("aws", "aws_cli_against_the_s3_endpoint") {
+    if !have_client("aws", &["--version"], "aws_cli_against_the_s3_endpoint") {
         return;
     }
     let srv = S3Server::start().await;
@@ -1276,7 +1268,7 @@ async fn aws_cli_against_the_s3_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rclone_against_the_s3_endpoint() {
-    if !have_client("rclone", "rclone_against_the_s3_endpoint") {
+    if !have_client("rclone", &["--version"], "rclone_against_the_s3_endpoint") {
         return;
     }
     let srv = S3Server::start().await;
