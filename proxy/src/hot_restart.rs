@@ -30,6 +30,13 @@
 //!    `drain {parent_shutdown_time_s}`; parent → `draining {active_connections}`. The parent
 //!    stops accepting (listeners and admin), finishes in-flight requests and exits once its
 //!    connections are gone, at most `min(--drain-time-s, parent_shutdown_time_s)` later.
+//! 7. child → `stream_stats`; the parent sends `stats {counters, last}` frames: a snapshot of
+//!    every non-zero counter every [`STATS_INTERVAL`] (in chunks of at most
+//!    [`STATS_CHUNK`] series, so a frame stays far below the frame limit) and a final one
+//!    (`last: true`) when it stops serving, then closes. The child adds each series' growth
+//!    since the previous snapshot to its own counter of the same name (creating it when its
+//!    config has none), so counters continue across the restart as with Envoy's hot
+//!    restart; gauges and histograms are each process's own.
 //!
 //! # Failure modes
 //! No parent socket, a refused or timed-out exchange, a version mismatch: the child logs a
@@ -58,6 +65,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::Options;
 use crate::server::ServerState;
+use crate::stats::{CounterSample, Store};
 
 /// Version of the hot-restart protocol; both sides must speak the same.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -70,6 +78,12 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
 /// Largest frame body accepted.
 const MAX_FRAME: usize = 1 << 20;
+/// How often a draining parent sends its counters to the child.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Most counter series in one `stats` frame.
+pub const STATS_CHUNK: usize = 2000;
+/// How long the child waits for the parent's next `stats` frame.
+const STATS_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most fds in one message (Linux's `SCM_MAX_FD`).
 const MAX_FDS: usize = 253;
 
@@ -138,6 +152,8 @@ pub enum Request {
         /// Upper bound on the parent's drain.
         parent_shutdown_time_s: u64,
     },
+    /// Send counter snapshots until exiting (after `drain`).
+    StreamStats,
 }
 
 /// One listener of the parent.
@@ -191,6 +207,13 @@ pub enum Reply {
     Draining {
         /// Downstream connections the parent is finishing.
         active_connections: usize,
+    },
+    /// A chunk of a counter snapshot (after [`Request::StreamStats`]).
+    Stats {
+        /// Counter series and their values.
+        counters: Vec<CounterSample>,
+        /// The final chunk of the final snapshot: the parent exits.
+        last: bool,
     },
     /// The request was refused.
     Error {
@@ -260,7 +283,7 @@ impl Parent {
 
     /// Tell the parent to drain and exit within `parent_shutdown_time_s`; its count of
     /// connections still open.
-    pub fn drain(self, parent_shutdown_time_s: u64) -> Result<usize, HotRestartError> {
+    pub fn drain(&self, parent_shutdown_time_s: u64) -> Result<usize, HotRestartError> {
         match call(
             &self.conn,
             &Request::Drain {
@@ -269,6 +292,41 @@ impl Parent {
         )? {
             (Reply::Draining { active_connections }, _) => Ok(active_connections),
             (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// After [`Parent::drain`]: add the parent's counters to `store` as they grow, until the
+    /// parent's final snapshot (blocking; returns the series merged).
+    pub fn merge_stats(self, store: &Store) -> Result<usize, HotRestartError> {
+        send(&self.conn, &Request::StreamStats, &[])?;
+        self.conn.set_read_timeout(Some(STATS_READ_TIMEOUT))?;
+        let mut merged = StatsMerge::default();
+        loop {
+            match recv::<Reply>(&self.conn)? {
+                (Reply::Stats { counters, last }, _) => {
+                    merged.apply(store, &counters);
+                    if last {
+                        return Ok(merged.seen.len());
+                    }
+                }
+                (other, _) => return Err(unexpected(other)),
+            }
+        }
+    }
+}
+
+/// The child's view of the parent's counters: what it has added so far, per series.
+#[derive(Debug, Default)]
+struct StatsMerge {
+    seen: std::collections::HashMap<String, u64>,
+}
+
+impl StatsMerge {
+    /// Add each series' growth since the last snapshot to `store`.
+    fn apply(&mut self, store: &Store, counters: &[CounterSample]) {
+        for c in counters {
+            let prev = self.seen.insert(Store::sample_key(c), c.value).unwrap_or(0);
+            store.add_to_counter(c, c.value.saturating_sub(prev));
         }
     }
 }
@@ -488,6 +546,9 @@ fn session(conn: &UnixStream, state: &ServerState) -> Result<(), HotRestartError
             }
             Err(e) => return Err(e),
         };
+        if greeted && req == Request::StreamStats {
+            return stream_stats(conn, state);
+        }
         let (reply, fds) = answer(&req, greeted, state);
         if matches!(reply, Reply::Hello { .. }) {
             greeted = true;
@@ -499,6 +560,44 @@ fn session(conn: &UnixStream, state: &ServerState) -> Result<(), HotRestartError
         send(conn, &reply, &borrowed)?;
         if refused {
             return Ok(());
+        }
+    }
+}
+
+/// Send counter snapshots to a child every [`STATS_INTERVAL`] and a final one once this
+/// process stops serving ([`ServerState::exiting`]).
+fn stream_stats(conn: &UnixStream, state: &ServerState) -> Result<(), HotRestartError> {
+    loop {
+        let last = state.exiting.is_cancelled();
+        let counters: Vec<CounterSample> = state
+            .stats
+            .counter_samples()
+            .into_iter()
+            .filter(|c| c.value > 0)
+            .collect();
+        let chunks: Vec<&[CounterSample]> = if counters.is_empty() {
+            vec![&[]]
+        } else {
+            counters.chunks(STATS_CHUNK).collect()
+        };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let reply = Reply::Stats {
+                counters: chunk.to_vec(),
+                last: last && i + 1 == n,
+            };
+            send(conn, &reply, &[])?;
+        }
+        if last {
+            tracing::info!(
+                series = counters.len(),
+                "hot restart: final counters sent to the child"
+            );
+            return Ok(());
+        }
+        let until = std::time::Instant::now() + STATS_INTERVAL;
+        while std::time::Instant::now() < until && !state.exiting.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -608,6 +707,8 @@ fn answer(req: &Request, greeted: bool, state: &ServerState) -> (Reply, Vec<Owne
             state.drain_for_hot_restart(Duration::from_secs(*parent_shutdown_time_s));
             (Reply::Draining { active_connections }, Vec::new())
         }
+        // Handled by the session (a stream of frames, not one reply).
+        Request::StreamStats => err("stream_stats comes after drain, on its own".into()),
     }
 }
 
@@ -807,6 +908,83 @@ mod tests {
         assert!(st.draining.is_cancelled() && st.shutdown.is_cancelled());
         assert!(st.admin_stop.is_cancelled(), "admin stops accepting");
         assert_eq!(st.drain_time(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_parent_streams_its_counters_to_the_child() {
+        let store = crate::stats::Store::new();
+        let snapshot = crate::config::translate(Default::default(), &store).expect("empty config");
+        let clusters = crate::upstream::ClusterManager::new(&[], &store);
+        let parent_state = ServerState::new(Options::default(), snapshot, clusters, 1);
+        let rq = parent_state
+            .stats
+            .http("ingress")
+            .counter("downstream_rq_total");
+        rq.increment(10);
+        // More series than one frame holds: the snapshot is chunked.
+        for i in 0..STATS_CHUNK + 5 {
+            parent_state
+                .stats
+                .cluster(&format!("c{i}"))
+                .counter("upstream_rq_total")
+                .increment(1);
+        }
+        let (p, c) = UnixStream::pair().expect("pair");
+        let st = parent_state.clone();
+        let session = std::thread::spawn(move || session(&p, &st));
+        let parent = Parent { conn: c, pid: 1 };
+        let hello = call(
+            &parent.conn,
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+                epoch: 1,
+                pid: 2,
+            },
+        )
+        .expect("hello");
+        assert!(matches!(hello.0, Reply::Hello { .. }), "{:?}", hello.0);
+        parent.drain(5).expect("drain");
+        let child = crate::stats::Store::new();
+        child
+            .http("ingress")
+            .counter("downstream_rq_total")
+            .increment(3);
+        let c2 = child.clone();
+        let merging = std::thread::spawn(move || parent.merge_stats(&c2));
+        // The parent keeps counting while it drains; the child follows (its own 3 + 10 + 5).
+        let child_rq = || child.text_stat("http.ingress.downstream_rq_total");
+        let wait_for = |want: &'static str| {
+            let child_rq = &child_rq;
+            async move {
+                for _ in 0..600 {
+                    if child_rq().as_deref() == Some(want) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("child counter never reached {want}: {:?}", child_rq());
+            }
+        };
+        wait_for("13").await;
+        rq.increment(5);
+        wait_for("18").await;
+        // Counted after the last periodic snapshot, then the parent stops: the final
+        // snapshot carries it.
+        rq.increment(2);
+        parent_state.exiting.cancel();
+        let series = merging.join().expect("join").expect("merged");
+        assert_eq!(series, STATS_CHUNK + 5 + 1);
+        session.join().expect("join").expect("session");
+        assert_eq!(
+            child
+                .text_stat("http.ingress.downstream_rq_total")
+                .as_deref(),
+            Some("20")
+        );
+        assert_eq!(
+            child.text_stat("cluster.c7.upstream_rq_total").as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

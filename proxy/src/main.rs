@@ -88,16 +88,29 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
         }
         if let Some(parent) = parent {
             let pid = parent.pid();
-            match tokio::task::spawn_blocking(move || parent.drain(parent_shutdown_time_s)).await
-            {
-                Ok(Ok(n)) => tracing::info!(
-                    parent_pid = pid,
-                    parent_active_connections = n,
-                    "hot restart: parent draining"
-                ),
-                Ok(Err(e)) => tracing::warn!(parent_pid = pid, error = %e, "hot restart: parent did not acknowledge the drain; it keeps serving"),
-                Err(e) => tracing::warn!(error = %e, "hot restart: drain request failed"),
-            }
+            let stats = state.stats.clone();
+            tokio::task::spawn_blocking(move || {
+                match parent.drain(parent_shutdown_time_s) {
+                    Ok(n) => tracing::info!(
+                        parent_pid = pid,
+                        parent_active_connections = n,
+                        "hot restart: parent draining"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(parent_pid = pid, error = %e, "hot restart: parent did not acknowledge the drain; it keeps serving");
+                        return;
+                    }
+                }
+                // The parent's counters continue in this process (until it exits).
+                match parent.merge_stats(&stats) {
+                    Ok(series) => tracing::info!(
+                        parent_pid = pid,
+                        series,
+                        "hot restart: merged the parent's final counters"
+                    ),
+                    Err(e) => tracing::warn!(parent_pid = pid, error = %e, "hot restart: the parent's counters stopped before its final snapshot"),
+                }
+            });
         }
         let sig = server.state.clone();
         tokio::spawn(async move {
@@ -116,6 +129,9 @@ fn run(opts: Options) -> anyhow::Result<std::process::ExitCode> {
             sig.request_shutdown();
         });
         server.wait().await;
+        // A hot-restart child streaming our counters gets the final snapshot now (the
+        // session thread sends it within moments; the runtime shutdown below waits for it).
+        state.exiting.cancel();
         if let Some(path) = state_socket(&state) {
             hot_restart::remove_socket(&path);
         }

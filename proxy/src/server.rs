@@ -120,6 +120,9 @@ pub struct ServerState {
     /// Fired to stop accepting admin connections (a hot-restart child took the admin
     /// socket over); child of `hard_stop`.
     pub admin_stop: CancellationToken,
+    /// Cancelled once this process has stopped serving and is about to exit: a hot-restart
+    /// child streaming this process's counters gets the final snapshot.
+    pub exiting: CancellationToken,
     /// A duplicate of the admin socket, to share with a hot-restart child.
     pub admin_socket: Mutex<Option<std::net::TcpListener>>,
     /// The hot-restart socket this process listens on (set by the binary).
@@ -176,6 +179,7 @@ impl ServerState {
             connections: TaskTracker::new(),
             xds: OnceLock::new(),
             admin_stop: hard_stop.child_token(),
+            exiting: CancellationToken::new(),
             admin_socket: Mutex::new(None),
             hot_restart_socket: OnceLock::new(),
             overload,

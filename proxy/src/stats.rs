@@ -219,10 +219,92 @@ impl Store {
             .map(|(_, v)| v)
     }
 
+    /// Every counter with its value: what a hot-restart parent hands its child.
+    pub fn counter_samples(&self) -> Vec<CounterSample> {
+        let text = self.render_prometheus();
+        let mut counters = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                if let Some(name) = rest.strip_suffix(" counter") {
+                    counters.insert(name.to_string());
+                }
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (name, labels) = parse_series(series);
+            if !counters.contains(&name) {
+                continue;
+            }
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            out.push(CounterSample {
+                dotted: self.lookup(&name, &labels),
+                name,
+                labels,
+                value: value as u64,
+            });
+        }
+        out
+    }
+
+    /// Add `delta` to the counter `sample` names (created when this store has no such series;
+    /// its Envoy name is remembered for `/stats`).
+    pub fn add_to_counter(&self, sample: &CounterSample, delta: u64) {
+        if delta == 0 {
+            return;
+        }
+        let series = series_key(
+            &sample.name,
+            sample.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        if let Some(d) = &sample.dotted {
+            self.dotted.entry(series).or_insert_with(|| d.clone());
+        }
+        let key = Key::from_parts(
+            sample.name.clone(),
+            sample
+                .labels
+                .iter()
+                .map(|(k, v)| Label::new(k.clone(), v.clone()))
+                .collect::<Vec<_>>(),
+        );
+        self.recorder
+            .register_counter(&key, &METADATA)
+            .increment(delta);
+    }
+
+    /// The identity of a sample's series (for tracking what was merged).
+    pub fn sample_key(sample: &CounterSample) -> String {
+        series_key(
+            &sample.name,
+            sample.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
     fn lookup(&self, name: &str, labels: &[(String, String)]) -> Option<String> {
         let key = series_key(name, labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.dotted.get(&key).map(|d| d.clone())
     }
+}
+
+/// One counter series and its value (the hot-restart stats exchange).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CounterSample {
+    /// Envoy's dotted name, when the store knows it.
+    pub dotted: Option<String>,
+    /// Prometheus metric name.
+    pub name: String,
+    /// Prometheus labels.
+    pub labels: Vec<(String, String)>,
+    /// The value.
+    pub value: u64,
 }
 
 #[derive(Default)]
@@ -436,6 +518,70 @@ mod tests {
         assert_eq!(text["cluster.backend.upstream_cx_active"], "2");
         assert_eq!(text["server.live"], "1");
         assert!(text["cluster.backend.upstream_rq_time"].contains("count(1)"));
+    }
+
+    #[test]
+    fn counters_move_between_stores() {
+        let parent = Store::new();
+        let child = Store::new();
+        parent
+            .cluster("b")
+            .counter("upstream_rq_total")
+            .increment(5);
+        parent.cluster("b").class_counters("upstream_rq")[class_index(200)].increment(4);
+        parent
+            .http("ingress")
+            .counter("downstream_rq_total")
+            .increment(9);
+        parent.cluster("b").gauge("upstream_cx_active").set(3.0);
+        parent
+            .cluster("b")
+            .histogram("upstream_rq_time")
+            .record(2.0);
+        child.cluster("b").counter("upstream_rq_total").increment(2);
+        let samples = parent.counter_samples();
+        // Counters only: no gauge, no histogram series.
+        assert!(
+            samples.iter().all(|c| !c.name.contains("cx_active")),
+            "{samples:?}"
+        );
+        assert!(
+            samples.iter().all(|c| !c.name.contains("rq_time")),
+            "{samples:?}"
+        );
+        let rq = samples
+            .iter()
+            .find(|c| c.dotted.as_deref() == Some("cluster.b.upstream_rq_total"))
+            .expect("rq total");
+        assert_eq!(rq.value, 5);
+        for c in &samples {
+            child.add_to_counter(c, c.value);
+        }
+        assert_eq!(
+            child.text_stat("cluster.b.upstream_rq_total").as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            child.text_stat("cluster.b.upstream_rq_2xx").as_deref(),
+            Some("4")
+        );
+        // A series only the parent had appears in the child under its Envoy name.
+        assert_eq!(
+            child
+                .text_stat("http.ingress.downstream_rq_total")
+                .as_deref(),
+            Some("9")
+        );
+        // The child's own handle and the merged series are one counter.
+        child.cluster("b").counter("upstream_rq_total").increment(1);
+        assert_eq!(
+            child.text_stat("cluster.b.upstream_rq_total").as_deref(),
+            Some("8")
+        );
+        assert_eq!(
+            Store::sample_key(rq),
+            "envoy_cluster_upstream_rq_total|envoy_cluster_name=b"
+        );
     }
 
     #[test]
