@@ -962,6 +962,37 @@ mod tests {
         }
     }
 
+    /// Header operands are parsed once into `HeaderName`s: alternatives, repeated values,
+    /// pseudo-headers and names that are not valid header names.
+    #[test]
+    fn header_operands_look_up_parsed_names() {
+        let mut req = HeaderMap::new();
+        req.insert("x-b", "second".parse().expect("v"));
+        req.append("x-multi", "a".parse().expect("v"));
+        req.append("x-multi", "b".parse().expect("v"));
+        req.append("x-multi", "c".parse().expect("v"));
+        let mut resp = HeaderMap::new();
+        resp.insert("x-r", "7".parse().expect("v"));
+        let t = tls();
+        let rec = rec_with(&req, &resp, &t);
+        let f = Format::parse(
+            "%REQ(X-A?X-B)%|%REQ(X-MULTI)%|%REQ(:AUTHORITY)%|%REQ(HOST)%|%REQ(BAD NAME)%|\
+             %RESP(X-R)%|%RESP(:STATUS)%|%RESP(X-NONE?X-R)%|%TRAILER(X-R)%",
+        )
+        .expect("parses");
+        assert_eq!(
+            f.render(&rec),
+            "second|a,b,c|example.com|example.com|-|7|-|7|-"
+        );
+        let (mut rq, mut rs) = (Vec::new(), Vec::new());
+        f.header_names(&mut rq, &mut rs);
+        assert_eq!(
+            rq,
+            ["x-a", "x-b", "x-multi", ":authority", "host", "bad name"]
+        );
+        assert_eq!(rs, ["x-r", ":status", "x-none"]);
+    }
+
     #[test]
     fn parses_and_renders_commands() {
         let mut req = HeaderMap::new();

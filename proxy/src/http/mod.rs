@@ -1013,7 +1013,8 @@ async fn respond(
     if cfg.always_set_request_id_in_response
         && let Some(id) = &t.request_id
     {
-        resp.headers_mut().insert(sanitize::X_REQUEST_ID, id.clone());
+        resp.headers_mut()
+            .insert(sanitize::X_REQUEST_ID, id.clone());
     }
     Ok(resp)
 }

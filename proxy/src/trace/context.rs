@@ -455,6 +455,63 @@ mod tests {
         assert_eq!(extract(&h).0.expect("debug").sampled, Some(true));
     }
 
+    /// `read` (the request path's single pass) agrees with `extract` and `lone_decision`,
+    /// including the no-trace-headers fast path and its `x-b3-flags` exception.
+    #[test]
+    fn read_is_extract_and_lone_decision_in_one_pass() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cases: Vec<(Vec<(&str, &str)>, Option<u128>, Seen, Option<bool>)> = vec![
+            (vec![("user-agent", "wrk")], None, Seen::default(), None),
+            (vec![("x-b3-flags", "1")], None, Seen::default(), Some(true)),
+            (
+                vec![("x-b3-sampled", "1")],
+                None,
+                Seen {
+                    b3_multi: true,
+                    ..Default::default()
+                },
+                Some(true),
+            ),
+            (
+                vec![("traceparent", tp), ("b3", "0")],
+                Some(0x4bf92f3577b34da6a3ce929d0e0e4736),
+                Seen {
+                    w3c: true,
+                    b3_single: true,
+                    ..Default::default()
+                },
+                Some(false),
+            ),
+            (
+                // A malformed traceparent falls back to `b3`; both forms were seen.
+                vec![
+                    ("traceparent", "garbage"),
+                    ("b3", "64fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+                ],
+                Some(0x64fe8b2a57d3eff7),
+                Seen {
+                    w3c: true,
+                    b3_single: true,
+                    ..Default::default()
+                },
+                // A full `b3` carries its decision in the parent, not as a lone one.
+                None,
+            ),
+        ];
+        for (headers, trace_id, seen, lone) in cases {
+            let mut h = HeaderMap::new();
+            for (k, v) in &headers {
+                h.insert(*k, v.parse().expect("v"));
+            }
+            let (p, s, l) = read(&h);
+            assert_eq!(p.map(|p| p.trace_id), trace_id, "{headers:?}");
+            assert_eq!(s, seen, "{headers:?}");
+            assert_eq!(l, lone, "{headers:?}");
+            assert_eq!((p, s), extract(&h), "{headers:?}");
+            assert_eq!(l, lone_decision(&h), "{headers:?}");
+        }
+    }
+
     #[test]
     fn continue_and_inject() {
         let mut h = HeaderMap::new();

@@ -362,10 +362,7 @@ pub fn ready(waiting: usize, running: usize, timer: bool, open: bool, gap_over: 
     if waiting == 0 || running >= MAX_IN_FLIGHT {
         return false;
     }
-    timer
-        || !open
-        || waiting >= BUSY_BATCH
-        || (running == 0 && gap_over && waiting >= FLUSH_SPANS)
+    timer || !open || waiting >= BUSY_BATCH || (running == 0 && gap_over && waiting >= FLUSH_SPANS)
 }
 
 async fn export<S: ExportSink>(
@@ -846,7 +843,11 @@ mod tests {
         assert_eq!(stat(&store, "tracing.opentelemetry.spans_sent"), 1000);
         assert_eq!(stat(&store, "tracing.opentelemetry.timer_flushed"), 0);
         let gap_ms = CALL_GAP.as_millis() as usize;
-        assert!(calls.len() <= 1000 / gap_ms + 3, "{} calls: {calls:?}", calls.len());
+        assert!(
+            calls.len() <= 1000 / gap_ms + 3,
+            "{} calls: {calls:?}",
+            calls.len()
+        );
         assert_eq!(calls[0], FLUSH_SPANS, "the first call goes at once");
         assert!(
             calls[1..calls.len() - 1].iter().all(|&n| n >= gap_ms - 2),
