@@ -460,7 +460,12 @@ mod tests {
     #[test]
     fn read_is_extract_and_lone_decision_in_one_pass() {
         /// Request headers, then the expected trace id, forms seen and lone decision.
-        type Case = (Vec<(&'static str, &'static str)>, Option<u128>, Seen, Option<bool>);
+        type Case = (
+            Vec<(&'static str, &'static str)>,
+            Option<u128>,
+            Seen,
+            Option<bool>,
+        );
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let cases: Vec<Case> = vec![
             (vec![("user-agent", "wrk")], None, Seen::default(), None),
