@@ -1,5 +1,9 @@
 //! Trace context propagation: W3C `traceparent`/`tracestate` and B3 (multi-header and the
 //! single `b3` header), and the HCM sampling decision.
+//!
+//! The request path calls [`read`]: each propagation header is looked up once, by the
+//! pre-parsed names in [`names`], for the parent context, the forms the caller used and a
+//! lone sampling decision ([`extract`] and [`lone_decision`] are the same answers apart).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use weir_filters::config::Fraction;
