@@ -318,6 +318,14 @@ fn bench_obs(c: &mut Criterion) {
             black_box(h)
         })
     });
+    // An edge request without trace headers (the obs.sh case): what the connection manager
+    // reads of it (parent context, formats seen, lone sampling decision), by static names.
+    let mut edge = req.clone();
+    edge.insert("accept", "*/*".parse().expect("v"));
+    edge.insert("host", "svc.example.com".parse().expect("v"));
+    g.bench_function("trace_read_no_trace_headers", |b| {
+        b.iter(|| black_box(context::read(black_box(&edge))))
+    });
     // The request's span: the owned prost `Span` (~15 attribute `String`s) encoded by prost,
     // against the direct encoding request handling uses.
     let facts = weir_proxy::trace::SpanFacts {

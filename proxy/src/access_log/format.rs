@@ -121,8 +121,28 @@ pub enum FormatError {
 /// A header operand of `%REQ%` / `%RESP%` / `%TRAILER%`: `X?Y`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderOp {
-    main: String,
-    alt: Option<String>,
+    main: HeaderKey,
+    alt: Option<HeaderKey>,
+}
+
+/// One header name of a [`HeaderOp`]: the lower-cased text and, unless it is a
+/// pseudo-header (or not a valid name), the parsed `HeaderName`, so rendering looks it up
+/// without parsing or allocating per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeaderKey {
+    text: String,
+    name: Option<http::HeaderName>,
+}
+
+impl HeaderKey {
+    fn new(text: String) -> Self {
+        let name = if text.starts_with(':') {
+            None
+        } else {
+            http::HeaderName::from_bytes(text.as_bytes()).ok()
+        };
+        Self { text, name }
+    }
 }
 
 /// A command operator.
@@ -244,8 +264,8 @@ fn parse_header_op(cmd: &str, arg: Option<&str>) -> Result<HeaderOp, FormatError
         Ok(n)
     };
     Ok(HeaderOp {
-        main: check(main)?,
-        alt: alt.map(check).transpose()?,
+        main: HeaderKey::new(check(main)?),
+        alt: alt.map(check).transpose()?.map(HeaderKey::new),
     })
 }
 
@@ -401,8 +421,8 @@ impl Format {
                 _ => continue,
             };
             for n in std::iter::once(&h.main).chain(h.alt.as_ref()) {
-                if !to.contains(n) {
-                    to.push(n.clone());
+                if !to.contains(&n.text) {
+                    to.push(n.text.clone());
                 }
             }
         }
@@ -517,27 +537,30 @@ fn push_truncated(out: &mut String, s: &str, max: Option<usize>) {
 
 fn header<'a>(h: Option<&'a HeaderMap>, op: &HeaderOp) -> Val<'a> {
     let Some(h) = h else { return Val::Missing };
-    let get = |n: &str| {
-        let mut it = h.get_all(n).iter();
-        let first = it.next()?;
-        let first = String::from_utf8_lossy(first.as_bytes());
-        match it.next() {
-            None => Some(first),
-            Some(second) => {
-                let mut s = first.into_owned();
-                s.push(',');
-                s.push_str(&String::from_utf8_lossy(second.as_bytes()));
-                for v in it {
-                    s.push(',');
-                    s.push_str(&String::from_utf8_lossy(v.as_bytes()));
-                }
-                Some(Cow::Owned(s))
-            }
-        }
-    };
-    match get(&op.main).or_else(|| op.alt.as_deref().and_then(get)) {
+    match header_value(h, &op.main).or_else(|| op.alt.as_ref().and_then(|a| header_value(h, a))) {
         Some(v) => Val::Str(v),
         None => Val::Missing,
+    }
+}
+
+/// The values of `k` in `h`, joined with `,` when repeated (`None` when absent, and for
+/// pseudo-headers, which are not in the map).
+fn header_value<'a>(h: &'a HeaderMap, k: &HeaderKey) -> Option<Cow<'a, str>> {
+    let mut it = h.get_all(k.name.as_ref()?).iter();
+    let first = it.next()?;
+    let first = String::from_utf8_lossy(first.as_bytes());
+    match it.next() {
+        None => Some(first),
+        Some(second) => {
+            let mut s = first.into_owned();
+            s.push(',');
+            s.push_str(&String::from_utf8_lossy(second.as_bytes()));
+            for v in it {
+                s.push(',');
+                s.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+            Some(Cow::Owned(s))
+        }
     }
 }
 
@@ -551,17 +574,14 @@ fn req_header<'a>(rec: &LogRecord<'a>, op: &HeaderOp) -> Val<'a> {
             _ => return None,
         })
     };
-    let one = |n: &str| -> Val<'a> {
-        match pseudo(n) {
+    let one = |k: &HeaderKey| -> Val<'a> {
+        match pseudo(&k.text) {
             Some(Some(v)) => Val::Str(Cow::Borrowed(v)),
             Some(None) => Val::Missing,
-            None => header(
-                rec.request_headers,
-                &HeaderOp {
-                    main: n.to_string(),
-                    alt: None,
-                },
-            ),
+            None => match rec.request_headers.and_then(|h| header_value(h, k)) {
+                Some(v) => Val::Str(v),
+                None => Val::Missing,
+            },
         }
     };
     match one(&op.main) {
@@ -940,6 +960,37 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Header operands are parsed once into `HeaderName`s: alternatives, repeated values,
+    /// pseudo-headers and names that are not valid header names.
+    #[test]
+    fn header_operands_look_up_parsed_names() {
+        let mut req = HeaderMap::new();
+        req.insert("x-b", "second".parse().expect("v"));
+        req.append("x-multi", "a".parse().expect("v"));
+        req.append("x-multi", "b".parse().expect("v"));
+        req.append("x-multi", "c".parse().expect("v"));
+        let mut resp = HeaderMap::new();
+        resp.insert("x-r", "7".parse().expect("v"));
+        let t = tls();
+        let rec = rec_with(&req, &resp, &t);
+        let f = Format::parse(
+            "%REQ(X-A?X-B)%|%REQ(X-MULTI)%|%REQ(:AUTHORITY)%|%REQ(HOST)%|%REQ(BAD NAME)%|\
+             %RESP(X-R)%|%RESP(:STATUS)%|%RESP(X-NONE?X-R)%|%TRAILER(X-R)%",
+        )
+        .expect("parses");
+        assert_eq!(
+            f.render(&rec),
+            "second|a,b,c|example.com|example.com|-|7|-|7|-"
+        );
+        let (mut rq, mut rs) = (Vec::new(), Vec::new());
+        f.header_names(&mut rq, &mut rs);
+        assert_eq!(
+            rq,
+            ["x-a", "x-b", "x-multi", ":authority", "host", "bad name"]
+        );
+        assert_eq!(rs, ["x-r", ":status", "x-none"]);
     }
 
     #[test]

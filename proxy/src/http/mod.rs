@@ -252,8 +252,10 @@ struct DownstreamDone {
 struct PendingLog {
     start_time: SystemTime,
     method: http::Method,
-    path: String,
-    authority: String,
+    /// The request target as received (refcounted, not copied): `path` and `authority`.
+    uri: http::Uri,
+    /// The `Host` header, for the authority of an origin-form request.
+    host_header: Option<HeaderValue>,
     protocol: &'static str,
     /// The request headers the access logs read.
     request_headers: Option<http::HeaderMap>,
@@ -296,7 +298,8 @@ pub(crate) struct TraceHeaders {
     pub(crate) seen: crate::trace::Seen,
 }
 
-const DECORATOR_OPERATION: &str = "x-envoy-decorator-operation";
+const DECORATOR_OPERATION: http::HeaderName =
+    crate::trace::context::names::X_ENVOY_DECORATOR_OPERATION;
 
 /// Envoy's decorator propagation on the response: an ingress span's propagating decorator
 /// tells the caller's client span its name; an egress span takes its name from the
@@ -350,6 +353,19 @@ fn hv(v: &Option<HeaderValue>) -> Option<&str> {
 }
 
 impl PendingLog {
+    /// The path and query as received (`/` when the target has none).
+    fn path(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    /// The authority as received: the absolute-form target's, else `Host` (or empty).
+    fn authority(&self) -> &str {
+        match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => hv(&self.host_header).unwrap_or(""),
+        }
+    }
+
     fn emit(self, conn: &Conn, start: Instant, outcome: Outcome) {
         let cfg = &conn.cfg;
         let mut flags = self.flags;
@@ -384,8 +400,8 @@ impl PendingLog {
                 start_time: self.start_time,
                 request_headers: self.request_headers.as_ref(),
                 method: Some(&self.method),
-                path: Some(&self.path),
-                authority: Some(&self.authority),
+                path: Some(self.path()),
+                authority: Some(self.authority()),
                 scheme: Some("http"),
                 response_headers: self.response_headers.as_ref(),
                 response_trailers: None,
@@ -425,8 +441,8 @@ impl PendingLog {
                 tracestate: hv(&self.trace.tracestate),
                 start: self.start_time,
                 end,
-                authority: &self.authority,
-                path: &self.path,
+                authority: self.authority(),
+                path: self.path(),
                 method: self.method.as_str(),
                 scheme: "http",
                 protocol: self.protocol,
@@ -538,21 +554,18 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
         }
     }
     let observe = !cfg.access_logs.is_empty() || cfg.tracing.is_some();
+    // The request head as received, kept by refcount (no copies of path or authority).
     let head = observe.then(|| {
-        let authority = match req.uri().authority() {
-            Some(a) => a.as_str().to_string(),
-            None => req
-                .headers()
-                .get(HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
+        let host = match req.uri().authority() {
+            Some(_) => None,
+            None => req.headers().get(HOST).cloned(),
         };
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        (SystemTime::now(), req.method().clone(), path, authority)
+        (
+            SystemTime::now(),
+            req.method().clone(),
+            req.uri().clone(),
+            host,
+        )
     });
     let mut done = DownstreamDone {
         conn: conn.clone(),
@@ -630,14 +643,14 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<UpstreamBod
     if let Some(tc) = &cfg.tracing {
         decorate_response(tc.operation, &mut resp, &mut st.obs.trace);
     }
-    let bytes_sent = head.map(|(start_time, method, path, authority)| {
+    let bytes_sent = head.map(|(start_time, method, uri, host_header)| {
         let sent = Arc::new(AtomicU64::new(0));
         let o = std::mem::take(&mut st.obs);
         done.log = Some(Box::new(PendingLog {
             start_time,
             method,
-            path,
-            authority,
+            uri,
+            host_header,
             protocol: st.hctx.protocol,
             request_headers: o.request_headers,
             response_headers: cfg.access_logs.response_headers().capture(resp.headers()),
@@ -806,7 +819,7 @@ async fn process(
     st.hctx.downstream_remote =
         std::net::SocketAddr::new(fwd.remote, st.hctx.downstream_remote.port());
 
-    let request_id = req.headers.get("x-request-id").cloned();
+    let request_id = req.headers.get(sanitize::X_REQUEST_ID).cloned();
     if st.obs.bytes_received.is_some() {
         observe_request(req, st, &cfg);
     }
@@ -891,11 +904,11 @@ async fn process(
 /// access logs and spans read. Runs only when the connection manager observes requests.
 fn observe_request(req: &mut http::request::Parts, st: &mut Stream<'_>, cfg: &HcmConfig) {
     if let Some(tc) = &cfg.tracing {
-        let (parent, seen) = crate::trace::context::extract(&req.headers);
-        let lone = crate::trace::context::lone_decision(&req.headers);
+        use crate::trace::context::names;
+        let (parent, seen, lone) = crate::trace::context::read(&req.headers);
         // `x-envoy-force-trace` survives sanitizing only on internal requests.
-        let force = req.headers.contains_key("x-envoy-force-trace");
-        let client = req.headers.contains_key("x-client-trace-id");
+        let force = req.headers.contains_key(names::X_ENVOY_FORCE_TRACE);
+        let client = req.headers.contains_key(names::X_CLIENT_TRACE_ID);
         let decision = tc
             .sampling
             .decide(force, client, (rand::random(), rand::random()));
@@ -912,9 +925,9 @@ fn observe_request(req: &mut http::request::Parts, st: &mut Stream<'_>, cfg: &Hc
             crate::trace::Operation::Egress => None,
         };
         st.obs.trace = TraceHeaders {
-            request_id: req.headers.get("x-request-id").cloned(),
+            request_id: req.headers.get(sanitize::X_REQUEST_ID).cloned(),
             user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
-            tracestate: req.headers.get("tracestate").cloned(),
+            tracestate: req.headers.get(names::TRACESTATE).cloned(),
             tags: tc.header_tags(&req.headers),
             name,
             respond_operation: None,
@@ -1000,7 +1013,8 @@ async fn respond(
     if cfg.always_set_request_id_in_response
         && let Some(id) = &t.request_id
     {
-        resp.headers_mut().insert("x-request-id", id.clone());
+        resp.headers_mut()
+            .insert(sanitize::X_REQUEST_ID, id.clone());
     }
     Ok(resp)
 }

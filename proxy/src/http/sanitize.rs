@@ -11,6 +11,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
 
 use crate::config::hcm::{EscapedSlashes, HcmConfig, UnderscoresAction};
 
+/// `x-request-id`, parsed once (looked up on every request).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Why a request is refused before routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reject {
@@ -394,11 +397,12 @@ pub fn forwarded_headers(
     }
     let edge_regenerate =
         cfg.use_remote_address && !fwd.internal && !cfg.preserve_external_request_id;
-    if cfg.generate_request_id && (edge_regenerate || !headers.contains_key("x-request-id")) {
+    if cfg.generate_request_id && (edge_regenerate || !headers.contains_key(X_REQUEST_ID)) {
+        // A v4 UUID from the thread-local fast RNG (uuid's `fast-rng`), rendered on the stack.
         let id = uuid::Uuid::new_v4();
         let mut buf = uuid::Uuid::encode_buffer();
         if let Ok(v) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf)) {
-            headers.insert("x-request-id", v);
+            headers.insert(X_REQUEST_ID, v);
         }
     }
     fwd

@@ -1,8 +1,43 @@
 //! Trace context propagation: W3C `traceparent`/`tracestate` and B3 (multi-header and the
 //! single `b3` header), and the HCM sampling decision.
+//!
+//! The request path calls [`read`]: each propagation header is looked up once, by the
+//! pre-parsed names in [`names`], for the parent context, the forms the caller used and a
+//! lone sampling decision ([`extract`] and [`lone_decision`] are the same answers apart).
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use weir_filters::config::Fraction;
+
+/// The propagation header names, parsed once: a lookup by `&str` parses (and validates) the
+/// name on every call, which showed up in the per-request profile.
+pub mod names {
+    use http::HeaderName;
+
+    /// W3C `traceparent`.
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+    /// W3C `tracestate`.
+    pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+    /// B3 single header.
+    pub const B3: HeaderName = HeaderName::from_static("b3");
+    /// B3 multi-header trace id.
+    pub const X_B3_TRACEID: HeaderName = HeaderName::from_static("x-b3-traceid");
+    /// B3 multi-header span id.
+    pub const X_B3_SPANID: HeaderName = HeaderName::from_static("x-b3-spanid");
+    /// B3 multi-header parent span id.
+    pub const X_B3_PARENTSPANID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+    /// B3 multi-header sampling decision.
+    pub const X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+    /// B3 multi-header debug flag.
+    pub const X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+    /// Envoy's forced tracing.
+    pub const X_ENVOY_FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
+    /// Envoy's client-requested tracing.
+    pub const X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
+    /// Envoy's decorator propagation.
+    pub const X_ENVOY_DECORATOR_OPERATION: HeaderName =
+        HeaderName::from_static("x-envoy-decorator-operation");
+}
+use names::*;
 
 /// An incoming (parent) trace context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,32 +134,59 @@ fn b3_single_decision(v: &str) -> Option<bool> {
     b3_sampled(v.trim())
 }
 
-fn get<'a>(h: &'a HeaderMap, n: &str) -> Option<&'a str> {
+fn get<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
     h.get(n).and_then(|v| v.to_str().ok())
 }
 
 /// The parent context of a request: `traceparent` first, then `b3`, then `x-b3-*`.
 pub fn extract(h: &HeaderMap) -> (Option<Parent>, Seen) {
+    let (parent, seen, _) = read(h);
+    (parent, seen)
+}
+
+fn text(v: Option<&HeaderValue>) -> Option<&str> {
+    v.and_then(|v| v.to_str().ok())
+}
+
+/// [`extract`] and [`lone_decision`] together, each propagation header looked up once (the
+/// request path calls this).
+pub fn read(h: &HeaderMap) -> (Option<Parent>, Seen, Option<bool>) {
+    let tp = h.get(TRACEPARENT);
+    let b3 = h.get(B3);
+    let b3_tid = h.get(X_B3_TRACEID);
+    let b3_smp = h.get(X_B3_SAMPLED);
     let seen = Seen {
-        w3c: h.contains_key("traceparent"),
-        b3_multi: h.contains_key("x-b3-traceid") || h.contains_key("x-b3-sampled"),
-        b3_single: h.contains_key("b3"),
+        w3c: tp.is_some(),
+        b3_multi: b3_tid.is_some() || b3_smp.is_some(),
+        b3_single: b3.is_some(),
     };
-    if let Some(p) = get(h, "traceparent").and_then(parse_traceparent) {
-        return (Some(p), seen);
+    if tp.is_none() && b3.is_none() && b3_tid.is_none() && b3_smp.is_none() {
+        // No trace headers (the common case at an edge); only `x-b3-flags: 1` decides.
+        let lone = (get(h, &X_B3_FLAGS) == Some("1")).then_some(true);
+        return (None, seen, lone);
     }
-    if let Some(p) = get(h, "b3").and_then(parse_b3_single) {
-        return (Some(p), seen);
+    let (tp, b3, b3_tid, b3_smp) = (text(tp), text(b3), text(b3_tid), text(b3_smp));
+    let flags_debug = get(h, &X_B3_FLAGS) == Some("1");
+    let lone = if flags_debug {
+        Some(true)
+    } else {
+        b3.and_then(b3_single_decision)
+            .or_else(|| b3_smp.and_then(b3_sampled))
+    };
+    if let Some(p) = tp.and_then(parse_traceparent) {
+        return (Some(p), seen, lone);
     }
-    let flags_debug = get(h, "x-b3-flags") == Some("1");
-    if let (Some(t), Some(s)) = (get(h, "x-b3-traceid"), get(h, "x-b3-spanid"))
-        && let (Some(trace_id), Some(span_id)) = (b3_trace_id(t), hex_u64(s))
+    if let Some(p) = b3.and_then(parse_b3_single) {
+        return (Some(p), seen, lone);
+    }
+    if let (Some(t), Some(sp)) = (b3_tid, get(h, &X_B3_SPANID))
+        && let (Some(trace_id), Some(span_id)) = (b3_trace_id(t), hex_u64(sp))
         && span_id != 0
     {
         let sampled = if flags_debug {
             Some(true)
         } else {
-            get(h, "x-b3-sampled").and_then(b3_sampled)
+            b3_smp.and_then(b3_sampled)
         };
         return (
             Some(Parent {
@@ -133,20 +195,16 @@ pub fn extract(h: &HeaderMap) -> (Option<Parent>, Seen) {
                 sampled,
             }),
             seen,
+            lone,
         );
     }
-    (None, seen)
+    (None, seen, lone)
 }
 
 /// A sampling decision without a parent context from the caller: `x-b3-sampled` / `b3: 0|1`
 /// alone still carry one.
 pub fn lone_decision(h: &HeaderMap) -> Option<bool> {
-    if get(h, "x-b3-flags") == Some("1") {
-        return Some(true);
-    }
-    get(h, "b3")
-        .and_then(b3_single_decision)
-        .or_else(|| get(h, "x-b3-sampled").and_then(b3_sampled))
+    read(h).2
 }
 
 /// The HCM `tracing` sampling settings (Envoy semantics).
@@ -299,7 +357,7 @@ impl SpanContext {
             tp[54] = b'1';
         }
         if let Ok(v) = HeaderValue::from_bytes(&tp) {
-            h.insert("traceparent", v);
+            h.insert(TRACEPARENT, v);
         }
         let sampled = if self.sampled { "1" } else { "0" };
         if seen.b3_multi {
@@ -310,22 +368,22 @@ impl SpanContext {
                 tid
             };
             if let Ok(v) = HeaderValue::from_str(&tid) {
-                h.insert("x-b3-traceid", v);
+                h.insert(X_B3_TRACEID, v);
             }
             if let Ok(v) = HeaderValue::from_str(&format!("{:016x}", self.span_id)) {
-                h.insert("x-b3-spanid", v);
+                h.insert(X_B3_SPANID, v);
             }
             match self.parent_span_id {
                 Some(p) => {
                     if let Ok(v) = HeaderValue::from_str(&format!("{p:016x}")) {
-                        h.insert("x-b3-parentspanid", v);
+                        h.insert(X_B3_PARENTSPANID, v);
                     }
                 }
                 None => {
-                    h.remove("x-b3-parentspanid");
+                    h.remove(X_B3_PARENTSPANID);
                 }
             }
-            h.insert("x-b3-sampled", HeaderValue::from_static(sampled));
+            h.insert(X_B3_SAMPLED, HeaderValue::from_static(sampled));
         }
         if seen.b3_single {
             let tid = format!("{:032x}", self.trace_id);
@@ -339,7 +397,7 @@ impl SpanContext {
                 v.push_str(&format!("-{p:016x}"));
             }
             if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert("b3", v);
+                h.insert(B3, v);
             }
         }
     }
@@ -399,6 +457,70 @@ mod tests {
         assert_eq!(p.sampled, Some(false));
         h.insert("x-b3-flags", "1".parse().expect("v"));
         assert_eq!(extract(&h).0.expect("debug").sampled, Some(true));
+    }
+
+    /// `read` (the request path's single pass) agrees with `extract` and `lone_decision`,
+    /// including the no-trace-headers fast path and its `x-b3-flags` exception.
+    #[test]
+    fn read_is_extract_and_lone_decision_in_one_pass() {
+        /// Request headers, then the expected trace id, forms seen and lone decision.
+        type Case = (
+            Vec<(&'static str, &'static str)>,
+            Option<u128>,
+            Seen,
+            Option<bool>,
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cases: Vec<Case> = vec![
+            (vec![("user-agent", "wrk")], None, Seen::default(), None),
+            (vec![("x-b3-flags", "1")], None, Seen::default(), Some(true)),
+            (
+                vec![("x-b3-sampled", "1")],
+                None,
+                Seen {
+                    b3_multi: true,
+                    ..Default::default()
+                },
+                Some(true),
+            ),
+            (
+                vec![("traceparent", tp), ("b3", "0")],
+                Some(0x4bf92f3577b34da6a3ce929d0e0e4736),
+                Seen {
+                    w3c: true,
+                    b3_single: true,
+                    ..Default::default()
+                },
+                Some(false),
+            ),
+            (
+                // A malformed traceparent falls back to `b3`; both forms were seen.
+                vec![
+                    ("traceparent", "garbage"),
+                    ("b3", "64fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+                ],
+                Some(0x64fe8b2a57d3eff7),
+                Seen {
+                    w3c: true,
+                    b3_single: true,
+                    ..Default::default()
+                },
+                // A full `b3` carries its decision in the parent, not as a lone one.
+                None,
+            ),
+        ];
+        for (headers, trace_id, seen, lone) in cases {
+            let mut h = HeaderMap::new();
+            for (k, v) in &headers {
+                h.insert(*k, v.parse().expect("v"));
+            }
+            let (p, s, l) = read(&h);
+            assert_eq!(p.map(|p| p.trace_id), trace_id, "{headers:?}");
+            assert_eq!(s, seen, "{headers:?}");
+            assert_eq!(l, lone, "{headers:?}");
+            assert_eq!((p, s), extract(&h), "{headers:?}");
+            assert_eq!(l, lone_decision(&h), "{headers:?}");
+        }
     }
 
     #[test]

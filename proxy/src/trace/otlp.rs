@@ -6,9 +6,12 @@
 //! borrowed facts ([`Enc`], [`EncodedSpan`]: one allocation per span, no owned attribute
 //! strings), and queued with `try_send` on a bounded channel (full = dropped and counted).
 //! The batching task ([`run`]) sends a batch once [`FLUSH_SPANS`] spans wait and no call
-//! runs (or every [`FLUSH_INTERVAL`]: Envoy's OpenTelemetry defaults); while a call runs
-//! the next batch grows, and another call starts only at [`BUSY_BATCH`] spans, up to
-//! [`MAX_IN_FLIGHT`] calls and [`MAX_BATCH`] spans per call. A batch is framed around the encoded spans ([`BatchHeader::frame`]:
+//! runs (or every [`FLUSH_INTERVAL`]: Envoy's OpenTelemetry defaults), but such a small call
+//! starts at most once per [`CALL_GAP`]; while a call runs, or within the gap, the next
+//! batch grows, and another call starts only at [`BUSY_BATCH`] spans, up to
+//! [`MAX_IN_FLIGHT`] calls and [`MAX_BATCH`] spans per call. Each call costs the proxy far
+//! more than a span does (a request, an HTTP/2 stream, a response), so a busy proxy sends
+//! about one call per [`CALL_GAP`] rather than one per 5 spans. A batch is framed around the encoded spans ([`BatchHeader::frame`]:
 //! resource and scope encoded once per exporter), with an export timeout. A failed export
 //! (collector down, no host, timeout, non-OK gRPC status) drops the batch and counts it.
 //! Requests never wait on any of this. The prost message types stay: tests decode what a
@@ -29,8 +32,13 @@ pub const FLUSH_SPANS: usize = 5;
 /// Export calls running at once (Envoy's gRPC client does not wait for one call before
 /// starting the next either).
 pub const MAX_IN_FLIGHT: usize = 4;
-/// Spans that start another call while one is already running.
+/// Spans that start another call while one is already running (or within [`CALL_GAP`]).
 pub const BUSY_BATCH: usize = 128;
+/// Smallest time between two calls started by [`FLUSH_SPANS`]: at a high span rate a call
+/// per 5 spans cost the proxy ~5 µs per span (weir's `benches/obs.sh` profile); with the gap
+/// a busy proxy sends one larger batch per gap. A quiet proxy is unaffected (its first 5
+/// spans go at once), and a span waits at most this long longer.
+pub const CALL_GAP: Duration = Duration::from_millis(20);
 /// Flush interval (Envoy's `flush_interval_ms`).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Spans queued before dropping.
@@ -297,6 +305,11 @@ pub async fn run<S: ExportSink>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut open = true;
+    // When the last call started, and a wake-up for the end of the gap after it.
+    let mut last_call: Option<tokio::time::Instant> = None;
+    let gap = tokio::time::sleep(FLUSH_INTERVAL);
+    tokio::pin!(gap);
+    let mut gap_armed = false;
     while open || !batch.is_empty() || !calls.is_empty() {
         let mut timer = false;
         tokio::select! {
@@ -314,8 +327,12 @@ pub async fn run<S: ExportSink>(
             },
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
             _ = tick.tick(), if open => timer = !batch.is_empty(),
+            _ = &mut gap, if gap_armed => gap_armed = false,
         }
-        if ready(batch.len(), calls.len(), timer, open) {
+        let now = tokio::time::Instant::now();
+        let gap_over = last_call.is_none_or(|t| now >= t + CALL_GAP);
+        if ready(batch.len(), calls.len(), timer, open, gap_over) {
+            last_call = Some(now);
             if timer {
                 stats.timer_flushed.increment(1);
             }
@@ -323,19 +340,29 @@ pub async fn run<S: ExportSink>(
             let spans: Vec<EncodedSpan> = batch.drain(..n).collect();
             let (sink, header, stats) = (sink.clone(), header.clone(), stats.clone());
             calls.spawn(async move { export(&sink, &header, &spans, &stats).await });
+        } else if !gap_over
+            && !gap_armed
+            && calls.is_empty()
+            && batch.len() >= FLUSH_SPANS
+            && let Some(t) = last_call
+        {
+            // Enough spans but too soon after the last call: look again when the gap ends.
+            gap.as_mut().reset(t + CALL_GAP);
+            gap_armed = true;
         }
     }
 }
 
 /// Whether to start a call now with `waiting` spans while `running` calls are in flight:
-/// [`FLUSH_SPANS`] start one when none runs; more calls (up to [`MAX_IN_FLIGHT`]) start
-/// only once [`BUSY_BATCH`] spans wait, so a busy proxy sends a few large batches rather
-/// than many small ones. The timer and closing send whatever waits.
-pub fn ready(waiting: usize, running: usize, timer: bool, open: bool) -> bool {
+/// [`FLUSH_SPANS`] start one when none runs and `gap_over` ([`CALL_GAP`] passed since the
+/// last call started); more calls (up to [`MAX_IN_FLIGHT`]) start only once [`BUSY_BATCH`]
+/// spans wait, so a busy proxy sends a few large batches rather than many small ones. The
+/// timer and closing send whatever waits.
+pub fn ready(waiting: usize, running: usize, timer: bool, open: bool, gap_over: bool) -> bool {
     if waiting == 0 || running >= MAX_IN_FLIGHT {
         return false;
     }
-    timer || !open || waiting >= BUSY_BATCH || (running == 0 && waiting >= FLUSH_SPANS)
+    timer || !open || waiting >= BUSY_BATCH || (running == 0 && gap_over && waiting >= FLUSH_SPANS)
 }
 
 async fn export<S: ExportSink>(
@@ -770,20 +797,62 @@ mod tests {
 
     #[test]
     fn when_a_call_starts() {
-        assert!(!ready(0, 0, true, false), "nothing to send");
-        assert!(!ready(4, 0, false, true));
-        assert!(ready(FLUSH_SPANS, 0, false, true));
+        assert!(!ready(0, 0, true, false, true), "nothing to send");
+        assert!(!ready(4, 0, false, true, true));
+        assert!(ready(FLUSH_SPANS, 0, false, true, true));
         assert!(
-            !ready(FLUSH_SPANS, 1, false, true),
+            !ready(FLUSH_SPANS, 1, false, true, true),
             "one runs: grow the batch"
         );
-        assert!(ready(BUSY_BATCH, 1, false, true));
         assert!(
-            !ready(MAX_BATCH, MAX_IN_FLIGHT, true, false),
+            !ready(FLUSH_SPANS, 0, false, true, false),
+            "too soon after the last call: grow the batch"
+        );
+        assert!(ready(BUSY_BATCH, 1, false, true, false));
+        assert!(ready(BUSY_BATCH, 0, false, true, false));
+        assert!(
+            !ready(MAX_BATCH, MAX_IN_FLIGHT, true, false, true),
             "every slot busy"
         );
-        assert!(ready(1, 2, true, true), "the timer sends stragglers");
-        assert!(ready(1, 3, false, false), "closing sends the rest");
+        assert!(ready(1, 2, true, true, false), "the timer sends stragglers");
+        assert!(ready(1, 3, false, false, false), "closing sends the rest");
+    }
+
+    /// A steady stream against a fast collector: one call per CALL_GAP (not one per
+    /// FLUSH_SPANS spans), every span sent, none waiting past the gap.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_sends_one_call_per_gap() {
+        let fake = Fake::default();
+        fake.gate.add_permits(100_000);
+        let (store, st) = stats();
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        let task = tokio::spawn(run(rx, fake.clone(), BatchHeader::new(vec![]), st));
+        // 1000 spans, one per millisecond (1000 spans/s): without the gap, 200 calls of 5.
+        for i in 0..1000 {
+            tx.try_send(span(i)).expect("queue has room");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Closing sends the few spans of the last gap.
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("ends")
+            .expect("no panic");
+        let calls = fake.calls.lock().expect("lock").clone();
+        assert_eq!(calls.iter().sum::<usize>(), 1000, "{calls:?}");
+        assert_eq!(stat(&store, "tracing.opentelemetry.spans_sent"), 1000);
+        assert_eq!(stat(&store, "tracing.opentelemetry.timer_flushed"), 0);
+        let gap_ms = CALL_GAP.as_millis() as usize;
+        assert!(
+            calls.len() <= 1000 / gap_ms + 3,
+            "{} calls: {calls:?}",
+            calls.len()
+        );
+        assert_eq!(calls[0], FLUSH_SPANS, "the first call goes at once");
+        assert!(
+            calls[1..calls.len() - 1].iter().all(|&n| n >= gap_ms - 2),
+            "later calls carry a gap's spans: {calls:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
