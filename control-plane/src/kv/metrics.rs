@@ -147,10 +147,8 @@ impl KvMetrics {
     /// The embedded store made redb durable and started its write-ahead log over.
     pub fn checkpointed(&self, took: std::time::Duration) {
         self.checkpoints.fetch_add(1, Relaxed);
-        self.checkpoint_micros.fetch_add(
-            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
+        self.checkpoint_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// Checkpoints of the embedded store's write-ahead log so far.

@@ -212,8 +212,7 @@ impl Default for RecordBuf {
 impl RecordBuf {
     fn mutation(&mut self, table: &str, key: &[u8], value: Option<&[u8]>) {
         let field = |n: usize| 1 + varint_len(n as u64) + n;
-        let len =
-            field(table.len()) + field(key.len()) + value.map_or(0, |v| field(v.len()));
+        let len = field(table.len()) + field(key.len()) + value.map_or(0, |v| field(v.len()));
         self.buf.reserve(1 + varint_len(len as u64) + len);
         self.buf.push((2 << 3) | 2);
         put_varint(&mut self.buf, len as u64);
@@ -455,12 +454,25 @@ mod tests {
 
     #[test]
     fn varints_and_their_lengths() {
-        for v in [0u64, 1, 127, 128, 300, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u32::MAX as u64,
+            u64::MAX,
+        ] {
             let mut out = Vec::new();
             put_varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v), "{v}");
             let mut slice = out.as_slice();
-            assert_eq!(prost::encoding::decode_varint(&mut slice).expect("varint"), v);
+            assert_eq!(
+                prost::encoding::decode_varint(&mut slice).expect("varint"),
+                v
+            );
         }
     }
 

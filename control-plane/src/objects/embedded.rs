@@ -162,9 +162,7 @@ fn read_stream(mut f: std::fs::File, first: u64, len: u64) -> ByteStream {
         let mut left = len;
         while left > 0 {
             let n = left.min(READ_CHUNK as u64) as usize;
-            let mut buf = returned
-                .try_recv()
-                .unwrap_or_else(|_| vec![0; READ_CHUNK]);
+            let mut buf = returned.try_recv().unwrap_or_else(|_| vec![0; READ_CHUNK]);
             let chunk = match read_full(&mut f, buf.get_mut(..n).unwrap_or_default()) {
                 Ok(got) if got < n => Err(ObjError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -1076,7 +1074,11 @@ mod tests {
         assert_eq!(got, data[first as usize..data.len() - 3]);
         assert_eq!(chunks, (len as usize).div_ceil(READ_CHUNK));
         // Chunks kept alive by the consumer stay intact while later ones are read.
-        let mut s = read_stream(std::fs::File::open(&path).expect("open"), 0, data.len() as u64);
+        let mut s = read_stream(
+            std::fs::File::open(&path).expect("open"),
+            0,
+            data.len() as u64,
+        );
         let mut held = Vec::new();
         while let Some(c) = s.next().await {
             held.push(c.expect("chunk"));
