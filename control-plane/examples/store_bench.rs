@@ -17,7 +17,10 @@
 //! cargo build --release -p weir-control-plane --bin weir-cp --example store_bench
 //! target/release/examples/store_bench [OPS=5000] [OBJECT_MIB=256]
 //! ```
-//! (`benches/stores.sh` does both.) The server binary is `target/release/weir-cp` next to
+//! (`benches/stores.sh` does both.) `STORE_BENCH_ROWS=put/256/16,get/4096/1,objects` runs only
+//! the named rows (`op/value bytes/concurrency`, or `objects`; default: all), e.g. to profile
+//! the server during one row (`STORE_BENCH_PAUSE=1` prints weir-cp's pid and waits 5 s first).
+//! The server binary is `target/release/weir-cp` next to
 //! the example, or `$WEIR_CP`; etcd is `etcd` on PATH or `$WEIR_ETCD_BIN`.
 
 use std::io::Write as _;
@@ -251,6 +254,12 @@ fn body(data: Bytes, chunk: usize) -> ByteStream {
     })))
 }
 
+/// Whether the row `name` is selected by `filter` (`STORE_BENCH_ROWS`: comma-separated row
+/// names; none: every row).
+fn selected(filter: Option<&str>, name: &str) -> bool {
+    filter.is_none_or(|f| f.split(',').any(|r| r.trim() == name))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()
@@ -259,6 +268,9 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let ops = args.first().copied().unwrap_or(5000);
     let object_mib = args.get(1).copied().unwrap_or(256);
+    let filter = std::env::var("STORE_BENCH_ROWS").ok();
+    let filter = filter.as_deref();
+    let pause = std::env::var_os("STORE_BENCH_PAUSE").is_some();
     let tmp = std::env::temp_dir().join(format!("weir-store-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
 
@@ -273,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
                 .expect("target dir")
         });
     let (xds_port, api_port) = (free_port(), free_port());
-    let _weir = Guard(
+    let weir_cp = Guard(
         Command::new("taskset")
             .args(["-c", "0"])
             .arg(&bin)
@@ -312,6 +324,14 @@ async fn main() -> anyhow::Result<()> {
     let etcd_client =
         etcd_client::Client::connect([format!("http://127.0.0.1:{}", etcd.port)], None).await?;
     let systems = [weir, Kv::Etcd(etcd_client)];
+    if pause {
+        eprintln!(
+            "weir-cp pid {}, etcd pid {}; starting in 5 s",
+            weir_cp.0.id(),
+            etcd.pid()
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
 
     println!("# KV: {ops} ops per row; servers pinned to core 0, client on the other");
     println!(
@@ -325,6 +345,9 @@ async fn main() -> anyhow::Result<()> {
         for &conc in &[1usize, 16] {
             let mut row = Vec::new();
             for kv in &systems {
+                if !selected(filter, &format!("put/{size}/{conc}")) {
+                    break;
+                }
                 let v = value.clone();
                 row.push(
                     run(kv, ops, conc, move |mut kv, t, i| {
@@ -337,6 +360,18 @@ async fn main() -> anyhow::Result<()> {
             print_row("put", size, conc, &row);
             let mut row = Vec::new();
             for kv in &systems {
+                if !selected(filter, &format!("get/{size}/{conc}")) {
+                    break;
+                }
+                if !selected(filter, &format!("put/{size}/{conc}")) {
+                    // The keys the (skipped) put row would have written.
+                    let v = value.clone();
+                    run(kv, ops, conc, move |mut kv, t, i| {
+                        let v = v.clone();
+                        async move { kv.put(format!("k{size}/{t}/{i}"), v.to_vec()).await }
+                    })
+                    .await?;
+                }
                 row.push(
                     run(kv, ops, conc, move |mut kv, t, i| async move {
                         let n = kv.get(format!("k{size}/{t}/{i}")).await?;
@@ -350,13 +385,20 @@ async fn main() -> anyhow::Result<()> {
         }
         let mut row = Vec::new();
         for kv in &systems {
+            if !selected(filter, &format!("watch/{size}/1")) {
+                break;
+            }
             row.push(watch_bench(kv, ops.min(2000), &value).await?);
         }
         print_row("watch", size, 1, &row);
     }
     drop(systems);
     drop(etcd);
-    drop(_weir);
+    drop(weir_cp);
+    if !selected(filter, "objects") {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(());
+    }
 
     // Objects vs raw disk.
     let mib = 1024 * 1024;
@@ -438,7 +480,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn print_row(op: &str, size: usize, conc: usize, row: &[Stats]) {
-    let (a, b) = (row[0], row[1]);
+    let [a, b] = row else { return };
     println!(
         "| {op} | {size} B | {conc} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {:.2} |",
         a.ops_per_s,

@@ -101,8 +101,9 @@ impl Store {
         E: From<StoreError>,
     {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
-        let mut w = Writer { txn: &txn };
+        let mut w = Writer::new(&txn);
         let out = f(&mut w)?;
+        drop(w);
         txn.commit().map_err(StoreError::from)?;
         Ok(out)
     }
@@ -126,8 +127,9 @@ impl Store {
     {
         let mut txn = self.db.begin_write().map_err(StoreError::from)?;
         txn.set_durability(redb::Durability::None);
-        let mut w = Writer { txn: &txn };
+        let mut w = Writer::new(&txn);
         let out = f(&mut w)?;
+        drop(w);
         txn.commit().map_err(StoreError::from)?;
         Ok(out)
     }
@@ -147,29 +149,56 @@ impl Store {
     }
 }
 
-/// Writes inside [`Store::write`].
+type WriteTable<'a> = redb::Table<'a, &'static [u8], &'static [u8]>;
+
+/// Writes inside [`Store::write`]. Each table is opened once per transaction and kept open
+/// until the transaction ends (a batch of KV writes touches the same few tables many times;
+/// opening one looks it up in redb's table tree and writes its root back on close).
 pub struct Writer<'a> {
     txn: &'a redb::WriteTransaction,
+    /// The tables opened so far, by name (a handful: a linear search beats hashing).
+    open: Vec<(String, WriteTable<'a>)>,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    fn new(txn: &'a redb::WriteTransaction) -> Self {
+        Writer {
+            txn,
+            open: Vec::new(),
+        }
+    }
+
+    /// `table_name`, opened (and created) on first use in this transaction.
+    fn table(&mut self, table_name: &str) -> Result<&mut WriteTable<'a>, StoreError> {
+        let i = match self.open.iter().position(|(n, _)| n == table_name) {
+            Some(i) => i,
+            None => {
+                let t = self.txn.open_table(table(table_name))?;
+                self.open.push((table_name.to_string(), t));
+                self.open.len() - 1
+            }
+        };
+        // `i` came from `position` or the push above.
+        Ok(&mut self.open[i].1)
+    }
+
     /// Set `key` to `value` in `table` (created on first use).
     pub fn put(&mut self, table_name: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(table(table_name))?;
-        t.insert(key, value)?;
+        self.table(table_name)?.insert(key, value)?;
         Ok(())
     }
 
     /// Remove `key`; whether it was there.
     pub fn delete(&mut self, table_name: &str, key: &[u8]) -> Result<bool, StoreError> {
-        let mut t = self.txn.open_table(table(table_name))?;
-        Ok(t.remove(key)?.is_some())
+        Ok(self.table(table_name)?.remove(key)?.is_some())
     }
 
     /// Read `key` as of this transaction (including its own writes).
     pub fn get(&mut self, table_name: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let t = self.txn.open_table(table(table_name))?;
-        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+        Ok(self
+            .table(table_name)?
+            .get(key)?
+            .map(|v| v.value().to_vec()))
     }
 
     /// Visit the entries of `table` with `start <= key < end` (`end` `None`: to the last key)
@@ -181,8 +210,8 @@ impl Writer<'_> {
         end: Option<&[u8]>,
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let t = self.txn.open_table(table(table_name))?;
-        visit(&t, start, end, &mut f)
+        let t = self.table(table_name)?;
+        visit(t, start, end, &mut f)
     }
 }
 

@@ -24,8 +24,8 @@
 //! On disk, the batch's table mutations are appended to the write-ahead log ([`super::wal`])
 //! and `fdatasync`ed (one sequential append, like etcd's WAL), then redb commits with
 //! `Durability::None`; a checkpoint (an empty durable redb commit) every
-//! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, when idle after
-//! [`CHECKPOINT_INTERVAL`], and at shutdown lets the log start over. On open the records
+//! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, after [`CHECKPOINT_IDLE`]
+//! without a write, and at shutdown lets the log start over. On open the records
 //! newer than redb's `kv.meta` `wal_seq` are replayed. In memory (no data directory) redb
 //! commits with `Durability::Immediate`. See `docs/design/store-performance.md`. The log doubles as MVCC history: a read at an older revision takes the
 //! current state of the range and undoes the log's events newer than that revision (each
@@ -54,7 +54,7 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::wal::{self, Mutation, Wal, WalRecord};
+use super::wal::{self, RecordBuf, Wal, WalRecord};
 use super::{
     KeyRange, KvBackend, KvError, MAX_LEASE_TTL, MAX_TXN_OPS, WatchStream, header, validate_put,
 };
@@ -147,6 +147,9 @@ struct Inner {
     lease_changed: Notify,
     metrics: Arc<Metrics>,
     progress_interval: Duration,
+    /// Writer idle time before a checkpoint, in milliseconds ([`CHECKPOINT_IDLE`]; tests
+    /// that count checkpoints set it high, and one sets it low).
+    checkpoint_idle_ms: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -278,16 +281,12 @@ impl Collector {
 /// Put `key` and note it in `muts` (for the write-ahead log).
 fn record_put(
     w: &mut Writer<'_>,
-    muts: &mut Vec<Mutation>,
+    muts: &mut RecordBuf,
     table: &str,
     key: &[u8],
     value: &[u8],
 ) -> Result<(), StoreError> {
-    muts.push(Mutation {
-        table: table.to_string(),
-        key: key.to_vec(),
-        value: Some(value.to_vec()),
-    });
+    muts.put(table, key, value);
     w.put(table, key, value)
 }
 
@@ -301,7 +300,7 @@ fn meta(r: &Reader, key: &[u8]) -> Result<Option<i64>, KvError> {
 struct Tx<'a, 'b> {
     w: &'a mut Writer<'b>,
     /// Every change made, for the write-ahead log.
-    muts: &'a mut Vec<Mutation>,
+    muts: &'a mut RecordBuf,
     revision: i64,
     events: Vec<pb::Event>,
     keys_delta: i64,
@@ -316,11 +315,7 @@ impl Tx<'_, '_> {
 
     fn wdel(&mut self, table: &str, key: &[u8]) -> Result<bool, KvError> {
         self.dirty = true;
-        self.muts.push(Mutation {
-            table: table.to_string(),
-            key: key.to_vec(),
-            value: None,
-        });
+        self.muts.delete(table, key);
         Ok(self.w.delete(table, key)?)
     }
 
@@ -773,6 +768,11 @@ impl EmbeddedKv {
             lease_changed: Notify::new(),
             metrics,
             progress_interval,
+            checkpoint_idle_ms: std::sync::atomic::AtomicU64::new(if cfg!(test) {
+                3_600_000
+            } else {
+                CHECKPOINT_IDLE.as_millis() as u64
+            }),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let thread = {
@@ -900,18 +900,22 @@ struct WalState {
     next_seq: u64,
     /// Batches appended since the last checkpoint.
     since_checkpoint: usize,
-    last_checkpoint: std::time::Instant,
     /// Set when a record of a failed batch could not be taken back: the log and the store
     /// disagree, so every later write fails (a restart replays the log).
     poisoned: Option<String>,
 }
 
 /// Checkpoint (make redb durable, start the log over) after this many logged batches…
-const CHECKPOINT_BATCHES: usize = 512;
+/// (A checkpoint stalls the writer for one redb fsync of everything written since the last
+/// one — tens of milliseconds; it bounds replay time and log size, not durability, so it is
+/// rare, as etcd snapshots every 10 000+ entries.)
+const CHECKPOINT_BATCHES: usize = 8192;
 /// …or once the log holds this many bytes…
 const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
-/// …or, when no write is waiting, this long after the last checkpoint.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// …or once no write has arrived for this long (a real lull: under a steady load, even one
+/// write at a time, the queue is empty after most batches, but the next write is a
+/// millisecond away).
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(250);
 
 /// Open the write-ahead log at `path`, apply to `store` (durably) what it holds beyond the
 /// store's last applied record, and start it over.
@@ -935,7 +939,6 @@ fn open_wal(store: &Store, path: &std::path::Path) -> Result<WalState, KvError> 
         wal: w,
         next_seq: last + 1,
         since_checkpoint: 0,
-        last_checkpoint: std::time::Instant::now(),
         poisoned: None,
     })
 }
@@ -1118,10 +1121,40 @@ fn writer_stopped() -> KvError {
     KvError::Internal("the KV writer thread stopped".into())
 }
 
+/// The next job for the writer thread; `None` when the queue is closed. With a checkpoint
+/// pending (`timer`: a runtime with a clock), a lull of [`CHECKPOINT_IDLE`] without any write
+/// checkpoints first, then waits on.
+fn next_job(
+    inner: &Inner,
+    rx: &mut mpsc::Receiver<Job>,
+    timer: Option<&tokio::runtime::Runtime>,
+) -> Option<Job> {
+    if let Some(rt) = timer
+        && inner.checkpoint_pending()
+    {
+        let idle = Duration::from_millis(inner.checkpoint_idle_ms.load(SeqCst));
+        // The timer must be made inside the runtime (it registers with its clock).
+        match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
+            Ok(job) => return job,
+            Err(_) => inner.checkpoint_now(),
+        }
+    }
+    rx.blocking_recv()
+}
+
 /// The writer thread: take what is queued (at least one write, at most a batch), apply it in
 /// one durable transaction, answer, repeat until the queue closes.
 fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.blocking_recv() {
+    // Only for timing the idle checkpoint of a store with a write-ahead log (this thread's own
+    // clock: unaffected by a caller's paused test clock).
+    let timer = inner.wal.as_ref().and_then(|_| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| tracing::warn!("KV writer: no timer for idle checkpoints: {e}"))
+            .ok()
+    });
+    while let Some(first) = next_job(&inner, &mut rx, timer.as_ref()) {
         #[cfg(test)]
         let _gate = lock(&inner.gate);
         let mut bytes = first.op.size();
@@ -1136,7 +1169,7 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         inner.commit_batch(jobs);
-        inner.maybe_checkpoint(rx.is_empty());
+        inner.maybe_checkpoint();
     }
     // Shutting down: leave nothing to replay.
     if let Some(state) = &inner.wal {
@@ -1152,7 +1185,7 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
 /// whether the write had already written something.
 fn apply_one(
     w: &mut Writer<'_>,
-    muts: &mut Vec<Mutation>,
+    muts: &mut RecordBuf,
     current: &mut i64,
     op: &WriteOp,
 ) -> Result<Applied, (KvError, bool)> {
@@ -1230,7 +1263,7 @@ impl Inner {
                     .map_err(|e| Abort::Store(e.to_string()))?
                     .unwrap_or(1);
                 let mut current = start;
-                let mut muts = Vec::new();
+                let mut muts = RecordBuf::default();
                 let mut results = Vec::with_capacity(n);
                 for (i, job) in jobs.iter().enumerate() {
                     if redo.get(i).is_some_and(Option::is_some) {
@@ -1257,14 +1290,10 @@ impl Inner {
                 {
                     let seq = st.next_seq;
                     w.put(META, META_WAL_SEQ, &be(seq as i64))?;
-                    let frame = wal::frame(&WalRecord {
-                        seq,
-                        mutations: muts,
-                    })
-                    .map_err(|e| Abort::Store(e.to_string()))?;
+                    let frame = muts.frame(seq).map_err(|e| Abort::Store(e.to_string()))?;
                     appended = Some(
                         st.wal
-                            .append(&frame)
+                            .append(frame)
                             .map_err(|e| Abort::Store(e.to_string()))?,
                     );
                 }
@@ -1328,35 +1357,49 @@ impl Inner {
         }
     }
 
-    /// Checkpoint if due (see [`CHECKPOINT_BATCHES`]); `idle`: no write is waiting.
-    fn maybe_checkpoint(&self, idle: bool) {
+    /// Checkpoint if the log is long enough (see [`CHECKPOINT_BATCHES`]).
+    fn maybe_checkpoint(&self) {
         let Some(state) = &self.wal else { return };
         let mut st = lock(state);
-        if st.poisoned.is_some() || st.since_checkpoint == 0 {
-            return;
-        }
-        if st.since_checkpoint >= CHECKPOINT_BATCHES
-            || st.wal.offset() >= CHECKPOINT_BYTES
-            || (idle && st.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL)
+        if st.poisoned.is_none()
+            && (st.since_checkpoint >= CHECKPOINT_BATCHES || st.wal.offset() >= CHECKPOINT_BYTES)
         {
             self.checkpoint(&mut st);
+        }
+    }
+
+    /// Whether the log holds batches a checkpoint would make durable in redb.
+    fn checkpoint_pending(&self) -> bool {
+        self.wal.as_ref().is_some_and(|state| {
+            let st = lock(state);
+            st.poisoned.is_none() && st.since_checkpoint > 0
+        })
+    }
+
+    /// Checkpoint now if anything is pending (the writer is idle).
+    fn checkpoint_now(&self) {
+        if let Some(state) = &self.wal {
+            let mut st = lock(state);
+            if st.poisoned.is_none() && st.since_checkpoint > 0 {
+                self.checkpoint(&mut st);
+            }
         }
     }
 
     /// Make redb durable (one fsync covering every batch since the last checkpoint), then
     /// start the log over. On failure the log keeps everything and it is tried again later.
     fn checkpoint(&self, st: &mut WalState) {
+        let started = std::time::Instant::now();
         match self.store.sync() {
             Ok(()) => {
                 st.wal.rewind();
                 st.since_checkpoint = 0;
-                self.metrics.kv.checkpointed();
+                self.metrics.kv.checkpointed(started.elapsed());
             }
             Err(e) => {
                 tracing::warn!("KV checkpoint failed (the write-ahead log keeps the writes): {e}")
             }
         }
-        st.last_checkpoint = std::time::Instant::now();
     }
 
     /// After the commit: update in-memory state, then publish the write's events.
@@ -2104,6 +2147,7 @@ mod batch_tests {
 #[cfg(test)]
 mod wal_tests {
     use super::*;
+    use crate::kv::wal::Mutation;
 
     fn put(k: &str, v: &str) -> pb::PutRequest {
         pb::PutRequest {
@@ -2210,6 +2254,32 @@ mod wal_tests {
         let (kv, _) = open_at(crashed.path()).expect("reopen");
         assert_eq!(kv.revision(), revision + 1);
         assert_eq!(get(&kv, "after").await.expect("after").value, b"1");
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_checkpoints_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (kv, metrics) = open_at(dir.path()).expect("open");
+        kv.inner.checkpoint_idle_ms.store(100, SeqCst);
+        for i in 0..5 {
+            kv.put(put(&format!("k{i}"), "v")).await.expect("put");
+        }
+        // A lull checkpoints (bounded wait, real time: the writer has its own clock).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metrics.kv.checkpoints() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let n = metrics.kv.checkpoints();
+        assert!(n >= 1);
+        // Then nothing is pending: no more checkpoints while idle, nor at shutdown.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(metrics.kv.checkpoints(), n);
+        drop(kv);
+        assert_eq!(metrics.kv.checkpoints(), n);
+        // Everything is in redb: the log was started over, and the store has the writes.
+        let (kv, _) = open_at(dir.path()).expect("reopen");
+        assert!(get(&kv, "k4").await.is_some());
+        assert_eq!(kv.revision(), 6);
     }
 
     #[tokio::test]

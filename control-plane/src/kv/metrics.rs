@@ -14,6 +14,7 @@
 //! | `weir_cp_kv_commits_total` | counter | — (durable write batches of the embedded store) |
 //! | `weir_cp_kv_committed_writes_total` | counter | — (writes in those batches) |
 //! | `weir_cp_kv_checkpoints_total` | counter | — (durable redb commits that let the write-ahead log start over) |
+//! | `weir_cp_kv_checkpoint_seconds_total` | counter | — (time the writer spent in them) |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -97,6 +98,7 @@ pub struct KvMetrics {
     commits: AtomicU64,
     committed_writes: AtomicU64,
     checkpoints: AtomicU64,
+    checkpoint_micros: AtomicU64,
 }
 
 impl KvMetrics {
@@ -143,8 +145,10 @@ impl KvMetrics {
     }
 
     /// The embedded store made redb durable and started its write-ahead log over.
-    pub fn checkpointed(&self) {
+    pub fn checkpointed(&self, took: std::time::Duration) {
         self.checkpoints.fetch_add(1, Relaxed);
+        self.checkpoint_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// Checkpoints of the embedded store's write-ahead log so far.
@@ -259,6 +263,17 @@ impl KvMetrics {
         }
         let _ = writeln!(
             out,
+            "# HELP weir_cp_kv_checkpoint_seconds_total Time the embedded KV's writer spent in \
+             checkpoints (writes wait meanwhile)."
+        );
+        let _ = writeln!(out, "# TYPE weir_cp_kv_checkpoint_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "weir_cp_kv_checkpoint_seconds_total {}",
+            self.checkpoint_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
             "# HELP weir_cp_kv_leases_expired_total Leases revoked because they were not kept alive."
         );
         let _ = writeln!(out, "# TYPE weir_cp_kv_leases_expired_total counter");
@@ -287,7 +302,7 @@ mod tests {
         m.lease_expired();
         m.batch_committed(3);
         m.batch_committed(1);
-        m.checkpointed();
+        m.checkpointed(std::time::Duration::from_millis(1500));
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -302,6 +317,7 @@ mod tests {
             "weir_cp_kv_commits_total 2",
             "weir_cp_kv_committed_writes_total 4",
             "weir_cp_kv_checkpoints_total 1",
+            "weir_cp_kv_checkpoint_seconds_total 1.5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -106,10 +106,50 @@ fn write_file(path: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> std::i
     Ok(size)
 }
 
+/// A read buffer of one get, lent to the consumer as [`Bytes`] (no copy) and sent back to the
+/// get's reader when the consumer drops it, so a get cycles through a few buffers instead of
+/// allocating a fresh [`READ_CHUNK`] per chunk (fresh memory page-faults on the first touch
+/// of every page, which cost a get ~20 % against one reused buffer).
+struct PooledBuf {
+    /// Always `READ_CHUNK` long (initialized once); `len` bytes of it are the chunk.
+    buf: Vec<u8>,
+    len: usize,
+    /// Back to the reader (gone when the get ended: the buffer is freed).
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let _ = self.home.send(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Fill `buf` from `f`; fewer bytes only at the end of the file.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read as _;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(buf.get_mut(filled..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Stream `len` bytes of `f` from `first`: a blocking reader reads [`READ_CHUNK`]-sized chunks
-/// (at most [`READ_AHEAD`] ahead of the consumer) straight into the `Bytes` it hands over.
+/// (at most [`READ_AHEAD`] ahead of the consumer) straight into the buffers it hands over
+/// ([`PooledBuf`]: reused once the consumer is done with them).
 fn read_stream(mut f: std::fs::File, first: u64, len: u64) -> ByteStream {
-    use std::io::{Read as _, Seek as _};
+    use std::io::Seek as _;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, ObjError>>(READ_AHEAD);
     tokio::task::spawn_blocking(move || {
         if first > 0
@@ -118,18 +158,23 @@ fn read_stream(mut f: std::fs::File, first: u64, len: u64) -> ByteStream {
             let _ = tx.blocking_send(Err(ObjError::Io(e)));
             return;
         }
+        let (home, returned) = std::sync::mpsc::channel::<Vec<u8>>();
         let mut left = len;
         while left > 0 {
-            let n = left.min(READ_CHUNK as u64);
-            let mut buf = Vec::with_capacity(n as usize);
-            let chunk = match (&mut f).take(n).read_to_end(&mut buf) {
-                Ok(0) => Err(ObjError::Io(std::io::Error::new(
+            let n = left.min(READ_CHUNK as u64) as usize;
+            let mut buf = returned.try_recv().unwrap_or_else(|_| vec![0; READ_CHUNK]);
+            let chunk = match read_full(&mut f, buf.get_mut(..n).unwrap_or_default()) {
+                Ok(got) if got < n => Err(ObjError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("object file ended {left} bytes early"),
+                    format!("object file ended {} bytes early", left - got as u64),
                 ))),
-                Ok(got) => {
-                    left -= got as u64;
-                    Ok(Bytes::from(buf))
+                Ok(_) => {
+                    left -= n as u64;
+                    Ok(Bytes::from_owner(PooledBuf {
+                        buf,
+                        len: n,
+                        home: home.clone(),
+                    }))
                 }
                 Err(e) => Err(ObjError::Io(e)),
             };
@@ -1004,6 +1049,57 @@ mod tests {
 
     fn objs() -> EmbeddedObjects {
         EmbeddedObjects::open(Arc::new(Store::in_memory().unwrap()), None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn read_stream_reuses_buffers_and_reports_a_short_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0u32..(READ_CHUNK as u32 * 5 / 2 + 7))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        std::fs::write(&path, &data).expect("write");
+        // From an offset, chunk by chunk, each dropped before the next (buffers cycle back).
+        let first = 1000u64;
+        let len = data.len() as u64 - first - 3;
+        let mut s = read_stream(std::fs::File::open(&path).expect("open"), first, len);
+        let mut got = Vec::new();
+        let mut chunks = 0;
+        while let Some(c) = s.next().await {
+            let c = c.expect("chunk");
+            assert!(c.len() <= READ_CHUNK);
+            got.extend_from_slice(&c);
+            chunks += 1;
+        }
+        assert_eq!(got, data[first as usize..data.len() - 3]);
+        assert_eq!(chunks, (len as usize).div_ceil(READ_CHUNK));
+        // Chunks kept alive by the consumer stay intact while later ones are read.
+        let mut s = read_stream(
+            std::fs::File::open(&path).expect("open"),
+            0,
+            data.len() as u64,
+        );
+        let mut held = Vec::new();
+        while let Some(c) = s.next().await {
+            held.push(c.expect("chunk"));
+        }
+        assert_eq!(held.concat(), data);
+        // A file shorter than its record: the stream ends with an error, not short data.
+        let mut s = read_stream(
+            std::fs::File::open(&path).expect("open"),
+            0,
+            data.len() as u64 + 10,
+        );
+        let mut err = None;
+        while let Some(c) = s.next().await {
+            if let Err(e) = c {
+                err = Some(e);
+            }
+        }
+        assert!(
+            matches!(&err, Some(ObjError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
