@@ -10,6 +10,13 @@ use clap::Parser;
 use weir_proxy::cli::{Mode, Options};
 use weir_proxy::hot_restart;
 
+/// mimalloc instead of glibc's malloc: the request path allocates many small, short-lived
+/// buffers (header maps, log lines, spans), and glibc's `malloc`/`free` were ~9 % of the
+/// proxy's CPU in profiles. Envoy links tcmalloc for the same reason. (The library crate and
+/// its in-process tests keep the system allocator.)
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let opts = Options::parse();
     init_logging(&opts.log_level);
