@@ -1175,29 +1175,21 @@ async fn aws_cli_against_the_s3_endpoint() {
     let d = dir.display().to_string();
     aws(&["s3", "mb", "s3://cli"]).await;
     // sync: PutObject for the small files, a multipart upload for big.bin.
-    aws(&[
+    let sync = [
         "s3",
         "sync",
         &d,
         "s3://cli/data/",
         "--exclude",
         "aws-config",
-    ])
-    .await;
+    ];
+    aws(&sync).await;
     let ls = aws(&["s3", "ls", "s3://cli/data/", "--recursive"]).await;
     for k in ["data/a.txt", "data/sub/b.txt", "data/big.bin"] {
         assert!(ls.contains(k), "{ls}");
     }
     // A second sync finds nothing to do (sizes and times compare through ListObjectsV2).
-    let again = aws(&[
-        "s3",
-        "sync",
-        &d,
-        "s3://cli/data/",
-        "--exclude",
-        "aws-config",
-    ])
-    .await;
+    let again = aws(&sync).await;
     assert!(!again.contains("upload:"), "{again}");
     // Bucket-to-bucket copy: a multipart copy (UploadPartCopy) of big.bin, CopyObject of a.txt.
     aws(&["s3", "cp", "s3://cli/data/big.bin", "s3://cli/copy/big.bin"]).await;
