@@ -82,6 +82,11 @@ pub enum Api {
 impl Api {
     const ALL: [Api; 3] = [Api::Grpc, Api::Http, Api::S3];
 
+    /// Its slot in the refusal counters.
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Api::Grpc => "grpc",
@@ -205,8 +210,7 @@ impl<C: Clock + Clone> RequestLimiter<C> {
         match l.check_key(&client_key(ip)) {
             Ok(()) => Ok(()),
             Err(not_until) => {
-                let i = Api::ALL.iter().position(|a| *a == api).unwrap_or(0);
-                self.limited[i].fetch_add(1, Relaxed);
+                self.limited[api.index()].fetch_add(1, Relaxed);
                 let retry_after = not_until.wait_time_from(self.clock.now());
                 tracing::debug!(api = api.as_str(), client = %client_key(ip),
                     retry_after_ms = retry_after.as_millis() as u64, "request rate limited");
@@ -229,10 +233,7 @@ impl<C: Clock + Clone> RequestLimiter<C> {
 
     /// Refusals per API.
     pub fn limited_counts(&self) -> [(&'static str, u64); 3] {
-        Api::ALL.map(|a| {
-            let i = Api::ALL.iter().position(|x| *x == a).unwrap_or(0);
-            (a.as_str(), self.limited[i].load(Relaxed))
-        })
+        Api::ALL.map(|a| (a.as_str(), self.limited[a.index()].load(Relaxed)))
     }
 }
 

@@ -149,9 +149,8 @@ pub(super) async fn upload_part_copy(
         },
         None => None,
     };
-    let info = b.head_object(&source.bucket, &source.key).await?;
+    let (info, _, stream) = b.get_object(&source.bucket, &source.key, range).await?;
     source_preconditions(h, &info)?;
-    let (_, _, stream) = b.get_object(&source.bucket, &source.key, range).await?;
     let part = b
         .upload_part(bucket, key, upload_id, number, None, stream)
         .await?;

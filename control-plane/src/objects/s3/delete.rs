@@ -6,7 +6,7 @@
 use http::{HeaderMap, Response, StatusCode};
 use md5::{Digest as _, Md5};
 
-use super::{Body, S3Error, content_md5, xml, xml_escape, xml_unescape};
+use super::{Body, S3Error, content_md5, xml, xml_escape, xml_tag as tag, xml_unescape};
 use crate::objects::ObjectBackend;
 
 /// Most keys in one request (S3's limit).
@@ -21,15 +21,6 @@ pub(super) struct DeleteRequest {
 
 fn malformed(m: impl Into<String>) -> S3Error {
     S3Error::new(StatusCode::BAD_REQUEST, "MalformedXML", m)
-}
-
-/// The text of the first `<name>…</name>` in `s`.
-fn tag<'a>(s: &'a str, name: &str) -> Option<&'a str> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let a = s.find(&open)? + open.len();
-    let b = a + s[a..].find(&close)?;
-    Some(&s[a..b])
 }
 
 /// Parse a DeleteObjects body.

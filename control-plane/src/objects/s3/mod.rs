@@ -286,17 +286,20 @@ pub fn error_xml(code: &str, message: &str, resource: &str, request_id: &str) ->
     )
 }
 
+/// The raw text of the first `<name>…</name>` in `s`.
+fn xml_tag<'a>(s: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let a = s.find(&open)? + open.len();
+    let b = a + s[a..].find(&close)?;
+    Some(&s[a..b])
+}
+
 /// The `(number, etag)` pairs of a CompleteMultipartUpload body, in document order.
 pub fn parse_complete_xml(xml: &str) -> Result<Vec<(u32, String)>, ObjError> {
     let bad =
         |m: &str| ObjError::InvalidArgument(format!("malformed CompleteMultipartUpload: {m}"));
-    let tag = |s: &str, name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        let a = s.find(&open)? + open.len();
-        let b = a + s[a..].find(&close)?;
-        Some(xml_unescape(s[a..b].trim()))
-    };
+    let tag = |s: &str, name: &str| xml_tag(s, name).map(|t| xml_unescape(t.trim()));
     let mut parts = Vec::new();
     let mut rest = xml;
     while let Some(i) = rest.find("<Part>") {
