@@ -254,7 +254,7 @@ fn bench_eds(c: &mut Criterion) {
 /// full record, and continue a W3C trace (extract, decide, inject traceparent + B3).
 fn bench_obs(c: &mut Criterion) {
     use weir_proxy::access_log::format::DEFAULT_FORMAT;
-    use weir_proxy::access_log::{Format, JsonFormat, LogRecord, ResponseFlags};
+    use weir_proxy::access_log::{Format, JsonFormat, KeptHeaders, LogRecord, ResponseFlags};
     use weir_proxy::trace::{Sampling, SpanContext, context};
     let mut req = HeaderMap::new();
     req.insert("user-agent", "wrk/4.2".parse().expect("v"));
@@ -265,13 +265,17 @@ fn bench_obs(c: &mut Criterion) {
     req.insert("x-forwarded-for", "10.0.0.1".parse().expect("v"));
     let mut resp = HeaderMap::new();
     resp.insert("x-envoy-upstream-service-time", "1".parse().expect("v"));
+    // As the request end keeps them for the default format: the named headers as pairs.
+    let pairs =
+        |h: &HeaderMap| KeptHeaders::List(h.iter().map(|(n, v)| (n.clone(), v.clone())).collect());
+    let (kept_req, kept_resp) = (pairs(&req), pairs(&resp));
     let rec = LogRecord {
         start_time: std::time::SystemTime::now(),
-        request_headers: Some(&req),
+        request_headers: Some(kept_req.view()),
         method: Some(&Method::GET),
         path: Some("/api/v1/items?page=2"),
         authority: Some("svc.example.com"),
-        response_headers: Some(&resp),
+        response_headers: Some(kept_resp.view()),
         protocol: Some("HTTP/1.1"),
         response_code: 200,
         flags: ResponseFlags::default(),

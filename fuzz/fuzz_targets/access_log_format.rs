@@ -33,11 +33,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let full = LogRecord {
         start_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-        request_headers: Some(&req),
+        request_headers: Some((&req).into()),
         method: Some(&http::Method::GET),
         path: Some("/p?q=é"),
         authority: Some("example.com"),
-        response_headers: Some(&req),
+        response_headers: Some((&req).into()),
         response_code: 200,
         flags: ResponseFlags(u32::MAX),
         duration: Some(Duration::from_millis(5)),

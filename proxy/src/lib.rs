@@ -42,6 +42,7 @@ pub mod overload;
 pub mod route;
 pub mod server;
 pub mod stats;
+pub mod text;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -10,6 +10,7 @@ use http::HeaderMap;
 use weir_filters::DownstreamTls;
 
 use super::flags::ResponseFlags;
+use crate::text::{AddrBuf, decimal};
 
 /// Envoy's default access log format.
 pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
@@ -20,7 +21,7 @@ pub struct LogRecord<'a> {
     /// When the request (connection) started.
     pub start_time: SystemTime,
     /// Request headers (as the router saw them); `None` for TCP.
-    pub request_headers: Option<&'a HeaderMap>,
+    pub request_headers: Option<HeaderView<'a>>,
     /// `:method`.
     pub method: Option<&'a http::Method>,
     /// `:path` (with query, as received).
@@ -30,7 +31,7 @@ pub struct LogRecord<'a> {
     /// `:scheme`.
     pub scheme: Option<&'a str>,
     /// Response headers.
-    pub response_headers: Option<&'a HeaderMap>,
+    pub response_headers: Option<HeaderView<'a>>,
     /// Response trailers.
     pub response_trailers: Option<&'a HeaderMap>,
     /// `HTTP/1.1`, `HTTP/2`, ...
@@ -441,9 +442,7 @@ impl Format {
                         }
                     }
                     Val::Str(s) => push_truncated(out, &s, *max),
-                    Val::Int(n) => {
-                        let _ = write!(out, "{n}");
-                    }
+                    Val::Int(n) => out.push_str(decimal(n, &mut [0; 20])),
                 },
             }
         }
@@ -473,13 +472,14 @@ fn render_direct(op: &Op, rec: &LogRecord<'_>, out: &mut String) -> bool {
         Op::DownstreamLocalAddressWithoutPort => (rec.downstream_local, false),
         _ => return false,
     };
+    let mut buf = AddrBuf::default();
     match addr {
         Some(a) if port => {
-            let _ = write!(out, "{a}");
+            out.push_str(buf.socket(a));
             true
         }
         Some(a) => {
-            let _ = write!(out, "{}", a.ip());
+            out.push_str(buf.ip(a.ip()));
             true
         }
         // Missing: the generic path renders `-` or nothing.
@@ -535,7 +535,7 @@ fn push_truncated(out: &mut String, s: &str, max: Option<usize>) {
     }
 }
 
-fn header<'a>(h: Option<&'a HeaderMap>, op: &HeaderOp) -> Val<'a> {
+fn header<'a>(h: Option<HeaderView<'a>>, op: &HeaderOp) -> Val<'a> {
     let Some(h) = h else { return Val::Missing };
     match header_value(h, &op.main).or_else(|| op.alt.as_ref().and_then(|a| header_value(h, a))) {
         Some(v) => Val::Str(v),
@@ -543,10 +543,44 @@ fn header<'a>(h: Option<&'a HeaderMap>, op: &HeaderOp) -> Val<'a> {
     }
 }
 
+/// Headers an access log line reads: a whole map, or the few that the request end kept
+/// ([`super::KeptHeaders`]).
+#[derive(Debug, Clone, Copy)]
+pub enum HeaderView<'a> {
+    /// A whole map.
+    Map(&'a HeaderMap),
+    /// Name and value pairs, in the order they were kept (repeated names in order).
+    List(&'a [(http::HeaderName, http::HeaderValue)]),
+}
+
+impl<'a> From<&'a HeaderMap> for HeaderView<'a> {
+    fn from(m: &'a HeaderMap) -> Self {
+        HeaderView::Map(m)
+    }
+}
+
+impl<'a> HeaderView<'a> {
+    /// The whole map, when this is one (header filters match on it).
+    pub fn map(self) -> Option<&'a HeaderMap> {
+        match self {
+            HeaderView::Map(m) => Some(m),
+            HeaderView::List(_) => None,
+        }
+    }
+}
+
 /// The values of `k` in `h`, joined with `,` when repeated (`None` when absent, and for
 /// pseudo-headers, which are not in the map).
-fn header_value<'a>(h: &'a HeaderMap, k: &HeaderKey) -> Option<Cow<'a, str>> {
-    let mut it = h.get_all(k.name.as_ref()?).iter();
+fn header_value<'a>(h: HeaderView<'a>, k: &HeaderKey) -> Option<Cow<'a, str>> {
+    let name = k.name.as_ref()?;
+    match h {
+        HeaderView::Map(m) => joined(m.get_all(name).iter()),
+        // A handful of kept headers: a scan beats hashing the name.
+        HeaderView::List(l) => joined(l.iter().filter(|(n, _)| n == name).map(|(_, v)| v)),
+    }
+}
+
+fn joined<'a>(mut it: impl Iterator<Item = &'a http::HeaderValue>) -> Option<Cow<'a, str>> {
     let first = it.next()?;
     let first = String::from_utf8_lossy(first.as_bytes());
     match it.next() {
@@ -618,7 +652,7 @@ pub fn value<'a>(op: &Op, rec: &LogRecord<'a>) -> Val<'a> {
         })),
         Op::Req(h) => req_header(rec, h),
         Op::Resp(h) => header(rec.response_headers, h),
-        Op::Trailer(h) => header(rec.response_trailers, h),
+        Op::Trailer(h) => header(rec.response_trailers.map(HeaderView::Map), h),
         Op::Protocol => opt_str(rec.protocol),
         // Envoy prints 0 when there was no response (TCP, or a reset before headers).
         Op::ResponseCode => Val::Int(u64::from(rec.response_code)),
@@ -744,7 +778,7 @@ impl JsonFormat {
                             !self.omit_empty
                         }
                         Val::Int(n) => {
-                            let _ = write!(out, "{n}");
+                            out.push_str(decimal(n, &mut [0; 20]));
                             true
                         }
                         Val::Str(s) => {
@@ -924,12 +958,12 @@ mod tests {
         flags.set(Flag::UpstreamRetryLimitExceeded);
         LogRecord {
             start_time: UNIX_EPOCH + Duration::from_millis(1_460_751_420_310),
-            request_headers: Some(req),
+            request_headers: Some(req.into()),
             method: Some(&http::Method::GET),
             path: Some("/a?b=1"),
             authority: Some("example.com"),
             scheme: Some("http"),
-            response_headers: Some(resp),
+            response_headers: Some(resp.into()),
             protocol: Some("HTTP/1.1"),
             response_code: 503,
             flags,

@@ -35,7 +35,7 @@ use weir_xds_api::pb::envoy::extensions::access_loggers::stream::v3::{
 
 use crate::config::{Errors, TranslateCtx, join};
 pub use flags::{Flag, ResponseFlags, SharedFlags};
-pub use format::{Format, JsonFormat, LogRecord};
+pub use format::{Format, HeaderView, JsonFormat, LogRecord};
 pub use sink::{Sink, Target};
 
 /// A parsed line format.
@@ -138,7 +138,7 @@ impl Filter {
                     path: rec.path.unwrap_or(""),
                     method: rec.method.unwrap_or(&get),
                     scheme: rec.scheme.unwrap_or("http"),
-                    headers: rec.request_headers.unwrap_or(&empty),
+                    headers: rec.request_headers.and_then(|h| h.map()).unwrap_or(&empty),
                 })
             }
             Filter::ResponseFlag(want) => {
@@ -199,19 +199,41 @@ impl HeaderNeeds {
     }
 
     /// The needed part of `h` (`None` when nothing is).
-    pub fn capture(&self, h: &http::HeaderMap) -> Option<http::HeaderMap> {
+    pub fn capture(&self, h: &http::HeaderMap) -> Option<KeptHeaders> {
         match self {
             HeaderNeeds::Nothing => None,
-            HeaderNeeds::All => Some(h.clone()),
+            HeaderNeeds::All => Some(KeptHeaders::Map(h.clone())),
             HeaderNeeds::Some(names) => {
-                let mut out = http::HeaderMap::with_capacity(names.len());
+                let mut out = Vec::with_capacity(names.len());
                 for n in names {
                     for v in h.get_all(n) {
-                        out.append(n.clone(), v.clone());
+                        out.push((n.clone(), v.clone()));
                     }
                 }
-                Some(out)
+                Some(KeptHeaders::List(out))
             }
+        }
+    }
+}
+
+/// Headers the request end keeps for its log lines: the whole map when a header filter
+/// matches on it, otherwise only the named headers a format reads, as pairs (values are
+/// refcounted, not copied; a few pairs are cheaper to keep and to scan than a small
+/// `HeaderMap` is to build and to look up, which hashes every name twice).
+#[derive(Debug, Clone)]
+pub enum KeptHeaders {
+    /// Every header.
+    Map(http::HeaderMap),
+    /// The named ones.
+    List(Vec<(http::HeaderName, http::HeaderValue)>),
+}
+
+impl KeptHeaders {
+    /// What a [`LogRecord`] reads.
+    pub fn view(&self) -> HeaderView<'_> {
+        match self {
+            KeptHeaders::Map(m) => HeaderView::Map(m),
+            KeptHeaders::List(l) => HeaderView::List(l),
         }
     }
 }

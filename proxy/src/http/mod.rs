@@ -258,9 +258,9 @@ struct PendingLog {
     host_header: Option<HeaderValue>,
     protocol: &'static str,
     /// The request headers the access logs read.
-    request_headers: Option<http::HeaderMap>,
+    request_headers: Option<crate::access_log::KeptHeaders>,
     /// The response headers the access logs read.
-    response_headers: Option<http::HeaderMap>,
+    response_headers: Option<crate::access_log::KeptHeaders>,
     /// The response's `content-length`.
     content_length: Option<u64>,
     status: u16,
@@ -398,12 +398,12 @@ impl PendingLog {
             };
             let rec = LogRecord {
                 start_time: self.start_time,
-                request_headers: self.request_headers.as_ref(),
+                request_headers: self.request_headers.as_ref().map(|h| h.view()),
                 method: Some(&self.method),
                 path: Some(self.path()),
                 authority: Some(self.authority()),
                 scheme: Some("http"),
-                response_headers: self.response_headers.as_ref(),
+                response_headers: self.response_headers.as_ref().map(|h| h.view()),
                 response_trailers: None,
                 protocol: Some(self.protocol),
                 response_code: self.status,
@@ -505,7 +505,7 @@ pub(crate) struct Observed {
     /// The trace span of the request (HCM `tracing`).
     pub(crate) span: Option<SpanContext>,
     /// Request headers as routed (access logs reading `%REQ%` or header filters).
-    request_headers: Option<http::HeaderMap>,
+    request_headers: Option<crate::access_log::KeptHeaders>,
     pub(crate) trace: TraceHeaders,
     route_name: Option<String>,
     is_health_check: bool,

@@ -21,6 +21,7 @@ use weir_xds_api::pb::envoy::config::trace::v3::{OpenTelemetryConfig, tracing::h
 use weir_xds_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
 
 use crate::config::{Errors, TranslateCtx, join};
+use crate::text::AddrBuf;
 pub use context::{Decision, Parent, Sampling, Seen, SpanContext};
 
 const OTEL: &str = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig";
@@ -406,7 +407,7 @@ pub fn build_span(f: &SpanFacts<'_>, max_path: usize) -> otlp::Span {
         url.truncate(end);
     }
     let mut addr = AddrBuf::default();
-    let peer = addr.peer(f.peer_address).to_string();
+    let peer = f.peer_address.text(&mut addr).to_string();
     let upstream_host = f
         .upstream_host
         .map(|h| AddrBuf::default().socket(h).to_string());
@@ -477,53 +478,12 @@ pub enum PeerAddress {
     Socket(std::net::SocketAddr),
 }
 
-/// A stack buffer to render an address without allocating (the longest, a scoped IPv6
-/// socket address, is well below 64 bytes).
-struct AddrBuf {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Default for AddrBuf {
-    fn default() -> Self {
-        Self {
-            buf: [0; 64],
-            len: 0,
-        }
-    }
-}
-
-impl std::fmt::Write for AddrBuf {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        if end > self.buf.len() {
-            return Err(std::fmt::Error);
-        }
-        self.buf[self.len..end].copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-impl AddrBuf {
-    fn show(&mut self, v: &dyn std::fmt::Display) -> &str {
-        use std::fmt::Write as _;
-        self.len = 0;
-        if write!(self, "{v}").is_err() {
-            self.len = 0;
-        }
-        // Only whole `str`s were copied in.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
-    }
-
-    fn socket(&mut self, a: std::net::SocketAddr) -> &str {
-        self.show(&a)
-    }
-
-    fn peer(&mut self, p: PeerAddress) -> &str {
-        match p {
-            PeerAddress::Ip(ip) => self.show(&ip),
-            PeerAddress::Socket(a) => self.show(&a),
+impl PeerAddress {
+    /// As a span's `peer.address` shows it.
+    fn text(self, buf: &mut AddrBuf) -> &str {
+        match self {
+            PeerAddress::Ip(ip) => buf.ip(ip),
+            PeerAddress::Socket(a) => buf.socket(a),
         }
     }
 }
@@ -578,7 +538,7 @@ pub fn encode_span<'t>(
     e.attr(ATTR, "downstream_cluster", "-");
     e.attr(ATTR, "user_agent", f.user_agent.unwrap_or("-"));
     let mut addr = AddrBuf::default();
-    e.attr(ATTR, "peer.address", addr.peer(f.peer_address));
+    e.attr(ATTR, "peer.address", f.peer_address.text(&mut addr));
     e.attr_u64(ATTR, "request_size", f.request_size);
     e.attr_u64(ATTR, "response_size", f.response_size);
     e.attr_u64(ATTR, "http.status_code", u64::from(f.status));

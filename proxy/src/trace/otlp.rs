@@ -25,6 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use metrics::Counter;
 
+use crate::text::decimal;
 use crate::upstream::ClusterManager;
 
 /// Spans that trigger a flush (Envoy's `min_flush_spans`) when a call slot is free.
@@ -395,6 +396,23 @@ async fn export<S: ExportSink>(
 
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
+/// A varint, as prost writes it, with the one-byte case (most tags and lengths of a span)
+/// inlined: prost's generic `BufMut` loop was the largest single symbol of span encoding.
+#[inline]
+fn varint(v: u64, buf: &mut Vec<u8>) {
+    if v < 0x80 {
+        buf.push(v as u8);
+    } else {
+        encode_varint(v, buf);
+    }
+}
+
+/// A field key (tag and wire type), as prost's `encode_key` writes it.
+#[inline]
+fn field_key(tag: u32, wire: WireType) -> u64 {
+    (u64::from(tag) << 3) | wire as u64
+}
+
 /// One `Span` message, already protobuf-encoded (without its field tag and length).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedSpan(pub Vec<u8>);
@@ -418,8 +436,8 @@ impl Enc<'_> {
     /// A `bytes` field (omitted when empty).
     pub fn bytes(&mut self, tag: u32, v: &[u8]) {
         if !v.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, self.0);
-            encode_varint(v.len() as u64, self.0);
+            varint(field_key(tag, WireType::LengthDelimited), self.0);
+            varint(v.len() as u64, self.0);
             self.0.extend_from_slice(v);
         }
     }
@@ -432,15 +450,15 @@ impl Enc<'_> {
     /// An `int32` field (omitted when 0).
     pub fn int32(&mut self, tag: u32, v: i32) {
         if v != 0 {
-            encode_key(tag, WireType::Varint, self.0);
-            encode_varint(i64::from(v) as u64, self.0);
+            varint(field_key(tag, WireType::Varint), self.0);
+            varint(i64::from(v) as u64, self.0);
         }
     }
 
     /// A `fixed64` field (omitted when 0).
     pub fn fixed64(&mut self, tag: u32, v: u64) {
         if v != 0 {
-            encode_key(tag, WireType::SixtyFourBit, self.0);
+            varint(field_key(tag, WireType::SixtyFourBit), self.0);
             self.0.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -477,13 +495,13 @@ impl Enc<'_> {
         } else {
             field_len(1, key.len())
         } + field_len(2, any);
-        encode_key(tag, WireType::LengthDelimited, self.0);
-        encode_varint(kv as u64, self.0);
+        varint(field_key(tag, WireType::LengthDelimited), self.0);
+        varint(kv as u64, self.0);
         self.string(1, key);
-        encode_key(2, WireType::LengthDelimited, self.0);
-        encode_varint(any as u64, self.0);
-        encode_key(1, WireType::LengthDelimited, self.0);
-        encode_varint(vlen as u64, self.0);
+        varint(field_key(2, WireType::LengthDelimited), self.0);
+        varint(any as u64, self.0);
+        varint(field_key(1, WireType::LengthDelimited), self.0);
+        varint(vlen as u64, self.0);
         let mut left = vlen;
         for p in parts {
             let n = p.len().min(left);
@@ -506,29 +524,14 @@ impl Enc<'_> {
     /// A message field whose body `f` writes (its length is patched in afterwards; bodies
     /// here are far below 128 bytes or get a wider length prefix).
     pub fn message(&mut self, tag: u32, f: impl FnOnce(&mut Enc<'_>)) {
-        encode_key(tag, WireType::LengthDelimited, self.0);
+        varint(field_key(tag, WireType::LengthDelimited), self.0);
         let at = self.0.len();
         f(&mut Enc(self.0));
         let len = self.0.len() - at;
         let mut prefix = Vec::with_capacity(5);
-        encode_varint(len as u64, &mut prefix);
+        varint(len as u64, &mut prefix);
         self.0.splice(at..at, prefix);
     }
-}
-
-/// `n` in decimal, in `buf`.
-pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
 /// The parts of an export request shared by every batch (`Resource` and
