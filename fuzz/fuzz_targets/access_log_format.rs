@@ -3,7 +3,8 @@
 //! the same text used as the value of one key.
 //!
 //! Properties: never panics; a parsed format renders without panicking; a format without `%`
-//! renders to itself; a rendered JSON line is valid JSON.
+//! renders to itself; the headers kept as pairs (what the request end keeps) render exactly
+//! as the whole map does; a rendered JSON line is valid JSON.
 #![no_main]
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::HeaderMap;
 use libfuzzer_sys::fuzz_target;
 use weir_filters::{DownstreamTls, PeerCert};
-use weir_proxy::access_log::{Format, JsonFormat, LogRecord, ResponseFlags};
+use weir_proxy::access_log::{Format, JsonFormat, KeptHeaders, LogRecord, ResponseFlags};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -47,8 +48,15 @@ fuzz_target!(|data: &[u8]| {
         trace_id: Some("0af7651916cd43dd8448eb211c80319c"),
         ..Default::default()
     };
+    let pairs = KeptHeaders::List(req.iter().map(|(n, v)| (n.clone(), v.clone())).collect());
     if let Ok(f) = Format::parse(text) {
-        let _ = f.render(&full);
+        let line = f.render(&full);
+        let kept = LogRecord {
+            request_headers: Some(pairs.view()),
+            response_headers: Some(pairs.view()),
+            ..full.clone()
+        };
+        assert_eq!(f.render(&kept), line);
         let empty = f.render(&LogRecord::default());
         if !text.contains('%') {
             assert_eq!(empty, text);
