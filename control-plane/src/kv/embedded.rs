@@ -26,7 +26,10 @@
 //! `Durability::None`; a checkpoint (an empty durable redb commit) every
 //! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, after [`CHECKPOINT_IDLE`]
 //! without a write, and at shutdown lets the log start over. On open the records
-//! newer than redb's `kv.meta` `wal_seq` are replayed. In memory (no data directory) redb
+//! newer than redb's `kv.meta` `wal_seq` are replayed.
+//! Between checkpoints a background thread writes redb's dirty pages back ([`super::writeback`]:
+//! in the lull before an idle checkpoint, and every few thousand batches under load) so a
+//! checkpoint finds little left to write while it holds the writer. In memory (no data directory) redb
 //! commits with `Durability::Immediate`. See `docs/design/store-performance.md`. The log doubles as MVCC history: a read at an older revision takes the
 //! current state of the range and undoes the log's events newer than that revision (each
 //! event stores its `prev_kv`); compaction deletes log records below the compact revision.
