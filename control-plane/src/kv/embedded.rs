@@ -27,7 +27,7 @@
 //! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, after [`CHECKPOINT_IDLE`]
 //! without a write, and at shutdown lets the log start over. On open the records
 //! newer than redb's `kv.meta` `wal_seq` are replayed.
-//! Between checkpoints a background thread writes redb's dirty pages back ([`super::writeback`]:
+//! Between checkpoints a background thread writes redb's dirty pages back (`kv/writeback.rs`:
 //! in the lull before an idle checkpoint, and every few thousand batches under load) so a
 //! checkpoint finds little left to write while it holds the writer. In memory (no data directory) redb
 //! commits with `Durability::Immediate`. See `docs/design/store-performance.md`. The log doubles as MVCC history: a read at an older revision takes the
