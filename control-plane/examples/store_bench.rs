@@ -20,6 +20,8 @@
 //! (`benches/stores.sh` does both.) `STORE_BENCH_ROWS=put/256/16,get/4096/1,objects` runs only
 //! the named rows (`op/value bytes/concurrency`, or `objects`; default: all), e.g. to profile
 //! the server during one row (`STORE_BENCH_PAUSE=1` prints weir-cp's pid and waits 5 s first).
+//! After each weir-cp row, stderr gets its slowest request and the KV checkpoints (count,
+//! seconds) and background write-backs weir-cp's `/metrics` counted during the row.
 //! The server binary is `target/release/weir-cp` next to
 //! the example, or `$WEIR_CP`; etcd is `etcd` on PATH or `$WEIR_ETCD_BIN`.
 
@@ -151,6 +153,7 @@ struct Stats {
     ops_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    max_us: f64,
 }
 
 fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
@@ -163,6 +166,7 @@ fn stats(mut lat: Vec<Duration>, wall: Duration) -> Stats {
         ops_per_s: lat.len() as f64 / wall.as_secs_f64(),
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        max_us: pct(1.0),
     }
 }
 
@@ -254,6 +258,53 @@ fn body(data: Bytes, chunk: usize) -> ByteStream {
     })))
 }
 
+/// weir-cp's KV checkpoint counters (`weir_cp_kv_checkpoints_total`,
+/// `weir_cp_kv_checkpoint_seconds_total`, `weir_cp_kv_writebacks_total`, `weir_cp_kv_writeback_seconds_total`) from its `/metrics`
+/// (a plain HTTP/1.0 GET; zeros if unavailable).
+fn checkpoint_counters(api_port: u16) -> [f64; 4] {
+    use std::io::Read as _;
+    let mut out = [0.0; 4];
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", api_port)) else {
+        return out;
+    };
+    let mut text = String::new();
+    if s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").is_err()
+        || s.read_to_string(&mut text).is_err()
+    {
+        return out;
+    }
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(name), Some(v)) = (it.next(), it.next().and_then(|v| v.parse::<f64>().ok()))
+        else {
+            continue;
+        };
+        match name {
+            "weir_cp_kv_checkpoints_total" => out[0] = v,
+            "weir_cp_kv_checkpoint_seconds_total" => out[1] = v,
+            "weir_cp_kv_writebacks_total" => out[2] = v,
+            "weir_cp_kv_writeback_seconds_total" => out[3] = v,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// After a weir-cp row: its slowest request and the checkpoints taken since `before`
+/// (stderr, beside the Markdown on stdout).
+fn report_row(row: &str, stats: &Stats, api_port: u16, before: &mut [f64; 4]) {
+    let now = checkpoint_counters(api_port);
+    eprintln!(
+        "weir-cp {row}: max {:.0} µs; checkpoints +{} ({:.3} s), background write-backs +{} ({:.3} s)",
+        stats.max_us,
+        now[0] - before[0],
+        now[1] - before[1],
+        now[2] - before[2],
+        now[3] - before[3]
+    );
+    *before = now;
+}
+
 /// Whether the row `name` is selected by `filter` (`STORE_BENCH_ROWS`: comma-separated row
 /// names; none: every row).
 fn selected(filter: Option<&str>, name: &str) -> bool {
@@ -340,6 +391,7 @@ async fn main() -> anyhow::Result<()> {
         systems[1].name()
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let mut counters = checkpoint_counters(api_port);
     for &size in &[256usize, 4096] {
         let value = Arc::new(vec![b'v'; size]);
         for &conc in &[1usize, 16] {
@@ -356,6 +408,9 @@ async fn main() -> anyhow::Result<()> {
                     })
                     .await?,
                 );
+                if let (Kv::Weir(..), Some(st)) = (kv, row.last()) {
+                    report_row(&format!("put/{size}/{conc}"), st, api_port, &mut counters);
+                }
             }
             print_row("put", size, conc, &row);
             let mut row = Vec::new();
@@ -380,6 +435,9 @@ async fn main() -> anyhow::Result<()> {
                     })
                     .await?,
                 );
+                if let (Kv::Weir(..), Some(st)) = (kv, row.last()) {
+                    report_row(&format!("get/{size}/{conc}"), st, api_port, &mut counters);
+                }
             }
             print_row("get", size, conc, &row);
         }
@@ -389,6 +447,9 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
             row.push(watch_bench(kv, ops.min(2000), &value).await?);
+            if let (Kv::Weir(..), Some(st)) = (kv, row.last()) {
+                report_row(&format!("watch/{size}/1"), st, api_port, &mut counters);
+            }
         }
         print_row("watch", size, 1, &row);
     }

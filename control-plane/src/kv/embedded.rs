@@ -26,7 +26,10 @@
 //! `Durability::None`; a checkpoint (an empty durable redb commit) every
 //! [`CHECKPOINT_BATCHES`] batches, [`CHECKPOINT_BYTES`] of log, after [`CHECKPOINT_IDLE`]
 //! without a write, and at shutdown lets the log start over. On open the records
-//! newer than redb's `kv.meta` `wal_seq` are replayed. In memory (no data directory) redb
+//! newer than redb's `kv.meta` `wal_seq` are replayed.
+//! Between checkpoints a background thread writes redb's dirty pages back (`kv/writeback.rs`:
+//! in the lull before an idle checkpoint, and every few thousand batches under load) so a
+//! checkpoint finds little left to write while it holds the writer. In memory (no data directory) redb
 //! commits with `Durability::Immediate`. See `docs/design/store-performance.md`. The log doubles as MVCC history: a read at an older revision takes the
 //! current state of the range and undoes the log's events newer than that revision (each
 //! event stores its `prev_kv`); compaction deletes log records below the compact revision.
@@ -55,6 +58,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::wal::{self, RecordBuf, Wal, WalRecord};
+use super::writeback::{Flusher, Pacer};
 use super::{
     KeyRange, KvBackend, KvError, MAX_LEASE_TTL, MAX_TXN_OPS, WatchStream, header, validate_put,
 };
@@ -1121,22 +1125,91 @@ fn writer_stopped() -> KvError {
     KvError::Internal("the KV writer thread stopped".into())
 }
 
+/// The writer's background write-back of the redb file (stores with a write-ahead log; see
+/// [`super::writeback`]): the flusher thread and when to kick it.
+struct Writeback {
+    flusher: Flusher,
+    pacer: Pacer,
+}
+
+impl Writeback {
+    /// Start it for `inner`'s store file; `None` in memory, or (logged) if the file cannot be
+    /// opened a second time — checkpoints then write everything back themselves, as before.
+    fn start(inner: &Inner) -> Option<Writeback> {
+        inner.wal.as_ref()?;
+        let path = inner.store.dir()?.join(crate::storage::DB_FILE);
+        match Flusher::start(&path, inner.metrics.clone()) {
+            Ok(flusher) => Some(Writeback {
+                flusher,
+                pacer: Pacer::new(std::time::Instant::now()),
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "KV writer: no background write-back of {}: {e}",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// After a batch: kick the flusher if the pacer says so.
+    fn committed(&mut self, inner: &Inner) {
+        if let Some(offset) = inner.wal_offset()
+            && self.pacer.committed(std::time::Instant::now(), offset)
+        {
+            self.flusher.kick();
+        }
+    }
+
+    /// The writer is idle with a checkpoint pending: write back what is left.
+    fn idle(&mut self, inner: &Inner) {
+        if let Some(offset) = inner.wal_offset()
+            && self.pacer.idle(std::time::Instant::now(), offset)
+        {
+            self.flusher.kick();
+        }
+    }
+
+    fn checkpointed(&mut self) {
+        self.pacer.checkpointed(std::time::Instant::now());
+    }
+}
+
 /// The next job for the writer thread; `None` when the queue is closed. With a checkpoint
 /// pending (`timer`: a runtime with a clock), a lull of [`CHECKPOINT_IDLE`] without any write
-/// checkpoints first, then waits on.
+/// checkpoints first, then waits on; a fifth into the lull, the background write-back
+/// (`wb`) starts on what the last batches dirtied, so the checkpoint finds little left.
 fn next_job(
     inner: &Inner,
     rx: &mut mpsc::Receiver<Job>,
     timer: Option<&tokio::runtime::Runtime>,
+    wb: Option<&mut Writeback>,
 ) -> Option<Job> {
     if let Some(rt) = timer
         && inner.checkpoint_pending()
     {
         let idle = Duration::from_millis(inner.checkpoint_idle_ms.load(SeqCst));
-        // The timer must be made inside the runtime (it registers with its clock).
-        match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
+        let mut rest = idle;
+        let mut wb = wb;
+        // The timers must be made inside the runtime (they register with its clock).
+        if let Some(wb) = wb.as_deref_mut() {
+            let lull = idle / 5;
+            match rt.block_on(async { tokio::time::timeout(lull, rx.recv()).await }) {
+                Ok(job) => return job,
+                Err(_) => wb.idle(inner),
+            }
+            rest = idle - lull;
+        }
+        match rt.block_on(async { tokio::time::timeout(rest, rx.recv()).await }) {
             Ok(job) => return job,
-            Err(_) => inner.checkpoint_now(),
+            Err(_) => {
+                if inner.checkpoint_now()
+                    && let Some(wb) = wb
+                {
+                    wb.checkpointed();
+                }
+            }
         }
     }
     rx.blocking_recv()
@@ -1154,7 +1227,8 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
             .map_err(|e| tracing::warn!("KV writer: no timer for idle checkpoints: {e}"))
             .ok()
     });
-    while let Some(first) = next_job(&inner, &mut rx, timer.as_ref()) {
+    let mut wb = Writeback::start(&inner);
+    while let Some(first) = next_job(&inner, &mut rx, timer.as_ref(), wb.as_mut()) {
         #[cfg(test)]
         let _gate = lock(&inner.gate);
         let mut bytes = first.op.size();
@@ -1169,7 +1243,14 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
             }
         }
         inner.commit_batch(jobs);
-        inner.maybe_checkpoint();
+        let checkpointed = inner.maybe_checkpoint();
+        if let Some(wb) = wb.as_mut() {
+            if checkpointed {
+                wb.checkpointed();
+            } else {
+                wb.committed(&inner);
+            }
+        }
     }
     // Shutting down: leave nothing to replay.
     if let Some(state) = &inner.wal {
@@ -1178,6 +1259,8 @@ fn writer_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Job>) {
             inner.checkpoint(&mut st);
         }
     }
+    // Stops and joins the write-back thread.
+    drop(wb);
 }
 
 /// Apply one write of a batch at revision `*current` (the batch's so far); on success
@@ -1357,15 +1440,18 @@ impl Inner {
         }
     }
 
-    /// Checkpoint if the log is long enough (see [`CHECKPOINT_BATCHES`]).
-    fn maybe_checkpoint(&self) {
-        let Some(state) = &self.wal else { return };
+    /// Where the write-ahead log ends now (`None` in memory).
+    fn wal_offset(&self) -> Option<u64> {
+        self.wal.as_ref().map(|state| lock(state).wal.offset())
+    }
+
+    /// Checkpoint if the log is long enough (see [`CHECKPOINT_BATCHES`]); whether it did.
+    fn maybe_checkpoint(&self) -> bool {
+        let Some(state) = &self.wal else { return false };
         let mut st = lock(state);
-        if st.poisoned.is_none()
+        st.poisoned.is_none()
             && (st.since_checkpoint >= CHECKPOINT_BATCHES || st.wal.offset() >= CHECKPOINT_BYTES)
-        {
-            self.checkpoint(&mut st);
-        }
+            && self.checkpoint(&mut st)
     }
 
     /// Whether the log holds batches a checkpoint would make durable in redb.
@@ -1376,28 +1462,28 @@ impl Inner {
         })
     }
 
-    /// Checkpoint now if anything is pending (the writer is idle).
-    fn checkpoint_now(&self) {
-        if let Some(state) = &self.wal {
-            let mut st = lock(state);
-            if st.poisoned.is_none() && st.since_checkpoint > 0 {
-                self.checkpoint(&mut st);
-            }
-        }
+    /// Checkpoint now if anything is pending (the writer is idle); whether it did.
+    fn checkpoint_now(&self) -> bool {
+        let Some(state) = &self.wal else { return false };
+        let mut st = lock(state);
+        st.poisoned.is_none() && st.since_checkpoint > 0 && self.checkpoint(&mut st)
     }
 
     /// Make redb durable (one fsync covering every batch since the last checkpoint), then
-    /// start the log over. On failure the log keeps everything and it is tried again later.
-    fn checkpoint(&self, st: &mut WalState) {
+    /// start the log over; whether that worked. On failure the log keeps everything and it is
+    /// tried again later.
+    fn checkpoint(&self, st: &mut WalState) -> bool {
         let started = std::time::Instant::now();
         match self.store.sync() {
             Ok(()) => {
                 st.wal.rewind();
                 st.since_checkpoint = 0;
                 self.metrics.kv.checkpointed(started.elapsed());
+                true
             }
             Err(e) => {
-                tracing::warn!("KV checkpoint failed (the write-ahead log keeps the writes): {e}")
+                tracing::warn!("KV checkpoint failed (the write-ahead log keeps the writes): {e}");
+                false
             }
         }
     }
@@ -2276,6 +2362,9 @@ mod wal_tests {
         assert_eq!(metrics.kv.checkpoints(), n);
         drop(kv);
         assert_eq!(metrics.kv.checkpoints(), n);
+        // A fifth into the lull the background write-back started on what the puts dirtied
+        // (dropping the store joined its thread, so it has finished).
+        assert!(metrics.kv.write_backs() >= 1);
         // Everything is in redb: the log was started over, and the store has the writes.
         let (kv, _) = open_at(dir.path()).expect("reopen");
         assert!(get(&kv, "k4").await.is_some());

@@ -15,6 +15,9 @@
 //! | `weir_cp_kv_committed_writes_total` | counter | — (writes in those batches) |
 //! | `weir_cp_kv_checkpoints_total` | counter | — (durable redb commits that let the write-ahead log start over) |
 //! | `weir_cp_kv_checkpoint_seconds_total` | counter | — (time the writer spent in them) |
+//! | `weir_cp_kv_writebacks_total` | counter | — (background `fdatasync`s of the redb file between checkpoints) |
+//! | `weir_cp_kv_writeback_seconds_total` | counter | — (their time; writes do not wait for them) |
+//! | `weir_cp_kv_writeback_errors_total` | counter | — (failed ones) |
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -99,6 +102,9 @@ pub struct KvMetrics {
     committed_writes: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_micros: AtomicU64,
+    write_backs: AtomicU64,
+    write_back_micros: AtomicU64,
+    write_back_errors: AtomicU64,
 }
 
 impl KvMetrics {
@@ -149,6 +155,23 @@ impl KvMetrics {
         self.checkpoints.fetch_add(1, Relaxed);
         self.checkpoint_micros
             .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// A background write-back of the redb file (between checkpoints) finished.
+    pub fn written_back(&self, took: std::time::Duration) {
+        self.write_backs.fetch_add(1, Relaxed);
+        self.write_back_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// A background write-back of the redb file failed.
+    pub fn write_back_failed(&self) {
+        self.write_back_errors.fetch_add(1, Relaxed);
+    }
+
+    /// Background write-backs of the redb file so far.
+    pub fn write_backs(&self) -> u64 {
+        self.write_backs.load(Relaxed)
     }
 
     /// Checkpoints of the embedded store's write-ahead log so far.
@@ -256,6 +279,16 @@ impl KvMetrics {
                 "Durable redb commits after which the embedded KV's write-ahead log starts over.",
                 &self.checkpoints,
             ),
+            (
+                "weir_cp_kv_writebacks_total",
+                "Background fdatasyncs of the redb file between the embedded KV's checkpoints.",
+                &self.write_backs,
+            ),
+            (
+                "weir_cp_kv_writeback_errors_total",
+                "Background write-backs of the redb file that failed.",
+                &self.write_back_errors,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
@@ -271,6 +304,17 @@ impl KvMetrics {
             out,
             "weir_cp_kv_checkpoint_seconds_total {}",
             self.checkpoint_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP weir_cp_kv_writeback_seconds_total Time spent in background write-backs of \
+             the redb file (writes do not wait for them)."
+        );
+        let _ = writeln!(out, "# TYPE weir_cp_kv_writeback_seconds_total counter");
+        let _ = writeln!(
+            out,
+            "weir_cp_kv_writeback_seconds_total {}",
+            self.write_back_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(
             out,
@@ -303,6 +347,9 @@ mod tests {
         m.batch_committed(3);
         m.batch_committed(1);
         m.checkpointed(std::time::Duration::from_millis(1500));
+        m.written_back(std::time::Duration::from_millis(250));
+        m.written_back(std::time::Duration::from_millis(250));
+        m.write_back_failed();
         let mut text = String::new();
         m.render(&mut text);
         for line in [
@@ -318,6 +365,9 @@ mod tests {
             "weir_cp_kv_committed_writes_total 4",
             "weir_cp_kv_checkpoints_total 1",
             "weir_cp_kv_checkpoint_seconds_total 1.5",
+            "weir_cp_kv_writebacks_total 2",
+            "weir_cp_kv_writeback_seconds_total 0.5",
+            "weir_cp_kv_writeback_errors_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -38,6 +38,7 @@ pub mod embedded;
 pub mod metrics;
 pub mod service;
 pub mod wal;
+mod writeback;
 
 use std::future::Future;
 use std::pin::Pin;
