@@ -12,6 +12,9 @@
 # running identical code differ by up to ~10 % in CPU per request on this kind of VM (memory
 # layout, placement); inside one process that difference cancels, and each round gives a
 # paired obs/plain ratio. The separate-process rows stay for the breakdown.
+# With two or more cores, every weir process is pinned to core 0 and the load generators,
+# the backend and the collector to core 1 (taskset), so the proxies never share a core with
+# the load and the scheduler's placement does not move the numbers.
 #   benches/obs.sh [ROUNDS]     (default 5 rounds)
 # Needs: nginx-light wrk nghttp2-client bc (installed if missing).
 set -euo pipefail
@@ -27,6 +30,15 @@ if [ -n "$need" ]; then
 fi
 cargo build --release -q -p weir-proxy --bin weir
 OUT=$(mktemp -d)
+# Pinning: PROXY runs the weirs, LOAD the rest (wrk is found through PATH by measure.sh).
+PROXY=() LOAD=()
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+  PROXY=(taskset -c 0) LOAD=(taskset -c 1)
+  mkdir -p "$OUT/bin"
+  printf '#!/bin/sh\nexec taskset -c 1 %s "$@"\n' "$(command -v wrk)" > "$OUT/bin/wrk"
+  chmod +x "$OUT/bin/wrk"
+  export PATH="$OUT/bin:$PATH"
+fi
 cat > "$OUT/collector.conf" <<NGX
 worker_processes 1;
 pid $OUT/collector.pid;
@@ -48,8 +60,8 @@ cleanup() {
   rm -f /tmp/weir-bench-access.log /tmp/weir-bench-access-1.log /tmp/weir-bench-access-same.log
 }
 trap cleanup EXIT
-nginx -c "$SHARED/backend-nginx.conf"
-nginx -c "$OUT/collector.conf"
+${LOAD[@]+"${LOAD[@]}"} nginx -c "$SHARED/backend-nginx.conf"
+${LOAD[@]+"${LOAD[@]}"} nginx -c "$OUT/collector.conf"
 # Variants of weir-bench-obs.yaml on their own ports (listener, admin, tcp + OFFSET).
 python3 - "$OUT" <<'PY'
 import sys
@@ -89,18 +101,18 @@ PY
 grep -q "port_value: 18483}" "$OUT/same.yaml" || { echo "same variant has no plain listener"; exit 1; }
 grep -q "tracing:" "$OUT/log.yaml" && { echo "log variant still traces"; exit 1; }
 grep -q "access_log:" "$OUT/trace.yaml" && { echo "trace variant still logs"; exit 1; }
-./target/release/weir -c benches/weir-bench.yaml --concurrency 1 --log-level warn & PLAIN=$!; pids+=($PLAIN)
-./target/release/weir -c benches/weir-bench-obs.yaml --concurrency 1 --log-level warn & OBS=$!; pids+=($OBS)
-./target/release/weir -c "$OUT/log.yaml" --concurrency 1 --log-level warn & LOG=$!; pids+=($LOG)
-./target/release/weir -c "$OUT/trace.yaml" --concurrency 1 --log-level warn & TRACE=$!; pids+=($TRACE)
-./target/release/weir -c "$OUT/obs1.yaml" --concurrency 1 --log-level warn & OBS1=$!; pids+=($OBS1)
-./target/release/weir -c "$OUT/same.yaml" --concurrency 1 --log-level warn & SAME=$!; pids+=($SAME)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c benches/weir-bench.yaml --concurrency 1 --log-level warn & PLAIN=$!; pids+=($PLAIN)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c benches/weir-bench-obs.yaml --concurrency 1 --log-level warn & OBS=$!; pids+=($OBS)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c "$OUT/log.yaml" --concurrency 1 --log-level warn & LOG=$!; pids+=($LOG)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c "$OUT/trace.yaml" --concurrency 1 --log-level warn & TRACE=$!; pids+=($TRACE)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c "$OUT/obs1.yaml" --concurrency 1 --log-level warn & OBS1=$!; pids+=($OBS1)
+${PROXY[@]+"${PROXY[@]}"} ./target/release/weir -c "$OUT/same.yaml" --concurrency 1 --log-level warn & SAME=$!; pids+=($SAME)
 sleep 2
 
 cpu_of() { awk '{print $14+$15}' "/proc/$1/stat"; }
 h2() { # name port pid
   local c0 c1 out total cpus
-  c0=$(cpu_of "$3"); out=$(h2load -D 6 -c 10 -m 32 -t 1 "http://127.0.0.1:$2/" 2>&1); c1=$(cpu_of "$3")
+  c0=$(cpu_of "$3"); out=$(${LOAD[@]+"${LOAD[@]}"} h2load -D 6 -c 10 -m 32 -t 1 "http://127.0.0.1:$2/" 2>&1); c1=$(cpu_of "$3")
   total=$(echo "$out" | awk '/^requests:/{print $8}')
   cpus=$(echo "scale=3; ($c1-$c0)/$(getconf CLK_TCK)" | bc)
   echo "$1 req_per_cpu_s=$(echo "scale=0; $total/$cpus" | bc 2>/dev/null || echo 0)"
