@@ -294,28 +294,23 @@ impl KvMetrics {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP weir_cp_kv_checkpoint_seconds_total Time the embedded KV's writer spent in \
-             checkpoints (writes wait meanwhile)."
-        );
-        let _ = writeln!(out, "# TYPE weir_cp_kv_checkpoint_seconds_total counter");
-        let _ = writeln!(
-            out,
-            "weir_cp_kv_checkpoint_seconds_total {}",
-            self.checkpoint_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "# HELP weir_cp_kv_writeback_seconds_total Time spent in background write-backs of \
-             the redb file (writes do not wait for them)."
-        );
-        let _ = writeln!(out, "# TYPE weir_cp_kv_writeback_seconds_total counter");
-        let _ = writeln!(
-            out,
-            "weir_cp_kv_writeback_seconds_total {}",
-            self.write_back_micros.load(Relaxed) as f64 / 1e6
-        );
+        for (name, help, micros) in [
+            (
+                "weir_cp_kv_checkpoint_seconds_total",
+                "Time the embedded KV's writer spent in checkpoints (writes wait meanwhile).",
+                &self.checkpoint_micros,
+            ),
+            (
+                "weir_cp_kv_writeback_seconds_total",
+                "Time spent in background write-backs of the redb file (writes do not wait \
+                 for them).",
+                &self.write_back_micros,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", micros.load(Relaxed) as f64 / 1e6);
+        }
         let _ = writeln!(
             out,
             "# HELP weir_cp_kv_leases_expired_total Leases revoked because they were not kept alive."
