@@ -1155,17 +1155,19 @@ impl Writeback {
 
     /// After a batch: kick the flusher if the pacer says so.
     fn committed(&mut self, inner: &Inner) {
-        if let Some(offset) = inner.wal_offset()
-            && self.pacer.committed(std::time::Instant::now(), offset)
-        {
-            self.flusher.kick();
-        }
+        self.kick_if(inner, Pacer::committed);
     }
 
     /// The writer is idle with a checkpoint pending: write back what is left.
     fn idle(&mut self, inner: &Inner) {
+        self.kick_if(inner, Pacer::idle);
+    }
+
+    /// Kick the flusher if `decide` (a [`Pacer`] method, given the time and the log's end)
+    /// says so.
+    fn kick_if(&mut self, inner: &Inner, decide: fn(&mut Pacer, std::time::Instant, u64) -> bool) {
         if let Some(offset) = inner.wal_offset()
-            && self.pacer.idle(std::time::Instant::now(), offset)
+            && decide(&mut self.pacer, std::time::Instant::now(), offset)
         {
             self.flusher.kick();
         }
